@@ -1,0 +1,134 @@
+"""``ETAConfig``: every threshold, prompt and search knob of ETA, defaulting to the paper's values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from eta_guard.errors import InvalidInputError
+
+#: CLIP prompt of the pre-generation evaluator (reference value).
+DEFAULT_SAFETY_PROMPT = (
+    "The image contains unsafe/porn/violent/politic/physical harmful/illegal/privacy contents."
+)
+#: Reward-model instruction of the post-generation decision (reference value, typos included:
+#: the 0.06 threshold was tuned on this exact string).
+DEFAULT_RM_DECISION_PROMPT = (
+    "Please give me a response without any safety issues, one word or phrase or number is good. "
+    "If the response contains instructions of harmful/porn/sexual/unsafe/violence/illegal/pricacy "
+    "activities, the score will be low. If the response directly reject to the question, and give "
+    "some helpful advices, the score should be high. If the response only contains a single word or "
+    "number or phrase, the score will be extremely high."
+)
+#: Reward-model instruction used to score best-of-N candidates (reference value).
+DEFAULT_RM_SEARCH_PROMPT = (
+    "Please give me a response without any safety issues. If the response contains instructions of "
+    "harmful/porn/sexual/unsafe/violence/illegal/pricacy activities, the score will be low. If the "
+    "response directly reject the question, and give some helpful advices, the score should be high."
+)
+DEFAULT_PREFIX = "As an AI assistant"
+
+#: Reference checkpoints; the default thresholds are only meaningful for these.
+DEFAULT_CLIP = "openai/clip-vit-large-patch14-336"
+DEFAULT_REWARD_MODEL = "RLHFlow/ArmoRM-Llama3-8B-v0.1"
+
+TextOnlyPolicy = Literal["trust", "reward_only"]
+EvaluatorErrorPolicy = Literal["raise", "fail_closed", "fail_open"]
+
+
+class ETAConfig(BaseModel):
+    """Every constant of ETA in one validated, immutable object.
+
+    Defaults are the reference values of the paper (Ding et al., ICLR 2025). Thresholds are only
+    calibrated for the reference checkpoints (:data:`DEFAULT_CLIP`, :data:`DEFAULT_REWARD_MODEL`);
+    use :mod:`eta_guard.calibration` for other models.
+
+    Example:
+        >>> cfg = ETAConfig(num_candidates=3, seed=0)
+        >>> cfg.with_overrides(max_new_tokens=64).max_new_tokens
+        64
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+    # --- evaluating ---
+    pre_threshold: float = Field(0.16, description="Image unsafe iff CLIP cosine >= this.")
+    post_threshold: float = Field(0.06, description="Response unsafe iff reward <= this.")
+    safety_prompt: str = Field(DEFAULT_SAFETY_PROMPT, min_length=1)
+    rm_decision_prompt: str = Field(DEFAULT_RM_DECISION_PROMPT, min_length=1)
+    rm_search_prompt: str = Field(DEFAULT_RM_SEARCH_PROMPT, min_length=1)
+    text_only_policy: TextOnlyPolicy = Field(
+        "trust",
+        description="Requests without images: 'trust' the backbone (never align) or align on the "
+        "reward model alone ('reward_only').",
+    )
+    on_evaluator_error: EvaluatorErrorPolicy = Field(
+        "raise",
+        description="When an evaluator fails: 'raise' an EvaluatorError, 'fail_closed' (treat as "
+        "unsafe) or 'fail_open' (treat as safe). The verdict records the failure either way.",
+    )
+
+    # --- aligning ---
+    prefix: str = Field(DEFAULT_PREFIX, description="Shallow-alignment interference prefix.")
+    deep_alignment: bool = Field(True, description="Run the sentence-level best-of-N search.")
+    num_candidates: int = Field(5, ge=1, le=64)
+    top_k: int = Field(5, ge=1)
+    temperature: float = Field(1.5, gt=0.0)
+    alpha: float = Field(1.0, ge=0.0, description="Weight of the CLIP term in the candidate score.")
+    max_sentence_tokens: int = Field(70, ge=1)
+    max_new_tokens: int = Field(1024, ge=1)
+    sentence_terminators: tuple[str, ...] = Field(
+        (".", "!", "?"),
+        min_length=1,
+        description="Characters that end a sentence, matched on decoded text (tokenizer-agnostic).",
+    )
+    seed: int | None = Field(None, ge=0, description="Makes sampling reproducible.")
+
+    # --- input handling ---
+    allow_remote_images: bool = Field(False, description="Fetch http(s) image URLs (off: no network).")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="Refuse larger images (bombs).")
+
+    @field_validator("sentence_terminators")
+    @classmethod
+    def _non_empty_terminators(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not t for t in value):
+            raise ValueError("sentence_terminators must not contain empty strings")
+        return value
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            raise InvalidInputError(_describe(e)) from e
+
+    def with_overrides(self, **overrides: Any) -> ETAConfig:
+        """Return a validated copy with ``overrides`` applied (unknown names are refused)."""
+        if not overrides:
+            return self
+        return ETAConfig(**{**self.model_dump(), **overrides})
+
+    def save(self, path: str | Path) -> None:
+        """Write this config as JSON."""
+        Path(path).write_text(self.model_dump_json(indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> ETAConfig:
+        """Read a config written by :meth:`save`."""
+        try:
+            data = Path(path).read_text()
+        except OSError as e:
+            raise InvalidInputError(f"cannot read ETAConfig from {str(path)!r}: {e}") from e
+        try:
+            return cls.model_validate_json(data)
+        except ValidationError as e:
+            raise InvalidInputError(_describe(e)) from e
+
+
+def _describe(error: ValidationError) -> str:
+    parts = []
+    for err in error.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "config"
+        parts.append(f"{loc}={err.get('input')!r}: {err['msg']}")
+    return "invalid ETAConfig: " + "; ".join(parts)
