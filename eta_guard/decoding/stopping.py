@@ -1,0 +1,216 @@
+"""Stopping units of the sentence-level search, each a tiny callable with a one-line contract.
+
+- :class:`SentenceEndCriteria`: one bool per row, "the last token ends a sentence" (decoded text).
+- :class:`CancelCriteria`: one bool per row, all ``True`` once a cancel event is set.
+- :func:`candidate_lengths`: how many tokens each sampled row keeps, and whether it hit EOS.
+- :func:`cut_at_stop` / :func:`stop_holdback`: stop-string handling on decoded text.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import StoppingCriteria
+
+from eta_guard.errors import InvalidInputError
+
+#: Tokens decoded together when a byte-level token is only part of a UTF-8 character. Four covers
+#: any character split into single-byte tokens; more covers merged byte pieces too.
+_TAIL_TOKENS = 8
+_REPLACEMENT = "\ufffd"
+
+# tokenizer -> {terminators: (ends_mask, partial_mask)}; weak so tokenizers can be freed.
+_MASK_CACHE: weakref.WeakKeyDictionary[
+    Any, dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]]
+]
+_MASK_CACHE = weakref.WeakKeyDictionary()
+_MASK_LOCK = threading.Lock()
+
+
+def _decode_one(tokenizer: Any, token_id: int) -> str:
+    return tokenizer.decode(
+        [token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False
+    )
+
+
+def vocabulary_masks(
+    tokenizer: Any, terminators: tuple[str, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token masks over the tokenizer's vocabulary, computed once per tokenizer and terminators.
+
+    Returns:
+        ``(ends, partial)``: bool tensors of shape ``[len(tokenizer)]``. ``ends[t]``: the decoded
+        text of token ``t`` contains a terminator. ``partial[t]``: token ``t`` decodes to an
+        incomplete UTF-8 sequence (byte-level pieces), so it must be judged in context.
+        Special tokens are in neither mask.
+    """
+    with _MASK_LOCK:
+        try:
+            per_tok = _MASK_CACHE.setdefault(tokenizer, {})
+        except TypeError:  # not weak-referenceable: compute without caching
+            per_tok = {}
+        if terminators in per_tok:
+            return per_tok[terminators]
+        size = len(tokenizer)
+        texts = tokenizer.batch_decode(
+            [[i] for i in range(size)],
+            skip_special_tokens=False,
+            clean_up_tokenization_spaces=False,
+        )
+        special = set(getattr(tokenizer, "all_special_ids", []) or [])
+        ends = torch.tensor(
+            [
+                i not in special and any(t in text for t in terminators)
+                for i, text in enumerate(texts)
+            ],
+            dtype=torch.bool,
+        )
+        partial = torch.tensor(
+            [i not in special and _REPLACEMENT in text for i, text in enumerate(texts)],
+            dtype=torch.bool,
+        )
+        per_tok[terminators] = (ends, partial)
+        return ends, partial
+
+
+def _lookup(mask: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``mask[ids]`` with ids outside the tokenizer's vocabulary (padded embeddings) mapped to False."""
+    inside = (ids >= 0) & (ids < mask.numel())
+    return mask.to(ids.device)[ids.clamp(0, mask.numel() - 1)] & inside
+
+
+class SentenceEndCriteria(StoppingCriteria):
+    """Returns one bool per row: does the row's last token end a sentence?
+
+    Tokenizer-agnostic: a token ends a sentence when its decoded text contains one of
+    ``terminators``. Byte-level tokens holding only part of a UTF-8 character (a multi-byte
+    terminator such as ``'。'`` split over several tokens) are judged on the decoded tail of the row.
+
+    Args:
+        tokenizer: the VLM's tokenizer.
+        terminators: non-empty strings that end a sentence, e.g. ``(".", "!", "?")``.
+        start_length: length of ``input_ids`` when sampling started; rows no longer than this
+            have produced nothing and never count as ended.
+    """
+
+    def __init__(
+        self, tokenizer: Any, terminators: Sequence[str], *, start_length: int = 0
+    ) -> None:
+        terminators = tuple(terminators)
+        if not terminators or any(not isinstance(t, str) or not t for t in terminators):
+            raise InvalidInputError(
+                f"terminators={terminators!r}: give at least one non-empty string, e.g. ('.', '!', '?')"
+            )
+        if start_length < 0:
+            raise InvalidInputError(f"start_length={start_length!r}: must be >= 0")
+        self.tokenizer = tokenizer
+        self.terminators = terminators
+        self.start_length = start_length
+        self.ends_mask, self.partial_mask = vocabulary_masks(tokenizer, terminators)
+
+    def __call__(
+        self, input_ids: torch.LongTensor, scores: Any = None, **kwargs: Any
+    ) -> torch.BoolTensor:
+        """Judge the last token of each row.
+
+        Args:
+            input_ids: ``[batch, seq]`` token ids (never modified).
+
+        Returns:
+            ``[batch]`` bools.
+        """
+        if input_ids.shape[-1] <= self.start_length:
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        last = input_ids[:, -1]
+        done = _lookup(self.ends_mask, last)
+        for row in torch.nonzero(_lookup(self.partial_mask, last)).flatten().tolist():
+            done[row] = self._tail_completes_terminator(input_ids[row])
+        return done
+
+    def _tail_completes_terminator(self, row: torch.Tensor) -> bool:
+        """Whether appending the row's last token adds a terminator to the decoded tail."""
+        tail = row[-_TAIL_TOKENS:].tolist()
+        decode = lambda ids: self.tokenizer.decode(  # noqa: E731
+            ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
+        with_last, without_last = decode(tail), decode(tail[:-1])
+        return any(with_last.count(t) > without_last.count(t) for t in self.terminators)
+
+
+class CancelCriteria(StoppingCriteria):
+    """Returns one bool per row: all ``True`` once ``event`` is set (a consumer stopped listening)."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(
+        self, input_ids: torch.LongTensor, scores: Any = None, **kwargs: Any
+    ) -> torch.BoolTensor:
+        return torch.full(
+            (input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device
+        )
+
+
+def candidate_lengths(
+    sequences: torch.LongTensor,
+    start_length: int,
+    *,
+    eos_token_ids: Sequence[int],
+    sentence_end: SentenceEndCriteria | None,
+) -> tuple[list[int], list[bool]]:
+    """Returns, per row, the tokens kept (through its first EOS or sentence end) and whether it hit EOS.
+
+    Args:
+        sequences: ``[n, start_length + T]`` context followed by ``T`` sampled tokens per row;
+            tokens after a row's end (padding) are ignored.
+        start_length: length of the context.
+        eos_token_ids: ids that end the answer.
+        sentence_end: the sentence-end criterion, or None to cut at EOS only.
+
+    Returns:
+        ``(lengths, ended)``: ``lengths[r]`` in ``[1, T]``; ``ended[r]`` is True iff row ``r``
+        stops on an EOS token (which is included in its length).
+    """
+    n, total = sequences.shape
+    steps = total - start_length
+    if steps <= 0:
+        raise InvalidInputError(
+            f"no sampled tokens: sequences have {total} <= start_length={start_length}"
+        )
+    lengths, ended = [steps] * n, [False] * n
+    open_rows = set(range(n))
+    eos = torch.tensor(sorted(set(eos_token_ids)), dtype=sequences.dtype, device=sequences.device)
+    for t in range(1, steps + 1):
+        if not open_rows:
+            break
+        prefix = sequences[:, : start_length + t]
+        is_eos = torch.isin(prefix[:, -1], eos) if eos.numel() else torch.zeros(n, dtype=torch.bool)
+        is_end = sentence_end(prefix) if sentence_end is not None else torch.zeros_like(is_eos)
+        for row in sorted(open_rows):
+            if bool(is_eos[row]) or bool(is_end[row]):
+                lengths[row], ended[row] = t, bool(is_eos[row])
+                open_rows.discard(row)
+    return lengths, ended
+
+
+def cut_at_stop(text: str, stop: Sequence[str] | None) -> tuple[str, bool]:
+    """Returns ``text`` cut before the earliest stop string, and whether one was found."""
+    if not stop:
+        return text, False
+    hits = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    return (text[: min(hits)], True) if hits else (text, False)
+
+
+def stop_holdback(text: str, stop: Sequence[str] | None) -> int:
+    """Returns how many trailing characters of ``text`` could still begin a stop string (or end mid-character)."""
+    hold = len(text) - len(text.rstrip(_REPLACEMENT))
+    for s in stop or ():
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                hold = max(hold, k)
+                break
+    return hold

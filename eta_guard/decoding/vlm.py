@@ -1,0 +1,478 @@
+"""``VLMAdapter``: any Hugging Face image-text-to-text model behind one small decoding surface.
+
+It renders conversations with the processor's chat template, guards the context length, runs
+greedy decoding (plain or streamed) and decodes continuations exactly as they read in context.
+The sentence-level search (:mod:`eta_guard.decoding.best_of_n`) builds on the same adapter.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    DynamicCache,
+    GenerationConfig,
+    StoppingCriteriaList,
+)
+from transformers.generation.streamers import BaseStreamer
+
+from eta_guard.decoding.stopping import CancelCriteria, cut_at_stop, stop_holdback
+from eta_guard.errors import InvalidInputError
+
+FinishReason = Literal["stop", "length"]
+
+#: Logit-shaping settings a checkpoint may ship that would change ETA's decoding; they are reset
+#: so that decoding is exactly greedy (vanilla) or exactly top-k/temperature sampling (search).
+_NEUTRAL_DECODING: dict[str, Any] = {
+    "num_beams": 1,
+    "top_p": 1.0,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "min_length": 0,
+    "cache_implementation": None,
+}
+
+
+@dataclass
+class PreparedPrompt:
+    """A rendered, tokenized prompt on the model's device.
+
+    Attributes:
+        input_ids: ``[1, L]`` prompt token ids (the assistant prefix included).
+        attention_mask: ``[1, L]`` ones.
+        model_inputs: everything the processor returned (``input_ids``, ``attention_mask``,
+            ``pixel_values``, ...), ready for ``model.generate(**model_inputs)``.
+        num_prompt_tokens: ``L``.
+        text: the rendered prompt text (chat template + assistant prefix).
+        assistant_prefix: the text appended after the generation prompt.
+        num_images: images given to the processor.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    model_inputs: dict[str, Any]
+    num_prompt_tokens: int
+    text: str
+    assistant_prefix: str = ""
+    num_images: int = 0
+
+
+@dataclass
+class GreedyOutput:
+    """The result of greedy decoding.
+
+    Attributes:
+        token_ids: the new tokens (EOS included when generation ended on it).
+        text: the new tokens decoded in context, special tokens skipped, cut before the first
+            stop string.
+        finish_reason: ``"stop"`` (EOS, stop string) or ``"length"`` (token budget).
+        cache: the KV cache ``generate`` returned; it covers the first ``cache.get_seq_length()``
+            ids of ``sequence_ids`` (all but the last). Reusable by the best-of-N search.
+        num_prompt_tokens: prompt length.
+        sequence_ids: prompt ids followed by ``token_ids``.
+    """
+
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason
+    cache: Any
+    num_prompt_tokens: int
+    sequence_ids: list[int] = field(default_factory=list)
+
+
+class VLMAdapter:
+    """A vision-language model and its processor, with the decoding steps ETA needs.
+
+    Args:
+        model: an ``AutoModelForImageTextToText`` model (put in eval mode here).
+        processor: its ``AutoProcessor`` (with a chat template).
+        name: a display name (defaults to the model's ``name_or_path``).
+
+    Example:
+        >>> vlm = VLMAdapter.from_pretrained(path)  # doctest: +SKIP
+        >>> prepared = vlm.prepare(conversation)  # doctest: +SKIP
+        >>> vlm.generate_greedy(prepared, max_new_tokens=32).text  # doctest: +SKIP
+    """
+
+    def __init__(self, model: Any, processor: Any, *, name: str | None = None) -> None:
+        self.model = model.eval()
+        self.processor = processor
+        self.name = name or str(getattr(model.config, "name_or_path", "") or type(model).__name__)
+        self.eos_token_ids = _eos_token_ids(model, self.tokenizer)
+        self.pad_token_id = _pad_token_id(model, self.tokenizer, self.eos_token_ids)
+        self.context_length = _context_length(model)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        local_files_only: bool = False,
+        trust_remote_code: bool = False,
+        model_kwargs: dict[str, Any] | None = None,
+        processor_kwargs: dict[str, Any] | None = None,
+    ) -> VLMAdapter:
+        """Load a model with ``AutoModelForImageTextToText`` and its ``AutoProcessor``.
+
+        Args:
+            name_or_path: a Hub id (resolved through the local cache) or a local folder.
+            device: where to put the model (default: CUDA if available, else CPU).
+            dtype: model dtype (default: the checkpoint's, ``"auto"``).
+            local_files_only: never touch the network.
+            trust_remote_code: allow custom model code from the checkpoint.
+            model_kwargs: extra arguments for ``AutoModelForImageTextToText.from_pretrained``.
+            processor_kwargs: extra arguments for ``AutoProcessor.from_pretrained``.
+        """
+        common = {"local_files_only": local_files_only, "trust_remote_code": trust_remote_code}
+        model_kwargs = {
+            "dtype": dtype if dtype is not None else "auto",
+            **common,
+            **(model_kwargs or {}),
+        }
+        model = AutoModelForImageTextToText.from_pretrained(name_or_path, **model_kwargs)
+        processor = AutoProcessor.from_pretrained(
+            name_or_path, **common, **(processor_kwargs or {})
+        )
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if "device_map" not in model_kwargs:
+            model = model.to(device)
+        return cls(model, processor, name=str(name_or_path))
+
+    # ----- properties -----
+    @property
+    def tokenizer(self) -> Any:
+        """The text tokenizer inside the processor."""
+        return getattr(self.processor, "tokenizer", self.processor)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model (its input embeddings) lives."""
+        return self.model.device
+
+    # ----- prompts -----
+    def prepare(self, conversation: Any, *, assistant_prefix: str = "") -> PreparedPrompt:
+        """Render a conversation with the chat template and run the processor.
+
+        Args:
+            conversation: an :class:`eta_guard.messages.Conversation` (``.messages`` in HF
+                chat-template form, ``.images`` in order of their placeholders).
+            assistant_prefix: text the assistant turn starts with (ETA's shallow alignment).
+
+        Returns:
+            The prompt as tensors on the model's device.
+
+        Raises:
+            InvalidInputError: the template cannot render the conversation, or the prompt leaves
+                no room for a single new token in the model's context.
+        """
+        images = list(getattr(conversation, "images", None) or [])
+        text = self._render(list(conversation.messages)) + assistant_prefix
+        tokenize_kwargs: dict[str, Any] = {"return_tensors": "pt"}
+        bos = getattr(self.tokenizer, "bos_token", None)
+        if bos and text.startswith(bos):  # the template wrote BOS itself: do not add a second one
+            tokenize_kwargs["add_special_tokens"] = False
+        try:
+            batch = self.processor(text=[text], images=images or None, **tokenize_kwargs)
+        except (ValueError, TypeError) as e:
+            raise InvalidInputError(
+                f"the processor of {self.name!r} refused the prompt with {len(images)} image(s): {e}"
+            ) from e
+        model_inputs = {k: _to_device(v, self.device, self.model.dtype) for k, v in batch.items()}
+        input_ids = model_inputs["input_ids"]
+        length = int(input_ids.shape[1])
+        if length + 1 > self.context_length:
+            raise InvalidInputError(
+                f"prompt has {length} tokens but the model's context is {self.context_length}; "
+                "shorten the conversation (fewer turns, shorter text, fewer or smaller images)"
+            )
+        attention_mask = model_inputs.setdefault("attention_mask", torch.ones_like(input_ids))
+        return PreparedPrompt(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            model_inputs=model_inputs,
+            num_prompt_tokens=length,
+            text=text,
+            assistant_prefix=assistant_prefix,
+            num_images=len(images),
+        )
+
+    def _render(self, messages: list[dict[str, Any]]) -> str:
+        """The chat-template text; a template that rejects system turns gets the system text folded."""
+        from jinja2 import TemplateError
+
+        render = lambda msgs: self.processor.apply_chat_template(  # noqa: E731
+            msgs, add_generation_prompt=True, tokenize=False
+        )
+        try:
+            return render(messages)
+        except TemplateError as first:
+            if not any(m.get("role") == "system" for m in messages):
+                raise InvalidInputError(
+                    f"the chat template of {self.name!r} rejected the conversation: {first}"
+                ) from first
+            from eta_guard.messages import fold_system_message
+
+            try:
+                return render(fold_system_message(messages))
+            except TemplateError as e:
+                raise InvalidInputError(
+                    f"the chat template of {self.name!r} rejected the conversation: {e}"
+                ) from e
+
+    def max_new_tokens_for(self, prepared: PreparedPrompt, max_new_tokens: int) -> int:
+        """``max_new_tokens`` capped by the room left in the model's context."""
+        if max_new_tokens < 1:
+            raise InvalidInputError(f"max_new_tokens={max_new_tokens!r}: must be >= 1")
+        return max(1, min(max_new_tokens, self.context_length - prepared.num_prompt_tokens))
+
+    # ----- decoding -----
+    def generation_config(self, *, max_new_tokens: int, **overrides: Any) -> GenerationConfig:
+        """A generation config with ETA's decoding settings (greedy unless ``do_sample=True``)."""
+        values = {
+            **_NEUTRAL_DECODING,
+            "do_sample": False,
+            "temperature": 1.0,
+            "top_k": None,
+            "eos_token_id": self.eos_token_ids or None,
+            "pad_token_id": self.pad_token_id,
+            "max_new_tokens": max_new_tokens,
+            "return_dict_in_generate": True,
+            **overrides,
+        }
+        return GenerationConfig(**values)
+
+    def new_cache(self) -> DynamicCache:
+        """An empty dynamic KV cache for this model (branchable: repeat, select, crop)."""
+        return DynamicCache(config=self.model.config.get_text_config(decoder=True))
+
+    def generate_greedy(
+        self,
+        prepared: PreparedPrompt,
+        *,
+        max_new_tokens: int,
+        stop: Sequence[str] | None = None,
+        streamer: BaseStreamer | None = None,
+        cancel: threading.Event | None = None,
+    ) -> GreedyOutput:
+        """Greedy decoding of the answer, whatever the checkpoint's generation config says.
+
+        Args:
+            prepared: the prompt from :meth:`prepare`.
+            max_new_tokens: token budget (capped by the context length).
+            stop: strings that end the answer (excluded from ``text``).
+            streamer: receives token ids as they are produced (transformers streamer protocol).
+            cancel: when set, generation stops at the next token.
+        """
+        max_new = self.max_new_tokens_for(prepared, max_new_tokens)
+        stop = [s for s in (stop or []) if s]
+        config = self.generation_config(max_new_tokens=max_new, stop_strings=stop or None)
+        criteria = StoppingCriteriaList([CancelCriteria(cancel)] if cancel is not None else [])
+        with torch.inference_mode():
+            out = self.model.generate(
+                **prepared.model_inputs,
+                generation_config=config,
+                stopping_criteria=criteria,
+                streamer=streamer,
+                tokenizer=self.tokenizer,
+                cache=self.new_cache(),
+            )
+        new_ids = out.sequences[0, prepared.num_prompt_tokens :].tolist()
+        text, stopped = cut_at_stop(self.decode_continuation(prepared.input_ids[0], new_ids), stop)
+        ended = (
+            stopped or bool(new_ids and new_ids[-1] in self.eos_token_ids) or len(new_ids) < max_new
+        )
+        return GreedyOutput(
+            token_ids=new_ids,
+            text=text,
+            finish_reason="stop" if ended else "length",
+            cache=getattr(out, "cache", None) or getattr(out, "past_key_values", None),
+            num_prompt_tokens=prepared.num_prompt_tokens,
+            sequence_ids=prepared.input_ids[0].tolist() + new_ids,
+        )
+
+    def stream_greedy(
+        self, prepared: PreparedPrompt, *, max_new_tokens: int, stop: Sequence[str] | None = None
+    ) -> GreedyStream:
+        """Greedy decoding that yields text deltas as tokens are produced.
+
+        The deltas concatenate to exactly ``generate_greedy(...).text``; after the iterator is
+        exhausted, ``.output`` holds the :class:`GreedyOutput`.
+        """
+        return GreedyStream(self, prepared, max_new_tokens=max_new_tokens, stop=stop)
+
+    def decode_continuation(
+        self, context_ids: Sequence[int] | torch.Tensor, new_ids: Sequence[int]
+    ) -> str:
+        """The text of ``new_ids`` as it reads after ``context_ids`` (special tokens skipped).
+
+        SentencePiece-style tokenizers drop a leading space when a continuation is decoded on
+        its own, so the continuation is decoded after a lead of context tokens whose text is then
+        removed.
+        """
+        new_ids = [int(i) for i in new_ids]
+        special = set(getattr(self.tokenizer, "all_special_ids", []) or [])
+        new_ids = [i for i in new_ids if i not in special]
+        if not new_ids:
+            return ""
+        context = [
+            int(i) for i in (context_ids.tolist() if torch.is_tensor(context_ids) else context_ids)
+        ]
+        context = [i for i in context if i not in special]
+        decode = lambda ids: self.tokenizer.decode(  # noqa: E731
+            ids, skip_special_tokens=False, clean_up_tokenization_spaces=False
+        )
+        # A one-token lead is enough, unless it ends mid-character (byte-level pieces).
+        for k in range(1, min(4, len(context)) + 1):
+            lead = decode(context[-k:])
+            full = decode(context[-k:] + new_ids)
+            if not lead.endswith("\ufffd") and full.startswith(lead):
+                return full[len(lead) :]
+        return decode(new_ids)
+
+
+class _QueueStreamer(BaseStreamer):
+    """Hands token ids produced by ``generate`` to the consuming thread (skips the prompt)."""
+
+    def __init__(self, sink: queue.Queue) -> None:
+        self.sink = sink
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate first puts the prompt
+            self.prompt_seen = True
+            return
+        self.sink.put(("ids", value.reshape(-1).tolist()))
+
+    def end(self) -> None:
+        pass
+
+
+class GreedyStream:
+    """Iterate to receive text deltas of a greedy answer; ``.output`` is set once exhausted.
+
+    Generation runs in a worker thread; an error there is re-raised in the consumer. Text past a
+    stop string is never yielded: only the shortest tail that could still start a stop string
+    (or that ends mid-character) is held back until the next token settles it.
+    """
+
+    def __init__(
+        self,
+        adapter: VLMAdapter,
+        prepared: PreparedPrompt,
+        *,
+        max_new_tokens: int,
+        stop: Sequence[str] | None,
+    ) -> None:
+        self.adapter, self.prepared = adapter, prepared
+        self.stop = [s for s in (stop or []) if s]
+        self.output: GreedyOutput | None = None
+        self._queue: queue.Queue = queue.Queue()
+        self._cancel = threading.Event()
+        self._thread = threading.Thread(target=self._work, args=(max_new_tokens,), daemon=True)
+        self._started = False
+
+    def _work(self, max_new_tokens: int) -> None:
+        try:
+            output = self.adapter.generate_greedy(
+                self.prepared,
+                max_new_tokens=max_new_tokens,
+                stop=self.stop,
+                streamer=_QueueStreamer(self._queue),
+                cancel=self._cancel,
+            )
+            self._queue.put(("done", output))
+        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer thread
+            self._queue.put(("error", e))
+
+    def __iter__(self) -> Iterator[str]:
+        if self._started:
+            raise RuntimeError("a GreedyStream can be iterated only once")
+        self._started = True
+        self._thread.start()
+        context = self.prepared.input_ids[0]
+        ids: list[int] = []
+        emitted = ""
+        try:
+            while True:
+                kind, payload = self._queue.get()
+                if kind == "error":
+                    raise payload
+                if kind == "done":
+                    self.output = payload
+                    if payload.text.startswith(emitted) and len(payload.text) > len(emitted):
+                        yield payload.text[len(emitted) :]
+                    return
+                ids.extend(payload)
+                text, stopped = cut_at_stop(
+                    self.adapter.decode_continuation(context, ids), self.stop
+                )
+                safe = text if stopped else text[: len(text) - stop_holdback(text, self.stop)]
+                if len(safe) > len(emitted) and safe.startswith(emitted):
+                    delta, emitted = safe[len(emitted) :], safe
+                    yield delta
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop generation early (if still running) and wait for the worker."""
+        self._cancel.set()
+        if self._started:
+            self._thread.join()
+
+
+def _to_device(value: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    if not torch.is_tensor(value):
+        return value
+    if value.is_floating_point():
+        return value.to(device=device, dtype=dtype)
+    return value.to(device)
+
+
+def _as_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value]
+
+
+def _eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    ids = _as_list(getattr(model.generation_config, "eos_token_id", None))
+    for extra in _as_list(getattr(tokenizer, "eos_token_id", None)):
+        if extra not in ids:
+            ids.append(extra)
+    return ids
+
+
+def _pad_token_id(model: Any, tokenizer: Any, eos: list[int]) -> int | None:
+    for candidate in (
+        getattr(model.generation_config, "pad_token_id", None),
+        getattr(tokenizer, "pad_token_id", None),
+    ):
+        if candidate is not None:
+            return int(_as_list(candidate)[0])
+    return eos[0] if eos else None
+
+
+def _context_length(model: Any) -> int:
+    text_config = model.config.get_text_config(decoder=True)
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(text_config, attr, None)
+        if value:
+            return int(value)
+    raise InvalidInputError(
+        f"cannot find the context length of {type(model).__name__}: its text config has no "
+        "max_position_embeddings"
+    )
