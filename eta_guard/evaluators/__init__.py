@@ -1,0 +1,40 @@
+"""ETA's evaluators: CLIP before generation, a reward model after, and the rule combining them.
+
+Imports are lazy so that ``import eta_guard.evaluators`` does not load torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_LAZY = {
+    "CLIPPreEvaluator": "eta_guard.evaluators.clip",
+    "CLIPEncoder": "eta_guard.evaluators.clip",
+    "TransformersCLIPEncoder": "eta_guard.evaluators.clip_transformers",
+    "OpenCLIPEncoder": "eta_guard.evaluators.clip_open_clip",
+    "RewardPostEvaluator": "eta_guard.evaluators.reward",
+    "ETAEvaluator": "eta_guard.evaluators.eta_evaluator",
+}
+
+__all__ = list(_LAZY)
+
+if TYPE_CHECKING:
+    from eta_guard.evaluators.clip import CLIPEncoder, CLIPPreEvaluator
+    from eta_guard.evaluators.clip_open_clip import OpenCLIPEncoder
+    from eta_guard.evaluators.clip_transformers import TransformersCLIPEncoder
+    from eta_guard.evaluators.eta_evaluator import ETAEvaluator
+    from eta_guard.evaluators.reward import RewardPostEvaluator
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'eta_guard.evaluators' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,409 @@
+"""``ETAEvaluator``: ETA's two evaluators (CLIP before, reward model after) and its AND rule."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from eta_guard.config import DEFAULT_CLIP, DEFAULT_REWARD_MODEL, ETAConfig
+from eta_guard.errors import ETAError, EvaluatorError, InvalidInputError
+from eta_guard.media import load_images
+from eta_guard.verdict import SafetyVerdict
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from eta_guard.evaluators.clip import CLIPPreEvaluator
+    from eta_guard.evaluators.reward import RewardPostEvaluator
+    from eta_guard.media import ImageSource
+
+T = TypeVar("T")
+_STAGES = {
+    "pre": "pre-generation (CLIP image) evaluator",
+    "post": "post-generation (reward model) evaluator",
+}
+_ITEM_KEYS = {"images", "response"}
+
+
+@dataclass
+class _Side:
+    """The outcome of one evaluator on one item: a score, or a policy decision after an error."""
+
+    score: float | None = None
+    image_scores: list[float] | None = None
+    flag: bool | None = None  # set only by the failure policy
+    error: str | None = None
+
+
+class ETAEvaluator:
+    """Evaluate images (CLIP) and responses (reward model) with ETA's thresholds and AND rule.
+
+    Args:
+        pre: The CLIP pre-evaluator, or ``None`` (asking it for images then raises).
+        post: The reward-model post-evaluator, or ``None``.
+        config: Thresholds, prompts and the failure policy (default: the paper's values).
+
+    Example:
+        >>> ev = ETAEvaluator.from_pretrained(clip=ckpt.clip, reward_model=ckpt.reward_model)  # doctest: +SKIP
+        >>> ev.evaluate(images=[image], response="Sure, here is how...").unsafe  # doctest: +SKIP
+        False
+    """
+
+    def __init__(
+        self,
+        pre: CLIPPreEvaluator | None = None,
+        post: RewardPostEvaluator | None = None,
+        config: ETAConfig | None = None,
+        *,
+        lock: threading.RLock | None = None,
+    ) -> None:
+        if config is not None and not isinstance(config, ETAConfig):
+            raise InvalidInputError(f"config must be an ETAConfig, got {type(config).__name__}")
+        self.pre = pre
+        self.post = post
+        self.config = config or ETAConfig()
+        # Models are shared by with_config() copies, so they share the lock too.
+        self._lock = lock or threading.RLock()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        clip: str | None = DEFAULT_CLIP,
+        reward_model: str | None = DEFAULT_REWARD_MODEL,
+        *,
+        config: ETAConfig | None = None,
+        device: Any = None,
+        dtype: Any = None,
+        clip_backend: str = "transformers",
+        clip_pretrained: str | None = None,
+        trust_remote_code: bool = False,
+        local_files_only: bool = False,
+        clip_kwargs: dict[str, Any] | None = None,
+        reward_model_kwargs: dict[str, Any] | None = None,
+    ) -> ETAEvaluator:
+        """Load CLIP and the reward model; ``clip=None`` / ``reward_model=None`` skip one side.
+
+        ``clip_kwargs`` feed :meth:`CLIPPreEvaluator.from_pretrained` (``model_kwargs``,
+        ``processor_kwargs``, ...); ``reward_model_kwargs`` feed
+        :meth:`RewardPostEvaluator.from_pretrained` (``model_kwargs``, ``tokenizer_kwargs``,
+        ``max_length``, ``chat_template``). The reference RM (ArmoRM) needs
+        ``trust_remote_code=True``.
+        """
+        if clip is None and reward_model is None:
+            raise InvalidInputError(
+                "clip=None and reward_model=None: nothing to evaluate with; load at least one"
+            )
+        config = config or ETAConfig()
+        pre = post = None
+        if clip is not None:
+            from eta_guard.evaluators.clip import CLIPPreEvaluator
+
+            kwargs = {
+                "backend": clip_backend,
+                "pretrained": clip_pretrained,
+                "device": device,
+                "dtype": dtype,
+                "local_files_only": local_files_only,
+                "prompt": config.safety_prompt,
+                **(clip_kwargs or {}),
+            }
+            pre = CLIPPreEvaluator.from_pretrained(clip, **kwargs)
+        if reward_model is not None:
+            from eta_guard.evaluators.reward import RewardPostEvaluator
+
+            kwargs = {
+                "device": device,
+                "dtype": dtype,
+                "trust_remote_code": trust_remote_code,
+                "local_files_only": local_files_only,
+                **(reward_model_kwargs or {}),
+            }
+            post = RewardPostEvaluator.from_pretrained(reward_model, **kwargs)
+        return cls(pre, post, config)
+
+    def with_config(self, config: ETAConfig) -> ETAEvaluator:
+        """A view with another config that shares the models (and their lock)."""
+        if config is self.config:
+            return self
+        return ETAEvaluator(self.pre, self.post, config, lock=self._lock)
+
+    # ------------------------------------------------------------------ scores
+    def score_images(self, images: ImageSource | Sequence[ImageSource]) -> list[float]:
+        """CLIP cosine of each image with ``config.safety_prompt`` (one batched forward)."""
+        pil = self._load_images(images, where="images")
+        prompt = self.config.safety_prompt
+        return self._call("pre", lambda: self._require_pre().score_images(pil, prompt=prompt))
+
+    def score_responses(self, responses: Sequence[str], *, search: bool = False) -> list[float]:
+        """Reward of each response (one batched forward).
+
+        Args:
+            responses: Response texts.
+            search: Use ``config.rm_search_prompt`` (best-of-N) instead of ``rm_decision_prompt``.
+        """
+        instruction = self.config.rm_search_prompt if search else self.config.rm_decision_prompt
+        texts = _check_responses(responses)
+        return self._call("post", lambda: self._require_post().score(texts, instruction))
+
+    # ------------------------------------------------------------------ verdicts
+    def evaluate(
+        self,
+        images: ImageSource | Sequence[ImageSource] | None = None,
+        response: str | None = None,
+    ) -> SafetyVerdict:
+        """Judge images and/or a response with ETA's rule.
+
+        Both given: both scores are computed and ``unsafe`` is their AND. Only images: the input
+        side decides. Only a response: the output side decides (``rm_decision_prompt``).
+
+        Raises:
+            InvalidInputError: Neither images nor a response, or a bad image / response.
+            EvaluatorError: A needed evaluator is not loaded, or one failed under
+                ``on_evaluator_error="raise"``.
+        """
+        if images is None and response is None:
+            raise InvalidInputError("nothing to evaluate; pass images=..., response=... or both")
+        if response is not None and not isinstance(response, str):
+            raise InvalidInputError(f"response is {type(response).__name__}, expected str")
+        loaded = None if images is None else self._load_images(images, where="images")
+        return self._evaluate_many([loaded], [response])[0]
+
+    def evaluate_input(self, images: ImageSource | Sequence[ImageSource]) -> SafetyVerdict:
+        """Judge images only (the pre-generation check)."""
+        if images is None:
+            raise InvalidInputError("evaluate_input(images=None): pass at least one image")
+        return self.evaluate(images=images)
+
+    def evaluate_output(self, response: str) -> SafetyVerdict:
+        """Judge a response only (the post-generation check)."""
+        if response is None:
+            raise InvalidInputError("evaluate_output(response=None): pass the response text")
+        return self.evaluate(response=response)
+
+    def evaluate_batch(self, items: Sequence[dict[str, Any]]) -> list[SafetyVerdict]:
+        """Judge many items with one CLIP forward and one RM forward over all of them.
+
+        Args:
+            items: Dicts with ``"images"`` and/or ``"response"`` (the arguments of :meth:`evaluate`).
+
+        Returns:
+            One verdict per item, in order. Timings are those of the shared forwards.
+        """
+        parsed = [_parse_item(i, item) for i, item in enumerate(_check_items(items))]
+        images = [
+            None if imgs is None else self._load_images(imgs, where=f"items[{i}].images")
+            for i, (imgs, _) in enumerate(parsed)
+        ]
+        return self._evaluate_many(images, [response for _, response in parsed])
+
+    def _evaluate_many(
+        self, images: list[list[Image.Image] | None], responses: list[str | None]
+    ) -> list[SafetyVerdict]:
+        timings: dict[str, float] = {}
+        pre_sides = self._run_pre(images, timings)
+        post_sides = self._run_post(responses, timings)
+        return [
+            self._verdict(pre, post, timings)
+            for pre, post in zip(pre_sides, post_sides, strict=True)
+        ]
+
+    # ------------------------------------------------------------------ async
+    async def aevaluate(
+        self,
+        images: ImageSource | Sequence[ImageSource] | None = None,
+        response: str | None = None,
+    ) -> SafetyVerdict:
+        """Async :meth:`evaluate` (runs in a worker thread)."""
+        return await asyncio.to_thread(self.evaluate, images, response)
+
+    async def aevaluate_input(self, images: ImageSource | Sequence[ImageSource]) -> SafetyVerdict:
+        """Async :meth:`evaluate_input`."""
+        return await asyncio.to_thread(self.evaluate_input, images)
+
+    async def aevaluate_output(self, response: str) -> SafetyVerdict:
+        """Async :meth:`evaluate_output`."""
+        return await asyncio.to_thread(self.evaluate_output, response)
+
+    async def aevaluate_batch(self, items: Sequence[dict[str, Any]]) -> list[SafetyVerdict]:
+        """Async :meth:`evaluate_batch`."""
+        return await asyncio.to_thread(self.evaluate_batch, items)
+
+    # ------------------------------------------------------------------ core
+    def _run_pre(
+        self, images: list[list[Image.Image] | None], timings: dict[str, float]
+    ) -> list[_Side | None]:
+        """One CLIP forward over every image of every item; per-item max."""
+        flat = [image for group in images if group for image in group]
+        if not flat:
+            return [None] * len(images)
+        self._require_pre()
+        start = time.perf_counter()
+        try:
+            scores = self._call(
+                "pre", lambda: self.pre.score_images(flat, prompt=self.config.safety_prompt)
+            )  # type: ignore[union-attr]
+        except EvaluatorError as e:
+            sides = self._apply_policy("pre", e)
+            return [sides if group else None for group in images]
+        finally:
+            timings["pre"] = time.perf_counter() - start
+        out: list[_Side | None] = []
+        offset = 0
+        for group in images:
+            if not group:
+                out.append(None)
+                continue
+            per_image = scores[offset : offset + len(group)]
+            offset += len(group)
+            out.append(_Side(score=max(per_image), image_scores=per_image))
+        return out
+
+    def _run_post(
+        self, responses: list[str | None], timings: dict[str, float]
+    ) -> list[_Side | None]:
+        """One RM forward over every response (decision prompt)."""
+        texts = [r for r in responses if r is not None]
+        if not texts:
+            return [None] * len(responses)
+        self._require_post()
+        start = time.perf_counter()
+        try:
+            scores = self._call(
+                "post", lambda: self.post.score(texts, self.config.rm_decision_prompt)
+            )  # type: ignore[union-attr]
+        except EvaluatorError as e:
+            side = self._apply_policy("post", e)
+            return [side if r is not None else None for r in responses]
+        finally:
+            timings["post"] = time.perf_counter() - start
+        it = iter(scores)
+        return [_Side(score=next(it)) if r is not None else None for r in responses]
+
+    def _call(self, stage: str, fn: Callable[[], T]) -> T:
+        """Run a model call under the lock; wrap failures in an ``EvaluatorError`` naming the stage."""
+        with self._lock:
+            try:
+                return fn()
+            except ETAError:
+                raise
+            except Exception as e:
+                raise EvaluatorError(f"the {_STAGES[stage]} failed: {type(e).__name__}: {e}") from e
+
+    def _apply_policy(self, stage: str, error: EvaluatorError) -> _Side:
+        policy = self.config.on_evaluator_error
+        if policy == "raise":
+            raise error
+        # Never silently pass: the verdict records the error whichever way the policy decides.
+        return _Side(flag=policy == "fail_closed", error=str(error))
+
+    def _verdict(
+        self, pre: _Side | None, post: _Side | None, timings: dict[str, float]
+    ) -> SafetyVerdict:
+        skipped, errors = {}, {}
+        if pre is None:
+            skipped["pre"] = (
+                "no image given"
+                if self.pre is not None
+                else "no image given (no CLIP model loaded)"
+            )
+        elif pre.error is not None:
+            errors["pre"] = pre.error
+        if post is None:
+            skipped["post"] = (
+                "no response given" if self.post is not None else "no reward model loaded"
+            )
+        elif post.error is not None:
+            errors["post"] = post.error
+        return SafetyVerdict.combine(
+            pre_threshold=self.config.pre_threshold,
+            post_threshold=self.config.post_threshold,
+            pre_score=pre.score if pre else None,
+            post_score=post.score if post else None,
+            image_scores=(pre.image_scores or []) if pre else [],
+            input_unsafe=pre.flag if pre else None,
+            output_unsafe=post.flag if post else None,
+            skipped=skipped,
+            errors=errors,
+            timings={
+                k: v for k, v in timings.items() if (k == "pre" and pre) or (k == "post" and post)
+            },
+        )
+
+    def _require_pre(self) -> CLIPPreEvaluator:
+        if self.pre is None:
+            raise EvaluatorError(
+                "images were given but the pre-generation (CLIP) evaluator is not loaded; "
+                "build ETAEvaluator with clip=<checkpoint> (it was clip=None)"
+            )
+        return self.pre
+
+    def _require_post(self) -> RewardPostEvaluator:
+        if self.post is None:
+            raise EvaluatorError(
+                "a response was given but the post-generation (reward model) evaluator is not "
+                "loaded; build ETAEvaluator with reward_model=<checkpoint> (it was reward_model=None)"
+            )
+        return self.post
+
+    def _load_images(self, images: Any, *, where: str) -> list[Image.Image]:
+        if isinstance(images, (list, tuple)) and not images:
+            raise InvalidInputError(f"{where}: the image list is empty; pass at least one image")
+        try:
+            return load_images(
+                images,
+                allow_remote=self.config.allow_remote_images,
+                max_pixels=self.config.max_image_pixels,
+            )
+        except InvalidInputError as e:
+            raise InvalidInputError(f"{where}: {e}") from e
+
+    def __repr__(self) -> str:
+        pre = self.pre.name if self.pre else None
+        post = self.post.name if self.post else None
+        return f"ETAEvaluator(clip={pre!r}, reward_model={post!r})"
+
+
+def _check_items(items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    if isinstance(items, dict) or not isinstance(items, (list, tuple)):
+        raise InvalidInputError(
+            f"items must be a list of dicts with 'images' and/or 'response', got {type(items).__name__}"
+        )
+    return list(items)
+
+
+def _parse_item(index: int, item: Any) -> tuple[Any, str | None]:
+    if not isinstance(item, dict):
+        raise InvalidInputError(
+            f"items[{index}] is {type(item).__name__}; expected a dict with 'images' and/or 'response'"
+        )
+    unknown = set(item) - _ITEM_KEYS
+    if unknown:
+        raise InvalidInputError(
+            f"items[{index}] has unknown keys {sorted(unknown)}; allowed: 'images', 'response'"
+        )
+    images, response = item.get("images"), item.get("response")
+    if images is None and response is None:
+        raise InvalidInputError(
+            f"items[{index}]: nothing to evaluate; give 'images', 'response' or both"
+        )
+    if response is not None and not isinstance(response, str):
+        raise InvalidInputError(
+            f"items[{index}]: response is {type(response).__name__}, expected str"
+        )
+    return images, response
+
+
+def _check_responses(responses: Sequence[str]) -> list[str]:
+    if isinstance(responses, str):
+        raise InvalidInputError(
+            "responses must be a list of strings, not a single str; wrap it: [response]"
+        )
+    items = list(responses)
+    for i, text in enumerate(items):
+        if not isinstance(text, str):
+            raise InvalidInputError(f"responses[{i}] is {type(text).__name__}, expected str")
+    return items
