@@ -23,23 +23,14 @@ from eta_guard.errors import InvalidInputError
 _TAIL_TOKENS = 8
 _REPLACEMENT = "\ufffd"
 
-# tokenizer -> {terminators: (ends_mask, partial_mask)}; weak so tokenizers can be freed.
-_MASK_CACHE: weakref.WeakKeyDictionary[
-    Any, dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]]
-]
-_MASK_CACHE = weakref.WeakKeyDictionary()
+_Masks = tuple[torch.Tensor, torch.Tensor]
+# id(tokenizer) -> (weak ref to it, {terminators: masks}). Keyed by identity because tokenizers are
+# not hashable; the weak ref tells a live entry from a recycled id and drops the entry with it.
+_MASK_CACHE: dict[int, tuple[weakref.ref, dict[tuple[str, ...], _Masks]]] = {}
 _MASK_LOCK = threading.Lock()
 
 
-def _decode_one(tokenizer: Any, token_id: int) -> str:
-    return tokenizer.decode(
-        [token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False
-    )
-
-
-def vocabulary_masks(
-    tokenizer: Any, terminators: tuple[str, ...]
-) -> tuple[torch.Tensor, torch.Tensor]:
+def vocabulary_masks(tokenizer: Any, terminators: tuple[str, ...]) -> _Masks:
     """Per-token masks over the tokenizer's vocabulary, computed once per tokenizer and terminators.
 
     Returns:
@@ -49,10 +40,7 @@ def vocabulary_masks(
         Special tokens are in neither mask.
     """
     with _MASK_LOCK:
-        try:
-            per_tok = _MASK_CACHE.setdefault(tokenizer, {})
-        except TypeError:  # not weak-referenceable: compute without caching
-            per_tok = {}
+        per_tok = _cache_for(tokenizer)
         if terminators in per_tok:
             return per_tok[terminators]
         size = len(tokenizer)
@@ -74,7 +62,20 @@ def vocabulary_masks(
             dtype=torch.bool,
         )
         per_tok[terminators] = (ends, partial)
-        return ends, partial
+        return per_tok[terminators]
+
+
+def _cache_for(tokenizer: Any) -> dict[tuple[str, ...], _Masks]:
+    key = id(tokenizer)
+    entry = _MASK_CACHE.get(key)
+    if entry is not None and entry[0]() is tokenizer:
+        return entry[1]
+    try:
+        ref = weakref.ref(tokenizer, lambda _, key=key: _MASK_CACHE.pop(key, None))
+    except TypeError:  # not weak-referenceable: compute without caching
+        return {}
+    _MASK_CACHE[key] = (ref, {})
+    return _MASK_CACHE[key][1]
 
 
 def _lookup(mask: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

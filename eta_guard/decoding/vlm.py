@@ -244,7 +244,7 @@ class VLMAdapter:
             **_NEUTRAL_DECODING,
             "do_sample": False,
             "temperature": 1.0,
-            "top_k": None,
+            "top_k": 50,  # transformers' neutral default: unused by greedy, silences its warning
             "eos_token_id": self.eos_token_ids or None,
             "pad_token_id": self.pad_token_id,
             "max_new_tokens": max_new_tokens,
