@@ -1,0 +1,419 @@
+"""Turn user-supplied images into checked, fully decoded RGB ``PIL`` images.
+
+Accepted sources: a ``PIL.Image.Image``; a ``pathlib.Path``; a ``str`` holding a file path, a
+``file://`` URL, a ``data:image/...;base64,...`` URL, an ``http(s)://`` URL (only with
+``allow_remote=True``) or raw base64; ``bytes`` / ``bytearray`` / ``memoryview`` holding an
+encoded image file. Anything else, and anything that does not decode to a sane raster image,
+raises :class:`~eta_guard.errors.InvalidInputError` with a message saying what was wrong.
+
+Dimensions are read from the file header and checked against ``max_pixels`` *before* any
+pixel data is decoded, so decompression bombs are refused in milliseconds. Pillow's global
+``PIL.Image.MAX_IMAGE_PIXELS`` is never modified.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import io
+import pathlib
+import re
+import urllib.error
+import urllib.parse
+import urllib.request
+import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Union
+
+from eta_guard.errors import InvalidInputError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+ImageSource = Union["Image.Image", str, bytes, bytearray, memoryview, pathlib.Path]
+
+DEFAULT_MAX_PIXELS = 40_000_000
+#: Largest remote download accepted when ``allow_remote=True``.
+MAX_REMOTE_BYTES = 50 * 1024 * 1024
+
+# Raster formats we let Pillow open. Restricting the list keeps Pillow from handing vector or
+# document formats (EPS, PDF) to external programs such as Ghostscript.
+_ALLOWED_FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "TIFF", "ICO", "AVIF", "PPM")
+_ACCEPTED_TYPES = (
+    "PIL.Image.Image, pathlib.Path, str (file path, file:// URL, data:image/...;base64 URL, "
+    "http(s) URL, or base64), bytes, bytearray or memoryview (encoded image file)"
+)
+_B64_RE = re.compile(r"^[A-Za-z0-9+/\-_]+={0,2}$")
+_WS_RE = re.compile(r"\s+")
+# Magic numbers of things people pass by mistake, to name them in the error message.
+_SIGNATURES: tuple[tuple[bytes, int, str], ...] = (
+    (b"\x89PNG\r\n\x1a\n", 0, "PNG"),
+    (b"\xff\xd8\xff", 0, "JPEG"),
+    (b"GIF87a", 0, "GIF"),
+    (b"GIF89a", 0, "GIF"),
+    (b"BM", 0, "BMP"),
+    (b"II*\x00", 0, "TIFF"),
+    (b"MM\x00*", 0, "TIFF"),
+    (b"WEBP", 8, "WEBP"),
+    (b"ftypavif", 4, "AVIF"),
+    (b"ftypheic", 4, "HEIC"),
+    (b"ftypmif1", 4, "HEIF"),
+    (b"%PDF", 0, "a PDF document"),
+    (b"%!PS", 0, "a PostScript/EPS document"),
+    (b"PK\x03\x04", 0, "a ZIP archive (or an Office document)"),
+    (b"\x1f\x8b", 0, "a gzip archive"),
+    (b"ftyp", 4, "an MP4/QuickTime video"),
+    (b"\x1aE\xdf\xa3", 0, "a WebM/Matroska video"),
+    (b"ID3", 0, "an MP3 audio file"),
+    (b"WAVE", 8, "a WAV audio file"),
+)
+_IMAGE_KINDS = {"PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "AVIF"}
+_UNSUPPORTED_IMAGE_KINDS = {"HEIC", "HEIF"}
+_EXIF_ORIENTATION = 0x0112
+
+
+def load_image(
+    source: ImageSource,
+    *,
+    allow_remote: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    timeout: float = 10.0,
+) -> Image.Image:
+    """Load one image from any accepted source and return it as a fully decoded RGB image.
+
+    Args:
+        source: A PIL image, a path, a ``str`` (path, ``file://`` / ``data:`` / ``http(s)://``
+            URL, or base64) or encoded image bytes.
+        allow_remote: Fetch ``http(s)://`` URLs. Off by default: no network access.
+        max_pixels: Refuse images whose width * height exceeds this, checked from the header
+            before decoding.
+        timeout: Seconds to wait for a remote image.
+
+    Returns:
+        A new RGB image (EXIF orientation applied, transparency composited on white). An input
+        PIL image is never modified.
+
+    Raises:
+        InvalidInputError: The source has the wrong type or is not a decodable, sane image.
+    """
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
+        raise InvalidInputError(
+            f"max_pixels must be a positive int, got {max_pixels!r}; the default is "
+            f"{DEFAULT_MAX_PIXELS:_}"
+        )
+    from PIL import Image
+
+    if isinstance(source, Image.Image):
+        return _finish(source, max_pixels, what="the PIL image")
+    if isinstance(source, pathlib.Path):
+        return _load_path(source, max_pixels)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return _decode_bytes(bytes(source), max_pixels, what="the image data")
+    if isinstance(source, str):
+        return _load_str(source, allow_remote, max_pixels, timeout)
+    if source is None:
+        raise InvalidInputError(f"image source is None; expected one of: {_ACCEPTED_TYPES}")
+    raise InvalidInputError(
+        f"unsupported image source type {type(source).__module__}.{type(source).__qualname__} "
+        f"({_short(source)}); expected one of: {_ACCEPTED_TYPES}"
+    )
+
+
+def load_images(
+    sources: ImageSource | Sequence[ImageSource],
+    *,
+    allow_remote: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    timeout: float = 10.0,
+) -> list[Image.Image]:
+    """Load a single source or a list/tuple of sources; see :func:`load_image`.
+
+    Raises:
+        InvalidInputError: One source is bad; the message starts with ``image N:``.
+    """
+    if isinstance(sources, (list, tuple)):
+        items = list(sources)
+    else:
+        items = [sources]
+    images = []
+    for index, item in enumerate(items):
+        try:
+            images.append(
+                load_image(item, allow_remote=allow_remote, max_pixels=max_pixels, timeout=timeout)
+            )
+        except InvalidInputError as e:
+            if len(items) == 1 and not isinstance(sources, (list, tuple)):
+                raise
+            raise InvalidInputError(f"image {index}: {e}") from e
+    return images
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def _load_str(source: str, allow_remote: bool, max_pixels: int, timeout: float) -> Image.Image:
+    text = source.strip()
+    if not text:
+        raise InvalidInputError(
+            f"image source is an empty string; expected one of: {_ACCEPTED_TYPES}"
+        )
+    lowered = text[:16].lower()
+    if lowered.startswith("data:"):
+        return _decode_bytes(_parse_data_url(text), max_pixels, what="the data URL")
+    if lowered.startswith(("http://", "https://")):
+        return _load_remote(text, allow_remote, max_pixels, timeout)
+    if lowered.startswith("file:"):
+        return _load_path(_file_url_to_path(text), max_pixels)
+    scheme = re.match(r"^([a-zA-Z][a-zA-Z0-9+.\-]{1,15})://", text)
+    if scheme:
+        raise InvalidInputError(
+            f"unsupported URL scheme {scheme.group(1)!r} in image source {_short(text)}; "
+            "use http(s)://, file://, or a data:image/...;base64 URL"
+        )
+    if len(text) < 4096 and _is_existing_path(text):
+        return _load_path(pathlib.Path(text), max_pixels)
+    data = _try_b64decode(text)
+    # A short base64-looking string is far more likely a mistyped path than image data, so
+    # only treat it as base64 when it decodes to an image signature or is clearly data-sized.
+    if data is not None and (_sniff(data) in _IMAGE_KINDS or len(text) >= 1024):
+        return _decode_bytes(data, max_pixels, what="the base64 string")
+    if len(text) >= 1024 or "\n" in text:
+        raise InvalidInputError(
+            f"image source string {_short(text)} ({len(text)} chars) is not an existing file "
+            "path, a URL, a data:image/...;base64 URL, nor valid base64"
+        )
+    raise InvalidInputError(
+        f"image file {text!r} does not exist (a str image source must be an existing file path, "
+        "a file:// URL, a data:image/...;base64 URL, an http(s) URL, or base64 image bytes)"
+    )
+
+
+def _is_existing_path(text: str) -> bool:
+    try:
+        return pathlib.Path(text).expanduser().exists()
+    except (OSError, ValueError):  # name too long, embedded NUL, ...
+        return False
+
+
+def _file_url_to_path(url: str) -> pathlib.Path:
+    parsed = urllib.parse.urlparse(url)
+    if parsed.netloc not in ("", "localhost"):
+        raise InvalidInputError(
+            f"file URL {_short(url)} names host {parsed.netloc!r}; only local files "
+            "(file:///path or file://localhost/path) are supported"
+        )
+    return pathlib.Path(urllib.request.url2pathname(parsed.path))
+
+
+def _load_path(path: pathlib.Path, max_pixels: int) -> Image.Image:
+    path = path.expanduser()
+    try:
+        if not path.exists():
+            raise InvalidInputError(f"image file {str(path)!r} does not exist")
+        if path.is_dir():
+            raise InvalidInputError(f"image path {str(path)!r} is a directory, not an image file")
+        data = path.read_bytes()
+    except OSError as e:
+        raise InvalidInputError(f"cannot read image file {str(path)!r}: {e}") from e
+    return _decode_bytes(data, max_pixels, what=f"the file {str(path)!r}")
+
+
+def _parse_data_url(url: str) -> bytes:
+    header, sep, payload = url.partition(",")
+    if not sep:
+        raise InvalidInputError(
+            f"malformed data URL {_short(url)}: no ',' separates the header from the data; "
+            "expected data:image/<type>;base64,<data>"
+        )
+    params = [p.strip().lower() for p in header[len("data:") :].split(";")]
+    mime = params[0]
+    if not mime.startswith("image/"):
+        raise InvalidInputError(
+            f"data URL has MIME type {mime or '(none)'!r}, not an image type; expected "
+            "data:image/<png|jpeg|webp|gif|...>;base64,<data>"
+        )
+    if mime == "image/svg+xml":
+        raise InvalidInputError(
+            "data URL holds an SVG (image/svg+xml); vector images are not supported, "
+            "rasterise it to PNG first"
+        )
+    if "base64" not in params[1:]:
+        raise InvalidInputError(
+            f"data URL {_short(url)} is not base64-encoded; expected "
+            "data:image/<type>;base64,<data>"
+        )
+    data = _try_b64decode(urllib.parse.unquote(payload))
+    if data is None:
+        raise InvalidInputError(f"data URL payload {_short(payload)} is not valid base64")
+    return data
+
+
+def _try_b64decode(text: str) -> bytes | None:
+    """Decode standard or URL-safe base64 (whitespace and missing padding tolerated)."""
+    compact = _WS_RE.sub("", text)
+    if not compact or not _B64_RE.match(compact):
+        return None
+    compact = compact.rstrip("=").replace("-", "+").replace("_", "/")
+    if len(compact) % 4 == 1:  # cannot come from any byte string
+        return None
+    compact += "=" * (-len(compact) % 4)
+    try:
+        return base64.b64decode(compact, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _load_remote(url: str, allow_remote: bool, max_pixels: int, timeout: float) -> Image.Image:
+    if not allow_remote:
+        raise InvalidInputError(
+            f"remote images are disabled: refusing to fetch {_short(url)}. Pass "
+            "allow_remote_images=True (ETAConfig / normalize_messages; allow_remote=True for "
+            "load_image) to allow network access, or pass the image as bytes, a path or a data URL"
+        )
+    request = urllib.request.Request(url, headers={"User-Agent": "eta-guard"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            data = response.read(MAX_REMOTE_BYTES + 1)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise InvalidInputError(f"could not fetch image URL {_short(url)}: {e}") from e
+    if len(data) > MAX_REMOTE_BYTES:
+        raise InvalidInputError(
+            f"image URL {_short(url)} returned more than {MAX_REMOTE_BYTES // 2**20} MB; "
+            "download and resize it first"
+        )
+    return _decode_bytes(data, max_pixels, what=f"the image at {_short(url)}")
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _decode_bytes(data: bytes, max_pixels: int, *, what: str) -> Image.Image:
+    from PIL import Image
+
+    if not data:
+        raise InvalidInputError(f"{what} is empty (0 bytes); expected an encoded image file")
+    kind = _sniff(data)
+    if kind in _UNSUPPORTED_IMAGE_KINDS:
+        raise InvalidInputError(
+            f"{what} is a {kind} image, which is not supported; convert it to PNG or JPEG"
+        )
+    if kind is not None and kind not in _IMAGE_KINDS:
+        raise InvalidInputError(f"{what} is not an image: it looks like {kind}")
+    try:
+        with warnings.catch_warnings():
+            # We enforce max_pixels ourselves; Pillow's warning must not leak to the caller.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=_openable_formats())
+    except Image.DecompressionBombError as e:
+        raise InvalidInputError(
+            f"{what} is too large to decode safely (Pillow: {e}); the limit is "
+            f"max_pixels={max_pixels:_}"
+        ) from e
+    except Exception as e:  # Pillow raises UnidentifiedImageError, SyntaxError, struct.error...
+        raise InvalidInputError(
+            f"{what} is not an image in a supported format ({', '.join(_openable_formats())}): "
+            f"{_describe(data, kind)}"
+        ) from e
+    return _finish(image, max_pixels, what=what)
+
+
+@functools.cache
+def _openable_formats() -> tuple[str, ...]:
+    """The allowed formats this Pillow build can open (MPO opens through the JPEG plugin)."""
+    from PIL import Image
+
+    Image.init()
+    return tuple(f for f in _ALLOWED_FORMATS if f in Image.OPEN)
+
+
+def _finish(image: Image.Image, max_pixels: int, *, what: str) -> Image.Image:
+    """Check the size from the header, then decode and convert to RGB (a new image)."""
+    from PIL import Image, ImageOps
+
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise InvalidInputError(f"{what} has zero size ({width}x{height}); nothing to look at")
+    if width * height > max_pixels:
+        raise InvalidInputError(
+            f"{what} is {width}x{height} = {width * height:_} pixels, more than "
+            f"max_pixels={max_pixels:_} (a possible decompression bomb); resize it, or raise "
+            "max_image_pixels if you trust the source"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image.load()
+            if image.getexif().get(_EXIF_ORIENTATION, 1) not in (0, 1):
+                image = ImageOps.exif_transpose(image)
+            return _to_rgb(image)
+    except InvalidInputError:
+        raise
+    except Exception as e:  # truncated data raises OSError; broken plugins other errors
+        raise InvalidInputError(
+            f"{what} could not be decoded ({type(e).__name__}: {_shorten(str(e), 120)}); "
+            "the image data is truncated or corrupt"
+        ) from e
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    from PIL import Image
+
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16/32-bit greyscale: scale to 8 bits instead of clipping everything to white.
+        image = image.convert("I").point(lambda v: v * (1 / 256)).convert("L")
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        image.mode in ("P", "L", "RGB") and "transparency" in image.info
+    )
+    if has_alpha:
+        # Composite on white as HF image processors do, so transparent areas do not turn black.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        background.alpha_composite(rgba)
+        return background.convert("RGB")
+    return image.convert("RGB")  # always a new image, even when already RGB
+
+
+# --------------------------------------------------------------------------- diagnostics
+
+
+def _sniff(data: bytes) -> str | None:
+    for magic, offset, kind in _SIGNATURES:
+        if data[offset : offset + len(magic)] == magic:
+            return kind
+    head = data[:512].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if head.startswith((b"<svg", b"<?xml")) and b"<svg" in data[:4096].lower():
+        return "an SVG vector image (rasterise it to PNG first)"
+    if head.startswith((b"<!doctype html", b"<html")):
+        return "an HTML page"
+    if head.startswith((b"{", b"[")):
+        return "JSON or other text"
+    return None
+
+
+def _describe(data: bytes, kind: str | None) -> str:
+    if kind is not None:
+        # Pillow hides the plugin's reason behind "cannot identify image file"; name the usual ones.
+        return f"its {kind} header is invalid (corrupt data, or a zero width or height)"
+    sample = data[:512]
+    try:
+        text: str | None = sample.decode("utf-8")
+    except UnicodeDecodeError as e:
+        # A multi-byte character cut at the sample's end is still text.
+        text = sample[: e.start].decode("utf-8") if e.start >= len(sample) - 3 else None
+    if text is not None and all(c.isprintable() or c.isspace() for c in text):
+        return f"it looks like text: {_shorten(text, 40)!r}"
+    return f"{len(data)} bytes starting with {data[:16]!r}"
+
+
+def _shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr`` of a value cut to ``limit`` chars, so a 1 MB base64 string never floods a message."""
+    try:
+        text = repr(value)
+    except Exception:  # a hostile __repr__ must not mask the real error
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."

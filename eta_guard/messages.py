@@ -1,0 +1,323 @@
+"""Turn OpenAI-style chat messages into the Hugging Face processor chat-template form.
+
+Input: a list of ``{"role": "system" | "user" | "assistant", "content": str | list[part]}``
+mappings, where a part is ``{"type": "text", "text": ...}``, ``{"type": "image", "image": src}``
+(or ``"url"`` / ``"path"`` / ``"base64"`` + ``"mime_type"`` instead of ``"image"``, as LangChain
+v1 blocks do) or ``{"type": "image_url", "image_url": {"url": ...} | "..."}``.
+
+Output: a :class:`Conversation` whose messages hold bare ``{"type": "image"}`` placeholders and
+whose ``images`` hold the decoded RGB images in the same order, ready for
+``processor.apply_chat_template``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from eta_guard.errors import InvalidInputError
+from eta_guard.media import DEFAULT_MAX_PIXELS, _short, load_image
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+ROLES = ("system", "user", "assistant")
+_TEXT_TYPES = ("text", "input_text")
+_IMAGE_TYPES = ("image", "image_url", "input_image")
+_PART_TYPES = "'text', 'image' or 'image_url'"
+_WRAP_HINT = 'wrap it as [{"role": "user", "content": ...}]'
+
+
+@dataclass
+class Conversation:
+    """A normalised conversation.
+
+    Attributes:
+        messages: HF chat-template messages: ``{"role": r, "content": [part, ...]}`` with parts
+            ``{"type": "text", "text": t}`` or bare ``{"type": "image"}`` placeholders.
+        images: Decoded RGB images, one per placeholder, in order of appearance.
+    """
+
+    messages: list[dict[str, Any]]
+    images: list[Image.Image] = field(default_factory=list)
+
+    @property
+    def has_images(self) -> bool:
+        """Whether any message holds an image."""
+        return bool(self.images)
+
+
+def normalize_messages(
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    allow_remote_images: bool = False,
+    max_image_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Conversation:
+    """Validate OpenAI-style messages, decode their images and convert to the HF form.
+
+    Consecutive messages of the same role are merged (adjacent text joined by a blank line),
+    because many chat templates require roles to alternate.
+
+    Args:
+        messages: A list of ``{"role", "content"}`` mappings; the last one from the user.
+        allow_remote_images: Fetch ``http(s)://`` image URLs (off: no network access).
+        max_image_pixels: Refuse images with more pixels than this (decompression bombs).
+
+    Returns:
+        The conversation in HF chat-template form with its decoded images.
+
+    Raises:
+        InvalidInputError: The messages are malformed; the message says which one and why.
+    """
+    items = _check_list(messages)
+    merged: list[dict[str, Any]] = []
+    images: list[Image.Image] = []
+    for index, message in enumerate(items):
+        role, parts, message_images = _convert_message(
+            index, message, allow_remote_images, max_image_pixels
+        )
+        if role == "system" and merged and merged[-1]["role"] != "system":
+            raise InvalidInputError(
+                f"messages[{index}] is a system message after other turns; many chat templates "
+                "accept a system message only at the start: move it to messages[0]"
+            )
+        images.extend(message_images)
+        if merged and merged[-1]["role"] == role:
+            _append_parts(merged[-1]["content"], parts)
+        else:
+            merged.append({"role": role, "content": parts})
+    if not images and not any(
+        p["type"] == "text" and p["text"].strip() for m in merged for p in m["content"]
+    ):
+        raise InvalidInputError(
+            "the conversation is empty: no message holds any text or image; "
+            'send at least one user message, e.g. [{"role": "user", "content": "Hello"}]'
+        )
+    if merged[-1]["role"] != "user":
+        raise InvalidInputError(
+            f"the last message must be from the user (it is the one the model answers), but "
+            f"messages[{len(items) - 1}] has role {merged[-1]['role']!r}; to continue an "
+            "assistant answer, end with a user turn instead"
+        )
+    return Conversation(messages=merged, images=images)
+
+
+def fold_system_message(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Move system text into the first user turn, for chat templates without a system role.
+
+    The system text, followed by a blank line, is prepended to the first text part of the first
+    user turn (or appended as a text part when that turn holds only images). Without a user
+    turn the system text becomes one. The input is never modified.
+
+    Args:
+        messages: Messages in HF form (``content`` a list of parts) or with ``str`` content.
+
+    Returns:
+        A new list with no system message.
+    """
+    system_texts = [text_of(m) for m in messages if m.get("role") == "system"]
+    rest = [_copy_message(m) for m in messages if m.get("role") != "system"]
+    system_text = "\n\n".join(t for t in system_texts if t)
+    if not system_text:
+        return rest
+    for message in rest:
+        if message.get("role") != "user":
+            continue
+        content = message.get("content")
+        if isinstance(content, str):
+            message["content"] = f"{system_text}\n\n{content}" if content else system_text
+            return rest
+        if not isinstance(content, list):  # None or missing: the system text becomes it
+            message["content"] = [{"type": "text", "text": system_text}]
+            return rest
+        for part in content:
+            if isinstance(part, dict) and part.get("type") == "text":
+                part["text"] = f"{system_text}\n\n{part['text']}" if part["text"] else system_text
+                return rest
+        content.append({"type": "text", "text": system_text})
+        return rest
+    first = next(i for i, m in enumerate(messages) if m.get("role") == "system")
+    rest.insert(first, {"role": "user", "content": [{"type": "text", "text": system_text}]})
+    return rest
+
+
+def text_of(message: Mapping[str, Any]) -> str:
+    """The text of a message: its ``str`` content, or its text parts joined by newlines."""
+    content = message.get("content")
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    texts = []
+    for part in content:
+        if isinstance(part, str):
+            texts.append(part)
+        elif isinstance(part, Mapping) and part.get("type") in _TEXT_TYPES:
+            texts.append(str(part.get("text", "")))
+    return "\n".join(texts)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _check_list(messages: Any) -> list[Any]:
+    if isinstance(messages, str):
+        raise InvalidInputError(
+            f"messages must be a list of message dicts, got a str ({_short(messages)}); "
+            f"{_WRAP_HINT}"
+        )
+    if isinstance(messages, Mapping):
+        raise InvalidInputError(
+            f"messages must be a list of message dicts, got a single mapping "
+            f"({_short(messages)}); wrap it in a list: [message]"
+        )
+    if not isinstance(messages, (list, tuple)):
+        raise InvalidInputError(
+            f"messages must be a list of message dicts, got {type(messages).__name__} "
+            f"({_short(messages)})"
+        )
+    if not messages:
+        raise InvalidInputError(
+            "messages is an empty list; send at least one user message, e.g. "
+            '[{"role": "user", "content": "Hello"}]'
+        )
+    return list(messages)
+
+
+def _convert_message(
+    index: int, message: Any, allow_remote: bool, max_pixels: int
+) -> tuple[str, list[dict[str, Any]], list[Image.Image]]:
+    where = f"messages[{index}]"
+    if not isinstance(message, Mapping):
+        hint = f"; {_WRAP_HINT}" if isinstance(message, str) else ""
+        raise InvalidInputError(
+            f"{where} must be a dict with 'role' and 'content', got {type(message).__name__} "
+            f"({_short(message)}){hint}"
+        )
+    if "role" not in message:
+        raise InvalidInputError(f"{where} has no 'role'; use one of {', '.join(ROLES)}")
+    role = message["role"]
+    if role not in ROLES:
+        raise InvalidInputError(
+            f"{where} has unknown role {_short(role)}; roles must be one of {', '.join(ROLES)} "
+            "(convert 'human' to 'user' and 'ai' to 'assistant')"
+        )
+    if "content" not in message:
+        raise InvalidInputError(f"{where} has no 'content'; give a str or a list of parts")
+    content = message["content"]
+    if isinstance(content, str):
+        return role, [{"type": "text", "text": content}], []
+    if not isinstance(content, (list, tuple)):
+        raise InvalidInputError(
+            f"{where}['content'] must be a str or a list of parts, got "
+            f"{type(content).__name__} ({_short(content)})"
+        )
+    parts: list[dict[str, Any]] = []
+    images: list[Image.Image] = []
+    for j, part in enumerate(content):
+        part_where = f"{where}['content'][{j}]"
+        kind, value = _read_part(part_where, part)
+        if kind == "text":
+            parts.append({"type": "text", "text": value})
+            continue
+        if role == "system":
+            raise InvalidInputError(
+                f"{part_where} is an image in a system message; images are only allowed in "
+                "user and assistant messages: move it to a user message"
+            )
+        try:
+            images.append(load_image(value, allow_remote=allow_remote, max_pixels=max_pixels))
+        except InvalidInputError as e:
+            raise InvalidInputError(f"{part_where}: {e}") from e
+        parts.append({"type": "image"})
+    return role, parts, images
+
+
+def _read_part(where: str, part: Any) -> tuple[str, Any]:
+    """Return ``("text", str)`` or ``("image", source)`` for one content part."""
+    if isinstance(part, str):  # LangChain content lists may hold bare strings
+        return "text", part
+    if not isinstance(part, Mapping):
+        raise InvalidInputError(
+            f"{where} must be a dict with a 'type' ({_PART_TYPES}) or a str, got "
+            f"{type(part).__name__} ({_short(part)})"
+        )
+    kind = part.get("type")
+    if kind in _TEXT_TYPES:
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise InvalidInputError(
+                f"{where} is a text part whose 'text' is {_short(text)}; it must be a str"
+            )
+        return "text", text
+    if kind in _IMAGE_TYPES:
+        return "image", _image_source(where, part)
+    raise InvalidInputError(
+        f"{where} has unknown type {_short(kind)}; content parts must have type {_PART_TYPES}"
+    )
+
+
+def _image_source(where: str, part: Mapping[str, Any]) -> Any:
+    if "image_url" in part:
+        value = part["image_url"]
+        if isinstance(value, Mapping):
+            if "url" not in value:
+                raise InvalidInputError(
+                    f"{where}['image_url'] has no 'url'; expected {{\"url\": \"data:image/...\"}}"
+                )
+            value = value["url"]
+        if not isinstance(value, str):
+            raise InvalidInputError(
+                f"{where}['image_url'] must be a URL str or {{\"url\": str}}, got "
+                f"{type(value).__name__} ({_short(value)})"
+            )
+        return value
+    for key in ("image", "url", "path"):
+        if key in part:
+            return part[key]
+    # LangChain v1 uses "base64"; v0 blocks use source_type="base64" with "data".
+    data = part.get("base64")
+    if data is None and part.get("source_type") == "base64":
+        data = part.get("data")
+    if data is not None:
+        if not isinstance(data, (str, bytes)):
+            raise InvalidInputError(
+                f"{where} has base64 data of type {type(data).__name__}; it must be a str"
+            )
+        if isinstance(data, bytes):
+            data = data.decode("ascii", "replace")
+        mime = part.get("mime_type") or "image/png"
+        if data.lower().startswith("data:"):
+            return data
+        # Route through the data-URL parser so a non-image mime_type is refused clearly.
+        return f"data:{mime};base64,{data}"
+    if "file_id" in part or part.get("source_type") == "id":
+        raise InvalidInputError(
+            f"{where} refers to an uploaded file id; provider file ids cannot be resolved "
+            "locally: pass the image itself (bytes, base64, path or data URL)"
+        )
+    raise InvalidInputError(
+        f"{where} is an image part without an image; give one of the keys 'image', 'url', "
+        f"'path', 'base64' (with 'mime_type') or 'image_url' (keys found: {sorted(part)})"
+    )
+
+
+def _append_parts(target: list[dict[str, Any]], parts: list[dict[str, Any]]) -> None:
+    """Append ``parts`` to a merged turn, joining text that meets at the seam."""
+    if target and parts and target[-1]["type"] == "text" and parts[0]["type"] == "text":
+        left, right = target[-1]["text"], parts[0]["text"]
+        target[-1] = {
+            "type": "text",
+            "text": f"{left}\n\n{right}" if left and right else left + right,
+        }
+        parts = parts[1:]
+    target.extend(parts)
+
+
+def _copy_message(message: Mapping[str, Any]) -> dict[str, Any]:
+    copied = dict(message)
+    content = copied.get("content")
+    if isinstance(content, (list, tuple)):
+        copied["content"] = [dict(p) if isinstance(p, Mapping) else p for p in content]
+    return copied
