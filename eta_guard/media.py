@@ -24,7 +24,8 @@ import urllib.parse
 import urllib.request
 import warnings
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Union
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, BinaryIO, Union
 
 from eta_guard.errors import InvalidInputError
 
@@ -71,6 +72,7 @@ _SIGNATURES: tuple[tuple[bytes, int, str], ...] = (
 _IMAGE_KINDS = {"PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "AVIF"}
 _UNSUPPORTED_IMAGE_KINDS = {"HEIC", "HEIF"}
 _EXIF_ORIENTATION = 0x0112
+_HEAD_BYTES = 4096  # enough to sniff every signature above, SVG included
 
 
 def load_image(
@@ -79,6 +81,7 @@ def load_image(
     allow_remote: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     timeout: float = 10.0,
+    allow_local_files: bool = True,
 ) -> Image.Image:
     """Load one image from any accepted source and return it as a fully decoded RGB image.
 
@@ -89,6 +92,8 @@ def load_image(
         max_pixels: Refuse images whose width * height exceeds this, checked from the header
             before decoding.
         timeout: Seconds to wait for a remote image.
+        allow_local_files: Read paths and ``file://`` URLs. Turn it off when sources come from
+            untrusted users (a server), so that they cannot make the process read local files.
 
     Returns:
         A new RGB image (EXIF orientation applied, transparency composited on white). An input
@@ -99,7 +104,7 @@ def load_image(
     """
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
         raise InvalidInputError(
-            f"max_pixels must be a positive int, got {max_pixels!r}; the default is "
+            f"max_pixels must be a positive int, got {_short(max_pixels)}; the default is "
             f"{DEFAULT_MAX_PIXELS:_}"
         )
     from PIL import Image
@@ -107,11 +112,12 @@ def load_image(
     if isinstance(source, Image.Image):
         return _finish(source, max_pixels, what="the PIL image")
     if isinstance(source, pathlib.Path):
-        return _load_path(source, max_pixels)
+        return _load_path(source, max_pixels, allow_local_files)
     if isinstance(source, (bytes, bytearray, memoryview)):
         return _decode_bytes(bytes(source), max_pixels, what="the image data")
     if isinstance(source, str):
-        return _load_str(source, allow_remote, max_pixels, timeout)
+        options = _StrOptions(allow_remote, allow_local_files, max_pixels, timeout)
+        return _load_str(source, options)
     if source is None:
         raise InvalidInputError(f"image source is None; expected one of: {_ACCEPTED_TYPES}")
     raise InvalidInputError(
@@ -126,24 +132,29 @@ def load_images(
     allow_remote: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     timeout: float = 10.0,
+    allow_local_files: bool = True,
 ) -> list[Image.Image]:
     """Load a single source or a list/tuple of sources; see :func:`load_image`.
 
     Raises:
-        InvalidInputError: One source is bad; the message starts with ``image N:``.
+        InvalidInputError: One source is bad; for a list the message starts with ``image N:``.
     """
-    if isinstance(sources, (list, tuple)):
-        items = list(sources)
-    else:
-        items = [sources]
+    single = not isinstance(sources, (list, tuple))
+    items = [sources] if single else list(sources)
     images = []
     for index, item in enumerate(items):
         try:
             images.append(
-                load_image(item, allow_remote=allow_remote, max_pixels=max_pixels, timeout=timeout)
+                load_image(
+                    item,
+                    allow_remote=allow_remote,
+                    max_pixels=max_pixels,
+                    timeout=timeout,
+                    allow_local_files=allow_local_files,
+                )
             )
         except InvalidInputError as e:
-            if len(items) == 1 and not isinstance(sources, (list, tuple)):
+            if single:
                 raise
             raise InvalidInputError(f"image {index}: {e}") from e
     return images
@@ -152,7 +163,15 @@ def load_images(
 # --------------------------------------------------------------------------- sources
 
 
-def _load_str(source: str, allow_remote: bool, max_pixels: int, timeout: float) -> Image.Image:
+@dataclass(frozen=True)
+class _StrOptions:
+    allow_remote: bool
+    allow_local: bool
+    max_pixels: int
+    timeout: float
+
+
+def _load_str(source: str, options: _StrOptions) -> Image.Image:
     text = source.strip()
     if not text:
         raise InvalidInputError(
@@ -160,32 +179,39 @@ def _load_str(source: str, allow_remote: bool, max_pixels: int, timeout: float) 
         )
     lowered = text[:16].lower()
     if lowered.startswith("data:"):
-        return _decode_bytes(_parse_data_url(text), max_pixels, what="the data URL")
+        return _decode_bytes(_parse_data_url(text), options.max_pixels, what="the data URL")
     if lowered.startswith(("http://", "https://")):
-        return _load_remote(text, allow_remote, max_pixels, timeout)
+        return _load_remote(text, options)
     if lowered.startswith("file:"):
-        return _load_path(_file_url_to_path(text), max_pixels)
+        return _load_path(_file_url_to_path(text), options.max_pixels, options.allow_local)
     scheme = re.match(r"^([a-zA-Z][a-zA-Z0-9+.\-]{1,15})://", text)
     if scheme:
         raise InvalidInputError(
             f"unsupported URL scheme {scheme.group(1)!r} in image source {_short(text)}; "
             "use http(s)://, file://, or a data:image/...;base64 URL"
         )
-    if len(text) < 4096 and _is_existing_path(text):
-        return _load_path(pathlib.Path(text), max_pixels)
+    if options.allow_local and len(text) < 4096 and _is_existing_path(text):
+        return _load_path(pathlib.Path(text), options.max_pixels, allow_local=True)
     data = _try_b64decode(text)
     # A short base64-looking string is far more likely a mistyped path than image data, so
     # only treat it as base64 when it decodes to an image signature or is clearly data-sized.
-    if data is not None and (_sniff(data) in _IMAGE_KINDS or len(text) >= 1024):
-        return _decode_bytes(data, max_pixels, what="the base64 string")
+    looks_like_data = len(text) >= 1024 or not options.allow_local
+    if data is not None and (looks_like_data or _sniff(data) in _IMAGE_KINDS):
+        return _decode_bytes(data, options.max_pixels, what="the base64 string")
+    if not options.allow_local:
+        raise InvalidInputError(
+            f"image source string {_short(text)} is not a URL, a data:image/...;base64 URL nor "
+            "valid base64, and local image files are disabled (allow_local_files=False)"
+        )
     if len(text) >= 1024 or "\n" in text:
         raise InvalidInputError(
             f"image source string {_short(text)} ({len(text)} chars) is not an existing file "
             "path, a URL, a data:image/...;base64 URL, nor valid base64"
         )
     raise InvalidInputError(
-        f"image file {text!r} does not exist (a str image source must be an existing file path, "
-        "a file:// URL, a data:image/...;base64 URL, an http(s) URL, or base64 image bytes)"
+        f"image file {_short(text, 200)} does not exist (a str image source must be an existing "
+        "file path, a file:// URL, a data:image/...;base64 URL, an http(s) URL, or base64 image "
+        "bytes)"
     )
 
 
@@ -206,17 +232,29 @@ def _file_url_to_path(url: str) -> pathlib.Path:
     return pathlib.Path(urllib.request.url2pathname(parsed.path))
 
 
-def _load_path(path: pathlib.Path, max_pixels: int) -> Image.Image:
+def _load_path(path: pathlib.Path, max_pixels: int, allow_local: bool) -> Image.Image:
+    if not allow_local:
+        raise InvalidInputError(
+            f"local image files are disabled: refusing to read {_short(str(path))}. Pass "
+            "allow_local_files=True (allow_local_image_files=True for normalize_messages), or "
+            "send the image as bytes, base64 or a data URL"
+        )
     path = path.expanduser()
+    what = f"the file {_short(str(path), 160)}"
     try:
         if not path.exists():
-            raise InvalidInputError(f"image file {str(path)!r} does not exist")
+            raise InvalidInputError(f"image file {_short(str(path), 160)} does not exist")
         if path.is_dir():
-            raise InvalidInputError(f"image path {str(path)!r} is a directory, not an image file")
-        data = path.read_bytes()
+            raise InvalidInputError(f"image path {_short(str(path))} is a directory, not a file")
+        if not path.is_file():  # a FIFO or a device such as /dev/zero would never end
+            raise InvalidInputError(f"image path {_short(str(path))} is not a regular file")
+        with path.open("rb") as stream:
+            head = stream.read(_HEAD_BYTES)
+            stream.seek(0)
+            # Contents of local files are never quoted: the path may come from an untrusted user.
+            return _decode_stream(stream, head, max_pixels, what=what, quote=False)
     except OSError as e:
-        raise InvalidInputError(f"cannot read image file {str(path)!r}: {e}") from e
-    return _decode_bytes(data, max_pixels, what=f"the file {str(path)!r}")
+        raise InvalidInputError(f"cannot read image file {_short(str(path))}: {e}") from e
 
 
 def _parse_data_url(url: str) -> bytes:
@@ -264,8 +302,8 @@ def _try_b64decode(text: str) -> bytes | None:
         return None
 
 
-def _load_remote(url: str, allow_remote: bool, max_pixels: int, timeout: float) -> Image.Image:
-    if not allow_remote:
+def _load_remote(url: str, options: _StrOptions) -> Image.Image:
+    if not options.allow_remote:
         raise InvalidInputError(
             f"remote images are disabled: refusing to fetch {_short(url)}. Pass "
             "allow_remote_images=True (ETAConfig / normalize_messages; allow_remote=True for "
@@ -273,7 +311,7 @@ def _load_remote(url: str, allow_remote: bool, max_pixels: int, timeout: float) 
         )
     request = urllib.request.Request(url, headers={"User-Agent": "eta-guard"})
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=options.timeout) as response:
             data = response.read(MAX_REMOTE_BYTES + 1)
     except (urllib.error.URLError, OSError, ValueError) as e:
         raise InvalidInputError(f"could not fetch image URL {_short(url)}: {e}") from e
@@ -282,18 +320,25 @@ def _load_remote(url: str, allow_remote: bool, max_pixels: int, timeout: float) 
             f"image URL {_short(url)} returned more than {MAX_REMOTE_BYTES // 2**20} MB; "
             "download and resize it first"
         )
-    return _decode_bytes(data, max_pixels, what=f"the image at {_short(url)}")
+    return _decode_bytes(data, options.max_pixels, what=f"the image at {_short(url)}")
 
 
 # --------------------------------------------------------------------------- decoding
 
 
 def _decode_bytes(data: bytes, max_pixels: int, *, what: str) -> Image.Image:
+    return _decode_stream(io.BytesIO(data), data[:_HEAD_BYTES], max_pixels, what=what)
+
+
+def _decode_stream(
+    stream: BinaryIO, head: bytes, max_pixels: int, *, what: str, quote: bool = True
+) -> Image.Image:
+    """Decode an encoded image whose first bytes are ``head``; ``quote`` allows echoing them."""
     from PIL import Image
 
-    if not data:
+    if not head:
         raise InvalidInputError(f"{what} is empty (0 bytes); expected an encoded image file")
-    kind = _sniff(data)
+    kind = _sniff(head)
     if kind in _UNSUPPORTED_IMAGE_KINDS:
         raise InvalidInputError(
             f"{what} is a {kind} image, which is not supported; convert it to PNG or JPEG"
@@ -304,7 +349,7 @@ def _decode_bytes(data: bytes, max_pixels: int, *, what: str) -> Image.Image:
         with warnings.catch_warnings():
             # We enforce max_pixels ourselves; Pillow's warning must not leak to the caller.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=_openable_formats())
+            image = Image.open(stream, formats=_openable_formats())
     except Image.DecompressionBombError as e:
         raise InvalidInputError(
             f"{what} is too large to decode safely (Pillow: {e}); the limit is "
@@ -313,7 +358,7 @@ def _decode_bytes(data: bytes, max_pixels: int, *, what: str) -> Image.Image:
     except Exception as e:  # Pillow raises UnidentifiedImageError, SyntaxError, struct.error...
         raise InvalidInputError(
             f"{what} is not an image in a supported format ({', '.join(_openable_formats())}): "
-            f"{_describe(data, kind)}"
+            f"{_describe(head, kind, quote=quote)}"
         ) from e
     return _finish(image, max_pixels, what=what)
 
@@ -391,7 +436,7 @@ def _sniff(data: bytes) -> str | None:
     return None
 
 
-def _describe(data: bytes, kind: str | None) -> str:
+def _describe(data: bytes, kind: str | None, *, quote: bool = True) -> str:
     if kind is not None:
         # Pillow hides the plugin's reason behind "cannot identify image file"; name the usual ones.
         return f"its {kind} header is invalid (corrupt data, or a zero width or height)"
@@ -402,18 +447,24 @@ def _describe(data: bytes, kind: str | None) -> str:
         # A multi-byte character cut at the sample's end is still text.
         text = sample[: e.start].decode("utf-8") if e.start >= len(sample) - 3 else None
     if text is not None and all(c.isprintable() or c.isspace() for c in text):
-        return f"it looks like text: {_shorten(text, 40)!r}"
-    return f"{len(data)} bytes starting with {data[:16]!r}"
+        return f"it looks like text: {_shorten(text, 40)!r}" if quote else "it looks like text"
+    return f"it starts with {data[:16]!r}" if quote else "unknown binary data"
 
 
 def _shorten(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _short(value: Any, limit: int = 60) -> str:
-    """``repr`` of a value cut to ``limit`` chars, so a 1 MB base64 string never floods a message."""
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr`` of a value cut to about ``limit`` chars, keeping its start and its end.
+
+    A 1 MB base64 string never floods a message, and a long path keeps its file name.
+    """
     try:
         text = repr(value)
     except Exception:  # a hostile __repr__ must not mask the real error
         text = f"<{type(value).__name__}>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    if len(text) <= limit:
+        return text
+    tail = limit // 3
+    return f"{text[: limit - tail - 3]}...{text[-tail:]}"

@@ -12,7 +12,7 @@ whose ``images`` hold the decoded RGB images in the same order, ready for
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +53,7 @@ def normalize_messages(
     *,
     allow_remote_images: bool = False,
     max_image_pixels: int = DEFAULT_MAX_PIXELS,
+    allow_local_image_files: bool = True,
 ) -> Conversation:
     """Validate OpenAI-style messages, decode their images and convert to the HF form.
 
@@ -63,6 +64,8 @@ def normalize_messages(
         messages: A list of ``{"role", "content"}`` mappings; the last one from the user.
         allow_remote_images: Fetch ``http(s)://`` image URLs (off: no network access).
         max_image_pixels: Refuse images with more pixels than this (decompression bombs).
+        allow_local_image_files: Read image paths and ``file://`` URLs. Turn it off when the
+            messages come from untrusted users, so that they cannot make the process read files.
 
     Returns:
         The conversation in HF chat-template form with its decoded images.
@@ -71,12 +74,19 @@ def normalize_messages(
         InvalidInputError: The messages are malformed; the message says which one and why.
     """
     items = _check_list(messages)
+
+    def load(source: Any) -> Image.Image:
+        return load_image(
+            source,
+            allow_remote=allow_remote_images,
+            max_pixels=max_image_pixels,
+            allow_local_files=allow_local_image_files,
+        )
+
     merged: list[dict[str, Any]] = []
     images: list[Image.Image] = []
     for index, message in enumerate(items):
-        role, parts, message_images = _convert_message(
-            index, message, allow_remote_images, max_image_pixels
-        )
+        role, parts, message_images = _convert_message(index, message, load)
         if role == "system" and merged and merged[-1]["role"] != "system":
             raise InvalidInputError(
                 f"messages[{index}] is a system message after other turns; many chat templates "
@@ -186,7 +196,7 @@ def _check_list(messages: Any) -> list[Any]:
 
 
 def _convert_message(
-    index: int, message: Any, allow_remote: bool, max_pixels: int
+    index: int, message: Any, load: Callable[[Any], Image.Image]
 ) -> tuple[str, list[dict[str, Any]], list[Image.Image]]:
     where = f"messages[{index}]"
     if not isinstance(message, Mapping):
@@ -227,7 +237,7 @@ def _convert_message(
                 "user and assistant messages: move it to a user message"
             )
         try:
-            images.append(load_image(value, allow_remote=allow_remote, max_pixels=max_pixels))
+            images.append(load(value))
         except InvalidInputError as e:
             raise InvalidInputError(f"{part_where}: {e}") from e
         parts.append({"type": "image"})
@@ -274,7 +284,7 @@ def _image_source(where: str, part: Mapping[str, Any]) -> Any:
             )
         return value
     for key in ("image", "url", "path"):
-        if key in part:
+        if part.get(key) is not None:  # LangChain blocks may carry unused keys set to None
             return part[key]
     # LangChain v1 uses "base64"; v0 blocks use source_type="base64" with "data".
     data = part.get("base64")

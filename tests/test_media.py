@@ -344,3 +344,49 @@ def test_import_is_light() -> None:
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --------------------------------------------------------------------------- local files
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda p: p, id="pathlib"),
+        pytest.param(lambda p: str(p), id="path-str"),
+        pytest.param(lambda p: p.as_uri(), id="file-url"),
+        pytest.param(lambda p: "/etc/hostname", id="other-file"),
+    ],
+)
+def test_local_files_can_be_disabled(make, red_file: Path) -> None:
+    with pytest.raises(InvalidInputError) as caught:
+        load_image(make(red_file), allow_local_files=False)
+    assert "local image files are disabled" in str(caught.value)
+    assert "allow_local_files" in str(caught.value)
+
+
+def test_in_memory_sources_work_without_local_files() -> None:
+    for source in (RED_PNG, RED_B64, "data:image/png;base64," + RED_B64, RED):
+        assert load_image(source, allow_local_files=False).size == (8, 6)
+
+
+def test_local_file_contents_are_never_quoted(tmp_path: Path) -> None:
+    secret = tmp_path / "secret.png"
+    secret.write_text("password=hunter2\n")
+    with pytest.raises(InvalidInputError) as caught:
+        load_image(secret)
+    assert "not an image" in str(caught.value) and "looks like text" in str(caught.value)
+    assert "hunter2" not in str(caught.value)
+
+
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="needs /dev/zero")
+def test_device_files_are_refused_without_reading() -> None:
+    with pytest.raises(InvalidInputError, match="not a regular file"):
+        load_image("/dev/zero")
+
+
+def test_empty_file_is_refused(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    with pytest.raises(InvalidInputError, match=r"empty.png.* is empty \(0 bytes\)"):
+        load_image(empty)
