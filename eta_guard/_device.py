@@ -97,11 +97,11 @@ def load_error(
     """
     text = str(error)
     if "trust_remote_code" in text and not trust_remote_code:
-        hint = (
-            "the checkpoint needs its own modelling code: pass trust_remote_code=True "
-            "(only for checkpoints you trust)"
+        return InvalidInputError(
+            f"cannot load the {what} {name!r}: the checkpoint ships its own modelling code; "
+            "pass trust_remote_code=True (only for checkpoints you trust)"
         )
-    elif isinstance(error, OSError):
+    if isinstance(error, OSError):
         hint = (
             "check the path, or that the model id is in the local Hugging Face cache "
             "(no network is used with HF_HUB_OFFLINE=1 or local_files_only=True)"

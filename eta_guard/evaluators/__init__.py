@@ -17,7 +17,14 @@ _LAZY = {
     "ETAEvaluator": "eta_guard.evaluators.eta_evaluator",
 }
 
-__all__ = list(_LAZY)
+__all__ = [
+    "CLIPEncoder",
+    "CLIPPreEvaluator",
+    "ETAEvaluator",
+    "OpenCLIPEncoder",
+    "RewardPostEvaluator",
+    "TransformersCLIPEncoder",
+]
 
 if TYPE_CHECKING:
     from eta_guard.evaluators.clip import CLIPEncoder, CLIPPreEvaluator
