@@ -1,0 +1,191 @@
+"""Pure converters between LangChain messages and eta-guard's OpenAI-style message dicts.
+
+Every function here is small, pure (never edits its input) and tested with tables in
+``tests/test_langchain_messages.py``. Images are read through ``message.content_blocks``, so
+v1 ``image`` blocks, OpenAI ``image_url`` blocks and v0 (``source_type``) blocks all arrive
+in one shape. Decoding and the remote-URL policy stay in the engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from langchain_core.messages import (
+    AIMessage,
+    BaseMessage,
+    ChatMessage,
+    HumanMessage,
+    SystemMessage,
+    convert_to_messages,
+)
+from langchain_core.prompt_values import PromptValue
+
+from eta_guard.errors import InvalidInputError
+
+_ROLES = {
+    "human": "user",
+    "user": "user",
+    "ai": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "developer": "system",
+}
+
+
+def role_of(message: BaseMessage) -> str:
+    """The engine role (``"system" | "user" | "assistant"``) of a LangChain message."""
+    if isinstance(message, ChatMessage):
+        role = _ROLES.get(message.role)
+    else:
+        role = _ROLES.get(message.type)
+    if role is None:
+        kind = message.role if isinstance(message, ChatMessage) else message.type
+        raise InvalidInputError(
+            f"message of type {kind!r} is not supported: ETAChatModel takes system, human and ai "
+            "messages (tool calling is not supported)"
+        )
+    return role
+
+
+def image_block_to_part(block: dict[str, Any]) -> dict[str, Any]:
+    """A LangChain v1 ``image`` content block as an engine ``{"type": "image", "image": ...}`` part."""
+    if block.get("base64"):
+        mime = block.get("mime_type")
+        data = block["base64"]
+        return {"type": "image", "image": f"data:{mime};base64,{data}" if mime else data}
+    if block.get("url"):
+        return {"type": "image", "image": block["url"]}
+    if block.get("file_id"):
+        raise InvalidInputError(
+            f"image block with file_id={block['file_id']!r} cannot be resolved locally; "
+            "pass the image as base64 data or a data URL"
+        )
+    raise InvalidInputError(f"image block has no 'base64' or 'url' data: {_short(block)}")
+
+
+def block_to_part(block: dict[str, Any], *, role: str) -> dict[str, Any] | None:
+    """One standard content block as an engine content part; ``None`` for blocks with no text.
+
+    User turns keep text and images. Assistant and system turns keep text only (reasoning and
+    tool-call blocks carry no answer text). Anything else is refused, never silently dropped.
+    """
+    kind = block.get("type")
+    if kind == "text":
+        return {"type": "text", "text": block.get("text", "")}
+    if role == "assistant" and kind in ("reasoning", "tool_call", "tool_call_chunk"):
+        return None
+    if role == "user" and kind == "image":
+        return image_block_to_part(block)
+    if role == "user" and kind == "non_standard":
+        value = block.get("value") or {}
+        if value.get("type") == "image_url":  # {"image_url": "data:..."} (string form)
+            url = value.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            if isinstance(url, str) and url:
+                return {"type": "image", "image": url}
+    raise InvalidInputError(
+        f"content block of type {kind!r} is not supported in a {role} message "
+        f"({_short(block)}); ETAChatModel takes text and image blocks"
+    )
+
+
+def message_to_dict(message: BaseMessage) -> dict[str, Any]:
+    """One LangChain message as an engine dict ``{"role": ..., "content": [parts]}``."""
+    role = role_of(message)
+    parts = [p for b in message.content_blocks if (p := block_to_part(dict(b), role=role))]
+    return {"role": role, "content": parts}
+
+
+def merge_consecutive(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Merge runs of same-role messages into one turn (adjacent texts joined by a blank line)."""
+    merged: list[dict[str, Any]] = []
+    for message in messages:
+        if merged and merged[-1]["role"] == message["role"]:
+            merged[-1] = {
+                "role": message["role"],
+                "content": _join(merged[-1]["content"], message["content"]),
+            }
+        else:
+            merged.append({"role": message["role"], "content": list(message["content"])})
+    return merged
+
+
+def to_engine_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
+    """LangChain messages as the engine's message list (same-role runs merged, empty turns dropped)."""
+    converted = [message_to_dict(m) for m in messages]
+    return merge_consecutive([m for m in converted if m["content"]])
+
+
+def as_messages(value: Any) -> list[BaseMessage]:
+    """Any chat-model input (str, PromptValue, message, list of message-likes) as a message list."""
+    if isinstance(value, PromptValue):
+        return value.to_messages()
+    if isinstance(value, str):
+        return [HumanMessage(content=value)]
+    if isinstance(value, BaseMessage):
+        return [value]
+    try:
+        return convert_to_messages(value)
+    except Exception as e:
+        raise InvalidInputError(
+            f"expected a str, a PromptValue or a list of messages, got {type(value).__name__}"
+        ) from e
+
+
+def image_sources(messages: Sequence[BaseMessage]) -> list[tuple[int, int, str]]:
+    """``(message index, block index, image source)`` for every image in ``messages``, in order.
+
+    The block index refers to ``message.content_blocks``. System and AI messages carry no
+    images the model would see, so only human, tool and generic chat messages are read.
+    """
+    found = []
+    for i, message in enumerate(messages):
+        if isinstance(message, (SystemMessage, AIMessage)):
+            continue
+        for j, block in enumerate(message.content_blocks):
+            part = _image_part(dict(block))
+            if part is not None:
+                found.append((i, j, part["image"]))
+    return found
+
+
+def replace_images(
+    messages: Sequence[BaseMessage], positions: set[tuple[int, int]], text: str
+) -> list[BaseMessage]:
+    """Copies of ``messages`` whose image blocks at ``positions`` are replaced by a text block."""
+    out = []
+    for i, message in enumerate(messages):
+        hits = {j for (m, j) in positions if m == i}
+        if not hits:
+            out.append(message)
+            continue
+        blocks = [
+            {"type": "text", "text": text} if j in hits else dict(b)
+            for j, b in enumerate(message.content_blocks)
+        ]
+        out.append(message.model_copy(update={"content": blocks}))
+    return out
+
+
+def _image_part(block: dict[str, Any]) -> dict[str, Any] | None:
+    if block.get("type") == "image":
+        return image_block_to_part(block)
+    if block.get("type") == "non_standard":
+        try:
+            return block_to_part(block, role="user")
+        except InvalidInputError:
+            return None
+    return None
+
+
+def _join(left: list[dict[str, Any]], right: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    if left and right and left[-1]["type"] == "text" and right[0]["type"] == "text":
+        joined = {"type": "text", "text": left[-1]["text"] + "\n\n" + right[0]["text"]}
+        return [*left[:-1], joined, *right[1:]]
+    return [*left, *right]
+
+
+def _short(block: dict[str, Any]) -> str:
+    text = repr({k: v for k, v in block.items() if k != "id"})
+    return text if len(text) <= 120 else text[:117] + "..."

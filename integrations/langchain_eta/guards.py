@@ -1,0 +1,330 @@
+"""``ETAInputGuard`` and ``ETAOutputGuard``: ETA's evaluators as runnables around any chat model."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from langchain_core.callbacks import AsyncCallbackManagerForChainRun, CallbackManagerForChainRun
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.runnables import RunnableConfig, RunnableSerializable
+from pydantic import ConfigDict, Field
+
+from eta_guard.config import DEFAULT_CLIP, DEFAULT_REWARD_MODEL
+from eta_guard.errors import GuardrailViolation
+from langchain_eta._loading import lazy_evaluator, resolve
+from langchain_eta._messages import as_messages, image_sources, replace_images
+from langchain_eta._verdicts import (
+    DEFAULT_IMAGE_REPLACEMENT,
+    DEFAULT_REFUSAL,
+    VERDICT_KEY,
+    OnViolation,
+    aemit,
+    emit,
+    event_data,
+    verdict_dict,
+)
+
+
+class _ETAGuard(RunnableSerializable[Any, Any]):
+    """Shared fields and loading of the two guards."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    evaluator: Any = Field(repr=False)
+    """An ``eta_guard.ETAEvaluator`` (or a lazy loader from :meth:`from_pretrained`)."""
+    on_violation: OnViolation = "raise"
+    """``"raise"`` a GuardrailViolation, ``"replace"`` the flagged content, or ``"flag"`` only."""
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        clip: str | None = DEFAULT_CLIP,
+        reward_model: str | None = DEFAULT_REWARD_MODEL,
+        *,
+        config: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Build the guard over ``ETAEvaluator.from_pretrained`` (loaded on first use).
+
+        ``kwargs`` are the guard's fields (``on_violation``, ...) plus ``ETAEvaluator.from_pretrained``
+        options (``device``, ``dtype``, ``local_files_only``, ...).
+        """
+        fields = {k: kwargs.pop(k) for k in list(kwargs) if k in cls.model_fields}
+        loader = lazy_evaluator(clip=clip, reward_model=reward_model, config=config, **kwargs)
+        return cls(evaluator=loader, **fields)
+
+    def _evaluator(self) -> Any:
+        return resolve(self.evaluator)
+
+
+class ETAInputGuard(_ETAGuard):
+    """Checks the images of chat-model input with ETA's CLIP pre-evaluator.
+
+    Put it in front of any chat model: ``guard | model``. Input is anything a chat model
+    accepts (str, PromptValue, messages). Every image in human / tool messages is scored; the
+    request is unsafe when the largest score reaches ``pre_threshold``.
+
+    - ``on_violation="raise"``: raise ``GuardrailViolation`` (``.verdict`` says why).
+    - ``"replace"``: each flagged image becomes a text block ``replacement``; the rest passes on.
+    - ``"flag"``: pass through; the verdict is put in the last message's
+      ``response_metadata["eta_verdict"]``.
+
+    Without a violation the input passes unchanged (as a message list when ``flag``). Every
+    check also emits an ``eta_verdict`` custom callback event.
+
+    Example (offline, tiny random checkpoints):
+        .. code-block:: python
+
+            from langchain_eta import ETAInputGuard
+            guard = ETAInputGuard.from_pretrained(clip=ckpt.clip, reward_model=None,
+                                                  on_violation="replace")
+            chain = guard | chat_model
+    """
+
+    replacement: str = DEFAULT_IMAGE_REPLACEMENT
+    """Text that replaces each flagged image when ``on_violation="replace"``."""
+
+    def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        return self._call_with_config(self._check, input, config)
+
+    async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        return await self._acall_with_config(self._acheck, input, config)
+
+    def _check(
+        self, input: Any, run_manager: CallbackManagerForChainRun, config: RunnableConfig
+    ) -> Any:
+        messages, found = self._images(input)
+        if not found:
+            return input
+        verdict = self._evaluator().evaluate_input([src for _, _, src in found])
+        emit(self._event(verdict), config)
+        return self._apply(input, messages, found, verdict)
+
+    async def _acheck(
+        self, input: Any, run_manager: AsyncCallbackManagerForChainRun, config: RunnableConfig
+    ) -> Any:
+        messages, found = self._images(input)
+        if not found:
+            return input
+        verdict = await self._evaluator().aevaluate_input([src for _, _, src in found])
+        await aemit(self._event(verdict), config)
+        return self._apply(input, messages, found, verdict)
+
+    @staticmethod
+    def _images(input: Any) -> tuple[list[BaseMessage], list[tuple[int, int, str]]]:
+        messages = as_messages(input)
+        return messages, image_sources(messages)
+
+    def _event(self, verdict: Any) -> dict[str, Any]:
+        return event_data(
+            "ETAInputGuard", verdict, violation=bool(verdict.input_unsafe), action=self.on_violation
+        )
+
+    def _apply(
+        self, input: Any, messages: list[BaseMessage], found: list[Any], verdict: Any
+    ) -> Any:
+        if self.on_violation == "flag":
+            return _with_verdict(messages, verdict)
+        if not verdict.input_unsafe:
+            return input
+        if self.on_violation == "raise":
+            raise GuardrailViolation(
+                f"ETAInputGuard: image flagged as unsafe (CLIP score {verdict.pre_score} >= "
+                f"{verdict.pre_threshold})",
+                verdict,
+            )
+        flagged = _flagged_images(found, verdict)
+        return replace_images(messages, flagged, self.replacement)
+
+
+class ETAOutputGuard(_ETAGuard):
+    """Checks a model's answer with ETA's reward-model post-evaluator.
+
+    Put it after any chat model: ``model | guard``. Input is an ``AIMessage`` (or any message,
+    or a str); the output has the same type. The answer is unsafe when its reward is at most
+    ``post_threshold``.
+
+    - ``on_violation="raise"``: raise ``GuardrailViolation`` (``.verdict`` says why).
+    - ``"replace"``: the answer becomes ``refusal`` (an ``AIMessage`` keeping the message id).
+    - ``"flag"``: pass through with ``response_metadata["eta_verdict"]`` (str input: unchanged).
+
+    Streaming holds back the whole answer: no chunk leaves the guard before the model's stream
+    has ended and the reward model has judged the complete text. Then the original chunks are
+    replayed (the last one carrying the verdict when ``flag``), or one refusal chunk is
+    yielded, or ``GuardrailViolation`` is raised. Text that is blocked is therefore never
+    yielded. Empty answers (e.g. tool calls only) are not scored. Every check emits an
+    ``eta_verdict`` custom callback event.
+
+    Example:
+        .. code-block:: python
+
+            from langchain_eta import ETAOutputGuard
+            guard = ETAOutputGuard.from_pretrained(clip=None, reward_model=ckpt.reward_model,
+                                                   on_violation="replace")
+            chain = prompt | any_chat_model | guard
+    """
+
+    refusal: str = DEFAULT_REFUSAL
+    """The answer that replaces a flagged one when ``on_violation="replace"``."""
+
+    def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        return self._call_with_config(self._check, input, config)
+
+    async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        return await self._acall_with_config(self._acheck, input, config)
+
+    def transform(
+        self, input: Iterator[Any], config: RunnableConfig | None = None, **kwargs: Any
+    ) -> Iterator[Any]:
+        yield from self._transform_stream_with_config(input, self._transform, config)
+
+    async def atransform(
+        self, input: AsyncIterator[Any], config: RunnableConfig | None = None, **kwargs: Any
+    ) -> AsyncIterator[Any]:
+        async for chunk in self._atransform_stream_with_config(input, self._atransform, config):
+            yield chunk
+
+    def stream(
+        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> Iterator[Any]:
+        yield from self.transform(iter([input]), config, **kwargs)
+
+    async def astream(
+        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> AsyncIterator[Any]:
+        async def one() -> AsyncIterator[Any]:
+            yield input
+
+        async for chunk in self.atransform(one(), config, **kwargs):
+            yield chunk
+
+    # ---------------------------------------------------------------- one answer
+    def _check(
+        self, input: Any, run_manager: CallbackManagerForChainRun, config: RunnableConfig
+    ) -> Any:
+        text = _text(input)
+        if not text:
+            return input
+        verdict = self._evaluator().evaluate_output(text)
+        emit(self._event(verdict), config)
+        return self._apply(input, verdict)
+
+    async def _acheck(
+        self, input: Any, run_manager: AsyncCallbackManagerForChainRun, config: RunnableConfig
+    ) -> Any:
+        text = _text(input)
+        if not text:
+            return input
+        verdict = await self._evaluator().aevaluate_output(text)
+        await aemit(self._event(verdict), config)
+        return self._apply(input, verdict)
+
+    # ---------------------------------------------------------------- streams
+    def _transform(
+        self, chunks: Iterator[Any], run_manager: CallbackManagerForChainRun, config: RunnableConfig
+    ) -> Iterator[Any]:
+        held = list(chunks)  # hold back everything until the answer is complete
+        if not held:
+            return
+        answer = _aggregate(held)
+        text = _text(answer)
+        if not text:
+            yield from held
+            return
+        verdict = self._evaluator().evaluate_output(text)
+        emit(self._event(verdict), config)
+        yield from self._release(held, verdict)
+
+    async def _atransform(
+        self,
+        chunks: AsyncIterator[Any],
+        run_manager: AsyncCallbackManagerForChainRun,
+        config: RunnableConfig,
+    ) -> AsyncIterator[Any]:
+        held = [chunk async for chunk in chunks]
+        if not held:
+            return
+        text = _text(_aggregate(held))
+        if not text:
+            for chunk in held:
+                yield chunk
+            return
+        verdict = await self._evaluator().aevaluate_output(text)
+        await aemit(self._event(verdict), config)
+        for chunk in self._release(held, verdict):
+            yield chunk
+
+    # ---------------------------------------------------------------- decisions
+    def _event(self, verdict: Any) -> dict[str, Any]:
+        return event_data(
+            "ETAOutputGuard",
+            verdict,
+            violation=bool(verdict.output_unsafe),
+            action=self.on_violation,
+        )
+
+    def _apply(self, answer: Any, verdict: Any) -> Any:
+        if verdict.output_unsafe and self.on_violation != "flag":
+            return self._refuse(answer, verdict)
+        if self.on_violation == "flag" and isinstance(answer, BaseMessage):
+            return _with_verdict([answer], verdict)[0]
+        return answer
+
+    def _release(self, held: list[Any], verdict: Any) -> list[Any]:
+        """What a stream yields once the whole answer has been judged."""
+        if verdict.output_unsafe and self.on_violation != "flag":
+            return [self._refuse(held[0], verdict, chunk=True)]
+        if self.on_violation == "flag" and isinstance(held[-1], BaseMessage):
+            return [*held[:-1], _with_verdict([held[-1]], verdict)[0]]
+        return held
+
+    def _refuse(self, answer: Any, verdict: Any, *, chunk: bool = False) -> Any:
+        if self.on_violation == "raise":
+            raise GuardrailViolation(
+                f"ETAOutputGuard: answer flagged as unsafe (reward {verdict.post_score} <= "
+                f"{verdict.post_threshold})",
+                verdict,
+            )
+        if not isinstance(answer, BaseMessage):
+            return self.refusal
+        kind = AIMessageChunk if chunk or isinstance(answer, AIMessageChunk) else AIMessage
+        extra = {"chunk_position": "last"} if kind is AIMessageChunk else {}
+        return kind(
+            content=self.refusal,
+            id=answer.id,
+            response_metadata={VERDICT_KEY: verdict_dict(verdict)},
+            **extra,
+        )
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, BaseMessage):
+        return value.text
+    raise TypeError(f"ETAOutputGuard expects a message or a str, got {type(value).__name__}")
+
+
+def _aggregate(chunks: list[Any]) -> Any:
+    total = chunks[0]
+    for chunk in chunks[1:]:
+        total = total + chunk
+    return total
+
+
+def _with_verdict(messages: list[BaseMessage], verdict: Any) -> list[BaseMessage]:
+    """Copies with the verdict in the last message's ``response_metadata``."""
+    last = messages[-1]
+    meta = {**last.response_metadata, VERDICT_KEY: verdict_dict(verdict)}
+    return [*messages[:-1], last.model_copy(update={"response_metadata": meta})]
+
+
+def _flagged_images(found: list[tuple[int, int, str]], verdict: Any) -> set[tuple[int, int]]:
+    """Positions of the images at or above the threshold (all of them without per-image scores)."""
+    scores = verdict.image_scores
+    if len(scores) != len(found):
+        return {(i, j) for i, j, _ in found}
+    return {
+        (i, j) for (i, j, _), s in zip(found, scores, strict=True) if s >= verdict.pre_threshold
+    }

@@ -1,0 +1,199 @@
+"""``ETAGuardMiddleware``: ETA's evaluators as guardrails of a ``create_agent`` agent."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from langchain.agents.middleware import AgentMiddleware, AgentState, hook_config
+from langchain_core.messages import AIMessage, BaseMessage
+from langgraph.runtime import Runtime
+
+from eta_guard.errors import GuardrailViolation
+from langchain_eta._loading import Lazy, lazy_evaluator, resolve
+from langchain_eta._messages import image_sources
+from langchain_eta._verdicts import (
+    DEFAULT_REFUSAL,
+    VERDICT_KEY,
+    OnViolation,
+    aemit,
+    check_on_violation,
+    emit,
+    event_data,
+    verdict_dict,
+)
+
+
+class ETAGuardMiddleware(AgentMiddleware):
+    """Checks images before each model call and answers after it, for any chat model.
+
+    ``before_model`` scores the images of the messages added since the model last spoke (the
+    user's turn, tool results) with CLIP; ``after_model`` scores the model's answer with the
+    reward model. On a violation:
+
+    - ``on_violation="raise"``: raise ``GuardrailViolation`` (``.verdict`` says why).
+    - ``"replace"``: jump to the end with an ``AIMessage(refusal)`` (after the model, it replaces
+      the flagged answer, tool calls included, under the same message id).
+    - ``"flag"``: go on; the verdict goes into ``response_metadata["eta_verdict"]`` of the
+      checked message.
+
+    Every check emits an ``eta_verdict`` custom callback event.
+
+    Example (offline, tiny random checkpoints):
+        .. code-block:: python
+
+            from langchain.agents import create_agent
+            from langchain_eta import ETAChatModel, ETAGuardMiddleware
+
+            guard = ETAGuardMiddleware(clip=ckpt.clip, reward_model=ckpt.reward_model)
+            agent = create_agent(model=any_chat_model, tools=[], middleware=[guard])
+            agent.invoke({"messages": [{"role": "user", "content": "Hello"}]})
+
+    Args:
+        evaluator: A ready ``eta_guard.ETAEvaluator``. Leave out to load ``clip`` and
+            ``reward_model`` on first use.
+        clip: CLIP id or path (``None``: no image check).
+        reward_model: Reward-model id or path (``None``: no answer check).
+        config: ``ETAConfig`` of the evaluator (thresholds, failure policy).
+        on_violation: ``"raise"``, ``"replace"`` or ``"flag"``.
+        refusal: The answer given instead of a blocked one.
+        check_input: Run the image check before the model.
+        check_output: Run the answer check after the model.
+        **load_kwargs: More ``ETAEvaluator.from_pretrained`` options (``device``, ``dtype``...).
+    """
+
+    def __init__(
+        self,
+        evaluator: Any = None,
+        *,
+        clip: str | None = None,
+        reward_model: str | None = None,
+        config: Any = None,
+        on_violation: OnViolation = "replace",
+        refusal: str = DEFAULT_REFUSAL,
+        check_input: bool = True,
+        check_output: bool = True,
+        **load_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if evaluator is None:
+            if clip is None and reward_model is None:
+                raise ValueError(
+                    "ETAGuardMiddleware needs evaluator=... or clip= / reward_model= ids"
+                )
+            evaluator = lazy_evaluator(
+                clip=clip, reward_model=reward_model, config=config, **load_kwargs
+            )
+        self.evaluator: Any = evaluator
+        self.on_violation = check_on_violation(on_violation)
+        self.refusal = refusal
+        self.check_input = check_input
+        self.check_output = check_output
+
+    @property
+    def loaded(self) -> bool:
+        return not isinstance(self.evaluator, Lazy) or self.evaluator.loaded
+
+    # ---------------------------------------------------------------- hooks
+    @hook_config(can_jump_to=["end"])
+    def before_model(self, state: AgentState, runtime: Runtime) -> dict[str, Any] | None:
+        found = self._new_images(state)
+        if not found:
+            return None
+        verdict = resolve(self.evaluator).evaluate_input([src for _, src in found])
+        emit(self._event("before_model", verdict, verdict.input_unsafe))
+        return self._on_input(state, found, verdict)
+
+    @hook_config(can_jump_to=["end"])
+    async def abefore_model(self, state: AgentState, runtime: Runtime) -> dict[str, Any] | None:
+        found = self._new_images(state)
+        if not found:
+            return None
+        verdict = await resolve(self.evaluator).aevaluate_input([src for _, src in found])
+        await aemit(self._event("before_model", verdict, verdict.input_unsafe))
+        return self._on_input(state, found, verdict)
+
+    @hook_config(can_jump_to=["end"])
+    def after_model(self, state: AgentState, runtime: Runtime) -> dict[str, Any] | None:
+        answer = self._answer(state)
+        if answer is None:
+            return None
+        verdict = resolve(self.evaluator).evaluate_output(answer.text)
+        emit(self._event("after_model", verdict, verdict.output_unsafe))
+        return self._on_output(answer, verdict)
+
+    @hook_config(can_jump_to=["end"])
+    async def aafter_model(self, state: AgentState, runtime: Runtime) -> dict[str, Any] | None:
+        answer = self._answer(state)
+        if answer is None:
+            return None
+        verdict = await resolve(self.evaluator).aevaluate_output(answer.text)
+        await aemit(self._event("after_model", verdict, verdict.output_unsafe))
+        return self._on_output(answer, verdict)
+
+    # ---------------------------------------------------------------- shared core
+    def _new_images(self, state: AgentState) -> list[tuple[int, str]]:
+        """``(message index, source)`` of images added since the last AI message."""
+        if not self.check_input:
+            return []
+        messages = state["messages"]
+        start = next(
+            (i + 1 for i in range(len(messages) - 1, -1, -1) if isinstance(messages[i], AIMessage)),
+            0,
+        )
+        return [(start + i, src) for i, _, src in image_sources(messages[start:])]
+
+    def _answer(self, state: AgentState) -> AIMessage | None:
+        messages = state["messages"]
+        if not self.check_output or not messages or not isinstance(messages[-1], AIMessage):
+            return None
+        return messages[-1] if messages[-1].text else None
+
+    def _event(self, hook: str, verdict: Any, violation: Any) -> dict[str, Any]:
+        return event_data(
+            f"ETAGuardMiddleware.{hook}",
+            verdict,
+            violation=bool(violation),
+            action=self.on_violation,
+        )
+
+    def _on_input(
+        self, state: AgentState, found: list[tuple[int, str]], verdict: Any
+    ) -> dict[str, Any] | None:
+        if self.on_violation == "flag":
+            last = state["messages"][found[-1][0]]
+            return {"messages": [_flagged(last, verdict)]}
+        if not verdict.input_unsafe:
+            return None
+        if self.on_violation == "raise":
+            raise GuardrailViolation(
+                f"ETAGuardMiddleware: image flagged as unsafe (CLIP score {verdict.pre_score} >= "
+                f"{verdict.pre_threshold})",
+                verdict,
+            )
+        refusal = AIMessage(
+            content=self.refusal, response_metadata={VERDICT_KEY: verdict_dict(verdict)}
+        )
+        return {"messages": [refusal], "jump_to": "end"}
+
+    def _on_output(self, answer: AIMessage, verdict: Any) -> dict[str, Any] | None:
+        if self.on_violation == "flag":
+            return {"messages": [_flagged(answer, verdict)]}
+        if not verdict.output_unsafe:
+            return None
+        if self.on_violation == "raise":
+            raise GuardrailViolation(
+                f"ETAGuardMiddleware: answer flagged as unsafe (reward {verdict.post_score} <= "
+                f"{verdict.post_threshold})",
+                verdict,
+            )
+        refusal = AIMessage(
+            content=self.refusal,
+            id=answer.id,
+            response_metadata={VERDICT_KEY: verdict_dict(verdict)},
+        )
+        return {"messages": [refusal], "jump_to": "end"}
+
+
+def _flagged(message: BaseMessage, verdict: Any) -> BaseMessage:
+    meta = {**message.response_metadata, VERDICT_KEY: verdict_dict(verdict)}
+    return message.model_copy(update={"response_metadata": meta})
