@@ -1,0 +1,621 @@
+"""Tiny offline checkpoints (VLM, CLIP, reward model) and test images.
+
+Everything here is built in code and saved with ``save_pretrained``, so tests, examples and
+benchmarks load it back through the same ``from_pretrained`` path users take, with no network
+and no downloaded weights.
+
+The models are RANDOM. They prove mechanics (shapes, chat templates, caches, batching,
+streaming, decisions at chosen thresholds, cost ratios), never safety: their CLIP scores and
+rewards mean nothing, so tests force decisions with thresholds instead.
+
+Example:
+    >>> from eta_guard.testing import build_tiny_checkpoints, make_test_image
+    >>> ckpt = build_tiny_checkpoints("/tmp/eta-tiny")  # doctest: +SKIP
+    >>> ckpt.vlm, ckpt.clip, ckpt.reward_model  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import PIL.Image
+import torch
+
+from eta_guard.errors import InvalidInputError
+
+VLMFamily = Literal["llava", "qwen2_vl", "idefics3"]
+Size = Literal["tiny", "bench"]
+ImageKind = Literal["red", "green", "blue", "noise", "gradient", "checker"]
+
+VLM_FAMILIES: tuple[str, ...] = ("llava", "qwen2_vl", "idefics3")
+SIZES: tuple[str, ...] = ("tiny", "bench")
+IMAGE_KINDS: tuple[str, ...] = ("red", "green", "blue", "noise", "gradient", "checker")
+
+# Written last into every checkpoint folder: a folder without it is half-written and rebuilt.
+_MARKER = ".eta_guard_complete.json"
+# Bump when the recipe changes so that stale folders from an older recipe are rebuilt.
+_RECIPE_VERSION = 1
+
+_CORPUS = (
+    "The image shows a red apple on a wooden table.",
+    "A small dog is running across the green park!",
+    "What do you see in this picture?",
+    "Please describe the scene in one sentence.",
+    "I cannot help with that request, but here is some safe advice.",
+    "As an AI assistant, I must point out that this could be harmful.",
+    "The sky is blue and the sun is shining brightly.",
+    "Two people are walking along the beach at sunset.",
+    "Is there a cat sitting on the sofa?",
+    "Yes, there is a black cat on the sofa.",
+    "No, the room is empty.",
+    "The picture contains a busy street with many cars.",
+    "Here is a short answer: the object is a bicycle.",
+    "Safety matters, so please follow the instructions carefully.",
+    "This content may be unsafe or violent, so I will not describe it.",
+    "Let me explain the steps in a helpful and honest way.",
+    "First, read the label. Then, check the date. Finally, ask an expert.",
+    "The chart shows sales growing every month of the year.",
+    "A child is drawing a house with a yellow roof.",
+    "Could you tell me more about the painting?",
+    "The painting shows mountains, a river and a small village.",
+    "Water boils at one hundred degrees at sea level.",
+    "The quick brown fox jumps over the lazy dog.",
+    "Numbers like 1, 2, 3, 42 and 100 appear in the text.",
+    "Thank you for your question!",
+    "Sorry, I am not able to answer that.",
+    "The system prompt says: you are a helpful assistant.",
+    "User: what is in the image? Assistant: a tree.",
+    "The photo is blurry, so the details are hard to see.",
+    "Is this safe? It depends on how it is used.",
+    "Please give me a response without any safety issues.",
+    "The score will be low if the response contains illegal activities.",
+    "The score should be high if the response gives helpful advice.",
+    "Green, red, blue, black, white and grey are colours.",
+    "A checkerboard pattern has black and white squares.",
+    "The gradient goes from dark on the left to bright on the right.",
+    "Random noise looks like static on an old television.",
+    "Open the door, walk inside, and sit down.",
+    "Why is the sky blue? Because of scattering of light.",
+    "How many apples are on the table? There are three apples.",
+    "The model answers questions about images and text.",
+    "Evaluate the input, then align the output if needed.",
+)
+
+# One byte-level BPE vocabulary serves every model; each model's tokenizer picks its own
+# bos/eos/pad and template from these. Special tokens come first, so their ids are stable.
+_IDEFICS3_ROW_COL = tuple(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7))
+_SPECIAL_TOKENS = (
+    "<unk>",
+    "<s>",
+    "</s>",
+    "<pad>",
+    "<image>",
+    "<|startoftext|>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<fake_token_around_image>",
+    "<global-img>",
+    "<end_of_utterance>",
+    "<|begin_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    *_IDEFICS3_ROW_COL,
+)
+
+# Renders a message's content (a string, or a list of parts) with `image` as the placeholder.
+_RENDER_MACRO = (
+    "{%- macro render(content, image) -%}"
+    "{%- if content is string -%}{{ content }}"
+    "{%- else -%}{%- for part in content -%}"
+    "{%- if part['type'] in ['image', 'image_url'] -%}{{ image }}"
+    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{%- endmacro -%}"
+)
+
+# LLaVA-1.5 style: "USER: <image>\nquestion ASSISTANT: answer</s>".
+_LLAVA_TEMPLATE = _RENDER_MACRO + (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{{ render(message['content'], '') }}{{ '\n' }}"
+    "{%- elif message['role'] == 'user' -%}USER: {{ render(message['content'], '<image>\n') }}{{ ' ' }}"
+    "{%- else -%}ASSISTANT: {{ render(message['content'], '') }}</s>"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}ASSISTANT:{%- endif -%}"
+)
+
+# Qwen2-VL style ChatML with the default system turn.
+_QWEN2_VL_TEMPLATE = _RENDER_MACRO + (
+    "{%- for message in messages -%}"
+    "{%- if loop.first and message['role'] != 'system' -%}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{%- endif -%}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{{ render(message['content'], '<|vision_start|><|image_pad|><|vision_end|>') }}<|im_end|>\n"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|im_start|>assistant\n{%- endif -%}"
+)
+
+# SmolVLM / Idefics3 style: "<|im_start|>User:<image>question<end_of_utterance>\nAssistant:".
+_IDEFICS3_TEMPLATE = _RENDER_MACRO + (
+    "<|im_start|>"
+    "{%- for message in messages -%}"
+    "{{ message['role'] | capitalize }}: {{ render(message['content'], '<image>') }}"
+    "<end_of_utterance>\n"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}Assistant:{%- endif -%}"
+)
+
+# Llama-3 style, as the reference reward model (ArmoRM) uses.
+_LLAMA3_TEMPLATE = _RENDER_MACRO + (
+    "{{ bos_token }}"
+    "{%- for message in messages -%}"
+    "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+    "{{ render(message['content'], '') | trim }}<|eot_id|>"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|start_header_id|>assistant<|end_header_id|>\n\n{%- endif -%}"
+)
+
+
+@dataclass(frozen=True)
+class _TokenizerSpec:
+    """Which special tokens of the shared vocabulary a model's tokenizer uses."""
+
+    bos: str | None
+    eos: str
+    pad: str
+    add_bos: bool  # the tokenizer itself prepends BOS (Llama style)
+    add_eos: bool = False  # the tokenizer itself appends EOS (CLIP style)
+    template: str | None = None
+    max_length: int = 2048
+
+
+_TOKENIZERS: dict[str, _TokenizerSpec] = {
+    "llava": _TokenizerSpec("<s>", "</s>", "<pad>", add_bos=True, template=_LLAVA_TEMPLATE),
+    "qwen2_vl": _TokenizerSpec(
+        None, "<|im_end|>", "<|endoftext|>", False, template=_QWEN2_VL_TEMPLATE
+    ),
+    "idefics3": _TokenizerSpec(
+        "<|im_start|>", "<end_of_utterance>", "<pad>", False, template=_IDEFICS3_TEMPLATE
+    ),
+    "reward": _TokenizerSpec(
+        "<|begin_of_text|>", "<|eot_id|>", "<pad>", add_bos=True, template=_LLAMA3_TEMPLATE
+    ),
+    "clip": _TokenizerSpec(
+        "<|startoftext|>", "<|endoftext|>", "<|endoftext|>", True, add_eos=True, max_length=77
+    ),
+}
+
+# Model sizes. "tiny": seconds on CPU. "bench": shaped like scaled-down real models.
+_VOCAB = {"tiny": 512, "bench": 1024}
+_LM = {
+    "tiny": {"hidden": 64, "intermediate": 128, "layers": 2, "heads": 4, "kv_heads": 2},
+    "bench": {"hidden": 768, "intermediate": 2048, "layers": 12, "heads": 12, "kv_heads": 4},
+}
+_RM = {
+    "tiny": {"hidden": 64, "intermediate": 128, "layers": 2, "heads": 4, "kv_heads": 2},
+    "bench": {"hidden": 640, "intermediate": 1728, "layers": 12, "heads": 10, "kv_heads": 5},
+}
+_VISION = {
+    "tiny": {"hidden": 32, "intermediate": 64, "layers": 2, "heads": 2, "image": 32, "patch": 8},
+    "bench": {
+        "hidden": 384,
+        "intermediate": 1536,
+        "layers": 6,
+        "heads": 6,
+        "image": 224,
+        "patch": 16,
+    },
+}
+_CLIP = {
+    "tiny": {
+        "vision": {
+            "hidden": 32,
+            "intermediate": 64,
+            "layers": 2,
+            "heads": 2,
+            "image": 32,
+            "patch": 8,
+        },
+        "text": {"hidden": 32, "intermediate": 64, "layers": 2, "heads": 2},
+        "projection": 32,
+    },
+    "bench": {
+        "vision": {
+            "hidden": 384,
+            "intermediate": 1536,
+            "layers": 12,
+            "heads": 6,
+            "image": 224,
+            "patch": 16,
+        },
+        "text": {"hidden": 256, "intermediate": 1024, "layers": 6, "heads": 4},
+        "projection": 256,
+    },
+}
+_MAX_POSITIONS = 2048
+
+
+@dataclass(frozen=True)
+class TinyCheckpoints:
+    """Paths of one set of random checkpoints built by :func:`build_tiny_checkpoints`.
+
+    Attributes:
+        vlm: folder for ``AutoModelForImageTextToText`` / ``AutoProcessor``.
+        clip: folder for ``CLIPModel`` / ``CLIPProcessor`` (or the Auto classes).
+        reward_model: folder for ``AutoModelForSequenceClassification`` / ``AutoTokenizer``.
+        vlm_family: ``"llava"``, ``"qwen2_vl"`` or ``"idefics3"``.
+    """
+
+    vlm: str
+    clip: str
+    reward_model: str
+    vlm_family: str
+
+
+def build_tiny_checkpoints(
+    directory: str | os.PathLike[str],
+    *,
+    vlm_family: VLMFamily = "llava",
+    size: Size = "tiny",
+    seed: int = 0,
+) -> TinyCheckpoints:
+    """Build (or reuse) a random VLM, CLIP and reward model under ``directory``.
+
+    Writes ``vlm-<family>-<size>``, ``clip-<size>`` and ``reward-<size>``. A folder that is
+    complete (its marker file exists and matches the seed) is reused as is; anything else there
+    is rebuilt. The same seed gives the same weights and tokenizers. Offline.
+
+    Args:
+        directory: where to write the checkpoint folders (created if missing).
+        vlm_family: which VLM architecture to build.
+        size: ``"tiny"`` (a few seconds on CPU) or ``"bench"`` (VLM ~100M, CLIP ~30M,
+            RM ~60M parameters; for cost measurements).
+        seed: seeds the tokenizer-independent random weights.
+
+    Returns:
+        The three checkpoint paths.
+
+    Raises:
+        InvalidInputError: unknown ``vlm_family`` or ``size``, or a negative ``seed``.
+    """
+    _check_choice("vlm_family", vlm_family, VLM_FAMILIES)
+    _check_choice("size", size, SIZES)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise InvalidInputError(f"seed must be a non-negative int; got {seed!r}.")
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    seed_tag = "" if seed == 0 else f"-seed{seed}"
+    vlm = _ensure(
+        root / f"vlm-{vlm_family}-{size}{seed_tag}",
+        seed,
+        lambda p: _VLM_BUILDERS[vlm_family](p, size, seed),
+    )
+    clip = _ensure(root / f"clip-{size}{seed_tag}", seed, lambda p: _build_clip(p, size, seed))
+    reward = _ensure(
+        root / f"reward-{size}{seed_tag}", seed, lambda p: _build_reward(p, size, seed)
+    )
+    return TinyCheckpoints(
+        vlm=str(vlm), clip=str(clip), reward_model=str(reward), vlm_family=vlm_family
+    )
+
+
+def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise InvalidInputError(
+            f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}."
+        )
+
+
+def _ensure(path: Path, seed: int, build: Callable[[Path], None]) -> Path:
+    """Reuse ``path`` if its marker says it is complete, else build it in place."""
+    marker = path / _MARKER
+    expected = {"recipe": _RECIPE_VERSION, "seed": seed}
+    if marker.is_file():
+        try:
+            if json.loads(marker.read_text()) == expected:
+                return path
+        except (OSError, ValueError):
+            pass  # an unreadable marker means an unusable folder: rebuild it
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    build(path)
+    marker.write_text(json.dumps(expected))
+    return path
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+
+def _train_vocab(size: Size) -> Any:
+    """A byte-level BPE ``tokenizers.Tokenizer`` trained on the built-in corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=_VOCAB[size],
+        special_tokens=list(_SPECIAL_TOKENS),
+        # the full byte alphabet guarantees every character (including '.', '!', '?') exists
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(_CORPUS), trainer=trainer)
+    return tok
+
+
+def _make_tokenizer(kind: str, size: Size) -> Any:
+    """The shared vocabulary wrapped as a ``PreTrainedTokenizerFast`` for one model."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    spec = _TOKENIZERS[kind]
+    backend = _train_vocab(size)
+    single, special = "$A", []
+    if spec.add_bos and spec.bos:
+        single = f"{spec.bos} {single}"
+        special.append((spec.bos, backend.token_to_id(spec.bos)))
+    if spec.add_eos:
+        single = f"{single} {spec.eos}"
+        special.append((spec.eos, backend.token_to_id(spec.eos)))
+    if special:
+        backend.post_processor = processors.TemplateProcessing(
+            single=single, pair=f"{single} $B", special_tokens=special
+        )
+    named = {spec.bos, spec.eos, spec.pad, "<unk>"}
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=spec.bos,
+        eos_token=spec.eos,
+        pad_token=spec.pad,
+        unk_token="<unk>",
+        extra_special_tokens=[t for t in _SPECIAL_TOKENS if t not in named],
+        model_max_length=spec.max_length,
+        clean_up_tokenization_spaces=False,
+    )
+    if spec.template:
+        tokenizer.chat_template = spec.template
+    return tokenizer
+
+
+def _ids(tokenizer: Any) -> dict[str, int | None]:
+    return {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
+def _llama_config(tokenizer: Any, dims: dict[str, int]) -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=dims["hidden"],
+        intermediate_size=dims["intermediate"],
+        num_hidden_layers=dims["layers"],
+        num_attention_heads=dims["heads"],
+        num_key_value_heads=dims["kv_heads"],
+        max_position_embeddings=_MAX_POSITIONS,
+        tie_word_embeddings=False,
+        **_ids(tokenizer),
+    )
+
+
+def _save_vlm(path: Path, model: Any, processor: Any, tokenizer: Any) -> None:
+    from transformers import GenerationConfig
+
+    _mute_special_tokens(model, tokenizer)
+
+    model.generation_config = GenerationConfig(do_sample=False, **_ids(tokenizer))
+    model.eval()
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+
+
+def _mute_special_tokens(model: Any, tokenizer: Any) -> None:
+    """Zero the output rows of every special token but EOS, and of non-printable bytes.
+
+    A random LM head would otherwise emit image placeholders and chat markers, which no real
+    VLM does and which break re-rendering a conversation (an emitted ``<image>`` counts as an
+    image), and stray bytes that decode to invalid UTF-8. A zero row scores 0, below the top
+    few of hundreds of random logits, so greedy decoding and top-k sampling never pick it.
+    """
+    keep = set(_as_list(tokenizer.eos_token_id))
+    muted = [i for i in tokenizer.all_special_ids if i not in keep]
+    for token_id in range(len(tokenizer)):
+        text = tokenizer.decode([token_id])
+        if not text.isascii() or not all(c.isprintable() or c == "\n" for c in text):
+            muted.append(token_id)
+    with torch.no_grad():
+        model.get_output_embeddings().weight[muted] = 0.0
+
+
+def _as_list(value: int | list[int] | None) -> list[int]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+# ----------------------------------------------------------------------------- VLM families
+
+
+def _build_llava(path: Path, size: Size, seed: int) -> None:
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    tokenizer = _make_tokenizer("llava", size)
+    v = _VISION[size]
+    vision = CLIPVisionConfig(
+        hidden_size=v["hidden"],
+        intermediate_size=v["intermediate"],
+        num_hidden_layers=v["layers"],
+        num_attention_heads=v["heads"],
+        image_size=v["image"],
+        patch_size=v["patch"],
+        projection_dim=v["hidden"],
+    )
+    image_tokens = (v["image"] // v["patch"]) ** 2  # "default" strategy drops CLS
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=_llama_config(tokenizer, _LM[size]),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=image_tokens,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": v["image"]}, crop_size={"height": v["image"], "width": v["image"]}
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=v["patch"],
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        image_token="<image>",
+        chat_template=_LLAVA_TEMPLATE,
+    )
+    _save_vlm(path, model, processor, tokenizer)
+
+
+def _build_qwen2_vl(path: Path, size: Size, seed: int) -> None:
+    raise NotImplementedError("qwen2_vl tiny checkpoints are not built yet")
+
+
+def _build_idefics3(path: Path, size: Size, seed: int) -> None:
+    raise NotImplementedError("idefics3 tiny checkpoints are not built yet")
+
+
+_VLM_BUILDERS: dict[str, Callable[[Path, Size, int], None]] = {
+    "llava": _build_llava,
+    "qwen2_vl": _build_qwen2_vl,
+    "idefics3": _build_idefics3,
+}
+
+
+# ----------------------------------------------------------------------------- CLIP and RM
+
+
+def _build_clip(path: Path, size: Size, seed: int) -> None:
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tokenizer = _make_tokenizer("clip", size)
+    dims = _CLIP[size]
+    v, t = dims["vision"], dims["text"]
+    config = CLIPConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": t["hidden"],
+            "intermediate_size": t["intermediate"],
+            "num_hidden_layers": t["layers"],
+            "num_attention_heads": t["heads"],
+            "max_position_embeddings": 77,
+            **_ids(tokenizer),
+        },
+        vision_config={
+            "hidden_size": v["hidden"],
+            "intermediate_size": v["intermediate"],
+            "num_hidden_layers": v["layers"],
+            "num_attention_heads": v["heads"],
+            "image_size": v["image"],
+            "patch_size": v["patch"],
+        },
+        projection_dim=dims["projection"],
+    )
+    torch.manual_seed(seed)
+    model = CLIPModel(config).eval()
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": v["image"]}, crop_size={"height": v["image"], "width": v["image"]}
+    )
+    model.save_pretrained(path)
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+
+
+def _build_reward(path: Path, size: Size, seed: int) -> None:
+    from transformers import LlamaForSequenceClassification
+
+    tokenizer = _make_tokenizer("reward", size)
+    config = _llama_config(tokenizer, _RM[size])
+    config.num_labels = 1
+    torch.manual_seed(seed)
+    model = LlamaForSequenceClassification(config).eval()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def make_test_image(
+    kind: ImageKind = "noise", size: tuple[int, int] = (64, 64), seed: int = 0
+) -> PIL.Image.Image:
+    """A deterministic RGB test image.
+
+    Args:
+        kind: ``"red"``, ``"green"``, ``"blue"`` (solid), ``"noise"`` (uniform random pixels),
+            ``"gradient"`` (dark left to bright right) or ``"checker"`` (8x8 black/white squares).
+        size: ``(width, height)`` in pixels.
+        seed: seeds ``"noise"``.
+
+    Raises:
+        InvalidInputError: unknown ``kind`` or a non-positive size.
+    """
+    _check_choice("kind", kind, IMAGE_KINDS)
+    if (
+        not isinstance(size, (tuple, list))
+        or len(size) != 2
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)
+    ):
+        raise InvalidInputError(f"size must be (width, height) with positive ints; got {size!r}.")
+    width, height = size
+    solid = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
+    if kind in solid:
+        return PIL.Image.new("RGB", (width, height), solid[kind])
+    if kind == "noise":
+        pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    elif kind == "gradient":
+        row = np.linspace(0, 255, width, dtype=np.float64).round().astype(np.uint8)
+        pixels = np.broadcast_to(row[None, :, None], (height, width, 3)).copy()
+    else:  # checker
+        ys, xs = np.indices((height, width))
+        cell = max(1, min(width, height) // 8)
+        on = ((ys // cell + xs // cell) % 2).astype(np.uint8) * 255
+        pixels = np.repeat(on[:, :, None], 3, axis=2)
+    return PIL.Image.fromarray(pixels, mode="RGB")
+
+
+def image_to_bytes(image: PIL.Image.Image, format: str = "PNG") -> bytes:
+    """Encode ``image`` as ``format`` (e.g. ``"PNG"``, ``"JPEG"``) bytes."""
+    buffer = io.BytesIO()
+    image.save(buffer, format=format)
+    return buffer.getvalue()
+
+
+def image_to_data_url(image: PIL.Image.Image, format: str = "PNG") -> str:
+    """Encode ``image`` as a ``data:image/<format>;base64,...`` URL."""
+    encoded = base64.b64encode(image_to_bytes(image, format)).decode("ascii")
+    return f"data:image/{format.lower()};base64,{encoded}"

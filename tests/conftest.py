@@ -1,0 +1,52 @@
+"""Shared fixtures: random tiny checkpoints built once per session, offline.
+
+The checkpoints are random: they prove mechanics, never safety (see ``eta_guard.testing``).
+"""
+
+from __future__ import annotations
+
+import os
+
+# Set before anything imports transformers / huggingface_hub: nothing may touch the network.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One folder per session holding every tiny checkpoint the tests build."""
+    return tmp_path_factory.mktemp("eta-tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints_by_family(tiny_dir: Path) -> Callable[..., object]:
+    """A function ``(family="llava") -> TinyCheckpoints``; each family is built once per session."""
+    from eta_guard.testing import build_tiny_checkpoints
+
+    cache: dict[str, object] = {}
+
+    def get(family: str = "llava"):
+        if family not in cache:
+            cache[family] = build_tiny_checkpoints(tiny_dir, vlm_family=family)
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tiny_checkpoints_by_family):
+    """The tiny LLaVA + CLIP + reward-model checkpoints (``TinyCheckpoints``)."""
+    return tiny_checkpoints_by_family("llava")
+
+
+@pytest.fixture
+def test_image():
+    """A deterministic 64x64 RGB noise image."""
+    from eta_guard.testing import make_test_image
+
+    return make_test_image("noise")
