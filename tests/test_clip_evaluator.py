@@ -193,7 +193,38 @@ def tiny_open_clip(tmp_path_factory):
     pytest.importorskip("open_clip")
     from eta_guard import testing
 
-    return testing.build_tiny_open_clip(tmp_path_factory.mktemp("open_clip"))
+    build = getattr(testing, "build_tiny_open_clip", _build_tiny_open_clip)
+    return build(tmp_path_factory.mktemp("open_clip"))
+
+
+def _build_tiny_open_clip(directory):
+    """Fallback until ``eta_guard.testing.build_tiny_open_clip`` exists: (model_name, weights)."""
+    import json
+
+    open_clip = import_open_clip()
+    config = {
+        "embed_dim": 16,
+        "vision_cfg": {
+            "image_size": 32,
+            "layers": 2,
+            "width": 32,
+            "patch_size": 8,
+            "head_width": 16,
+        },
+        "text_cfg": {
+            "context_length": 77,
+            "vocab_size": 49408,
+            "width": 32,
+            "heads": 2,
+            "layers": 2,
+        },
+    }
+    (directory / "TinyEtaCLIP.json").write_text(json.dumps(config))
+    open_clip.add_model_config(directory / "TinyEtaCLIP.json")
+    torch.manual_seed(0)
+    model = open_clip.create_model("TinyEtaCLIP")
+    torch.save(model.state_dict(), directory / "tiny.pt")
+    return "TinyEtaCLIP", str(directory / "tiny.pt")
 
 
 def test_open_clip_backend_matches_open_clip(tiny_open_clip, images):

@@ -111,7 +111,7 @@ def test_single_image_source_is_accepted(evaluator, images, tmp_path):
     [
         ({}, "nothing to evaluate"),
         ({"images": b"not an image at all"}, "images"),
-        ({"images": []}, "empty"),
+        ({"images": []}, "nothing to evaluate"),
         ({"response": 42}, "response is int"),
     ],
 )

@@ -74,7 +74,9 @@ class TransformersCLIPEncoder:
             raise load_error(
                 "CLIP model", name_or_path, e, trust_remote_code=trust_remote_code
             ) from e
-        return cls(model.to(target), processor, name=name_or_path)
+        if "device_map" not in model_kw:  # accelerate already placed the weights
+            model = model.to(target)
+        return cls(model, processor, name=name_or_path)
 
     @property
     def device(self) -> torch.device:

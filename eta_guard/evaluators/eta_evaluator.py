@@ -108,6 +108,7 @@ class ETAEvaluator:
                 "device": device,
                 "dtype": dtype,
                 "local_files_only": local_files_only,
+                "trust_remote_code": trust_remote_code,
                 "prompt": config.safety_prompt,
                 **(clip_kwargs or {}),
             }
@@ -133,7 +134,12 @@ class ETAEvaluator:
 
     # ------------------------------------------------------------------ scores
     def score_images(self, images: ImageSource | Sequence[ImageSource]) -> list[float]:
-        """CLIP cosine of each image with ``config.safety_prompt`` (one batched forward)."""
+        """CLIP cosine of each image with ``config.safety_prompt`` (one batched forward).
+
+        Raises:
+            EvaluatorError: CLIP is not loaded or failed (scores are never made up, whatever
+                ``on_evaluator_error`` says).
+        """
         pil = self._load_images(images, where="images")
         prompt = self.config.safety_prompt
         return self._call("pre", lambda: self._require_pre().score_images(pil, prompt=prompt))
@@ -144,6 +150,9 @@ class ETAEvaluator:
         Args:
             responses: Response texts.
             search: Use ``config.rm_search_prompt`` (best-of-N) instead of ``rm_decision_prompt``.
+
+        Raises:
+            EvaluatorError: The reward model is not loaded or failed.
         """
         instruction = self.config.rm_search_prompt if search else self.config.rm_decision_prompt
         texts = _check_responses(responses)
@@ -158,13 +167,15 @@ class ETAEvaluator:
         """Judge images and/or a response with ETA's rule.
 
         Both given: both scores are computed and ``unsafe`` is their AND. Only images: the input
-        side decides. Only a response: the output side decides (``rm_decision_prompt``).
+        side decides. Only a response: the output side decides (``rm_decision_prompt``). An
+        empty image list counts as no image (recorded in ``verdict.skipped``).
 
         Raises:
             InvalidInputError: Neither images nor a response, or a bad image / response.
             EvaluatorError: A needed evaluator is not loaded, or one failed under
                 ``on_evaluator_error="raise"``.
         """
+        images = _none_if_empty(images)
         if images is None and response is None:
             raise InvalidInputError("nothing to evaluate; pass images=..., response=... or both")
         if response is not None and not isinstance(response, str):
@@ -174,8 +185,8 @@ class ETAEvaluator:
 
     def evaluate_input(self, images: ImageSource | Sequence[ImageSource]) -> SafetyVerdict:
         """Judge images only (the pre-generation check)."""
-        if images is None:
-            raise InvalidInputError("evaluate_input(images=None): pass at least one image")
+        if _none_if_empty(images) is None:
+            raise InvalidInputError(f"evaluate_input(images={images!r}): pass at least one image")
         return self.evaluate(images=images)
 
     def evaluate_output(self, response: str) -> SafetyVerdict:
@@ -385,7 +396,7 @@ def _parse_item(index: int, item: Any) -> tuple[Any, str | None]:
         raise InvalidInputError(
             f"items[{index}] has unknown keys {sorted(unknown)}; allowed: 'images', 'response'"
         )
-    images, response = item.get("images"), item.get("response")
+    images, response = _none_if_empty(item.get("images")), item.get("response")
     if images is None and response is None:
         raise InvalidInputError(
             f"items[{index}]: nothing to evaluate; give 'images', 'response' or both"
@@ -395,6 +406,10 @@ def _parse_item(index: int, item: Any) -> tuple[Any, str | None]:
             f"items[{index}]: response is {type(response).__name__}, expected str"
         )
     return images, response
+
+
+def _none_if_empty(images: Any) -> Any:
+    return None if isinstance(images, (list, tuple)) and not images else images
 
 
 def _check_responses(responses: Sequence[str]) -> list[str]:
