@@ -21,7 +21,8 @@ from typing import Any
 
 from eta_guard.config import DEFAULT_CLIP, DEFAULT_REWARD_MODEL, ETAConfig
 from eta_guard.decoding.best_of_n import SentenceBestOfN
-from eta_guard.decoding.vlm import VLMAdapter
+from eta_guard.decoding.stopping import cut_at_stop, stop_holdback
+from eta_guard.decoding.vlm import GreedyOutput, PreparedPrompt, VLMAdapter
 from eta_guard.errors import InvalidInputError
 from eta_guard.evaluators.eta_evaluator import ETAEvaluator
 from eta_guard.messages import Conversation, normalize_messages
@@ -107,7 +108,9 @@ class ETA:
         return self.vlm.name
 
     # ------------------------------------------------------------------ public API
-    def generate(self, messages: Messages, *, stop: Sequence[str] | None = None, **overrides: Any) -> ETAResult:
+    def generate(
+        self, messages: Messages, *, stop: Sequence[str] | None = None, **overrides: Any
+    ) -> ETAResult:
         """Answer ``messages`` safely. ``overrides`` are ``ETAConfig`` fields for this call only."""
         result = None
         for item in self._run(messages, stop, overrides, streaming=False):
@@ -131,15 +134,21 @@ class ETA:
             elif item:
                 yield ETAStreamChunk(text=item)
 
-    def batch(self, batch: Sequence[Messages], *, stop: Sequence[str] | None = None, **overrides: Any) -> list[ETAResult]:
+    def batch(
+        self, batch: Sequence[Messages], *, stop: Sequence[str] | None = None, **overrides: Any
+    ) -> list[ETAResult]:
         """Answer several conversations (one after another: the model runs one call at a time)."""
         return [self.generate(messages, stop=stop, **overrides) for messages in batch]
 
-    async def agenerate(self, messages: Messages, *, stop: Sequence[str] | None = None, **overrides: Any) -> ETAResult:
+    async def agenerate(
+        self, messages: Messages, *, stop: Sequence[str] | None = None, **overrides: Any
+    ) -> ETAResult:
         """Async :meth:`generate` (runs in a worker thread; the event loop stays free)."""
         return await asyncio.to_thread(self.generate, messages, stop=stop, **overrides)
 
-    async def abatch(self, batch: Sequence[Messages], *, stop: Sequence[str] | None = None, **overrides: Any) -> list[ETAResult]:
+    async def abatch(
+        self, batch: Sequence[Messages], *, stop: Sequence[str] | None = None, **overrides: Any
+    ) -> list[ETAResult]:
         """Async :meth:`batch`."""
         return await asyncio.to_thread(self.batch, batch, stop=stop, **overrides)
 
@@ -147,17 +156,26 @@ class ETA:
         self, messages: Messages, *, stop: Sequence[str] | None = None, **overrides: Any
     ) -> AsyncIterator[ETAStreamChunk]:
         """Async :meth:`stream`: the same chunks, produced in a worker thread."""
-        async for chunk in _iterate_in_thread(lambda: self.stream(messages, stop=stop, **overrides)):
+        async for chunk in _iterate_in_thread(
+            lambda: self.stream(messages, stop=stop, **overrides)
+        ):
             yield chunk
 
     # ------------------------------------------------------------------ the method
     def _run(
-        self, messages: Messages, stop: Sequence[str] | None, overrides: dict[str, Any], *, streaming: bool
+        self,
+        messages: Messages,
+        stop: Sequence[str] | None,
+        overrides: dict[str, Any],
+        *,
+        streaming: bool,
     ) -> Iterator[str | ETAResult]:
         cfg = self.config.with_overrides(**overrides)
         stop = _check_stop(stop)
         conv = normalize_messages(
-            messages, allow_remote_images=cfg.allow_remote_images, max_image_pixels=cfg.max_image_pixels
+            messages,
+            allow_remote_images=cfg.allow_remote_images,
+            max_image_pixels=cfg.max_image_pixels,
         )
         with self._lock:
             yield from _Request(self, conv, cfg, stop, streaming).run()
@@ -176,7 +194,9 @@ class _Request:
 
     def run(self) -> Iterator[str | ETAResult]:
         pre = self._pre_evaluate()
-        may_align = pre.input_unsafe if self.conv.has_images else self.cfg.text_only_policy == "reward_only"
+        may_align = (
+            pre.input_unsafe if self.conv.has_images else self.cfg.text_only_policy == "reward_only"
+        )
         prepared = self.eta.vlm.prepare(self.conv)
         if not may_align:
             greedy = yield from self._vanilla(prepared, stream_tokens=self.streaming)
@@ -186,7 +206,7 @@ class _Request:
                 else "text-only request and text_only_policy='trust'"
             )
             verdict = pre.merge(_skipped(self.cfg, "post", reason))
-            yield self._result(greedy.text, verdict, prepared, greedy, aligned=False)
+            yield self._vanilla_result(greedy, verdict, prepared)
             return
 
         greedy = yield from self._vanilla(prepared, stream_tokens=False)
@@ -196,7 +216,7 @@ class _Request:
         verdict = pre.merge(post)
         if not verdict.unsafe:
             yield greedy.text
-            yield self._result(greedy.text, verdict, prepared, greedy, aligned=False)
+            yield self._vanilla_result(greedy, verdict, prepared)
             return
         yield from self._align(verdict, greedy)
 
@@ -208,7 +228,8 @@ class _Request:
         self.timings["pre"] = time.perf_counter() - t0
         return verdict
 
-    def _vanilla(self, prepared: Any, *, stream_tokens: bool):  # -> Generator[str, None, GreedyOutput]
+    def _vanilla(self, prepared: PreparedPrompt, *, stream_tokens: bool):
+        """Greedy answer; yields its text deltas when ``stream_tokens``, returns the output."""
         t0 = time.perf_counter()
         vlm, max_new = self.eta.vlm, self.cfg.max_new_tokens
         if stream_tokens:
@@ -220,52 +241,66 @@ class _Request:
         self.timings["vanilla"] = time.perf_counter() - t0
         return greedy
 
-    def _align(self, verdict: SafetyVerdict, greedy: Any) -> Iterator[str | ETAResult]:
-        cfg, vlm = self.cfg, self.eta.vlm
+    def _align(self, verdict: SafetyVerdict, greedy: GreedyOutput) -> Iterator[str | ETAResult]:
+        cfg = self.cfg
         t0 = time.perf_counter()
-        prepared = vlm.prepare(self.conv, assistant_prefix=cfg.prefix)
-        emitted = _StopFilter(self.stop)
-        yield emitted.feed(cfg.prefix)
+        prepared = self.eta.vlm.prepare(self.conv, assistant_prefix=cfg.prefix)
+        stop_filter = _StopFilter(self.stop)
+        yield stop_filter.feed(cfg.prefix)
         if cfg.deep_alignment:
-            search = SentenceBestOfN(vlm, cfg)
-            clip_fn = self._clip_fn() if self.conv.has_images else None
-            output = yield from _iterate_callback(
-                lambda on_sentence: search.run(
-                    prepared,
-                    reward_fn=lambda answers: self.evaluator.score_responses(answers, search=True),
-                    clip_fn=clip_fn,
-                    cache=getattr(greedy, "cache", None),
-                    cache_ids=getattr(greedy, "sequence_ids", None),
-                    on_sentence=on_sentence,
-                ),
-                emitted.feed,
+            tail, n_out, decoded, finish, trace = yield from self._deep(
+                prepared, greedy, stop_filter
             )
-            tail, trace, finish, decoded = output.text, output.trace, output.finish_reason, output.decoded_tokens
-            n_out = len(output.token_ids)
         else:
-            shallow = vlm.generate_greedy(prepared, max_new_tokens=cfg.max_new_tokens)
-            yield emitted.feed(shallow.text)
-            tail, trace, finish, decoded = shallow.text, [], shallow.finish_reason, len(shallow.token_ids)
-            n_out = len(shallow.token_ids)
+            shallow = self.eta.vlm.generate_greedy(prepared, max_new_tokens=cfg.max_new_tokens)
+            yield stop_filter.feed(shallow.text)
+            tail, n_out, trace = shallow.text, len(shallow.token_ids), []
+            decoded, finish = n_out, shallow.finish_reason
         self.timings["align"] = time.perf_counter() - t0
-        text = _cut_at_stop(cfg.prefix + tail, self.stop)
-        usage = TokenUsage(
-            input_tokens=prepared.num_prompt_tokens,
+        text, stopped = cut_at_stop(cfg.prefix + tail, self.stop)
+        if len(text) > stop_filter.sent:  # the tail held back in case it began a stop string
+            yield text[stop_filter.sent :]
+        yield self._result(
+            text,
+            verdict,
+            prepared,
             output_tokens=n_out,
-            total_tokens=prepared.num_prompt_tokens + n_out,
             decoded_tokens=len(greedy.token_ids) + decoded,
-        )
-        self.timings["total"] = time.perf_counter() - self.start
-        yield ETAResult(
-            text=text,
-            verdict=verdict,
-            aligned=True,
+            finish_reason="stop" if stopped else finish,
             vanilla_text=greedy.text,
             trace=trace,
-            usage=usage,
-            timings=self.timings,
-            finish_reason="stop" if text != cfg.prefix + tail else finish,
-            model_name=self.eta.model_name,
+        )
+
+    def _deep(self, prepared: PreparedPrompt, greedy: GreedyOutput, stop_filter: _StopFilter):
+        """Sentence-level best-of-N; yields accepted sentences, returns the search's figures."""
+        search = SentenceBestOfN(self.eta.vlm, self.cfg)
+        clip_fn = self._clip_fn() if self.conv.has_images else None
+        output = yield from _iterate_callback(
+            lambda on_sentence: search.run(
+                prepared,
+                reward_fn=lambda answers: self.evaluator.score_responses(answers, search=True),
+                clip_fn=clip_fn,
+                # The vanilla answer's cache already holds the prompt (and the image): reuse it.
+                cache=greedy.cache,
+                cache_ids=greedy.sequence_ids,
+                on_sentence=on_sentence,
+            ),
+            stop_filter.feed,
+        )
+        n_out = len(output.token_ids)
+        return output.text, n_out, output.decoded_tokens, output.finish_reason, output.trace
+
+    def _vanilla_result(
+        self, greedy: GreedyOutput, verdict: SafetyVerdict, prepared: PreparedPrompt
+    ) -> ETAResult:
+        n = len(greedy.token_ids)
+        return self._result(
+            greedy.text,
+            verdict,
+            prepared,
+            output_tokens=n,
+            decoded_tokens=n,
+            finish_reason=greedy.finish_reason,
         )
 
     def _clip_fn(self) -> Callable[[list[str]], list[float]]:
@@ -273,21 +308,33 @@ class _Request:
         image_embeds = pre.embed_images(self.conv.images)
         return lambda sentences: [float(s) for s in pre.similarity(image_embeds, sentences)]
 
-    def _result(self, text: str, verdict: SafetyVerdict, prepared: Any, greedy: Any, *, aligned: bool) -> ETAResult:
-        n_out = len(greedy.token_ids)
+    def _result(
+        self,
+        text: str,
+        verdict: SafetyVerdict,
+        prepared: PreparedPrompt,
+        *,
+        output_tokens: int,
+        decoded_tokens: int,
+        finish_reason: str,
+        vanilla_text: str | None = None,
+        trace: list | None = None,
+    ) -> ETAResult:
         self.timings["total"] = time.perf_counter() - self.start
         return ETAResult(
             text=text,
             verdict=verdict,
-            aligned=aligned,
+            aligned=vanilla_text is not None,
+            vanilla_text=vanilla_text,
+            trace=trace or [],
             usage=TokenUsage(
                 input_tokens=prepared.num_prompt_tokens,
-                output_tokens=n_out,
-                total_tokens=prepared.num_prompt_tokens + n_out,
-                decoded_tokens=n_out,
+                output_tokens=output_tokens,
+                total_tokens=prepared.num_prompt_tokens + output_tokens,
+                decoded_tokens=decoded_tokens,
             ),
             timings=self.timings,
-            finish_reason=greedy.finish_reason,
+            finish_reason=finish_reason,
             model_name=self.eta.model_name,
         )
 
@@ -309,13 +356,6 @@ def _check_stop(stop: Sequence[str] | None) -> list[str] | None:
     return stop or None
 
 
-def _cut_at_stop(text: str, stop: list[str] | None) -> str:
-    if not stop:
-        return text
-    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
-    return text[:cut]
-
-
 class _StopFilter:
     """Turns a stream of text deltas into deltas that never pass a stop string.
 
@@ -332,62 +372,88 @@ class _StopFilter:
         if self.done:
             return ""
         self.text += delta
-        cut = _cut_at_stop(self.text, self.stop)
-        if len(cut) < len(self.text):
-            self.done = True
-            safe = len(cut)
-        else:
-            hold = max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
-            safe = len(self.text) - hold
+        cut, self.done = cut_at_stop(self.text, self.stop)
+        safe = len(cut) if self.done else len(self.text) - stop_holdback(self.text, self.stop)
         out, self.sent = self.text[self.sent : safe], max(self.sent, safe)
         return out
 
 
+class _Cancelled(Exception):
+    """Raised inside a worker when its consumer went away, to stop the work early."""
+
+
 def _iterate_callback(run: Callable[[Callable[[str], None]], Any], transform: Callable[[str], str]):
-    """Run ``run(on_item)`` in a worker thread and yield what it reports; return its result."""
+    """Run ``run(on_item)`` in a worker thread and yield what it reports; return its result.
+
+    If the consumer stops early, the worker is cancelled at its next report and joined, so the
+    model is never used by an orphan thread once the caller's lock is released.
+    """
     items: queue.Queue[tuple[str, Any]] = queue.Queue()
+    cancelled = threading.Event()
+
+    def on_item(text: str) -> None:
+        if cancelled.is_set():
+            raise _Cancelled
+        items.put(("item", text))
 
     def target() -> None:
         try:
-            items.put(("done", run(lambda text: items.put(("item", text)))))
+            items.put(("done", run(on_item)))
         except BaseException as e:  # re-raised in the caller's thread
             items.put(("error", e))
 
     worker = threading.Thread(target=target, daemon=True, name="eta-guard-search")
     worker.start()
-    while True:
-        kind, value = items.get()
-        if kind == "item":
-            out = transform(value)
-            if out:
-                yield out
-        elif kind == "error":
-            raise value
-        else:
-            return value
+    try:
+        while True:
+            kind, value = items.get()
+            if kind == "item":
+                out = transform(value)
+                if out:
+                    yield out
+            elif kind == "error":
+                raise value
+            else:
+                return value
+    finally:
+        cancelled.set()
+        worker.join()
 
 
 async def _iterate_in_thread(make_iter: Callable[[], Iterator[Any]]) -> AsyncIterator[Any]:
-    """Drive a blocking iterator in a worker thread and yield its items on the event loop."""
+    """Drive a blocking iterator in a worker thread and yield its items on the event loop.
+
+    Closing the async iterator early closes the blocking one in its thread (releasing its locks).
+    """
     loop = asyncio.get_running_loop()
     items: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+    stopped = threading.Event()
 
     def target() -> None:
+        iterator = make_iter()
         try:
-            for item in make_iter():
+            for item in iterator:
                 loop.call_soon_threadsafe(items.put_nowait, ("item", item))
+                if stopped.is_set():
+                    break
             loop.call_soon_threadsafe(items.put_nowait, ("done", None))
         except BaseException as e:
             loop.call_soon_threadsafe(items.put_nowait, ("error", e))
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
 
     worker = loop.run_in_executor(None, target)
-    while True:
-        kind, value = await items.get()
-        if kind == "item":
-            yield value
-        elif kind == "error":
-            await worker
-            raise value
-        else:
-            await worker
-            return
+    try:
+        while True:
+            kind, value = await items.get()
+            if kind == "item":
+                yield value
+            elif kind == "error":
+                raise value
+            else:
+                return
+    finally:
+        stopped.set()
+        await worker
