@@ -142,12 +142,13 @@ _LLAVA_TEMPLATE = _RENDER_MACRO + (
 _QWEN2_VL_TEMPLATE = _RENDER_MACRO + (
     "{%- for message in messages -%}"
     "{%- if loop.first and message['role'] != 'system' -%}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "<|im_start|>system{{ '\n' }}You are a helpful assistant.<|im_end|>{{ '\n' }}"
     "{%- endif -%}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{{ render(message['content'], '<|vision_start|><|image_pad|><|vision_end|>') }}<|im_end|>\n"
+    "<|im_start|>{{ message['role'] }}{{ '\n' }}"
+    "{{ render(message['content'], '<|vision_start|><|image_pad|><|vision_end|>') }}"
+    "<|im_end|>{{ '\n' }}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}<|im_start|>assistant\n{%- endif -%}"
+    "{%- if add_generation_prompt -%}<|im_start|>assistant{{ '\n' }}{%- endif -%}"
 )
 
 # SmolVLM / Idefics3 style: "<|im_start|>User:<image>question<end_of_utterance>\nAssistant:".
@@ -155,7 +156,7 @@ _IDEFICS3_TEMPLATE = _RENDER_MACRO + (
     "<|im_start|>"
     "{%- for message in messages -%}"
     "{{ message['role'] | capitalize }}: {{ render(message['content'], '<image>') }}"
-    "<end_of_utterance>\n"
+    "<end_of_utterance>{{ '\n' }}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}Assistant:{%- endif -%}"
 )
@@ -164,10 +165,12 @@ _IDEFICS3_TEMPLATE = _RENDER_MACRO + (
 _LLAMA3_TEMPLATE = _RENDER_MACRO + (
     "{{ bos_token }}"
     "{%- for message in messages -%}"
-    "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+    "<|start_header_id|>{{ message['role'] }}<|end_header_id|>{{ '\n\n' }}"
     "{{ render(message['content'], '') | trim }}<|eot_id|>"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}<|start_header_id|>assistant<|end_header_id|>\n\n{%- endif -%}"
+    "{%- if add_generation_prompt -%}"
+    "<|start_header_id|>assistant<|end_header_id|>{{ '\n\n' }}"
+    "{%- endif -%}"
 )
 
 
@@ -219,6 +222,22 @@ _VISION = {
         "heads": 6,
         "image": 224,
         "patch": 16,
+    },
+}
+_QWEN_VISION = {
+    "tiny": {
+        "depth": 2,
+        "embed_dim": 32,
+        "heads": 2,
+        "min_pixels": 56 * 56,
+        "max_pixels": 112 * 112,
+    },
+    "bench": {
+        "depth": 6,
+        "embed_dim": 384,
+        "heads": 6,
+        "min_pixels": 112 * 112,
+        "max_pixels": 448 * 448,
     },
 }
 _CLIP = {
@@ -438,7 +457,12 @@ def _mute_special_tokens(model: Any, tokenizer: Any) -> None:
     few of hundreds of random logits, so greedy decoding and top-k sampling never pick it.
     """
     keep = set(_as_list(tokenizer.eos_token_id))
-    muted = [i for i in tokenizer.all_special_ids if i not in keep]
+    # all of _SPECIAL_TOKENS, not just all_special_ids: some processors (Idefics3) replace the
+    # tokenizer's extra special tokens, which drops the <row_i_col_j> tokens from that list
+    special = set(tokenizer.all_special_ids) | set(
+        tokenizer.convert_tokens_to_ids(list(_SPECIAL_TOKENS))
+    )
+    muted = sorted(special - keep)
     for token_id in range(len(tokenizer)):
         text = tokenizer.decode([token_id])
         if not text.isascii() or not all(c.isprintable() or c == "\n" for c in text):
@@ -503,11 +527,105 @@ def _build_llava(path: Path, size: Size, seed: int) -> None:
 
 
 def _build_qwen2_vl(path: Path, size: Size, seed: int) -> None:
-    raise NotImplementedError("qwen2_vl tiny checkpoints are not built yet")
+    from transformers import (
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    tokenizer = _make_tokenizer("qwen2_vl", size)
+    lm, v = _LM[size], _QWEN_VISION[size]
+    head_dim = lm["hidden"] // lm["heads"]
+    # M-RoPE splits the rotary half-dimension into (temporal, height, width) sections.
+    half = head_dim // 2
+    sections = [half - 2 * (half // 3), half // 3, half // 3]
+    tid = tokenizer.convert_tokens_to_ids
+    config = Qwen2VLConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": lm["hidden"],
+            "intermediate_size": lm["intermediate"],
+            "num_hidden_layers": lm["layers"],
+            "num_attention_heads": lm["heads"],
+            "num_key_value_heads": lm["kv_heads"],
+            "max_position_embeddings": _MAX_POSITIONS,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 1_000_000.0,
+                "mrope_section": sections,
+            },
+            **_ids(tokenizer),
+        },
+        vision_config={
+            "depth": v["depth"],
+            "embed_dim": v["embed_dim"],
+            "hidden_size": lm["hidden"],  # the merger projects straight into the LM width
+            "num_heads": v["heads"],
+            "mlp_ratio": 2,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        },
+        image_token_id=tid("<|image_pad|>"),
+        video_token_id=tid("<|video_pad|>"),
+        vision_start_token_id=tid("<|vision_start|>"),
+        vision_end_token_id=tid("<|vision_end|>"),
+    )
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config)
+    # min/max pixels bound the grid: a 64x64 image becomes 56x56 -> 4x4 patches -> 4 tokens.
+    pixels = {"shortest_edge": v["min_pixels"], "longest_edge": v["max_pixels"]}
+    processor = Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(size=pixels),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(size=pixels),
+        chat_template=_QWEN2_VL_TEMPLATE,
+    )
+    _save_vlm(path, model, processor, tokenizer)
 
 
 def _build_idefics3(path: Path, size: Size, seed: int) -> None:
-    raise NotImplementedError("idefics3 tiny checkpoints are not built yet")
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessor,
+        Idefics3Processor,
+    )
+
+    tokenizer = _make_tokenizer("idefics3", size)
+    v = _VISION[size]
+    scale_factor = 2  # pixel shuffle: 2x2 patches become one LM token
+    image_seq_len = (v["image"] // v["patch"]) ** 2 // scale_factor**2
+    config = Idefics3Config(
+        vision_config={
+            "hidden_size": v["hidden"],
+            "intermediate_size": v["intermediate"],
+            "num_hidden_layers": v["layers"],
+            "num_attention_heads": v["heads"],
+            "image_size": v["image"],
+            "patch_size": v["patch"],
+        },
+        text_config=_llama_config(tokenizer, _LM[size]),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        scale_factor=scale_factor,
+    )
+    torch.manual_seed(seed)
+    model = Idefics3ForConditionalGeneration(config)
+    # SmolVLM-style with no image splitting: every image is one global tile of image_seq_len.
+    image_processor = Idefics3ImageProcessor(
+        do_image_splitting=False,
+        size={"longest_edge": v["image"]},
+        max_image_size={"longest_edge": v["image"]},
+    )
+    processor = Idefics3Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        image_seq_len=image_seq_len,
+        chat_template=_IDEFICS3_TEMPLATE,
+    )
+    _save_vlm(path, model, processor, tokenizer)
 
 
 _VLM_BUILDERS: dict[str, Callable[[Path, Size, int], None]] = {

@@ -19,7 +19,7 @@ from eta_guard.testing import (
     make_test_image,
 )
 
-FAMILIES = ["llava"]
+FAMILIES = ["llava", "qwen2_vl", "idefics3"]
 
 
 def _messages(num_images: int) -> list[dict]:
@@ -158,6 +158,9 @@ def test_same_seed_gives_same_weights(tmp_path, tiny_checkpoints):
         a = load_file(f"{getattr(tiny_checkpoints, name)}/model.safetensors")
         b = load_file(f"{getattr(again, name)}/model.safetensors")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for name in ("vlm", "reward_model"):
+        vocab = f"{getattr(tiny_checkpoints, name)}/tokenizer.json"
+        assert open(vocab).read() == open(f"{getattr(again, name)}/tokenizer.json").read()
 
 
 @pytest.mark.parametrize(
