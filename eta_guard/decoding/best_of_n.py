@@ -234,8 +234,13 @@ class _Search:
                 break
             common += 1
         keep = min(common, len(self.prompt_ids) - 1)
-        # Image placeholders must be cached: pixel inputs cannot be fed for a suffix of the prompt.
-        return keep if keep >= _multimodal_end(self.adapter, self.prepared) else 0
+        multimodal_end = _multimodal_end(self.adapter, self.prepared)
+        if multimodal_end == 0:
+            return keep
+        # Equal placeholder ids do not mean equal images; and pixel inputs cannot be fed for a
+        # suffix of the prompt, so every placeholder must be covered.
+        same = self.adapter.encoded_same_inputs(cache, self.prepared)
+        return keep if same and keep >= multimodal_end else 0
 
     def _text_kwargs(self, model_inputs: dict[str, Any]) -> dict[str, Any]:
         """The processor outputs minus pixel inputs (already encoded in the cache)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -111,6 +112,10 @@ class VLMAdapter:
         self.eos_token_ids = _eos_token_ids(model, self.tokenizer)
         self.pad_token_id = _pad_token_id(model, self.tokenizer, self.eos_token_ids)
         self.context_length = _context_length(model)
+        # cache -> the multimodal inputs it encoded: token ids alone cannot tell two images apart
+        self._cache_inputs: weakref.WeakKeyDictionary[Any, dict[str, Any]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     @classmethod
     def from_pretrained(
@@ -289,6 +294,9 @@ class VLMAdapter:
                 cache=self.new_cache(),
             )
         new_ids = out.sequences[0, prepared.num_prompt_tokens :].tolist()
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        if cache is not None:
+            self.remember_inputs(cache, prepared)
         text, stopped = cut_at_stop(self.decode_continuation(prepared.input_ids[0], new_ids), stop)
         ended = (
             stopped or bool(new_ids and new_ids[-1] in self.eos_token_ids) or len(new_ids) < max_new
@@ -297,10 +305,25 @@ class VLMAdapter:
             token_ids=new_ids,
             text=text,
             finish_reason="stop" if ended else "length",
-            cache=getattr(out, "cache", None) or getattr(out, "past_key_values", None),
+            cache=cache,
             num_prompt_tokens=prepared.num_prompt_tokens,
             sequence_ids=prepared.input_ids[0].tolist() + new_ids,
         )
+
+    def remember_inputs(self, cache: Any, prepared: PreparedPrompt) -> None:
+        """Record which multimodal inputs ``cache`` encoded (checked by :meth:`encoded_same_inputs`)."""
+        self._cache_inputs[cache] = multimodal_inputs(prepared.model_inputs)
+
+    def encoded_same_inputs(self, cache: Any, prepared: PreparedPrompt) -> bool:
+        """Whether ``cache`` came from this adapter with the same images as ``prepared``."""
+        try:
+            theirs = self._cache_inputs.get(cache)
+        except TypeError:  # not weak-referenceable: unknown origin
+            return False
+        ours = multimodal_inputs(prepared.model_inputs)
+        if theirs is None or theirs.keys() != ours.keys():
+            return False
+        return all(_same_value(theirs[k], ours[k]) for k in ours)
 
     def stream_greedy(
         self, prepared: PreparedPrompt, *, max_new_tokens: int, stop: Sequence[str] | None = None
@@ -315,31 +338,36 @@ class VLMAdapter:
     def decode_continuation(
         self, context_ids: Sequence[int] | torch.Tensor, new_ids: Sequence[int]
     ) -> str:
-        """The text of ``new_ids`` as it reads after ``context_ids`` (special tokens skipped).
+        """The text of ``new_ids`` as it reads after ``context_ids`` (see :func:`decode_continuation`)."""
+        return decode_continuation(self.tokenizer, context_ids, new_ids)
 
-        SentencePiece-style tokenizers drop a leading space when a continuation is decoded on
-        its own, so the continuation is decoded after a lead of context tokens whose text is then
-        removed.
-        """
-        new_ids = [int(i) for i in new_ids]
-        special = set(getattr(self.tokenizer, "all_special_ids", []) or [])
-        new_ids = [i for i in new_ids if i not in special]
-        if not new_ids:
-            return ""
-        context = [
-            int(i) for i in (context_ids.tolist() if torch.is_tensor(context_ids) else context_ids)
-        ]
-        context = [i for i in context if i not in special]
-        decode = lambda ids: self.tokenizer.decode(  # noqa: E731
-            ids, skip_special_tokens=False, clean_up_tokenization_spaces=False
-        )
-        # A one-token lead is enough, unless it ends mid-character (byte-level pieces).
-        for k in range(1, min(4, len(context)) + 1):
-            lead = decode(context[-k:])
-            full = decode(context[-k:] + new_ids)
-            if not lead.endswith("\ufffd") and full.startswith(lead):
-                return full[len(lead) :]
-        return decode(new_ids)
+
+def decode_continuation(
+    tokenizer: Any, context_ids: Sequence[int] | torch.Tensor, new_ids: Sequence[int]
+) -> str:
+    """The text of ``new_ids`` as it reads after ``context_ids`` (special tokens skipped).
+
+    SentencePiece-style tokenizers drop a leading space when a continuation is decoded on its
+    own, so the continuation is decoded after a lead of context tokens whose text is then removed.
+    The lead grows past tokens that end mid-character (byte-level pieces).
+    """
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    new = [int(i) for i in new_ids if int(i) not in special]
+    if not new:
+        return ""
+    tail = context_ids[-16:].tolist() if torch.is_tensor(context_ids) else list(context_ids[-16:])
+    context = [int(i) for i in tail if int(i) not in special]
+    decode = lambda ids: tokenizer.decode(  # noqa: E731
+        ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+    )
+    for k in range(1, min(4, len(context)) + 1):
+        # A lead ending mid-character contributes only its complete characters: the rest of the
+        # character is completed by ``new`` and belongs to the continuation.
+        lead = decode(context[-k:]).rstrip("\ufffd")
+        full = decode(context[-k:] + new)
+        if lead and full.startswith(lead):
+            return full[len(lead) :]
+    return decode(new)
 
 
 class _QueueStreamer(BaseStreamer):
@@ -430,6 +458,32 @@ class GreedyStream:
         self._cancel.set()
         if self._started:
             self._thread.join()
+
+
+#: Processor outputs that carry image content (not placeholder tokens); a cache is only reusable
+#: for a prompt whose values of these are equal.
+MULTIMODAL_KEYS = (
+    "pixel_values",
+    "pixel_attention_mask",
+    "pixel_mask",
+    "pixel_values_videos",
+    "image_sizes",
+    "image_grid_thw",
+    "video_grid_thw",
+)
+
+
+def multimodal_inputs(model_inputs: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``model_inputs`` that carry image or video content."""
+    return {k: v for k, v in model_inputs.items() if k in MULTIMODAL_KEYS and v is not None}
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if torch.is_tensor(a) and torch.is_tensor(b):
+        return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b.to(a.device)))
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
 
 
 def _to_device(value: Any, device: torch.device, dtype: torch.dtype) -> Any:
