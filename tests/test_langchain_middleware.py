@@ -1,0 +1,154 @@
+"""ETAGuardMiddleware in create_agent, with a plain chat model and with ETAChatModel."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from langchain.agents import create_agent
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.language_models import GenericFakeChatModel
+from langchain_core.messages import AIMessage, HumanMessage
+
+sys.path.insert(0, str(Path(__file__).parent))
+from langchain_eta import DEFAULT_REFUSAL, EVENT_NAME, ETAChatModel, ETAGuardMiddleware  # noqa: E402
+from langchain_fixtures import FLAG_ALL, FLAG_NONE, lc_ckpt, lc_eta, lc_evaluator, png_b64  # noqa: E402, F401
+
+from eta_guard.config import ETAConfig  # noqa: E402
+from eta_guard.errors import GuardrailViolation  # noqa: E402
+
+ANSWER = "It is a red square."
+
+
+class _CountingModel(GenericFakeChatModel):
+    """A plain chat model that counts its calls."""
+
+    calls: int = 0
+
+    def _generate(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        return super()._generate(*args, **kwargs)
+
+
+def _model() -> _CountingModel:
+    return _CountingModel(messages=iter([AIMessage(content=ANSWER)] * 20))
+
+
+def _evaluator(lc_evaluator, thresholds):  # noqa: F811
+    return lc_evaluator.with_config(lc_evaluator.config.with_overrides(**thresholds))
+
+
+def _request(image: bool = True) -> dict[str, Any]:
+    content: list[dict[str, Any]] = [{"type": "text", "text": "What is this?"}]
+    if image:
+        content.append({"type": "image", "base64": png_b64(), "mime_type": "image/png"})
+    return {"messages": [HumanMessage(content=content)]}
+
+
+def _agent(model, evaluator, mode, **kw):
+    return create_agent(
+        model=model, tools=[], middleware=[ETAGuardMiddleware(evaluator, on_violation=mode, **kw)]
+    )
+
+
+def test_replace_blocks_before_the_model_runs(lc_evaluator):  # noqa: F811
+    model = _model()
+    out = _agent(model, _evaluator(lc_evaluator, FLAG_ALL), "replace").invoke(_request())
+    last = out["messages"][-1]
+    assert last.text == DEFAULT_REFUSAL and model.calls == 0
+    assert last.response_metadata["eta_verdict"]["input_unsafe"] is True
+
+
+def test_replace_after_the_model_swaps_the_answer(lc_evaluator):  # noqa: F811
+    model = _model()
+    agent = _agent(
+        model, _evaluator(lc_evaluator, FLAG_ALL), "replace", check_input=False, refusal="No."
+    )
+    out = agent.invoke(_request())
+    assert [m.type for m in out["messages"]] == ["human", "ai"]  # replaced in place, same id
+    assert out["messages"][-1].text == "No." and model.calls == 1
+
+
+@pytest.mark.parametrize("check_input", [True, False], ids=["before_model", "after_model"])
+def test_raise_carries_the_verdict(lc_evaluator, check_input):  # noqa: F811
+    agent = _agent(_model(), _evaluator(lc_evaluator, FLAG_ALL), "raise", check_input=check_input)
+    with pytest.raises(GuardrailViolation) as err:
+        agent.invoke(_request())
+    side = "input_unsafe" if check_input else "output_unsafe"
+    assert getattr(err.value.verdict, side) is True
+
+
+def test_flag_lets_everything_through_with_verdicts(lc_evaluator):  # noqa: F811
+    model = _model()
+    out = _agent(model, _evaluator(lc_evaluator, FLAG_ALL), "flag").invoke(_request())
+    human, ai = out["messages"]
+    assert ai.text == ANSWER and model.calls == 1
+    assert human.response_metadata["eta_verdict"]["input_unsafe"] is True
+    assert ai.response_metadata["eta_verdict"]["output_unsafe"] is True
+
+
+def test_safe_requests_pass_untouched(lc_evaluator):  # noqa: F811
+    for image in (True, False):
+        out = _agent(_model(), _evaluator(lc_evaluator, FLAG_NONE), "replace").invoke(
+            _request(image)
+        )
+        assert out["messages"][-1].text == ANSWER
+        assert "eta_verdict" not in out["messages"][-1].response_metadata
+
+
+async def test_async_agent(lc_evaluator):  # noqa: F811
+    agent = _agent(_model(), _evaluator(lc_evaluator, FLAG_ALL), "replace")
+    out = await agent.ainvoke(_request())
+    assert out["messages"][-1].text == DEFAULT_REFUSAL
+
+
+def test_only_new_images_are_checked(lc_evaluator):  # noqa: F811
+    calls = []
+    evaluator = _evaluator(lc_evaluator, FLAG_NONE)
+    real = evaluator.evaluate_input
+    evaluator.evaluate_input = lambda images: (calls.append(len(images)), real(images))[1]
+    history = _request()["messages"] + [AIMessage("It is red."), HumanMessage("And now?")]
+    _agent(_model(), evaluator, "replace").invoke({"messages": history})
+    assert calls == []  # the image belongs to an earlier, already answered turn
+
+
+def test_verdict_events(lc_evaluator):  # noqa: F811
+    class Events(BaseCallbackHandler):
+        def __init__(self) -> None:
+            self.sources: list[str] = []
+
+        def on_custom_event(self, name: str, data: Any, **kwargs: Any) -> None:
+            assert name == EVENT_NAME
+            self.sources.append(data["source"])
+
+    handler = Events()
+    _agent(_model(), _evaluator(lc_evaluator, FLAG_NONE), "replace").invoke(
+        _request(), config={"callbacks": [handler]}
+    )
+    assert handler.sources == ["ETAGuardMiddleware.before_model", "ETAGuardMiddleware.after_model"]
+
+
+def test_with_eta_chat_model_and_lazy_evaluator(lc_eta, lc_ckpt):  # noqa: F811
+    llm = ETAChatModel(eta=lc_eta, config=lc_eta.config)
+    guard = ETAGuardMiddleware(
+        clip=lc_ckpt.clip,
+        reward_model=lc_ckpt.reward_model,
+        config=ETAConfig(**FLAG_ALL),
+        on_violation="replace",
+    )
+    assert not guard.loaded
+    agent = create_agent(model=llm, tools=[], middleware=[guard])
+    assert (
+        agent.invoke(_request(image=False))["messages"][-1].text == DEFAULT_REFUSAL
+    )  # answer flagged
+    assert guard.loaded
+    assert agent.invoke(_request())["messages"][-1].text == DEFAULT_REFUSAL  # image flagged
+
+
+def test_needs_an_evaluator():
+    with pytest.raises(ValueError, match="evaluator"):
+        ETAGuardMiddleware()
+    with pytest.raises(ValueError, match="on_violation"):
+        ETAGuardMiddleware(object(), on_violation="drop")
