@@ -37,6 +37,8 @@ ImageSource = Union["Image.Image", str, bytes, bytearray, memoryview, pathlib.Pa
 DEFAULT_MAX_PIXELS = 40_000_000
 #: Largest remote download accepted when ``allow_remote=True``.
 MAX_REMOTE_BYTES = 50 * 1024 * 1024
+#: Longest side / shortest side beyond which an image is refused (absurd strips).
+MAX_ASPECT_RATIO = 200
 
 # Raster formats we let Pillow open. Restricting the list keeps Pillow from handing vector or
 # document formats (EPS, PDF) to external programs such as Ghostscript.
@@ -379,6 +381,13 @@ def _finish(image: Image.Image, max_pixels: int, *, what: str) -> Image.Image:
     width, height = image.size
     if width <= 0 or height <= 0:
         raise InvalidInputError(f"{what} has zero size ({width}x{height}); nothing to look at")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        # Processors resize the short side up (CLIP to 336 px), so a 1 x 1,000,000 strip
+        # would become a 336 x 336,000,000 tensor. Qwen2-VL's processor uses the same bound.
+        raise InvalidInputError(
+            f"{what} is {width}x{height}, an aspect ratio above {MAX_ASPECT_RATIO}:1 that vision "
+            "processors cannot resize safely; crop or pad it"
+        )
     if width * height > max_pixels:
         raise InvalidInputError(
             f"{what} is {width}x{height} = {width * height:_} pixels, more than "

@@ -135,6 +135,10 @@ def test_exif_orientation_is_applied() -> None:
     assert image.size == (10, 20)
 
 
+def test_aspect_ratio_at_the_limit_is_accepted() -> None:
+    assert load_image(Image.new("L", (400, 2))).size == (400, 2)
+
+
 def test_input_pil_image_is_not_modified() -> None:
     source = Image.new("RGBA", (4, 4), (10, 20, 30, 0))
     image = load_image(source)
@@ -174,6 +178,8 @@ BOMB_PNG = png_header(30_000, 30_000)
             png_header(8000, 8000), {}, ["8000x8000", "max_pixels=40_000_000"], id="over-limit"
         ),
         pytest.param(RED_PNG, {"max_pixels": 10}, ["8x6 = 48 pixels", "max_pixels=10"], id="cap"),
+        pytest.param(png_header(1, 1_000_000), {}, ["1x1000000", "aspect ratio"], id="strip"),
+        pytest.param(Image.new("L", (402, 2)), {}, ["402x2", "aspect ratio"], id="strip-pil"),
         pytest.param(RED, {"max_pixels": 10}, ["PIL image", "max_pixels=10"], id="cap-pil"),
         pytest.param(RED_PNG, {"max_pixels": 0}, ["max_pixels", "positive int", "0"], id="mp-0"),
         pytest.param(RED_PNG, {"max_pixels": 1.5}, ["max_pixels", "1.5"], id="mp-float"),
