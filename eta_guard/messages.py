@@ -12,7 +12,7 @@ whose ``images`` hold the decoded RGB images in the same order, ready for
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -74,30 +74,21 @@ def normalize_messages(
         InvalidInputError: The messages are malformed; the message says which one and why.
     """
     items = _check_list(messages)
-
-    def load(source: Any) -> Image.Image:
-        return load_image(
-            source,
-            allow_remote=allow_remote_images,
-            max_pixels=max_image_pixels,
-            allow_local_files=allow_local_image_files,
-        )
-
     merged: list[dict[str, Any]] = []
-    images: list[Image.Image] = []
+    sources: list[tuple[str, Any]] = []  # (where, source) of each image, in order
     for index, message in enumerate(items):
-        role, parts, message_images = _convert_message(index, message, load)
+        role, parts, message_sources = _convert_message(index, message)
         if role == "system" and merged and merged[-1]["role"] != "system":
             raise InvalidInputError(
                 f"messages[{index}] is a system message after other turns; many chat templates "
                 "accept a system message only at the start: move it to messages[0]"
             )
-        images.extend(message_images)
+        sources.extend(message_sources)
         if merged and merged[-1]["role"] == role:
             _append_parts(merged[-1]["content"], parts)
         else:
             merged.append({"role": role, "content": parts})
-    if not images and not any(
+    if not sources and not any(
         p["type"] == "text" and p["text"].strip() for m in merged for p in m["content"]
     ):
         raise InvalidInputError(
@@ -110,6 +101,20 @@ def normalize_messages(
             f"messages[{len(items) - 1}] has role {merged[-1]['role']!r}; to continue an "
             "assistant answer, end with a user turn instead"
         )
+    # Images are decoded last, so that a malformed conversation fails before any decoding.
+    images = []
+    for where, source in sources:
+        try:
+            images.append(
+                load_image(
+                    source,
+                    allow_remote=allow_remote_images,
+                    max_pixels=max_image_pixels,
+                    allow_local_files=allow_local_image_files,
+                )
+            )
+        except InvalidInputError as e:
+            raise InvalidInputError(f"{where}: {e}") from e
     return Conversation(messages=merged, images=images)
 
 
@@ -196,8 +201,9 @@ def _check_list(messages: Any) -> list[Any]:
 
 
 def _convert_message(
-    index: int, message: Any, load: Callable[[Any], Image.Image]
-) -> tuple[str, list[dict[str, Any]], list[Image.Image]]:
+    index: int, message: Any
+) -> tuple[str, list[dict[str, Any]], list[tuple[str, Any]]]:
+    """Validate one message: its role, its HF-form parts and its image sources (undecoded)."""
     where = f"messages[{index}]"
     if not isinstance(message, Mapping):
         hint = f"; {_WRAP_HINT}" if isinstance(message, str) else ""
@@ -224,7 +230,7 @@ def _convert_message(
             f"{type(content).__name__} ({_short(content)})"
         )
     parts: list[dict[str, Any]] = []
-    images: list[Image.Image] = []
+    sources: list[tuple[str, Any]] = []
     for j, part in enumerate(content):
         part_where = f"{where}['content'][{j}]"
         kind, value = _read_part(part_where, part)
@@ -236,12 +242,9 @@ def _convert_message(
                 f"{part_where} is an image in a system message; images are only allowed in "
                 "user and assistant messages: move it to a user message"
             )
-        try:
-            images.append(load(value))
-        except InvalidInputError as e:
-            raise InvalidInputError(f"{part_where}: {e}") from e
+        sources.append((part_where, value))
         parts.append({"type": "image"})
-    return role, parts, images
+    return role, parts, sources
 
 
 def _read_part(where: str, part: Any) -> tuple[str, Any]:

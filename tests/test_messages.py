@@ -473,3 +473,15 @@ def test_local_image_files_can_be_disabled(red_path: str) -> None:
         normalize_messages([user(part)], allow_local_image_files=False)
     inline = {"type": "image", "base64": RED_B64, "mime_type": "image/png"}
     assert len(normalize_messages([user(inline)], allow_local_image_files=False).images) == 1
+
+
+def test_structure_is_checked_before_any_image_is_decoded(monkeypatch) -> None:
+    import eta_guard.messages as messages_module
+
+    def fail(*args, **kwargs):
+        raise AssertionError("no image may be decoded for a malformed conversation")
+
+    monkeypatch.setattr(messages_module, "load_image", fail)
+    bad = [user({"type": "image", "image": RED_PNG}), {"role": "assistant", "content": "x"}]
+    with pytest.raises(InvalidInputError, match="last message must be from the user"):
+        normalize_messages(bad)
