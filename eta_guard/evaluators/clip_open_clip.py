@@ -84,9 +84,10 @@ class OpenCLIPEncoder:
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.name = name
-        self.context_length = int(
-            getattr(tokenizer, "context_length", None) or getattr(model, "context_length", 77)
+        length = getattr(tokenizer, "context_length", None) or getattr(
+            model, "context_length", None
         )
+        self.context_length = int(length or 77)
 
     @classmethod
     def from_pretrained(
@@ -113,7 +114,11 @@ class OpenCLIPEncoder:
         target = resolve_device(device)
         resolved = resolve_dtype(dtype)
         kwargs = dict(model_kwargs or {})
-        if resolved not in (None, "auto"):
+        if isinstance(resolved, torch.dtype):  # "auto" / None: open_clip's default, float32
+            if resolved not in _PRECISION:
+                raise InvalidInputError(
+                    f"dtype={dtype!r} is not supported by open_clip; use float32, bfloat16 or float16"
+                )
             kwargs.setdefault("precision", _PRECISION[resolved])
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(

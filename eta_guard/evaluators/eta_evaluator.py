@@ -251,12 +251,10 @@ class ETAEvaluator:
         flat = [image for group in images if group for image in group]
         if not flat:
             return [None] * len(images)
-        self._require_pre()
+        pre, prompt = self._require_pre(), self.config.safety_prompt
         start = time.perf_counter()
         try:
-            scores = self._call(
-                "pre", lambda: self.pre.score_images(flat, prompt=self.config.safety_prompt)
-            )  # type: ignore[union-attr]
+            scores = self._call("pre", lambda: pre.score_images(flat, prompt=prompt))
         except EvaluatorError as e:
             sides = self._apply_policy("pre", e)
             return [sides if group else None for group in images]
@@ -280,12 +278,10 @@ class ETAEvaluator:
         texts = [r for r in responses if r is not None]
         if not texts:
             return [None] * len(responses)
-        self._require_post()
+        post, instruction = self._require_post(), self.config.rm_decision_prompt
         start = time.perf_counter()
         try:
-            scores = self._call(
-                "post", lambda: self.post.score(texts, self.config.rm_decision_prompt)
-            )  # type: ignore[union-attr]
+            scores = self._call("post", lambda: post.score(texts, instruction))
         except EvaluatorError as e:
             side = self._apply_policy("post", e)
             return [side if r is not None else None for r in responses]

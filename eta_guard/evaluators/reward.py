@@ -208,13 +208,16 @@ def _ensure_pad_token(model: Any, tokenizer: Any) -> int:
     config = (
         model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     )
-    pad = getattr(config, "pad_token_id", None)
-    for candidate in (pad, tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+    pad = 0
+    for candidate in (
+        getattr(config, "pad_token_id", None),
+        tokenizer.pad_token_id,
+        tokenizer.eos_token_id,  # may be a list in some configs
+    ):
+        if isinstance(candidate, (list, tuple)) and candidate:
+            candidate = candidate[0]
         if isinstance(candidate, int):
             pad = candidate
-            break
-        if isinstance(candidate, (list, tuple)) and candidate:
-            pad = int(candidate[0])
             break
     config.pad_token_id = pad
     if config is not model.config:
