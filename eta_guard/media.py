@@ -104,11 +104,7 @@ def load_image(
     Raises:
         InvalidInputError: The source has the wrong type or is not a decodable, sane image.
     """
-    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
-        raise InvalidInputError(
-            f"max_pixels must be a positive int, got {_short(max_pixels)}; the default is "
-            f"{DEFAULT_MAX_PIXELS:_}"
-        )
+    check_max_pixels(max_pixels)
     from PIL import Image
 
     if isinstance(source, Image.Image):
@@ -128,6 +124,20 @@ def load_image(
     )
 
 
+def check_max_pixels(value: Any, *, name: str = "max_pixels") -> int:
+    """Return ``value`` if it is a valid pixel limit (a positive int), else raise.
+
+    Raises:
+        InvalidInputError: The limit is not a positive int; the message names ``name``.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidInputError(
+            f"{name} must be a positive int, got {_short(value)}; the default is "
+            f"{DEFAULT_MAX_PIXELS:_}"
+        )
+    return value
+
+
 def load_images(
     sources: ImageSource | Sequence[ImageSource],
     *,
@@ -142,7 +152,7 @@ def load_images(
         InvalidInputError: One source is bad; for a list the message starts with ``image N:``.
     """
     single = not isinstance(sources, (list, tuple))
-    items = [sources] if single else list(sources)
+    items: list[Any] = list(sources) if isinstance(sources, (list, tuple)) else [sources]
     images = []
     for index, item in enumerate(items):
         try:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from eta_guard.errors import InvalidInputError
-from eta_guard.media import DEFAULT_MAX_PIXELS, _short, load_image
+from eta_guard.media import DEFAULT_MAX_PIXELS, _short, check_max_pixels, load_image
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -73,6 +73,7 @@ def normalize_messages(
     Raises:
         InvalidInputError: The messages are malformed; the message says which one and why.
     """
+    check_max_pixels(max_image_pixels, name="max_image_pixels")
     items = _check_list(messages)
     merged: list[dict[str, Any]] = []
     sources: list[tuple[str, Any]] = []  # (where, source) of each image, in order

@@ -485,3 +485,9 @@ def test_structure_is_checked_before_any_image_is_decoded(monkeypatch) -> None:
     bad = [user({"type": "image", "image": RED_PNG}), {"role": "assistant", "content": "x"}]
     with pytest.raises(InvalidInputError, match="last message must be from the user"):
         normalize_messages(bad)
+
+
+@pytest.mark.parametrize("value", [0, -5, 2.5, "big", True, None])
+def test_invalid_max_image_pixels_is_refused_even_without_images(value) -> None:
+    with pytest.raises(InvalidInputError, match="max_image_pixels must be a positive int"):
+        normalize_messages([{"role": "user", "content": "hi"}], max_image_pixels=value)
