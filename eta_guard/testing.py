@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable
@@ -207,7 +208,7 @@ _TOKENIZERS: dict[str, _TokenizerSpec] = {
 _VOCAB = {"tiny": 512, "bench": 1024}
 _LM = {
     "tiny": {"hidden": 64, "intermediate": 128, "layers": 2, "heads": 4, "kv_heads": 2},
-    "bench": {"hidden": 768, "intermediate": 2048, "layers": 12, "heads": 12, "kv_heads": 4},
+    "bench": {"hidden": 768, "intermediate": 2304, "layers": 12, "heads": 12, "kv_heads": 4},
 }
 _RM = {
     "tiny": {"hidden": 64, "intermediate": 128, "layers": 2, "heads": 4, "kv_heads": 2},
@@ -683,6 +684,104 @@ def _build_reward(path: Path, size: Size, seed: int) -> None:
     model = LlamaForSequenceClassification(config).eval()
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+
+
+# ----------------------------------------------------------------------------- open_clip
+
+#: Registry name of the tiny OpenCLIP architecture (same for every seed).
+OPEN_CLIP_MODEL_NAME = "EtaTinyCLIP"
+_OPEN_CLIP_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+    # open_clip's bundled BPE (SimpleTokenizer, 49408 tokens) needs no download
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+
+
+def build_tiny_open_clip(directory: str | os.PathLike[str], *, seed: int = 0) -> tuple[str, str]:
+    """Build (or reuse) a random tiny OpenCLIP model and register its architecture.
+
+    Writes ``directory/open_clip-tiny[-seedN]/`` with the architecture JSON, an
+    ``open_clip_config.json`` and ``open_clip_model.safetensors``; so
+    ``open_clip.create_model_and_transforms(name, pretrained=checkpoint)`` and
+    ``open_clip.get_tokenizer(name)`` work offline, and so does ``"local-dir:<folder>"``.
+
+    Registration lives in open_clip's in-process registry: in a new process, call this
+    function again (it reuses the built folder) or :func:`register_tiny_open_clip`.
+
+    Args:
+        directory: where to write the folder (created if missing).
+        seed: seeds the random weights.
+
+    Returns:
+        ``(model_name, checkpoint_path)``.
+
+    Raises:
+        ImportError: open_clip_torch is not installed.
+        InvalidInputError: a negative ``seed``.
+    """
+    open_clip = _import_open_clip()
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise InvalidInputError(f"seed must be a non-negative int; got {seed!r}.")
+    tag = "" if seed == 0 else f"-seed{seed}"
+    folder = Path(directory) / f"open_clip-tiny{tag}"
+
+    def build(path: Path) -> None:
+        from safetensors.torch import save_file
+
+        (path / f"{OPEN_CLIP_MODEL_NAME}.json").write_text(json.dumps(_OPEN_CLIP_CONFIG, indent=2))
+        preprocess = {
+            "mean": [0.48145466, 0.4578275, 0.40821073],
+            "std": [0.26862954, 0.26130258, 0.27577711],
+        }
+        (path / "open_clip_config.json").write_text(
+            json.dumps({"model_cfg": _OPEN_CLIP_CONFIG, "preprocess_cfg": preprocess}, indent=2)
+        )
+        register_tiny_open_clip(Path(directory), seed=seed)
+        torch.manual_seed(seed)
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)  # open_clip warns "initialized randomly": that is the point
+        try:
+            model = open_clip.create_model(OPEN_CLIP_MODEL_NAME, pretrained=None)
+        finally:
+            root.setLevel(level)
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(path / "open_clip_model.safetensors"))
+
+    _ensure(folder, seed, build)
+    register_tiny_open_clip(directory, seed=seed)
+    return OPEN_CLIP_MODEL_NAME, str(folder / "open_clip_model.safetensors")
+
+
+def register_tiny_open_clip(directory: str | os.PathLike[str], *, seed: int = 0) -> str:
+    """Register an already built tiny OpenCLIP architecture in this process; returns its name.
+
+    Raises:
+        ImportError: open_clip_torch is not installed.
+        InvalidInputError: nothing was built there (run :func:`build_tiny_open_clip`).
+    """
+    open_clip = _import_open_clip()
+    tag = "" if seed == 0 else f"-seed{seed}"
+    config = Path(directory) / f"open_clip-tiny{tag}" / f"{OPEN_CLIP_MODEL_NAME}.json"
+    if not config.is_file():
+        raise InvalidInputError(
+            f"directory {str(directory)!r} holds no tiny OpenCLIP model ({config} is missing); "
+            "build it with build_tiny_open_clip(directory) first."
+        )
+    if OPEN_CLIP_MODEL_NAME not in open_clip.list_models():
+        open_clip.add_model_config(config)
+    return OPEN_CLIP_MODEL_NAME
+
+
+def _import_open_clip() -> Any:
+    try:
+        import open_clip
+    except ImportError as e:
+        raise ImportError(
+            'the tiny OpenCLIP model needs open_clip_torch: pip install "eta-guard[open-clip]"'
+        ) from e
+    return open_clip
 
 
 # ----------------------------------------------------------------------------- images

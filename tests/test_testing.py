@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import time
+from pathlib import Path
 
 import PIL.Image
 import pytest
@@ -54,6 +55,21 @@ def test_vlm_generates_with_and_without_images(vlm, num_images):
     special = set(processor.tokenizer.all_special_ids) - {processor.tokenizer.eos_token_id}
     assert not special & set(new.tolist())
     assert processor.tokenizer.decode(new, skip_special_tokens=True).isascii()
+
+
+def test_vlm_runs_a_multi_turn_conversation_with_an_image_in_each_user_turn(vlm):
+    model, processor = vlm
+    messages = [
+        *_messages(1),
+        {"role": "assistant", "content": [{"type": "text", "text": "A noisy picture."}]},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "And this?"}]},
+    ]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert "A noisy picture." in text and text.count(processor.image_token) == 2
+    images = [make_test_image("red"), make_test_image("checker")]
+    inputs = processor(text=text, images=images, return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=4)
+    assert out.shape[1] > inputs["input_ids"].shape[1]
 
 
 def test_vlm_template_places_one_placeholder_per_image_and_a_generation_prompt(vlm):
@@ -201,3 +217,34 @@ def test_image_bytes_and_data_url_round_trip(test_image):
         == test_image.tobytes()
     )
     assert image_to_bytes(test_image, "JPEG")[:2] == b"\xff\xd8"
+
+
+def test_tiny_open_clip_loads_with_its_checkpoint(tmp_path, test_image):
+    open_clip = pytest.importorskip("open_clip")
+    from safetensors.torch import load_file
+
+    from eta_guard.testing import build_tiny_open_clip, register_tiny_open_clip
+
+    name, checkpoint = build_tiny_open_clip(tmp_path)
+    assert build_tiny_open_clip(tmp_path) == (name, checkpoint)  # reused, not rebuilt
+    assert register_tiny_open_clip(tmp_path) == name
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=checkpoint)
+    saved = load_file(checkpoint)
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+    tokens = open_clip.get_tokenizer(name)(["a photo " * 200, "a dog"])
+    assert tokens.shape == (2, 77)
+    with torch.no_grad():
+        image = model.encode_image(preprocess(test_image).unsqueeze(0))
+        text = model.encode_text(tokens)
+    assert image.shape == (1, 32) and text.shape == (2, 32)
+    # the folder also loads without registration, through open_clip's local-dir schema
+    local, _, _ = open_clip.create_model_and_transforms(f"local-dir:{Path(checkpoint).parent}")
+    assert all(torch.equal(saved[k], v) for k, v in local.state_dict().items())
+
+
+def test_register_tiny_open_clip_needs_a_built_folder(tmp_path):
+    pytest.importorskip("open_clip")
+    from eta_guard.testing import register_tiny_open_clip
+
+    with pytest.raises(InvalidInputError, match="build_tiny_open_clip"):
+        register_tiny_open_clip(tmp_path)
