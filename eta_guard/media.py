@@ -293,7 +293,7 @@ def _parse_data_url(url: str) -> bytes:
             f"data URL {_short(url)} is not base64-encoded; expected "
             "data:image/<type>;base64,<data>"
         )
-    data = _try_b64decode(urllib.parse.unquote(payload))
+    data = _try_b64decode(urllib.parse.unquote(payload) if "%" in payload else payload)
     if data is None:
         raise InvalidInputError(f"data URL payload {_short(payload)} is not valid base64")
     return data
@@ -301,6 +301,10 @@ def _parse_data_url(url: str) -> bytes:
 
 def _try_b64decode(text: str) -> bytes | None:
     """Decode standard or URL-safe base64 (whitespace and missing padding tolerated)."""
+    try:
+        return base64.b64decode(text, validate=True)  # fast path: clean standard base64
+    except (binascii.Error, ValueError):
+        pass
     compact = _WS_RE.sub("", text)
     if not compact or not _B64_RE.match(compact):
         return None
@@ -458,7 +462,7 @@ def _sniff(data: bytes) -> str | None:
 def _describe(data: bytes, kind: str | None, *, quote: bool = True) -> str:
     if kind is not None:
         # Pillow hides the plugin's reason behind "cannot identify image file"; name the usual ones.
-        return f"its {kind} header is invalid (corrupt data, or a zero width or height)"
+        return f"its {kind} header is invalid or truncated (or declares a zero width or height)"
     sample = data[:512]
     try:
         text: str | None = sample.decode("utf-8")

@@ -198,6 +198,7 @@ BOMB_PNG = png_header(30_000, 30_000)
         ),
         pytest.param("ftp://example.com/a.png", {}, ["'ftp'", "http(s)://"], id="ftp"),
         pytest.param("data:image/png;base64", {}, ["no ','", "data:image"], id="data-no-comma"),
+        pytest.param("data:image/png;base64,", {}, ["data URL is empty"], id="data-empty"),
         pytest.param(
             "data:text/plain;base64,aGVsbG8=", {}, ["'text/plain'", "not an image"], id="data-text"
         ),
