@@ -1,0 +1,154 @@
+"""``ETAClipEmbedding``: text and image embeddings from ETA's own CLIP checkpoint."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from io import BytesIO
+from typing import Any
+
+from llama_index.core.base.embeddings.base import Embedding
+from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.embeddings.multi_modal_base import MultiModalEmbedding
+from llama_index.core.schema import ImageType
+from llama_index.llms.eta._loading import Lazy, evaluator_source, lazy_evaluator
+
+from eta_guard.config import DEFAULT_CLIP, ETAConfig
+from eta_guard.errors import InvalidInputError
+
+
+class ETAClipEmbedding(MultiModalEmbedding):
+    """Multimodal embedding from the CLIP checkpoint ETA's pre-evaluator uses.
+
+    One CLIP then serves both retrieval (a ``MultiModalVectorStoreIndex``) and safety: pass
+    ``evaluator=`` an ``ETAEvaluator``, an ``ETA`` or an ``ETAMultiModalLLM`` to share its
+    weights, or ``clip=`` a model id/path to load CLIP alone (lazily, on first use). Embeddings
+    are L2-normalised; texts are truncated to CLIP's 77-token context.
+
+    Setup:
+        .. code-block:: bash
+
+            pip install "eta-guard[llama-index]"
+
+    Instantiate (offline, on tiny random checkpoints):
+        .. code-block:: python
+
+            from eta_guard.testing import build_tiny_checkpoints
+            from llama_index.embeddings.eta import ETAClipEmbedding
+
+            ckpt = build_tiny_checkpoints("/tmp/eta-tiny")
+            embed = ETAClipEmbedding(clip=ckpt.clip)  # or ETAClipEmbedding(evaluator=llm)
+
+    Embed:
+        .. code-block:: python
+
+            from eta_guard.testing import make_test_image
+
+            make_test_image("red").save("/tmp/eta-red.png")
+            embed.get_text_embedding("a red square")
+            embed.get_image_embedding("/tmp/eta-red.png")
+
+    Index images:
+        .. code-block:: python
+
+            from llama_index.core.indices import MultiModalVectorStoreIndex
+
+            index = MultiModalVectorStoreIndex(nodes, embed_model=embed, image_embed_model=embed)
+    """
+
+    clip: str | None = Field(
+        DEFAULT_CLIP, description="CLIP id or path (as in ETA.from_pretrained)."
+    )
+    config: ETAConfig | None = Field(None, description="Image limits (max pixels, remote URLs).")
+    device: str | None = Field(None, description="Torch device for CLIP.")
+    load_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="More ETAEvaluator.from_pretrained arguments (dtype, clip_backend, ...).",
+    )
+
+    _evaluator: Lazy[Any] = PrivateAttr()
+
+    def __init__(self, clip: str | None = None, *, evaluator: Any = None, **kwargs: Any) -> None:
+        """Pass ``clip`` (id or path) or a ready ``evaluator`` (ETAEvaluator / ETA / ETAMultiModalLLM)."""
+        if clip is not None and evaluator is not None:
+            raise InvalidInputError("pass clip=<model id or path> or evaluator=..., not both")
+        name = clip or (DEFAULT_CLIP if evaluator is None else None)
+        kwargs.setdefault("model_name", name or "eta-clip")
+        super().__init__(clip=name, **kwargs)
+        if evaluator is not None:
+            self._evaluator = evaluator_source(evaluator, where="ETAClipEmbedding(evaluator=...)")
+        else:
+            self._evaluator = lazy_evaluator(
+                clip=name,
+                reward_model=None,
+                config=self.config,
+                device=self.device,
+                **self.load_kwargs,
+            )
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "ETAClipEmbedding"
+
+    @property
+    def pre(self) -> Any:
+        """ETA's CLIP pre-evaluator (loaded on first access)."""
+        pre = self._evaluator.get().pre
+        if pre is None:
+            raise InvalidInputError("the ETAEvaluator given to ETAClipEmbedding has no CLIP loaded")
+        return pre
+
+    # ------------------------------------------------------------------ text
+    def _get_text_embeddings(self, texts: list[str]) -> list[Embedding]:
+        return self.pre.embed_texts(list(texts)).tolist()
+
+    def _get_text_embedding(self, text: str) -> Embedding:
+        return self._get_text_embeddings([text])[0]
+
+    def _get_query_embedding(self, query: str) -> Embedding:
+        return self._get_text_embedding(query)
+
+    async def _aget_text_embeddings(self, texts: list[str]) -> list[Embedding]:
+        return await asyncio.to_thread(self._get_text_embeddings, texts)
+
+    async def _aget_text_embedding(self, text: str) -> Embedding:
+        return (await self._aget_text_embeddings([text]))[0]
+
+    async def _aget_query_embedding(self, query: str) -> Embedding:
+        return await self._aget_text_embedding(query)
+
+    # ------------------------------------------------------------------ images
+    def _get_image_embeddings(self, img_file_paths: list[ImageType]) -> list[Embedding]:
+        config = self.config or ETAConfig()
+        images = load_for_clip(img_file_paths, config)
+        return self.pre.embed_images(images).tolist()
+
+    def _get_image_embedding(self, img_file_path: ImageType) -> Embedding:
+        return self._get_image_embeddings([img_file_path])[0]
+
+    async def _aget_image_embeddings(self, img_file_paths: list[ImageType]) -> list[Embedding]:
+        return await asyncio.to_thread(self._get_image_embeddings, img_file_paths)
+
+    async def _aget_image_embedding(self, img_file_path: ImageType) -> Embedding:
+        return (await self._aget_image_embeddings([img_file_path]))[0]
+
+
+def load_for_clip(sources: Sequence[ImageType], config: ETAConfig) -> list[Any]:
+    """Decode LlamaIndex image inputs (paths or ``BytesIO``) with the engine's checks."""
+    from eta_guard.media import load_image
+
+    out = []
+    for i, source in enumerate(sources):
+        if isinstance(source, BytesIO):
+            source = source.getvalue()
+        try:
+            out.append(
+                load_image(
+                    source,
+                    allow_remote=config.allow_remote_images,
+                    max_pixels=config.max_image_pixels,
+                )
+            )
+        except InvalidInputError as e:
+            raise InvalidInputError(f"image {i} of {len(sources)}: {e}") from e
+    return out

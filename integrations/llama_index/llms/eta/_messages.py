@@ -1,0 +1,318 @@
+"""Pure converters between LlamaIndex objects and eta-guard's engine (no model, no I/O).
+
+LlamaIndex -> engine: ``ChatMessage`` lists become OpenAI-style message dicts; ``ImageBlock`` /
+``ImageNode`` / ``ImageDocument`` become image sources the engine decodes and checks itself
+(so bad images fail there, with :class:`~eta_guard.errors.InvalidInputError`). Nothing here
+reads a file or fetches a URL: remote URLs are passed on as strings and the engine refuses them
+unless ``allow_remote_images`` is set.
+
+Engine -> LlamaIndex: an ``ETAResult`` becomes the ``additional_kwargs`` / ``raw`` of a response,
+and :class:`StreamAccumulator` turns engine chunks into ``ChatResponse`` chunks (``delta`` new
+text, ``message.content`` the text so far).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import pathlib
+from collections.abc import Iterable, Sequence
+from io import IOBase
+from typing import Any
+
+from llama_index.core.base.llms.types import (
+    CachePoint,
+    ChatMessage,
+    ChatResponse,
+    CitableBlock,
+    CitationBlock,
+    CompletionResponse,
+    ImageBlock,
+    MessageRole,
+    TextBlock,
+    ThinkingBlock,
+)
+from llama_index.core.schema import ImageDocument, ImageNode
+
+from eta_guard.config import ETAConfig
+from eta_guard.errors import InvalidInputError
+
+#: LlamaIndex roles -> the engine's three roles. Tool / function turns have no place in a VLM
+#: chat template and are refused.
+ROLE_MAP: dict[MessageRole, str] = {
+    MessageRole.SYSTEM: "system",
+    MessageRole.DEVELOPER: "system",
+    MessageRole.USER: "user",
+    MessageRole.ASSISTANT: "assistant",
+    MessageRole.CHATBOT: "assistant",
+    MessageRole.MODEL: "assistant",
+}
+#: Blocks that carry no content for the model (prompt-cache hints, hidden reasoning).
+_IGNORED_BLOCKS = (CachePoint, ThinkingBlock)
+
+#: ``ETAConfig`` fields a caller may set per call (``llm.chat(msgs, pre_threshold=0.2)``).
+CONFIG_KEYS = frozenset(ETAConfig.model_fields)
+
+
+# ---------------------------------------------------------------------------- images in
+def image_block_source(block: ImageBlock) -> Any:
+    """The image source the engine should load for ``block`` (bytes, a path or a URL string).
+
+    ``ImageBlock`` stores inline data base64-encoded (its validator re-encodes raw bytes), so
+    inline data is decoded back to the image file's bytes here.
+    """
+    if block.image is not None:
+        return _inline_bytes(block.image)
+    if block.path is not None:
+        return pathlib.Path(block.path)
+    if block.url is not None:
+        return str(block.url)
+    raise InvalidInputError("ImageBlock has no image data, path or url; set one of them")
+
+
+def is_image_node(node: Any) -> bool:
+    """An ``ImageNode``, or an ``ImageDocument`` that holds an image."""
+    if isinstance(node, ImageNode):
+        return True
+    return isinstance(node, ImageDocument) and bool(node.image or node.image_path or node.image_url)
+
+
+def image_node_source(node: Any) -> Any:
+    """The image source of an ``ImageNode`` / ``ImageDocument`` (or an ``ImageBlock``).
+
+    Unlike ``ImageNode.resolve_image()`` this never downloads ``image_url``.
+    """
+    if isinstance(node, ImageBlock):
+        return image_block_source(node)
+    if not isinstance(node, (ImageNode, ImageDocument)):
+        raise InvalidInputError(
+            f"expected an ImageNode, ImageDocument or ImageBlock, got {type(node).__qualname__}"
+        )
+    if node.image:
+        return node.image  # base64 text: the engine decodes it
+    if node.image_path:
+        return pathlib.Path(node.image_path)
+    if node.image_url:
+        return node.image_url
+    raise InvalidInputError(f"ImageNode {node.node_id!r} has no image, image_path or image_url")
+
+
+def to_image_block(image: Any) -> ImageBlock:
+    """An ``ImageBlock`` for ``image``: an ImageBlock, ImageNode/ImageDocument, path, bytes or
+    URL/base64 string (used for ``complete(..., image_documents=[...])``)."""
+    if isinstance(image, ImageBlock):
+        return image
+    if isinstance(image, (ImageNode, ImageDocument)):
+        if image.image:
+            return ImageBlock(
+                image=image.image.encode("ascii"), image_mimetype=image.image_mimetype
+            )
+        if image.image_path:
+            return ImageBlock(
+                path=pathlib.Path(image.image_path), image_mimetype=image.image_mimetype
+            )
+        if image.image_url:
+            return ImageBlock(url=image.image_url, image_mimetype=image.image_mimetype)
+        return to_image_block(image_node_source(image))  # raises: the node holds no image
+    if isinstance(image, pathlib.Path):
+        return ImageBlock(path=image)
+    if isinstance(image, (bytes, bytearray)):
+        return ImageBlock(image=bytes(image))
+    if isinstance(image, str):
+        return _block_of(image)
+    raise InvalidInputError(
+        f"unsupported image {type(image).__qualname__}; pass ImageBlock, ImageNode/ImageDocument, "
+        "pathlib.Path, bytes, or a str path / data URL / base64"
+    )
+
+
+def _block_of(text: str) -> ImageBlock:
+    if text.startswith(("data:", "http://", "https://", "file://")):
+        return ImageBlock(url=text)
+    if pathlib.Path(text).is_file():
+        return ImageBlock(path=pathlib.Path(text))
+    if _looks_like_base64(text):
+        return ImageBlock(image=text.encode("ascii"))
+    raise InvalidInputError(f"image {text[:80]!r} is neither an existing file, a URL nor base64")
+
+
+def _looks_like_base64(text: str) -> bool:
+    if len(text) < 16:
+        return False
+    try:
+        base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    return True
+
+
+def _inline_bytes(data: bytes | IOBase) -> bytes:
+    if isinstance(data, IOBase):
+        data.seek(0)
+        raw = data.read()
+        if not isinstance(raw, bytes):
+            raise InvalidInputError("ImageBlock.image stream must be opened in binary mode")
+        return raw
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        return bytes(data)  # not base64 (e.g. built with model_construct): raw file bytes
+
+
+# ---------------------------------------------------------------------------- messages in
+def block_to_parts(block: Any, *, where: str) -> list[dict[str, Any]]:
+    """Engine content parts for one LlamaIndex content block (``[]`` for content-free blocks)."""
+    if isinstance(block, TextBlock):
+        return [{"type": "text", "text": block.text}] if block.text else []
+    if isinstance(block, ImageBlock):
+        return [{"type": "image", "image": image_block_source(block)}]
+    if isinstance(block, _IGNORED_BLOCKS):
+        return []
+    if isinstance(block, CitableBlock):
+        return [
+            p
+            for i, b in enumerate(block.content)
+            for p in block_to_parts(b, where=f"{where}.content[{i}]")
+        ]
+    if isinstance(block, CitationBlock):
+        return block_to_parts(block.cited_content, where=f"{where}.cited_content")
+    kind = getattr(block, "block_type", type(block).__qualname__)
+    raise InvalidInputError(
+        f"{where} is a {kind!r} block; ETAMultiModalLLM accepts text and image blocks only "
+        "(audio, video, documents and tool calls are not supported)"
+    )
+
+
+def to_engine_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
+    """OpenAI-style engine messages for LlamaIndex ``messages`` (order and images kept)."""
+    if isinstance(messages, (ChatMessage, str, bytes)) or not isinstance(messages, Iterable):
+        raise InvalidInputError(
+            f"messages must be a list of ChatMessage, got {type(messages).__qualname__}"
+        )
+    out = []
+    for i, message in enumerate(list(messages)):
+        if not isinstance(message, ChatMessage):
+            raise InvalidInputError(
+                f"messages[{i}] is {type(message).__qualname__}, expected llama_index ChatMessage"
+            )
+        role = ROLE_MAP.get(message.role)
+        if role is None:
+            raise InvalidInputError(
+                f"messages[{i}] has role {message.role.value!r}; ETAMultiModalLLM accepts "
+                f"{sorted({r.value for r in ROLE_MAP})}"
+            )
+        parts = [
+            p
+            for j, b in enumerate(message.blocks)
+            for p in block_to_parts(b, where=f"messages[{i}].blocks[{j}]")
+        ]
+        out.append({"role": role, "content": _simplify(parts)})
+    return out
+
+
+def _simplify(parts: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
+    """A plain string when the message is text only (joined like ``ChatMessage.content``)."""
+    if all(p["type"] == "text" for p in parts):
+        return "\n".join(p["text"] for p in parts)
+    return parts
+
+
+def completion_messages(prompt: str, images: Iterable[Any] | None = None) -> list[ChatMessage]:
+    """The one user turn that ``complete(prompt, image_documents=...)`` sends."""
+    if not isinstance(prompt, str):
+        raise InvalidInputError(f"prompt must be a str, got {type(prompt).__qualname__}")
+    if isinstance(images, (str, bytes, pathlib.Path, ImageBlock, ImageNode, ImageDocument)):
+        images = [images]
+    blocks: list[Any] = [to_image_block(image) for image in images or []]
+    return [ChatMessage(role=MessageRole.USER, blocks=[*blocks, TextBlock(text=prompt)])]
+
+
+def split_call_kwargs(
+    kwargs: dict[str, Any], *, max_new_tokens: int | None
+) -> tuple[list[str] | None, dict[str, Any]]:
+    """``(stop, overrides)`` from a call's keyword arguments.
+
+    ``overrides`` are ``ETAConfig`` fields for this call only; ``max_new_tokens`` is the LLM's
+    own default when the call does not set it. Anything else is refused by name.
+    """
+    unknown = sorted(set(kwargs) - CONFIG_KEYS - {"stop"})
+    if unknown:
+        raise InvalidInputError(
+            f"unknown keyword argument(s) {unknown}; pass stop=[...] or ETAConfig fields such as "
+            "max_new_tokens, pre_threshold, post_threshold, num_candidates, seed"
+        )
+    overrides = {k: v for k, v in kwargs.items() if k != "stop"}
+    if max_new_tokens is not None:
+        overrides.setdefault("max_new_tokens", max_new_tokens)
+    stop = kwargs.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    return stop, overrides
+
+
+def config_overrides(base: ETAConfig, wanted: ETAConfig | None) -> dict[str, Any]:
+    """Fields of ``wanted`` that differ from ``base`` (a ready engine used with another config)."""
+    if wanted is None or wanted is base:
+        return {}
+    mine, theirs = wanted.model_dump(), base.model_dump()
+    return {k: v for k, v in mine.items() if theirs.get(k) != v}
+
+
+# ---------------------------------------------------------------------------- results out
+def result_kwargs(result: Any) -> dict[str, Any]:
+    """``additional_kwargs`` for a response carrying an ``ETAResult``.
+
+    ``eta_verdict`` is the verdict as a dict, ``eta_aligned`` whether ETA re-decoded the
+    answer; token counts use the names LlamaIndex's token counter reads.
+    """
+    usage = result.usage
+    return {
+        "eta_verdict": result.verdict.model_dump(),
+        "eta_aligned": result.aligned,
+        "finish_reason": result.finish_reason,
+        "model_name": result.model_name,
+        "prompt_tokens": usage.input_tokens,
+        "completion_tokens": usage.output_tokens,
+        "total_tokens": usage.total_tokens,
+    }
+
+
+class StreamAccumulator:
+    """Turns engine stream chunks into ``ChatResponse`` chunks.
+
+    ``delta`` is the chunk's new text, ``message.content`` the text so far. The chunk that
+    carries the engine's ``ETAResult`` (the last one, ``delta == ""``) also carries the verdict
+    in ``additional_kwargs`` and the full result as a dict in ``raw``.
+    """
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def push(self, chunk: Any) -> ChatResponse:
+        self.text += chunk.text
+        result = chunk.result
+        return ChatResponse(
+            message=ChatMessage(role=MessageRole.ASSISTANT, content=self.text),
+            delta=chunk.text,
+            raw=None if result is None else result.model_dump(),
+            additional_kwargs={} if result is None else result_kwargs(result),
+        )
+
+
+def final_chat(last: ChatResponse | None) -> ChatResponse:
+    """The non-streaming answer: the last streamed chunk, without a ``delta``."""
+    if last is None:  # the engine always ends with a result chunk
+        raise RuntimeError("the ETA engine stream ended without a result")
+    return ChatResponse(
+        message=last.message, raw=last.raw, additional_kwargs=last.additional_kwargs
+    )
+
+
+def to_completion(chat: ChatResponse) -> CompletionResponse:
+    """The ``CompletionResponse`` twin of a chat response (``delta`` kept)."""
+    return CompletionResponse(
+        text=chat.message.content or "",
+        delta=chat.delta,
+        raw=chat.raw,
+        additional_kwargs=chat.additional_kwargs,
+    )

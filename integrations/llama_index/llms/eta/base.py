@@ -1,0 +1,277 @@
+"""``ETAMultiModalLLM``: a LlamaIndex ``LLM`` over a local VLM, made safe by ETA."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+from llama_index.core.base.llms.types import (
+    ChatMessage,
+    ChatResponse,
+    ChatResponseAsyncGen,
+    ChatResponseGen,
+    CompletionResponse,
+    CompletionResponseAsyncGen,
+    CompletionResponseGen,
+    LLMMetadata,
+)
+from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.constants import DEFAULT_CONTEXT_WINDOW
+from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
+from llama_index.core.llms.llm import LLM
+from llama_index.llms.eta._loading import Lazy, lazy_engine
+from llama_index.llms.eta._messages import (
+    StreamAccumulator,
+    completion_messages,
+    config_overrides,
+    final_chat,
+    split_call_kwargs,
+    to_completion,
+    to_engine_messages,
+)
+
+from eta_guard.config import DEFAULT_CLIP, DEFAULT_REWARD_MODEL, ETAConfig
+from eta_guard.errors import InvalidInputError
+
+
+class ETAMultiModalLLM(LLM):
+    """Multimodal LlamaIndex LLM over a local Hugging Face VLM, made safe at inference time by ETA.
+
+    Each call runs ETA (Ding et al., ICLR 2025): CLIP judges the images, the VLM answers, a
+    reward model judges the answer, and only when both are unsafe is the answer re-decoded with
+    ETA's alignment. Images travel as ``ImageBlock``s in ``ChatMessage.blocks`` (by path, bytes,
+    base64 or data URL; remote URLs only with ``ETAConfig(allow_remote_images=True)``).
+    ``response.additional_kwargs["eta_verdict"]`` holds the verdict, ``["eta_aligned"]`` whether
+    the answer was aligned, and ``response.raw`` the whole ``ETAResult`` as a dict.
+
+    Setup:
+        .. code-block:: bash
+
+            pip install "eta-guard[llama-index]"
+
+    Instantiate (offline, on tiny random checkpoints; pass real model ids in practice):
+        .. code-block:: python
+
+            from eta_guard import ETAConfig
+            from eta_guard.testing import build_tiny_checkpoints
+            from llama_index.llms.eta import ETAMultiModalLLM
+
+            ckpt = build_tiny_checkpoints("/tmp/eta-tiny")
+            llm = ETAMultiModalLLM(
+                vlm=ckpt.vlm, clip=ckpt.clip, reward_model=ckpt.reward_model,
+                config=ETAConfig(num_candidates=2, seed=0), max_new_tokens=16,
+            )  # nothing is loaded until the first call
+
+    Chat with an image:
+        .. code-block:: python
+
+            from eta_guard.testing import make_test_image
+            from llama_index.core.llms import ChatMessage, ImageBlock, TextBlock
+
+            make_test_image("noise").save("/tmp/eta-noise.png")
+            msg = ChatMessage(role="user", blocks=[
+                ImageBlock(path="/tmp/eta-noise.png"),
+                TextBlock(text="What is in this picture?"),
+            ])
+            resp = llm.chat([msg])
+            resp.message.content, resp.additional_kwargs["eta_verdict"]["pre_score"]
+
+    Complete (images as ``image_documents``):
+        .. code-block:: python
+
+            llm.complete("Describe it.", image_documents=["/tmp/eta-noise.png"]).text
+
+    Stream:
+        .. code-block:: python
+
+            for chunk in llm.stream_chat([msg]):
+                print(chunk.delta, end="")  # chunk.message.content: the text so far
+            chunk.additional_kwargs["eta_verdict"]  # on the last chunk
+
+    Async:
+        .. code-block:: python
+
+            await llm.achat([msg])
+            async for chunk in await llm.astream_chat([msg]):
+                ...
+
+    Per-call keyword arguments are ``stop=[...]`` and ``ETAConfig`` fields for this call only
+    (``llm.chat(msgs, pre_threshold=0.2, max_new_tokens=64)``).
+    """
+
+    vlm: str | None = Field(None, description="VLM id or path (as in ETA.from_pretrained).")
+    clip: str | None = Field(DEFAULT_CLIP, description="CLIP id or path of the pre-evaluator.")
+    reward_model: str | None = Field(
+        DEFAULT_REWARD_MODEL, description="Reward-model id or path of the post-evaluator."
+    )
+    config: ETAConfig | None = Field(None, description="ETA's thresholds and search knobs.")
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="Answer length limit (default: config.max_new_tokens)."
+    )
+    context_window: int = Field(
+        DEFAULT_CONTEXT_WINDOW, gt=0, description="Context size LlamaIndex packs prompts for."
+    )
+    device: str | None = Field(None, description="Torch device for all three models.")
+    load_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="More ETA.from_pretrained arguments (dtype, local_files_only, "
+        "trust_remote_code, clip_backend, vlm_kwargs, ...).",
+    )
+
+    _engine: Lazy[Any] = PrivateAttr()
+
+    def __init__(self, vlm: str | None = None, *, eta: Any = None, **kwargs: Any) -> None:
+        """Pass model ids/paths (``vlm``, ``clip``, ``reward_model``), or a ready ``eta``."""
+        if (vlm is None) == (eta is None):
+            raise InvalidInputError(
+                "ETAMultiModalLLM needs exactly one of vlm=<model id or path> or eta=<ETA>, got "
+                f"vlm={vlm!r}, eta={type(eta).__name__ if eta is not None else None}"
+            )
+        if eta is not None:
+            kwargs.setdefault("clip", None)
+            kwargs.setdefault("reward_model", None)
+        super().__init__(vlm=vlm, **kwargs)
+        if eta is not None:
+            from eta_guard.pipeline import ETA
+
+            if not isinstance(eta, ETA):
+                raise InvalidInputError(f"eta must be an eta_guard.ETA, got {type(eta).__name__}")
+            self._engine = Lazy.ready(eta)
+        else:
+            self._engine = lazy_engine(
+                vlm,
+                clip=self.clip,
+                reward_model=self.reward_model,
+                config=self.config,
+                device=self.device,
+                **self.load_kwargs,
+            )
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "eta_multi_modal_llm"
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        config = self.config or ETAConfig()
+        return LLMMetadata(
+            context_window=self.context_window,
+            num_output=self.max_new_tokens or config.max_new_tokens,
+            is_chat_model=True,
+            is_function_calling_model=False,
+            model_name=self.vlm or "eta",
+        )
+
+    @property
+    def engine(self) -> Any:
+        """The ``eta_guard.ETA`` behind this LLM (loaded on first access)."""
+        return self._engine.get()
+
+    # ------------------------------------------------------------------ the core
+    def _prepare(
+        self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]
+    ) -> tuple[list[dict[str, Any]], list[str] | None, dict[str, Any]]:
+        engine_messages = to_engine_messages(messages)
+        stop, overrides = split_call_kwargs(kwargs, max_new_tokens=self.max_new_tokens)
+        return engine_messages, stop, overrides
+
+    def _with_config(self, eta: Any, overrides: dict[str, Any]) -> dict[str, Any]:
+        """A ready engine keeps its own config; ``self.config`` then applies as overrides."""
+        return {**config_overrides(eta.config, self.config), **overrides}
+
+    def _stream(
+        self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]
+    ) -> Iterator[ChatResponse]:
+        engine_messages, stop, overrides = self._prepare(messages, kwargs)  # fails before streaming
+
+        def gen() -> Iterator[ChatResponse]:
+            eta = self._engine.get()
+            acc = StreamAccumulator()
+            for chunk in eta.stream(
+                engine_messages, stop=stop, **self._with_config(eta, overrides)
+            ):
+                yield acc.push(chunk)
+
+        return gen()
+
+    def _astream(
+        self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]
+    ) -> AsyncIterator[ChatResponse]:
+        engine_messages, stop, overrides = self._prepare(messages, kwargs)
+
+        async def gen() -> AsyncIterator[ChatResponse]:
+            eta = await self._engine.aget()
+            acc = StreamAccumulator()
+            chunks = eta.astream(engine_messages, stop=stop, **self._with_config(eta, overrides))
+            async for chunk in chunks:
+                yield acc.push(chunk)
+
+        return gen()
+
+    def _chat(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> ChatResponse:
+        """The whole answer: the aggregate of :meth:`_stream`."""
+        last = None
+        for last in self._stream(messages, kwargs):  # noqa: B007
+            pass
+        return final_chat(last)
+
+    async def _achat(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> ChatResponse:
+        last = None
+        async for last in self._astream(messages, kwargs):  # noqa: B007
+            pass
+        return final_chat(last)
+
+    # ------------------------------------------------------------------ chat
+    @llm_chat_callback()
+    def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        return self._chat(messages, kwargs)
+
+    @llm_chat_callback()
+    def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+        return self._stream(messages, kwargs)
+
+    @llm_chat_callback()
+    async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        return await self._achat(messages, kwargs)
+
+    @llm_chat_callback()
+    async def astream_chat(
+        self, messages: Sequence[ChatMessage], **kwargs: Any
+    ) -> ChatResponseAsyncGen:
+        return self._astream(messages, kwargs)
+
+    # ------------------------------------------------------------------ complete
+    # A completion is a one-turn chat: ``prompt`` plus ``image_documents`` (ImageBlocks,
+    # ImageNodes/ImageDocuments, paths, bytes, data URLs or base64). ``formatted`` is accepted
+    # for LlamaIndex's sake; the VLM's own chat template always formats the prompt.
+    @llm_completion_callback()
+    def complete(
+        self, prompt: str, formatted: bool = False, image_documents: Any = None, **kwargs: Any
+    ) -> CompletionResponse:
+        return to_completion(self._chat(completion_messages(prompt, image_documents), kwargs))
+
+    @llm_completion_callback()
+    def stream_complete(
+        self, prompt: str, formatted: bool = False, image_documents: Any = None, **kwargs: Any
+    ) -> CompletionResponseGen:
+        chats = self._stream(completion_messages(prompt, image_documents), kwargs)
+        return (to_completion(chat) for chat in chats)
+
+    @llm_completion_callback()
+    async def acomplete(
+        self, prompt: str, formatted: bool = False, image_documents: Any = None, **kwargs: Any
+    ) -> CompletionResponse:
+        chat = await self._achat(completion_messages(prompt, image_documents), kwargs)
+        return to_completion(chat)
+
+    @llm_completion_callback()
+    async def astream_complete(
+        self, prompt: str, formatted: bool = False, image_documents: Any = None, **kwargs: Any
+    ) -> CompletionResponseAsyncGen:
+        chats = self._astream(completion_messages(prompt, image_documents), kwargs)
+
+        async def gen() -> CompletionResponseAsyncGen:
+            async for chat in chats:
+                yield to_completion(chat)
+
+        return gen()

@@ -1,0 +1,181 @@
+"""``ETAImageSafetyPostprocessor``: drop or flag retrieved images ETA's CLIP check marks unsafe."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.postprocessor.types import BaseNodePostprocessor
+from llama_index.core.schema import ImageNode, NodeWithScore, QueryBundle
+from llama_index.llms.eta._loading import Lazy, evaluator_source, lazy_evaluator
+from llama_index.llms.eta._messages import image_node_source, is_image_node
+
+from eta_guard.config import DEFAULT_CLIP, ETAConfig
+from eta_guard.errors import InvalidInputError
+
+#: Metadata keys written on image nodes; kept out of the LLM prompt and of embeddings.
+UNSAFE_KEY = "eta_image_unsafe"
+SCORE_KEY = "eta_image_score"
+ERROR_KEY = "eta_image_error"
+_KEYS = (UNSAFE_KEY, SCORE_KEY, ERROR_KEY)
+
+
+class ETAImageSafetyPostprocessor(BaseNodePostprocessor):
+    """Node postprocessor that screens retrieved ``ImageNode``s with ETA's CLIP pre-evaluator.
+
+    Every image node is scored in one batched CLIP forward (cosine with ETA's unsafe-content
+    prompt); the engine's verdict marks it unsafe when the score reaches
+    ``config.pre_threshold``. ``mode="drop"`` removes unsafe images before synthesis;
+    ``mode="flag"`` keeps them and writes ``eta_image_unsafe`` / ``eta_image_score`` into the
+    node's metadata (excluded from the LLM prompt and embeddings). Text nodes pass untouched.
+    An image that cannot be loaded (corrupt, missing, a remote URL without
+    ``allow_remote_images``) follows ``on_invalid_image``: treated as ``"unsafe"`` (default,
+    fail-closed), ``"safe"``, or ``"raise"`` the engine's ``InvalidInputError``.
+
+    Setup:
+        .. code-block:: bash
+
+            pip install "eta-guard[llama-index]"
+
+    Instantiate (offline, on tiny random checkpoints):
+        .. code-block:: python
+
+            from eta_guard.testing import build_tiny_checkpoints
+            from llama_index.postprocessor.eta import ETAImageSafetyPostprocessor
+
+            ckpt = build_tiny_checkpoints("/tmp/eta-tiny")
+            screen = ETAImageSafetyPostprocessor(clip=ckpt.clip, mode="flag")
+            # or share weights: ETAImageSafetyPostprocessor(evaluator=llm)
+
+    Use:
+        .. code-block:: python
+
+            from eta_guard.testing import make_test_image
+            from llama_index.core.schema import ImageNode, NodeWithScore
+
+            make_test_image("red").save("/tmp/eta-red.png")
+            nodes = screen.postprocess_nodes([NodeWithScore(node=ImageNode(image_path="/tmp/eta-red.png"))])
+            nodes[0].node.metadata["eta_image_score"]
+
+    In a query engine:
+        .. code-block:: python
+
+            RetrieverQueryEngine.from_args(retriever, llm=llm, multimodal=True,
+                                           node_postprocessors=[screen])
+    """
+
+    clip: str | None = Field(
+        DEFAULT_CLIP, description="CLIP id or path (as in ETA.from_pretrained)."
+    )
+    config: ETAConfig | None = Field(
+        None, description="Threshold and image limits (default: the engine's)."
+    )
+    mode: Literal["drop", "flag"] = Field(
+        "drop", description="Drop unsafe images or flag them in metadata."
+    )
+    on_invalid_image: Literal["unsafe", "safe", "raise"] = Field(
+        "unsafe", description="What an image that cannot be loaded counts as."
+    )
+    device: str | None = Field(None, description="Torch device for CLIP.")
+    load_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="More ETAEvaluator.from_pretrained arguments."
+    )
+
+    _evaluator: Lazy[Any] = PrivateAttr()
+
+    def __init__(self, clip: str | None = None, *, evaluator: Any = None, **kwargs: Any) -> None:
+        """Pass ``clip`` (id or path) or a ready ``evaluator`` (ETAEvaluator / ETA / ETAMultiModalLLM)."""
+        if clip is not None and evaluator is not None:
+            raise InvalidInputError("pass clip=<model id or path> or evaluator=..., not both")
+        name = clip or (DEFAULT_CLIP if evaluator is None else None)
+        super().__init__(clip=name, **kwargs)
+        if evaluator is not None:
+            self._evaluator = evaluator_source(
+                evaluator, where="ETAImageSafetyPostprocessor(evaluator=...)"
+            )
+        else:
+            self._evaluator = lazy_evaluator(
+                clip=name,
+                reward_model=None,
+                config=self.config,
+                device=self.device,
+                **self.load_kwargs,
+            )
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "ETAImageSafetyPostprocessor"
+
+    def _evaluator_now(self) -> Any:
+        evaluator = self._evaluator.get()
+        return evaluator if self.config is None else evaluator.with_config(self.config)
+
+    def _postprocess_nodes(
+        self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None
+    ) -> list[NodeWithScore]:
+        positions = [i for i, n in enumerate(nodes) if is_image_node(n.node)]
+        if not positions:
+            return list(nodes)
+        evaluator = self._evaluator_now()
+        judged = judge_images([nodes[i].node for i in positions], evaluator, self.on_invalid_image)
+        decisions = dict(zip(positions, judged, strict=True))
+        out = []
+        for i, item in enumerate(nodes):
+            decision = decisions.get(i)
+            if decision is None:
+                out.append(item)
+            elif self.mode == "flag":
+                out.append(NodeWithScore(node=flagged(item.node, decision), score=item.score))
+            elif not decision[UNSAFE_KEY]:
+                out.append(item)
+        return out
+
+
+def judge_images(nodes: list[ImageNode], evaluator: Any, on_invalid: str) -> list[dict[str, Any]]:
+    """One metadata dict per node: ``eta_image_unsafe``, ``eta_image_score`` (and the load error).
+
+    Images are decoded one by one (so one bad image names its node), then scored by the
+    engine's ``evaluate_batch`` in a single CLIP forward; the engine's verdict decides.
+    """
+    from eta_guard.media import load_image
+
+    config = evaluator.config
+    loaded: list[Any] = []
+    errors: dict[int, str] = {}
+    for i, node in enumerate(nodes):
+        try:
+            loaded.append(
+                load_image(
+                    image_node_source(node),
+                    allow_remote=config.allow_remote_images,
+                    max_pixels=config.max_image_pixels,
+                )
+            )
+        except InvalidInputError as e:
+            if on_invalid == "raise":
+                raise InvalidInputError(f"image node {node.node_id!r}: {e}") from e
+            errors[i] = str(e)
+            loaded.append(None)
+    good = [img for img in loaded if img is not None]
+    verdicts = iter(evaluator.evaluate_batch([{"images": [img]} for img in good]) if good else [])
+    out = []
+    for i, image in enumerate(loaded):
+        if image is None:
+            out.append({UNSAFE_KEY: on_invalid == "unsafe", SCORE_KEY: None, ERROR_KEY: errors[i]})
+        else:
+            verdict = next(verdicts)
+            out.append({UNSAFE_KEY: bool(verdict.input_unsafe), SCORE_KEY: verdict.pre_score})
+    return out
+
+
+def flagged(node: ImageNode, decision: dict[str, Any]) -> ImageNode:
+    """A copy of ``node`` whose metadata carries ``decision`` (kept out of prompts/embeddings)."""
+    copy = node.model_copy()
+    copy.metadata = {**node.metadata, **decision}
+    copy.excluded_llm_metadata_keys = _merge(node.excluded_llm_metadata_keys)
+    copy.excluded_embed_metadata_keys = _merge(node.excluded_embed_metadata_keys)
+    return copy
+
+
+def _merge(keys: list[str]) -> list[str]:
+    return [*keys, *(k for k in _KEYS if k not in keys)]
