@@ -88,6 +88,11 @@ class ETAConfig(BaseModel):
 
     # --- input handling ---
     allow_remote_images: bool = Field(False, description="Fetch http(s) image URLs (off: no network).")
+    allow_local_image_files: bool = Field(
+        True,
+        description="Read images from local paths / file:// URLs. Turn off when serving "
+        "untrusted messages, so a request cannot make the server read its own files.",
+    )
     max_image_pixels: int = Field(40_000_000, ge=1, description="Refuse larger images (bombs).")
 
     @field_validator("sentence_terminators")

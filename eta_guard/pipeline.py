@@ -175,6 +175,7 @@ class ETA:
         conv = normalize_messages(
             messages,
             allow_remote_images=cfg.allow_remote_images,
+            allow_local_image_files=cfg.allow_local_image_files,
             max_image_pixels=cfg.max_image_pixels,
         )
         with self._lock:

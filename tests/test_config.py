@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
 from eta_guard import ETAConfig, InvalidInputError
 from eta_guard.config import DEFAULT_RM_DECISION_PROMPT, DEFAULT_RM_SEARCH_PROMPT
@@ -57,7 +58,7 @@ def test_invalid_values_are_refused_with_the_field_named(field, value, words):
 
 def test_config_is_immutable():
     cfg = ETAConfig()
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         cfg.num_candidates = 3  # type: ignore[misc]
 
 

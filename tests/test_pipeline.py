@@ -221,3 +221,11 @@ def test_each_vlm_family_end_to_end(tiny_dir, family):
     follow_up = [*two_images, {"role": "assistant", "content": safe.text or "ok"},
                  {"role": "user", "content": "And now?"}]
     assert isinstance(eta.generate(follow_up, **FLAG_ALL).text, str)
+
+
+def test_local_image_files_can_be_refused(eta, tmp_path):
+    path = tmp_path / "pic.png"
+    make_test_image().save(path)
+    assert eta.generate(_ask(str(path)), pre_threshold=1.01).verdict.pre_score is not None
+    with pytest.raises(InvalidInputError, match="local"):
+        eta.generate(_ask(str(path)), allow_local_image_files=False)
