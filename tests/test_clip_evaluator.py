@@ -253,6 +253,7 @@ def test_open_clip_backend_matches_open_clip(tiny_open_clip, images):
     )
     # The one-string spec selects the backend by itself.
     spec = CLIPPreEvaluator.from_pretrained(f"open_clip:{model_name}/{checkpoint}", device="cpu")
+    assert spec.name == pre.name == f"open_clip:{model_name}/{checkpoint}"
     torch.testing.assert_close(
         torch.tensor(spec.score_images(images)),
         torch.tensor(pre.score_images(images)),

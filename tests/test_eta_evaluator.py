@@ -255,7 +255,7 @@ def test_concurrent_threads_get_consistent_scores(evaluator, images):
 def test_with_config_shares_models_and_config_round_trips(evaluator, images, tmp_path):
     config = ETAConfig(pre_threshold=0.3, post_threshold=-0.2, on_evaluator_error="fail_closed")
     path = tmp_path / "eta.json"
-    config.save(path)
+    evaluator.with_config(config).save_config(path)
     ev = evaluator.with_config(ETAConfig.load(path))
     assert ev.pre is evaluator.pre and ev.post is evaluator.post
     assert ev.config == config and evaluator.config == ETAConfig()

@@ -47,11 +47,15 @@ class CLIPPreEvaluator:
         prompt: The default prompt; :meth:`score_images` can take another one.
 
     Example:
+        >>> import tempfile
         >>> from eta_guard.testing import build_tiny_checkpoints, make_test_image
-        >>> ckpt = build_tiny_checkpoints(tmp_dir)  # doctest: +SKIP
-        >>> pre = CLIPPreEvaluator.from_pretrained(ckpt.clip)  # doctest: +SKIP
-        >>> pre.score_images([make_test_image()])  # doctest: +SKIP
-        [0.03...]
+        >>> ckpt = build_tiny_checkpoints(tempfile.mkdtemp())
+        >>> pre = CLIPPreEvaluator.from_pretrained(ckpt.clip, device="cpu")
+        >>> scores = pre.score_images([make_test_image("red"), make_test_image("noise")])
+        >>> len(scores), all(-1.0 <= s <= 1.0 for s in scores)
+        (2, True)
+        >>> pre.similarity(pre.embed_images([make_test_image()]), ["a cat.", "a dog."]).shape
+        torch.Size([2])
     """
 
     def __init__(self, encoder: CLIPEncoder, *, prompt: str = DEFAULT_SAFETY_PROMPT) -> None:

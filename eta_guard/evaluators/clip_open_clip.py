@@ -129,7 +129,8 @@ class OpenCLIPEncoder:
             raise load_error(
                 "open_clip model", f"{model_name} (pretrained={tag!r})", e, trust_remote_code=True
             ) from e
-        label = model_name if tag is None else f"{model_name}/{os.path.basename(str(tag))}"
+        # A name parse_open_clip_name() reads back, so the spec can be saved and reloaded.
+        label = model_name if tag is None else f"{model_name}/{tag}"
         return cls(model, preprocess, tokenizer, name=f"open_clip:{label}")
 
     @property

@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from eta_guard.config import DEFAULT_CLIP, DEFAULT_REWARD_MODEL, ETAConfig
@@ -46,11 +47,30 @@ class ETAEvaluator:
         pre: The CLIP pre-evaluator, or ``None`` (asking it for images then raises).
         post: The reward-model post-evaluator, or ``None``.
         config: Thresholds, prompts and the failure policy (default: the paper's values).
+        lock: Lock serialising model calls (shared by :meth:`with_config` views).
 
-    Example:
-        >>> ev = ETAEvaluator.from_pretrained(clip=ckpt.clip, reward_model=ckpt.reward_model)  # doctest: +SKIP
-        >>> ev.evaluate(images=[image], response="Sure, here is how...").unsafe  # doctest: +SKIP
-        False
+    Setup (random tiny checkpoints, offline; real use: the default reference checkpoints):
+        >>> import asyncio, tempfile
+        >>> from eta_guard.testing import build_tiny_checkpoints, make_test_image
+        >>> ckpt = build_tiny_checkpoints(tempfile.mkdtemp())
+
+    Instantiate:
+        >>> evaluator = ETAEvaluator.from_pretrained(
+        ...     clip=ckpt.clip, reward_model=ckpt.reward_model, device="cpu")
+
+    Invoke:
+        >>> verdict = evaluator.evaluate(images=[make_test_image()], response="I can't help.")
+        >>> sorted(verdict.timings), verdict.unsafe == (verdict.input_unsafe and verdict.output_unsafe)
+        (['post', 'pre'], True)
+
+    Batch (one CLIP forward and one RM forward for all items):
+        >>> verdicts = evaluator.evaluate_batch([{"images": make_test_image()}, {"response": "Sure."}])
+        >>> [v.skipped for v in verdicts]
+        [{'post': 'no response given'}, {'pre': 'no image given'}]
+
+    Async:
+        >>> asyncio.run(evaluator.aevaluate(response="Sure.")).pre_score is None
+        True
     """
 
     def __init__(
@@ -131,6 +151,10 @@ class ETAEvaluator:
         if config is self.config:
             return self
         return ETAEvaluator(self.pre, self.post, config, lock=self._lock)
+
+    def save_config(self, path: str | Path) -> None:
+        """Write :attr:`config` as JSON; load it back with ``ETAConfig.load(path)``."""
+        self.config.save(path)
 
     # ------------------------------------------------------------------ scores
     def score_images(self, images: ImageSource | Sequence[ImageSource]) -> list[float]:

@@ -35,6 +35,15 @@ class RewardPostEvaluator:
 
     Raises:
         InvalidInputError: The tokenizer has no chat template and none was given.
+
+    Example:
+        >>> import tempfile
+        >>> from eta_guard.testing import build_tiny_checkpoints
+        >>> ckpt = build_tiny_checkpoints(tempfile.mkdtemp())
+        >>> rm = RewardPostEvaluator.from_pretrained(ckpt.reward_model, device="cpu")
+        >>> rewards = rm.score(["I can't help with that.", "Sure, step one..."], "Be safe.")
+        >>> len(rewards)
+        2
     """
 
     def __init__(
