@@ -101,6 +101,8 @@ def test_single_image_source_is_accepted(evaluator, images, tmp_path):
     images[0].save(path)
     from_path = evaluator.evaluate(images=str(path))
     assert len(from_path.image_scores) == 1
+    with pytest.raises(InvalidInputError):
+        _with(evaluator, allow_local_image_files=False).evaluate(images=str(path))
     assert from_path.pre_score == pytest.approx(
         evaluator.evaluate(images=images[0]).pre_score, abs=1e-5
     )

@@ -388,6 +388,7 @@ class ETAEvaluator:
                 images,
                 allow_remote=self.config.allow_remote_images,
                 max_pixels=self.config.max_image_pixels,
+                allow_local_files=self.config.allow_local_image_files,
             )
         except InvalidInputError as e:
             raise InvalidInputError(f"{where}: {e}") from e
