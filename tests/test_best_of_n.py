@@ -142,20 +142,43 @@ def test_batched_candidates_match_uncached_decoding(
     )
     assert len(out.trace) >= 2, "need several sentences to check the carried cache"
     assert rec.pixel_calls == (0 if reuse_vanilla_cache else 1)  # the image is encoded once
+    assert max_logit_gap(vlm, prepared, out, rec, rows=3) < 1e-4
+
+
+def max_logit_gap(adapter, prepared, out, rec, *, rows: int, steps: int = 3) -> float:
+    """Largest gap between the batched search's raw logits and uncached full forwards."""
     worst = 0.0
-    for step, sample in list(zip(out.trace, rec.samples, strict=True))[:3]:
+    for step, sample in list(zip(out.trace, rec.samples, strict=True))[:steps]:
         start = sample["start"]
         assert sample["cache_before"] == start - 1  # cache invariant: context minus its last token
-        assert sample["rows"] == 3
+        assert sample["rows"] == rows
         for row, candidate in enumerate(step.candidates):
             n = candidate.num_tokens
             ids = sample["sequences"][row : row + 1, : start + n - 1]
-            reference = full_forward_logits(vlm, prepared, ids)
+            reference = full_forward_logits(adapter, prepared, ids)
             for t in range(n):
-                worst = max(
-                    worst, (reference[start - 1 + t] - sample["logits"][t][row]).abs().max().item()
-                )
-    assert worst < 1e-4
+                gap = (reference[start - 1 + t] - sample["logits"][t][row]).abs().max().item()
+                worst = max(worst, gap)
+    return worst
+
+
+def test_sliding_window_layers_are_cropped_exactly(vlm_paths, test_images, recorder):
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    path = vlm_paths("qwen2_vl")
+    cfg = AutoConfig.from_pretrained(path)
+    text = cfg.text_config
+    text.sliding_window = 8  # far shorter than the prompt: the window is full from the start
+    text.layer_types = ["full_attention"] + ["sliding_attention"] * (text.num_hidden_layers - 1)
+    model = AutoModelForImageTextToText.from_pretrained(path, config=cfg)
+    adapter = VLMAdapter(model, AutoProcessor.from_pretrained(path))
+    assert any(adapter.new_cache().is_sliding)
+    prepared = adapter.prepare(conversation(test_images[:1]), assistant_prefix=PREFIX)
+    assert prepared.num_prompt_tokens > 2 * text.sliding_window
+    rec = recorder(adapter)
+    out = SentenceBestOfN(adapter, config()).run(prepared, reward_fn=length_reward)
+    assert len(out.trace) >= 2
+    assert max_logit_gap(adapter, prepared, out, rec, rows=3) < 1e-4
 
 
 def test_cache_covers_accepted_context_after_each_step(llava, test_images, recorder):
@@ -378,3 +401,20 @@ def test_sequential_mode_with_sampling_keeps_the_rule(llava, test_images):
         scores = [c.score for c in step.candidates]
         assert step.chosen == scores.index(max(scores))
     assert "".join(s.candidates[s.chosen].text for s in out.trace) == out.text
+
+
+def test_stop_string_ends_the_search(llava, test_images):
+    prepared = llava.prepare(conversation(test_images[:1]), assistant_prefix=PREFIX)
+    cfg = config(max_new_tokens=30)
+    full = SentenceBestOfN(llava, cfg).run(prepared, reward_fn=length_reward)
+    assert len(full.trace) >= 3
+    second = full.trace[1].candidates[full.trace[1].chosen].text
+    stop = next(second[i : i + 2] for i in range(len(second) - 1) if second[i : i + 2].strip())
+    deltas = []
+    out = SentenceBestOfN(llava, cfg).run(
+        prepared, reward_fn=length_reward, stop=[stop], on_sentence=deltas.append
+    )
+    assert out.text == full.text[: full.text.find(stop)]
+    assert out.finish_reason == "stop"
+    assert len(out.trace) <= 2 and out.trace == full.trace[: len(out.trace)]
+    assert "".join(deltas) == out.text

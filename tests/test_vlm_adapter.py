@@ -309,3 +309,27 @@ def test_decode_continuation_skips_special_and_completes_split_characters():
     assert decode_continuation(tok, ids[:2], ids[2:] + [eos]) == " 你好"
     assert decode_continuation(tok, ids, [eos]) == ""
     assert decode_continuation(tok, [], ids) == "ok 你好"
+
+
+# ----- loading errors -----
+def test_missing_checkpoint_is_invalid_input(tmp_path):
+    with pytest.raises(InvalidInputError, match="cannot load the VLM"):
+        VLMAdapter.from_pretrained(str(tmp_path / "nowhere"), local_files_only=True)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"), [({"device": "gpu9"}, "device"), ({"dtype": "int3"}, "dtype")]
+)
+def test_bad_device_or_dtype_is_invalid_input(vlm_paths, kwargs, match):
+    with pytest.raises(InvalidInputError, match=match):
+        VLMAdapter.from_pretrained(vlm_paths("llava"), local_files_only=True, **kwargs)
+
+
+def test_dtype_is_applied(vlm_paths, test_images):
+    adapter = VLMAdapter.from_pretrained(
+        vlm_paths("llava"), dtype="bfloat16", local_files_only=True
+    )
+    assert adapter.model.dtype == torch.bfloat16
+    prepared = adapter.prepare(conversation(test_images[:1]))
+    assert prepared.model_inputs["pixel_values"].dtype == torch.bfloat16
+    assert len(adapter.generate_greedy(prepared, max_new_tokens=3).token_ids) >= 1

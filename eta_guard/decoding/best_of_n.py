@@ -24,7 +24,12 @@ from typing import Any
 import torch
 
 from eta_guard.config import ETAConfig
-from eta_guard.decoding.stopping import SentenceEndCriteria, candidate_lengths
+from eta_guard.decoding.stopping import (
+    SentenceEndCriteria,
+    candidate_lengths,
+    cut_at_stop,
+    stop_holdback,
+)
 from eta_guard.decoding.vlm import FinishReason, PreparedPrompt, VLMAdapter
 from eta_guard.errors import InvalidInputError
 from eta_guard.verdict import CandidateTrace, SentenceTrace
@@ -48,9 +53,11 @@ class SearchOutput:
 
     Attributes:
         text: the answer after the assistant prefix, decoded in context.
-        token_ids: the accepted tokens (EOS included when the answer ended on it).
+        token_ids: the accepted tokens (EOS included when the answer ended on it; all of the
+            last sentence's tokens when a stop string cut ``text``).
         trace: every sentence's candidates, scores and the chosen index.
-        finish_reason: ``"stop"`` (EOS) or ``"length"`` (token budget or context full).
+        finish_reason: ``"stop"`` (EOS or a stop string) or ``"length"`` (token budget or
+            context full).
         decoded_tokens: tokens of all candidates, kept or not.
         timings: seconds spent in ``"decode"``, ``"reward"`` and ``"clip"``.
     """
@@ -124,6 +131,7 @@ class SentenceBestOfN:
         cache: Any = None,
         cache_ids: Sequence[int] | torch.Tensor | None = None,
         on_sentence: Callable[[str], None] | None = None,
+        stop: Sequence[str] | None = None,
     ) -> SearchOutput:
         """Search the answer that continues ``prepared`` (prompt + assistant prefix).
 
@@ -137,7 +145,10 @@ class SentenceBestOfN:
                 (mutated) and reused only up to the longest common prefix of ``cache_ids`` and
                 ``prepared.input_ids``.
             cache_ids: the token ids ``cache`` was built from (e.g. ``GreedyOutput.sequence_ids``).
-            on_sentence: called with each accepted sentence's text (deltas of ``text``).
+            on_sentence: called with each accepted sentence's text (deltas of ``text``; never
+                text past a stop string).
+            stop: strings that end the answer (searched in the text after the prefix; the
+                returned text is cut before the first one, ``finish_reason`` is ``"stop"``).
 
         Returns:
             The answer, its trace and costs.
@@ -148,7 +159,8 @@ class SentenceBestOfN:
                 "(GreedyOutput.sequence_ids) so it is never trusted beyond them"
             )
         with _seeded(self.config.seed, self.adapter.device), torch.inference_mode():
-            return _Search(self, prepared, reward_fn, clip_fn, on_sentence).run(cache, cache_ids)
+            search = _Search(self, prepared, reward_fn, clip_fn, on_sentence, stop)
+            return search.run(cache, cache_ids)
 
 
 class _Search:
@@ -161,8 +173,10 @@ class _Search:
         reward_fn: RewardFn,
         clip_fn: ClipFn | None,
         on_sentence: Callable[[str], None] | None,
+        stop: Sequence[str] | None,
     ) -> None:
         self.adapter, self.cfg, self.batched = owner.adapter, owner.config, owner.batched
+        self.stop = [s for s in (stop or []) if s]
         self.prepared, self.reward_fn, self.clip_fn = prepared, reward_fn, clip_fn
         self.on_sentence = on_sentence
         self.prompt_ids = prepared.input_ids[0].tolist()
@@ -181,15 +195,15 @@ class _Search:
             budget = min(self.cfg.max_sentence_tokens, self.max_new - len(state.accepted))
             step = self._sample(state, budget)
             chosen = self._choose(state, step)
-            tokens = step.tokens[chosen]
-            state.accepted.extend(tokens)
-            self._emit(state.accepted, final=False)
-            if step.ended[chosen]:
+            state.accepted.extend(step.tokens[chosen])
+            text, stopped = self._text(state.accepted)
+            if step.ended[chosen] or stopped:
                 finish = "stop"
                 break
+            self._emit(text, final=False)
             self._advance(state, step, chosen)
-        text = self.adapter.decode_continuation(self.prompt_ids, state.accepted)
-        self._emit(state.accepted, final=True, text=text)
+        text, _ = self._text(state.accepted)
+        self._emit(text, final=True)
         return SearchOutput(
             text=text,
             token_ids=list(state.accepted),
@@ -198,6 +212,11 @@ class _Search:
             decoded_tokens=self.decoded,
             timings=self.timings,
         )
+
+    def _text(self, accepted: list[int]) -> tuple[str, bool]:
+        """The answer after the prefix, cut before a stop string; and whether one was found."""
+        text = self.adapter.decode_continuation(self.prompt_ids, accepted)
+        return cut_at_stop(text, self.stop)
 
     # ----- caches -----
     def _prefill(self, cache: Any, cache_ids: Any) -> _State:
@@ -374,13 +393,15 @@ class _Search:
         return chosen
 
     # ----- streaming and timing -----
-    def _emit(self, accepted: list[int], *, final: bool, text: str | None = None) -> None:
-        """Send the newly settled text (a partial character at the end waits for the next sentence)."""
+    def _emit(self, text: str, *, final: bool) -> None:
+        """Send the newly settled text to ``on_sentence``.
+
+        A tail that may still start a stop string, or that ends mid-character, waits for the
+        next sentence.
+        """
         if self.on_sentence is None:
             return
-        if text is None:
-            text = self.adapter.decode_continuation(self.prompt_ids, accepted)
-        settled = text if final else text.rstrip("\ufffd")
+        settled = text if final else text[: len(text) - stop_holdback(text, self.stop)]
         if len(settled) > len(self.emitted) and settled.startswith(self.emitted):
             delta, self.emitted = settled[len(self.emitted) :], settled
             self.on_sentence(delta)

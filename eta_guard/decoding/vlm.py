@@ -24,6 +24,7 @@ from transformers import (
 )
 from transformers.generation.streamers import BaseStreamer
 
+from eta_guard._device import load_error, resolve_device, resolve_dtype
 from eta_guard.decoding.stopping import CancelCriteria, cut_at_stop, stop_holdback
 from eta_guard.errors import InvalidInputError
 
@@ -133,26 +134,33 @@ class VLMAdapter:
 
         Args:
             name_or_path: a Hub id (resolved through the local cache) or a local folder.
-            device: where to put the model (default: CUDA if available, else CPU).
-            dtype: model dtype (default: the checkpoint's, ``"auto"``).
+            device: where to put the model (``None``/``"auto"``: CUDA if available, else CPU).
+            dtype: model dtype (``None``: transformers' default, the checkpoint's own).
             local_files_only: never touch the network.
             trust_remote_code: allow custom model code from the checkpoint.
             model_kwargs: extra arguments for ``AutoModelForImageTextToText.from_pretrained``.
             processor_kwargs: extra arguments for ``AutoProcessor.from_pretrained``.
+
+        Raises:
+            InvalidInputError: bad ``device``/``dtype``, or the checkpoint cannot be loaded.
         """
+        target = resolve_device(device)
+        resolved = resolve_dtype(dtype)
+        model_kw = dict(model_kwargs or {})
+        if resolved is not None:
+            model_kw.setdefault("dtype", resolved)
         common = {"local_files_only": local_files_only, "trust_remote_code": trust_remote_code}
-        model_kwargs = {
-            "dtype": dtype if dtype is not None else "auto",
-            **common,
-            **(model_kwargs or {}),
-        }
-        model = AutoModelForImageTextToText.from_pretrained(name_or_path, **model_kwargs)
-        processor = AutoProcessor.from_pretrained(
-            name_or_path, **common, **(processor_kwargs or {})
-        )
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if "device_map" not in model_kwargs:
-            model = model.to(device)
+        try:
+            model = AutoModelForImageTextToText.from_pretrained(name_or_path, **common, **model_kw)
+            processor = AutoProcessor.from_pretrained(
+                name_or_path, **common, **(processor_kwargs or {})
+            )
+        except (OSError, ValueError, KeyError) as e:
+            raise load_error(
+                "VLM", str(name_or_path), e, trust_remote_code=trust_remote_code
+            ) from e
+        if "device_map" not in model_kw:  # accelerate already placed the weights
+            model = model.to(target)
         return cls(model, processor, name=str(name_or_path))
 
     # ----- properties -----
@@ -259,8 +267,15 @@ class VLMAdapter:
         return GenerationConfig(**values)
 
     def new_cache(self) -> DynamicCache:
-        """An empty dynamic KV cache for this model (branchable: repeat, select, crop)."""
-        return DynamicCache(config=self.model.config.get_text_config(decoder=True))
+        """An empty dynamic KV cache for this model (branchable: repeat, select, crop).
+
+        Sliding-window layers record their past so that ``crop`` can roll them back once the
+        window is full (they are trimmed back to the window at each crop).
+        """
+        cache = DynamicCache(config=self.model.config.get_text_config(decoder=True))
+        if any(cache.is_sliding):
+            cache.activate_past_recording()
+        return cache
 
     def generate_greedy(
         self,
