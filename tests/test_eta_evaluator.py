@@ -298,3 +298,16 @@ def test_scores_match_the_evaluators(evaluator, images):
     assert evaluator.score_responses([RESPONSE]) == pytest.approx(
         evaluator.post.score([RESPONSE], evaluator.config.rm_decision_prompt), abs=1e-6
     )
+
+
+def test_importing_the_evaluator_modules_stays_light():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, eta_guard.evaluators, eta_guard.calibration, "
+        "eta_guard.evaluators.eta_evaluator; "
+        "print(sorted(m for m in ('torch', 'transformers', 'open_clip') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
