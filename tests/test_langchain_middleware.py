@@ -152,3 +152,39 @@ def test_needs_an_evaluator():
         ETAGuardMiddleware()
     with pytest.raises(ValueError, match="on_violation"):
         ETAGuardMiddleware(object(), on_violation="drop")
+
+
+# ---------------------------------------------------------------- rule="eta" (ETA's AND rule)
+
+
+@pytest.mark.parametrize(
+    ("thresholds", "blocked"),
+    [
+        (FLAG_ALL, True),
+        ({"pre_threshold": -2.0, "post_threshold": -1e9}, False),  # image unsafe, answer safe
+        ({"pre_threshold": 2.0, "post_threshold": 1e9}, False),  # image safe, answer unsafe
+    ],
+    ids=["both-unsafe", "image-only", "answer-only"],
+)
+def test_eta_rule_blocks_only_when_image_and_answer_are_unsafe(lc_evaluator, thresholds, blocked):  # noqa: F811
+    model = _model()
+    out = _agent(model, _evaluator(lc_evaluator, thresholds), "replace", rule="eta").invoke(
+        _request()
+    )
+    assert model.calls == 1  # the model always runs: ETA judges the answer with the image
+    assert (out["messages"][-1].text == DEFAULT_REFUSAL) is blocked
+    assert [m.type for m in out["messages"]] == ["human", "ai"]
+
+
+@pytest.mark.parametrize(("policy", "blocked"), [("trust", False), ("reward_only", True)])
+def test_eta_rule_text_only_policy(lc_evaluator, policy, blocked):  # noqa: F811
+    evaluator = _evaluator(lc_evaluator, {**FLAG_ALL, "text_only_policy": policy})
+    out = _agent(_model(), evaluator, "replace", rule="eta").invoke(_request(image=False))
+    assert (out["messages"][-1].text == DEFAULT_REFUSAL) is blocked
+
+
+def test_eta_rule_raise_reports_both_scores(lc_evaluator):  # noqa: F811
+    with pytest.raises(GuardrailViolation, match="image CLIP score") as err:
+        _agent(_model(), _evaluator(lc_evaluator, FLAG_ALL), "raise", rule="eta").invoke(_request())
+    assert err.value.verdict.unsafe is True
+    assert err.value.verdict.pre_score is not None and err.value.verdict.post_score is not None

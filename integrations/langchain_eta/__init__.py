@@ -1,6 +1,11 @@
-"""LangChain integration of eta-guard: ``ETAChatModel``, guard runnables and agent middleware."""
+"""LangChain integration of eta-guard: ``ETAChatModel``, guard runnables and agent middleware.
+
+``ETAGuardMiddleware`` (which imports ``langchain.agents``) loads on first access.
+"""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from eta_guard.errors import GuardrailViolation
 from langchain_eta._verdicts import (
@@ -11,7 +16,9 @@ from langchain_eta._verdicts import (
 )
 from langchain_eta.chat_models import ETAChatModel
 from langchain_eta.guards import ETAInputGuard, ETAOutputGuard
-from langchain_eta.middleware import ETAGuardMiddleware
+
+if TYPE_CHECKING:
+    from langchain_eta.middleware import ETAGuardMiddleware
 
 __all__ = [
     "DEFAULT_IMAGE_REPLACEMENT",
@@ -24,3 +31,11 @@ __all__ = [
     "ETAOutputGuard",
     "GuardrailViolation",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ETAGuardMiddleware":
+        from langchain_eta.middleware import ETAGuardMiddleware
+
+        return ETAGuardMiddleware
+    raise AttributeError(f"module 'langchain_eta' has no attribute {name!r}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from langchain.agents.middleware import AgentMiddleware, AgentState, hook_config
 from langchain_core.messages import AIMessage, BaseMessage
@@ -36,6 +36,16 @@ class ETAGuardMiddleware(AgentMiddleware):
     - ``"flag"``: go on; the verdict goes into ``response_metadata["eta_verdict"]`` of the
       checked message.
 
+    ``rule`` says what a violation is:
+
+    - ``"each"`` (default): each check blocks on its own flag (image flagged by CLIP before
+      the model; answer flagged by the reward model after it).
+    - ``"eta"``: ETA's own rule. Nothing is blocked before the model; after it, the answer is
+      judged together with the images of the current turn (from the last user message on) and
+      blocked only when both are unsafe (``SafetyVerdict.unsafe``). Turns without images follow
+      ``config.text_only_policy``: ``"trust"`` skips the check, ``"reward_only"`` uses the
+      reward model alone.
+
     Every check emits an ``eta_verdict`` custom callback event.
 
     Example (offline, tiny random checkpoints):
@@ -56,6 +66,7 @@ class ETAGuardMiddleware(AgentMiddleware):
         config: ``ETAConfig`` of the evaluator (thresholds, failure policy).
         on_violation: ``"raise"``, ``"replace"`` or ``"flag"``.
         refusal: The answer given instead of a blocked one.
+        rule: ``"each"`` or ``"eta"`` (see above).
         check_input: Run the image check before the model.
         check_output: Run the answer check after the model.
         **load_kwargs: More ``ETAEvaluator.from_pretrained`` options (``device``, ``dtype``...).
@@ -72,6 +83,7 @@ class ETAGuardMiddleware(AgentMiddleware):
         refusal: str = DEFAULT_REFUSAL,
         check_input: bool = True,
         check_output: bool = True,
+        rule: Literal["each", "eta"] = "each",
         **load_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -88,6 +100,9 @@ class ETAGuardMiddleware(AgentMiddleware):
         self.refusal = refusal
         self.check_input = check_input
         self.check_output = check_output
+        if rule not in ("each", "eta"):
+            raise ValueError(f"rule={rule!r} is not allowed; use 'each' or 'eta'")
+        self.rule = rule
 
     @property
     def loaded(self) -> bool:
@@ -114,26 +129,26 @@ class ETAGuardMiddleware(AgentMiddleware):
 
     @hook_config(can_jump_to=["end"])
     def after_model(self, state: AgentState, runtime: Runtime) -> dict[str, Any] | None:
-        answer = self._answer(state)
+        answer, request = self._output_request(state)
         if answer is None:
             return None
-        verdict = resolve(self.evaluator).evaluate_output(answer.text)
-        emit(self._event("after_model", verdict, verdict.output_unsafe))
+        verdict = resolve(self.evaluator).evaluate(**request)
+        emit(self._event("after_model", verdict, self._output_violation(verdict)))
         return self._on_output(answer, verdict)
 
     @hook_config(can_jump_to=["end"])
     async def aafter_model(self, state: AgentState, runtime: Runtime) -> dict[str, Any] | None:
-        answer = self._answer(state)
+        answer, request = self._output_request(state)
         if answer is None:
             return None
-        verdict = await resolve(self.evaluator).aevaluate_output(answer.text)
-        await aemit(self._event("after_model", verdict, verdict.output_unsafe))
+        verdict = await resolve(self.evaluator).aevaluate(**request)
+        await aemit(self._event("after_model", verdict, self._output_violation(verdict)))
         return self._on_output(answer, verdict)
 
     # ---------------------------------------------------------------- shared core
     def _new_images(self, state: AgentState) -> list[tuple[int, str]]:
         """``(message index, source)`` of images added since the last AI message."""
-        if not self.check_input:
+        if not self.check_input or self.rule == "eta":
             return []
         messages = state["messages"]
         start = next(
@@ -142,11 +157,23 @@ class ETAGuardMiddleware(AgentMiddleware):
         )
         return [(start + i, src) for i, _, src in image_sources(messages[start:])]
 
-    def _answer(self, state: AgentState) -> AIMessage | None:
+    def _output_request(self, state: AgentState) -> tuple[AIMessage | None, dict[str, Any]]:
+        """The answer to check and the ``evaluate(...)`` arguments (``None``: nothing to check)."""
         messages = state["messages"]
         if not self.check_output or not messages or not isinstance(messages[-1], AIMessage):
-            return None
-        return messages[-1] if messages[-1].text else None
+            return None, {}
+        answer = messages[-1]
+        if not answer.text:
+            return None, {}
+        if self.rule == "each":
+            return answer, {"response": answer.text}
+        images = [src for _, _, src in image_sources(_current_turn(messages[:-1]))]
+        if not images and resolve(self.evaluator).config.text_only_policy == "trust":
+            return None, {}
+        return answer, {"images": images or None, "response": answer.text}
+
+    def _output_violation(self, verdict: Any) -> bool:
+        return bool(verdict.unsafe if self.rule == "eta" else verdict.output_unsafe)
 
     def _event(self, hook: str, verdict: Any, violation: Any) -> dict[str, Any]:
         return event_data(
@@ -178,12 +205,17 @@ class ETAGuardMiddleware(AgentMiddleware):
     def _on_output(self, answer: AIMessage, verdict: Any) -> dict[str, Any] | None:
         if self.on_violation == "flag":
             return {"messages": [_flagged(answer, verdict)]}
-        if not verdict.output_unsafe:
+        if not self._output_violation(verdict):
             return None
         if self.on_violation == "raise":
             raise GuardrailViolation(
                 f"ETAGuardMiddleware: answer flagged as unsafe (reward {verdict.post_score} <= "
-                f"{verdict.post_threshold})",
+                f"{verdict.post_threshold}"
+                + (
+                    f"; image CLIP score {verdict.pre_score})"
+                    if verdict.pre_score is not None
+                    else ")"
+                ),
                 verdict,
             )
         refusal = AIMessage(
@@ -192,6 +224,19 @@ class ETAGuardMiddleware(AgentMiddleware):
             response_metadata={VERDICT_KEY: verdict_dict(verdict)},
         )
         return {"messages": [refusal], "jump_to": "end"}
+
+
+def _current_turn(messages: list[BaseMessage]) -> list[BaseMessage]:
+    """The messages from the start of the last user turn on (tool results included)."""
+    last_human = next(
+        (i for i in range(len(messages) - 1, -1, -1) if messages[i].type == "human"), None
+    )
+    if last_human is None:
+        return []
+    start = next(
+        (i + 1 for i in range(last_human, -1, -1) if isinstance(messages[i], AIMessage)), 0
+    )
+    return list(messages[start:])
 
 
 def _flagged(message: BaseMessage, verdict: Any) -> BaseMessage:
