@@ -241,7 +241,7 @@ _QWEN_VISION = {
         "max_pixels": 448 * 448,
     },
 }
-_CLIP = {
+_CLIP: dict[str, dict[str, Any]] = {
     "tiny": {
         "vision": {
             "hidden": 32,
@@ -414,7 +414,7 @@ def _make_tokenizer(kind: str, size: Size) -> Any:
     return tokenizer
 
 
-def _ids(tokenizer: Any) -> dict[str, int | None]:
+def _ids(tokenizer: Any) -> dict[str, Any]:
     return {
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
@@ -505,7 +505,7 @@ def _build_llava(path: Path, size: Size, seed: int) -> None:
     config = LlavaConfig(
         vision_config=vision,
         text_config=_llama_config(tokenizer, _LM[size]),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         image_seq_length=image_tokens,
         vision_feature_select_strategy="default",
         vision_feature_layer=-2,
