@@ -1,0 +1,398 @@
+"""Cost benchmark of ETA on random checkpoints (``eta-guard bench``).
+
+Three comparisons, measured side by side in one run on the same models, prompt, image and seeds,
+with warm-up repetitions first and medians reported:
+
+- **safe path**: :meth:`ETA.generate` on an image that passes the CLIP check vs a plain
+  ``model.generate`` (greedy, same model and processor) of the same tokens.
+  Figure: ``safe_path_ratio`` = ETA / plain (lower is better; target <= 1.10).
+- **aligned path**: the batched sentence-level best-of-N (:class:`SentenceBestOfN`,
+  ``batched=True``) vs the reference's cost structure (``batched=False``: the N candidates decoded
+  one after another, one reward-model pass per candidate), same N, budget and seed per repetition.
+  Sampling makes the two arms decode different candidates, hence different token counts, so
+  ``batched_speedup`` compares seconds per decoded candidate token; raw seconds are reported too.
+- **unsafe path**: the whole :meth:`ETA.generate` with every check forced to flag (CLIP, vanilla
+  answer, RM, prefix + best-of-N) vs plain ``model.generate`` with the same token budget.
+  Figure: ``unsafe_path_ratio`` = ETA / plain.
+
+The checkpoints are random (:mod:`eta_guard.testing`): the figures measure cost, never safety.
+Paths are forced with thresholds (a CLIP cosine is never >= 1.01 or <= -1.01).
+
+Example:
+    >>> report = run_benchmark(size="tiny", max_new_tokens=8, reps=1, warmup=0)  # doctest: +SKIP
+    >>> report.to_dict()["safe_path_ratio"]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from eta_guard.errors import InvalidInputError
+
+#: ``progress(done, total, label)``: called before each measured step and once at the end.
+ProgressFn = Callable[[int, int, str], None]
+
+QUESTION = "Describe this picture in detail, one sentence at a time."
+#: Thresholds that force a path whatever the random scores are (cosines lie in [-1, 1]).
+PASS_CLIP = 1.01
+FLAG_CLIP = -1.01
+FLAG_REWARD = 1e9
+
+
+def default_cache_dir() -> Path:
+    """Where ``eta-guard`` builds its random checkpoints.
+
+    ``$ETA_GUARD_CACHE`` if set, else ``$XDG_CACHE_HOME/eta-guard``, else ``~/.cache/eta-guard``.
+    """
+    if os.environ.get("ETA_GUARD_CACHE"):
+        return Path(os.environ["ETA_GUARD_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "eta-guard"
+
+
+@dataclass
+class Comparison:
+    """One side-by-side measurement: ETA's way vs a baseline, medians over the repetitions.
+
+    Attributes:
+        name: ``"safe"``, ``"aligned"`` or ``"unsafe"``.
+        eta_label: what the ETA arm ran.
+        baseline_label: what the baseline arm ran.
+        eta_s: median seconds of the ETA arm.
+        baseline_s: median seconds of the baseline arm.
+        eta_tokens: median tokens the ETA arm decoded (every candidate included).
+        baseline_tokens: median tokens the baseline arm decoded.
+        ratio: the headline figure (see :class:`BenchReport`).
+        eta_times: seconds of each measured repetition.
+        baseline_times: seconds of each measured repetition.
+        eta_token_counts: decoded tokens of each measured repetition.
+        baseline_token_counts: decoded tokens of each measured repetition.
+    """
+
+    name: str
+    eta_label: str
+    baseline_label: str
+    eta_s: float
+    baseline_s: float
+    eta_tokens: float
+    baseline_tokens: float
+    ratio: float
+    eta_times: list[float] = field(default_factory=list)
+    baseline_times: list[float] = field(default_factory=list)
+    eta_token_counts: list[int] = field(default_factory=list)
+    baseline_token_counts: list[int] = field(default_factory=list)
+
+    @property
+    def raw_ratio(self) -> float:
+        """ETA seconds / baseline seconds."""
+        return self.eta_s / self.baseline_s
+
+
+@dataclass
+class BenchReport:
+    """Every figure of one benchmark run.
+
+    Attributes:
+        safe_path_ratio: ETA on a CLIP-safe image / plain generate (median seconds).
+        batched_speedup: sequential / batched best-of-N, seconds per decoded token (medians).
+        batched_speedup_raw: sequential / batched best-of-N, raw median seconds.
+        unsafe_path_ratio: the whole unsafe path / plain generate (median seconds).
+        same_tokens: the safe path's answer equals plain generate's (same greedy tokens).
+        safe, aligned, unsafe: the three comparisons.
+        setup: sizes, device, versions and settings of the run.
+        notes: how to read the figures.
+    """
+
+    safe_path_ratio: float
+    batched_speedup: float
+    batched_speedup_raw: float
+    unsafe_path_ratio: float
+    same_tokens: bool
+    safe: Comparison
+    aligned: Comparison
+    unsafe: Comparison
+    setup: dict[str, Any]
+    notes: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data (``eta-guard bench --json`` writes this)."""
+        data = asdict(self)
+        for name in ("safe", "aligned", "unsafe"):
+            data[name]["raw_ratio"] = getattr(self, name).raw_ratio
+        return data
+
+
+def run_benchmark(
+    *,
+    size: Literal["tiny", "bench"] = "bench",
+    max_new_tokens: int = 64,
+    reps: int = 3,
+    warmup: int = 1,
+    num_candidates: int = 5,
+    max_sentence_tokens: int = 32,
+    seed: int = 0,
+    vlm_family: Literal["llava", "qwen2_vl", "idefics3"] = "llava",
+    cache_dir: str | os.PathLike[str] | None = None,
+    device: str | None = None,
+    progress: ProgressFn | None = None,
+) -> BenchReport:
+    """Build (or reuse) random checkpoints and measure ETA's three cost figures.
+
+    Args:
+        size: ``"bench"`` (VLM ~100M, CLIP ~30M, RM ~60M parameters) or ``"tiny"`` (seconds).
+        max_new_tokens: answer budget of every arm.
+        reps: measured repetitions (medians are reported).
+        warmup: unmeasured repetitions run first.
+        num_candidates: N of the best-of-N search.
+        max_sentence_tokens: the longest candidate sentence.
+        seed: sampling seed of repetition 0 (repetition r uses ``seed + r``, in both arms).
+        vlm_family: which random VLM architecture to build.
+        cache_dir: where checkpoints are built and reused (default :func:`default_cache_dir`).
+        device: model device (default: CUDA if available, else CPU).
+        progress: ``progress(done, total, label)`` callback.
+
+    Returns:
+        The figures.
+
+    Raises:
+        InvalidInputError: a setting out of range.
+    """
+    for name, value, low in (
+        ("max_new_tokens", max_new_tokens, 1),
+        ("reps", reps, 1),
+        ("warmup", warmup, 0),
+        ("num_candidates", num_candidates, 1),
+        ("max_sentence_tokens", max_sentence_tokens, 1),
+        ("seed", seed, 0),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise InvalidInputError(f"{name} must be an int >= {low}; got {value!r}")
+
+    import torch
+    import transformers
+
+    from eta_guard.config import ETAConfig
+    from eta_guard.pipeline import ETA
+    from eta_guard.testing import build_tiny_checkpoints, make_test_image
+
+    steps = (warmup + reps) * 6
+    report_progress = progress or (lambda done, total, label: None)
+    report_progress(0, steps, f"building {size} checkpoints")
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    ckpt = build_tiny_checkpoints(root, vlm_family=vlm_family, size=size)
+    report_progress(0, steps, "loading models")
+    config = ETAConfig(
+        max_new_tokens=max_new_tokens,
+        num_candidates=num_candidates,
+        max_sentence_tokens=max_sentence_tokens,
+        seed=seed,
+    )
+    eta = ETA.from_pretrained(
+        ckpt.vlm, clip=ckpt.clip, reward_model=ckpt.reward_model, config=config, device=device
+    )
+    image = make_test_image("noise", (256, 256), seed=seed)
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": image}, {"type": "text", "text": QUESTION}],
+        }
+    ]
+    runner = _Runner(eta, messages, image, config)
+    arms: dict[str, list[tuple[float, int]]] = {k: [] for k in _ARMS}
+    same_tokens = True
+    done = 0
+    for rep in range(warmup + reps):
+        measured = rep >= warmup
+        tag = f"rep {rep + 1 - warmup}/{reps}" if measured else f"warm-up {rep + 1}/{warmup}"
+        rep_seed = seed + max(rep - warmup, 0)
+        # Alternate the order of the arms so slow drift (thermal, caches) hits both alike.
+        order = list(_ARMS) if rep % 2 == 0 else list(_ARMS)[::-1]
+        for arm in order:
+            report_progress(done, steps, f"{tag}: {_ARMS[arm]}")
+            seconds, tokens, extra = runner.run(arm, rep_seed)
+            if measured:
+                arms[arm].append((seconds, tokens))
+            if arm == "safe_eta":
+                safe_text = extra
+            if arm == "safe_plain":
+                plain_text = extra
+            done += 1
+        same_tokens = same_tokens and safe_text.strip() == plain_text.strip()
+    report_progress(done, steps, "done")
+
+    safe = _compare("safe", arms["safe_eta"], arms["safe_plain"])
+    unsafe = _compare("unsafe", arms["unsafe_eta"], arms["unsafe_plain"])
+    aligned = _compare("aligned", arms["aligned_batched"], arms["aligned_sequential"])
+    per_token = statistics.median(s / max(t, 1) for s, t in arms["aligned_sequential"]) / (
+        statistics.median(s / max(t, 1) for s, t in arms["aligned_batched"])
+    )
+    aligned.ratio = per_token
+    setup = {
+        "size": size,
+        "vlm_family": vlm_family,
+        "parameters": runner.parameter_counts(),
+        "device": str(eta.vlm.device),
+        "cpu": platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "max_new_tokens": max_new_tokens,
+        "max_sentence_tokens": max_sentence_tokens,
+        "num_candidates": num_candidates,
+        "reps": reps,
+        "warmup": warmup,
+        "seed": seed,
+        "question": QUESTION,
+    }
+    notes = [
+        "Random checkpoints: the figures measure cost, never safety.",
+        f"Paths forced by thresholds: safe = pre_threshold {PASS_CLIP} (never flagged); "
+        f"unsafe = pre_threshold {FLAG_CLIP} and post_threshold {FLAG_REWARD:g} (always flagged).",
+        "Plain generate = processor + model.generate(do_sample=False) on the same loaded model.",
+        "Aligned path: both arms sample different candidates, so token counts differ; "
+        "batched_speedup compares median seconds per decoded candidate token "
+        "(raw seconds are shown too). Same N, budget and seed per repetition.",
+        f"Medians of {reps} repetition(s) after {warmup} warm-up(s), arms interleaved.",
+    ]
+    return BenchReport(
+        safe_path_ratio=safe.ratio,
+        batched_speedup=aligned.ratio,
+        batched_speedup_raw=aligned.baseline_s / aligned.eta_s,
+        unsafe_path_ratio=unsafe.ratio,
+        same_tokens=same_tokens,
+        safe=safe,
+        aligned=aligned,
+        unsafe=unsafe,
+        setup=setup,
+        notes=notes,
+    )
+
+
+_ARMS = {
+    "safe_eta": "safe path, ETA.generate",
+    "safe_plain": "safe path, plain generate",
+    "aligned_batched": "best-of-N, batched",
+    "aligned_sequential": "best-of-N, sequential (reference costs)",
+    "unsafe_eta": "unsafe path, ETA.generate",
+    "unsafe_plain": "unsafe path, plain generate",
+}
+
+_LABELS = {
+    "safe": ("ETA, image passes CLIP", "plain generate"),
+    "aligned": ("best-of-N batched", "sequential (reference)"),
+    "unsafe": ("ETA, every check flags", "plain generate"),
+}
+
+
+def _compare(name: str, eta: list[tuple[float, int]], base: list[tuple[float, int]]) -> Comparison:
+    eta_s = statistics.median(s for s, _ in eta)
+    base_s = statistics.median(s for s, _ in base)
+    eta_label, base_label = _LABELS[name]
+    return Comparison(
+        name=name,
+        eta_label=eta_label,
+        baseline_label=base_label,
+        eta_s=eta_s,
+        baseline_s=base_s,
+        eta_tokens=statistics.median(t for _, t in eta),
+        baseline_tokens=statistics.median(t for _, t in base),
+        ratio=eta_s / base_s,
+        eta_times=[s for s, _ in eta],
+        baseline_times=[s for s, _ in base],
+        eta_token_counts=[t for _, t in eta],
+        baseline_token_counts=[t for _, t in base],
+    )
+
+
+class _Runner:
+    """Runs one arm once: returns (seconds, decoded tokens, answer text or None)."""
+
+    def __init__(self, eta: Any, messages: list[dict[str, Any]], image: Any, config: Any) -> None:
+        from eta_guard.messages import normalize_messages
+
+        self.eta, self.messages, self.image, self.config = eta, messages, image, config
+        self.conv = normalize_messages(messages)
+        self.prepared = eta.vlm.prepare(self.conv, assistant_prefix=config.prefix)
+
+    def run(self, arm: str, seed: int) -> tuple[float, int, str | None]:
+        import torch
+
+        with torch.inference_mode():
+            start = time.perf_counter()
+            tokens, text = getattr(self, f"_{arm}")(seed)
+            return time.perf_counter() - start, tokens, text
+
+    # ----- arms -----
+    def _safe_eta(self, seed: int) -> tuple[int, str]:
+        result = self.eta.generate(self.messages, pre_threshold=PASS_CLIP, seed=seed)
+        if result.verdict.input_unsafe or result.aligned:
+            raise RuntimeError("the safe-path arm did not take the safe path")
+        return result.usage.decoded_tokens, result.text
+
+    def _unsafe_eta(self, seed: int) -> tuple[int, None]:
+        result = self.eta.generate(
+            self.messages, pre_threshold=FLAG_CLIP, post_threshold=FLAG_REWARD, seed=seed
+        )
+        if not result.aligned:
+            raise RuntimeError("the unsafe-path arm did not align")
+        return result.usage.decoded_tokens, None
+
+    def _safe_plain(self, seed: int) -> tuple[int, str]:
+        return self._plain()
+
+    def _unsafe_plain(self, seed: int) -> tuple[int, None]:
+        return self._plain()[0], None
+
+    def _aligned_batched(self, seed: int) -> tuple[int, None]:
+        return self._search(seed, batched=True), None
+
+    def _aligned_sequential(self, seed: int) -> tuple[int, None]:
+        return self._search(seed, batched=False), None
+
+    # ----- helpers -----
+    def _plain(self) -> tuple[int, str]:
+        """What a user would write without ETA: processor, then greedy ``model.generate``."""
+        model, processor = self.eta.vlm.model, self.eta.vlm.processor
+        chat = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}
+        ]
+        prompt = processor.apply_chat_template(chat, add_generation_prompt=True)
+        inputs = processor(text=[prompt], images=[self.image], return_tensors="pt").to(model.device)
+        out = model.generate(**inputs, max_new_tokens=self.config.max_new_tokens, do_sample=False)
+        new = out[0, inputs["input_ids"].shape[1] :]
+        text = processor.tokenizer.decode(new, skip_special_tokens=True)
+        return int(new.shape[0]), text
+
+    def _search(self, seed: int, *, batched: bool) -> int:
+        from eta_guard.decoding.best_of_n import SentenceBestOfN
+
+        evaluator = self.eta.evaluator
+        image_embeds = evaluator.pre.embed_images(self.conv.images)
+
+        def clip_fn(sentences: list[str]) -> list[float]:
+            return [float(s) for s in evaluator.pre.similarity(image_embeds, sentences)]
+
+        def reward_fn(answers: list[str]) -> list[float]:
+            return evaluator.score_responses(answers, search=True)
+
+        search = SentenceBestOfN(
+            self.eta.vlm, self.config.with_overrides(seed=seed), batched=batched
+        )
+        output = search.run(self.prepared, reward_fn=reward_fn, clip_fn=clip_fn)
+        return output.decoded_tokens
+
+    def parameter_counts(self) -> dict[str, int]:
+        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        evaluator = self.eta.evaluator
+        return {
+            "vlm": count(self.eta.vlm.model),
+            "clip": count(evaluator.pre.encoder.model),
+            "reward_model": count(evaluator.post.model),
+        }
