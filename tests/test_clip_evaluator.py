@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -193,38 +194,7 @@ def tiny_open_clip(tmp_path_factory):
     pytest.importorskip("open_clip")
     from eta_guard import testing
 
-    build = getattr(testing, "build_tiny_open_clip", _build_tiny_open_clip)
-    return build(tmp_path_factory.mktemp("open_clip"))
-
-
-def _build_tiny_open_clip(directory):
-    """Fallback until ``eta_guard.testing.build_tiny_open_clip`` exists: (model_name, weights)."""
-    import json
-
-    open_clip = import_open_clip()
-    config = {
-        "embed_dim": 16,
-        "vision_cfg": {
-            "image_size": 32,
-            "layers": 2,
-            "width": 32,
-            "patch_size": 8,
-            "head_width": 16,
-        },
-        "text_cfg": {
-            "context_length": 77,
-            "vocab_size": 49408,
-            "width": 32,
-            "heads": 2,
-            "layers": 2,
-        },
-    }
-    (directory / "TinyEtaCLIP.json").write_text(json.dumps(config))
-    open_clip.add_model_config(directory / "TinyEtaCLIP.json")
-    torch.manual_seed(0)
-    model = open_clip.create_model("TinyEtaCLIP")
-    torch.save(model.state_dict(), directory / "tiny.pt")
-    return "TinyEtaCLIP", str(directory / "tiny.pt")
+    return testing.build_tiny_open_clip(tmp_path_factory.mktemp("open_clip"))
 
 
 def test_open_clip_backend_matches_open_clip(tiny_open_clip, images):
@@ -254,6 +224,16 @@ def test_open_clip_backend_matches_open_clip(tiny_open_clip, images):
     # The one-string spec selects the backend by itself.
     spec = CLIPPreEvaluator.from_pretrained(f"open_clip:{model_name}/{checkpoint}", device="cpu")
     assert spec.name == pre.name == f"open_clip:{model_name}/{checkpoint}"
+    # So does a folder saved in open_clip's layout, with or without the local-dir: schema.
+    folder = os.path.dirname(checkpoint)
+    for name in (folder, f"local-dir:{folder}"):
+        local = CLIPPreEvaluator.from_pretrained(name, device="cpu")
+        torch.testing.assert_close(
+            torch.tensor(local.score_images(images)),
+            torch.tensor(pre.score_images(images)),
+            atol=1e-6,
+            rtol=0,
+        )
     torch.testing.assert_close(
         torch.tensor(spec.score_images(images)),
         torch.tensor(pre.score_images(images)),

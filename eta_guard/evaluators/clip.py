@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
@@ -84,7 +85,8 @@ class CLIPPreEvaluator:
         Args:
             name_or_path: HF id or local path (transformers), or an open_clip spec: a model name
                 with ``pretrained``, ``"open_clip:ViT-B-32/laion2b_s34b_b79k"``,
-                ``"hf-hub:org/repo"`` or ``"local-dir:/path"`` (these prefixes select open_clip).
+                ``"hf-hub:org/repo"``, ``"local-dir:/path"`` or a folder holding
+                ``open_clip_config.json`` (these select open_clip whatever ``backend`` says).
             backend: ``"transformers"`` or ``"open_clip"``.
             pretrained: open_clip only: a pretrained tag or a local checkpoint file.
             device: ``None``/``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda:0"``...
@@ -103,7 +105,7 @@ class CLIPPreEvaluator:
             raise InvalidInputError(
                 f"CLIP name_or_path={name_or_path!r} must be a non-empty string"
             )
-        if backend == "open_clip" or name_or_path.startswith(_OPEN_CLIP_SCHEMAS):
+        if backend == "open_clip" or _is_open_clip_name(name_or_path):
             from eta_guard.evaluators.clip_open_clip import OpenCLIPEncoder
 
             encoder: CLIPEncoder = OpenCLIPEncoder.from_pretrained(
@@ -210,6 +212,14 @@ class CLIPPreEvaluator:
         text_embeds = self.embed_texts(items)
         sims = image_embeds.to(text_embeds) @ text_embeds.T  # [m, n]
         return sims.max(dim=0).values
+
+
+def _is_open_clip_name(name: str) -> bool:
+    """An open_clip spec, or a local folder saved by open_clip rather than transformers."""
+    if name.startswith(_OPEN_CLIP_SCHEMAS):
+        return True
+    folder = Path(name).expanduser()
+    return (folder / "open_clip_config.json").is_file() and not (folder / "config.json").is_file()
 
 
 def _normalize(embeds: torch.Tensor) -> torch.Tensor:
