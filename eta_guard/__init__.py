@@ -23,7 +23,19 @@ _LAZY = {
     "GuardrailViolation": "eta_guard.errors",
 }
 
-__all__ = [*_LAZY, "__version__"]
+__all__ = [
+    "ETA",
+    "ETAConfig",
+    "ETAError",
+    "ETAEvaluator",
+    "ETAResult",
+    "ETAStreamChunk",
+    "EvaluatorError",
+    "GuardrailViolation",
+    "InvalidInputError",
+    "SafetyVerdict",
+    "__version__",
+]
 
 if TYPE_CHECKING:
     from eta_guard.config import ETAConfig
