@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -209,3 +210,12 @@ def test_ci_runs_the_readme_commands() -> None:
     ci = (ROOT / ".ci" / "run").read_text()
     for command in commands:
         assert command in ci, command
+
+
+def test_moderation_example_runs_offline() -> None:
+    script = ROOT / "examples" / "moderation.py"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "RANDOM" in out.stdout and "Input filter" in out.stdout and "Output filter" in out.stdout
+    assert "images passed" in out.stdout
