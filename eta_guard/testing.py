@@ -19,9 +19,9 @@ from __future__ import annotations
 import base64
 import io
 import json
-import logging
 import os
 import shutil
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -341,22 +341,44 @@ def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
         )
 
 
+_BUILD_LOCK = threading.Lock()
+
+
 def _ensure(path: Path, seed: int, build: Callable[[Path], None]) -> Path:
-    """Reuse ``path`` if its marker says it is complete, else build it in place."""
-    marker = path / _MARKER
+    """Reuse ``path`` if its marker says it is complete, else build it.
+
+    The build goes to a private sibling folder that is renamed into place once its marker is
+    written, so an interrupted build never looks complete and concurrent builders (pytest-xdist
+    workers sharing a folder) never see each other's half-written files.
+    """
     expected = {"recipe": _RECIPE_VERSION, "seed": seed}
-    if marker.is_file():
+    if _is_complete(path, expected):
+        return path
+    scratch = path.with_name(f".{path.name}.building-{os.getpid()}-{threading.get_ident()}")
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    try:
+        # builders seed torch's global RNG: serialise them, and restore the caller's RNG state
+        with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
+            build(scratch)
+        (scratch / _MARKER).write_text(json.dumps(expected))
+        if path.exists() and not _is_complete(path, expected):
+            shutil.rmtree(path, ignore_errors=True)  # stale or half-written: replace it
         try:
-            if json.loads(marker.read_text()) == expected:
-                return path
-        except (OSError, ValueError):
-            pass  # an unreadable marker means an unusable folder: rebuild it
-    if path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
-    build(path)
-    marker.write_text(json.dumps(expected))
+            scratch.rename(path)
+        except OSError:
+            if not _is_complete(path, expected):  # someone else's build did not win either
+                raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return path
+
+
+def _is_complete(path: Path, expected: dict[str, int]) -> bool:
+    try:
+        return bool(json.loads((path / _MARKER).read_text()) == expected)
+    except (OSError, ValueError):
+        return False  # no marker, or an unreadable one: the folder is not usable
 
 
 # ----------------------------------------------------------------------------- tokenizers
@@ -737,15 +759,9 @@ def build_tiny_open_clip(directory: str | os.PathLike[str], *, seed: int = 0) ->
         (path / "open_clip_config.json").write_text(
             json.dumps({"model_cfg": _OPEN_CLIP_CONFIG, "preprocess_cfg": preprocess}, indent=2)
         )
-        register_tiny_open_clip(Path(directory), seed=seed)
         torch.manual_seed(seed)
-        root = logging.getLogger()
-        level = root.level
-        root.setLevel(logging.ERROR)  # open_clip warns "initialized randomly": that is the point
-        try:
-            model = open_clip.create_model(OPEN_CLIP_MODEL_NAME, pretrained=None)
-        finally:
-            root.setLevel(level)
+        # open_clip.CLIP directly: the registry is only populated once the folder is in place
+        model = open_clip.CLIP(**_OPEN_CLIP_CONFIG)
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(path / "open_clip_model.safetensors"))
 

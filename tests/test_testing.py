@@ -166,6 +166,22 @@ def test_rebuild_reuses_complete_folders_and_rebuilds_half_written_ones(tmp_path
     assert CLIPModel.from_pretrained(first.clip).config.projection_dim > 0
 
 
+def test_concurrent_builds_into_one_folder_both_succeed(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from transformers import AutoModelForSequenceClassification
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: build_tiny_checkpoints(tmp_path), range(2)))
+    assert results[0] == results[1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "clip-tiny",
+        "reward-tiny",
+        "vlm-llava-tiny",
+    ]
+    AutoModelForSequenceClassification.from_pretrained(results[0].reward_model)
+
+
 def test_same_seed_gives_same_weights(tmp_path, tiny_checkpoints):
     from safetensors.torch import load_file
 
@@ -248,3 +264,11 @@ def test_register_tiny_open_clip_needs_a_built_folder(tmp_path):
 
     with pytest.raises(InvalidInputError, match="build_tiny_open_clip"):
         register_tiny_open_clip(tmp_path)
+
+
+def test_building_leaves_the_callers_random_state_alone(tmp_path):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    build_tiny_checkpoints(tmp_path, vlm_family="idefics3")
+    assert torch.equal(torch.rand(3), expected)
