@@ -418,3 +418,18 @@ def test_stop_string_ends_the_search(llava, test_images):
     assert out.finish_reason == "stop"
     assert len(out.trace) <= 2 and out.trace == full.trace[: len(out.trace)]
     assert "".join(deltas) == out.text
+
+
+def test_reused_cache_survives_a_call_with_other_images(qwen, test_images, recorder):
+    # Qwen2-VL keeps rope deltas between calls: a call with another image in between must not
+    # shift the positions of the continued cache.
+    conv = conversation(test_images[:1])
+    prepared = qwen.prepare(conv, assistant_prefix=PREFIX)
+    vanilla = qwen.generate_greedy(qwen.prepare(conv), max_new_tokens=3)
+    qwen.generate_greedy(qwen.prepare(conversation([test_images[1]] * 2)), max_new_tokens=2)
+    rec = recorder(qwen)
+    out = SentenceBestOfN(qwen, config()).run(
+        prepared, reward_fn=length_reward, cache=vanilla.cache, cache_ids=vanilla.sequence_ids
+    )
+    assert rec.pixel_calls == 0
+    assert max_logit_gap(qwen, prepared, out, rec, rows=3) < 1e-4

@@ -223,11 +223,16 @@ class _Search:
         """Build the batch-1 cache covering all prompt tokens but the last (images encoded once)."""
         ids = self.prepared.input_ids
         keep = self._reusable_length(cache, cache_ids)
+        if keep:
+            try:
+                cache.crop(keep - cache.get_seq_length())
+            except RuntimeError:  # e.g. a full sliding window that did not record its past
+                keep = 0
         if keep == 0:
             cache, kwargs = self.adapter.new_cache(), dict(self.prepared.model_inputs)
         else:
-            cache.crop(keep - cache.get_seq_length())
             kwargs = self._text_kwargs(self.prepared.model_inputs)
+            self.adapter.restore_position_state(cache)
         if keep < ids.shape[1] - 1:
             config = self.adapter.generation_config(max_new_tokens=1)
             self.adapter.model.generate(**kwargs, generation_config=config, cache=cache)

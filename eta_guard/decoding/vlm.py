@@ -113,10 +113,11 @@ class VLMAdapter:
         self.eos_token_ids = _eos_token_ids(model, self.tokenizer)
         self.pad_token_id = _pad_token_id(model, self.tokenizer, self.eos_token_ids)
         self.context_length = _context_length(model)
-        # cache -> the multimodal inputs it encoded: token ids alone cannot tell two images apart
-        self._cache_inputs: weakref.WeakKeyDictionary[Any, dict[str, Any]] = (
-            weakref.WeakKeyDictionary()
-        )
+        # cache -> (the multimodal inputs it encoded, the model's position state then): token
+        # ids alone cannot tell two images apart, and Qwen2-VL-style models keep rope deltas
+        # between calls that a continuation of the cache needs.
+        self._cache_origin: weakref.WeakKeyDictionary[Any, tuple[dict[str, Any], dict[str, Any]]]
+        self._cache_origin = weakref.WeakKeyDictionary()
 
     @classmethod
     def from_pretrained(
@@ -326,19 +327,36 @@ class VLMAdapter:
         )
 
     def remember_inputs(self, cache: Any, prepared: PreparedPrompt) -> None:
-        """Record which multimodal inputs ``cache`` encoded (checked by :meth:`encoded_same_inputs`)."""
-        self._cache_inputs[cache] = multimodal_inputs(prepared.model_inputs)
+        """Record what ``cache`` encoded: the prompt's images and the model's position state."""
+        self._cache_origin[cache] = (
+            multimodal_inputs(prepared.model_inputs),
+            _position_state(self.model),
+        )
 
     def encoded_same_inputs(self, cache: Any, prepared: PreparedPrompt) -> bool:
         """Whether ``cache`` came from this adapter with the same images as ``prepared``."""
-        try:
-            theirs = self._cache_inputs.get(cache)
-        except TypeError:  # not weak-referenceable: unknown origin
-            return False
+        origin = self._origin(cache)
         ours = multimodal_inputs(prepared.model_inputs)
-        if theirs is None or theirs.keys() != ours.keys():
+        if origin is None or origin[0].keys() != ours.keys():
             return False
-        return all(_same_value(theirs[k], ours[k]) for k in ours)
+        return all(_same_value(origin[0][k], ours[k]) for k in ours)
+
+    def restore_position_state(self, cache: Any) -> None:
+        """Put back the position state (e.g. Qwen2-VL's ``rope_deltas``) recorded with ``cache``.
+
+        Such models compute positions of new tokens from state stored at prefill time, which a
+        later call with other images overwrites; continuing an older cache needs its own.
+        """
+        origin = self._origin(cache)
+        modules = dict(self.model.named_modules())
+        for name, value in (origin[1] if origin else {}).items():
+            modules[name].rope_deltas = value
+
+    def _origin(self, cache: Any) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        try:
+            return self._cache_origin.get(cache)
+        except TypeError:  # not weak-referenceable: unknown origin
+            return None
 
     def stream_greedy(
         self, prepared: PreparedPrompt, *, max_new_tokens: int, stop: Sequence[str] | None = None
@@ -491,6 +509,15 @@ MULTIMODAL_KEYS = (
 def multimodal_inputs(model_inputs: dict[str, Any]) -> dict[str, Any]:
     """The entries of ``model_inputs`` that carry image or video content."""
     return {k: v for k, v in model_inputs.items() if k in MULTIMODAL_KEYS and v is not None}
+
+
+def _position_state(model: Any) -> dict[str, Any]:
+    """``rope_deltas`` held by the model's modules (multimodal RoPE models), by module name."""
+    return {
+        name: module.rope_deltas
+        for name, module in model.named_modules()
+        if getattr(module, "rope_deltas", None) is not None
+    }
 
 
 def _same_value(a: Any, b: Any) -> bool:
