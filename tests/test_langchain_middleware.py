@@ -188,3 +188,16 @@ def test_eta_rule_raise_reports_both_scores(lc_evaluator):  # noqa: F811
         _agent(_model(), _evaluator(lc_evaluator, FLAG_ALL), "raise", rule="eta").invoke(_request())
     assert err.value.verdict.unsafe is True
     assert err.value.verdict.pre_score is not None and err.value.verdict.post_score is not None
+
+
+async def test_async_agent_with_lazy_evaluator_and_eta_rule(lc_ckpt):  # noqa: F811
+    guard = ETAGuardMiddleware(
+        clip=lc_ckpt.clip,
+        reward_model=lc_ckpt.reward_model,
+        config=ETAConfig(**FLAG_ALL),
+        rule="eta",
+    )
+    model = _model()
+    out = await create_agent(model=model, tools=[], middleware=[guard]).ainvoke(_request())
+    assert guard.loaded and model.calls == 1
+    assert out["messages"][-1].text == DEFAULT_REFUSAL

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
@@ -43,3 +44,10 @@ def lazy_evaluator(**kwargs: Any) -> Lazy[Any]:
 def resolve(source: Any) -> Any:
     """The object behind ``source`` (a :class:`Lazy` is loaded, anything else returned as is)."""
     return source.get() if isinstance(source, Lazy) else source
+
+
+async def aresolve(source: Any) -> Any:
+    """Async :func:`resolve`: a first load runs in a worker thread, off the event loop."""
+    if isinstance(source, Lazy) and not source.loaded:
+        return await asyncio.to_thread(source.get)
+    return resolve(source)

@@ -12,7 +12,7 @@ from pydantic import ConfigDict, Field
 
 from eta_guard.config import DEFAULT_CLIP, DEFAULT_REWARD_MODEL
 from eta_guard.errors import GuardrailViolation
-from langchain_eta._loading import lazy_evaluator, resolve
+from langchain_eta._loading import aresolve, lazy_evaluator, resolve
 from langchain_eta._messages import as_messages, image_sources, replace_images
 from langchain_eta._verdicts import (
     DEFAULT_IMAGE_REPLACEMENT,
@@ -70,8 +70,9 @@ class ETAInputGuard(_ETAGuard):
     - ``"flag"``: pass through; the verdict is put in the last message's
       ``response_metadata["eta_verdict"]``.
 
-    Without a violation the input passes unchanged (as a message list when ``flag``). Every
-    check also emits an ``eta_verdict`` custom callback event.
+    Input without images passes unchanged and unchecked; otherwise, without a violation, the
+    input passes unchanged (as a message list when ``flag``). Every check also emits an
+    ``eta_verdict`` custom callback event.
 
     Example (offline, tiny random checkpoints):
         .. code-block:: python
@@ -107,7 +108,9 @@ class ETAInputGuard(_ETAGuard):
         messages, found = self._images(input)
         if not found:
             return input
-        verdict = await self._evaluator().aevaluate_input([src for _, _, src in found])
+        verdict = await (await aresolve(self.evaluator)).aevaluate_input(
+            [src for _, _, src in found]
+        )
         await aemit(self._event(verdict), config)
         return self._apply(input, messages, found, verdict)
 
@@ -216,7 +219,7 @@ class ETAOutputGuard(_ETAGuard):
         text = _text(input)
         if not text:
             return input
-        verdict = await self._evaluator().aevaluate_output(text)
+        verdict = await (await aresolve(self.evaluator)).aevaluate_output(text)
         await aemit(self._event(verdict), config)
         return self._apply(input, verdict)
 
@@ -250,7 +253,7 @@ class ETAOutputGuard(_ETAGuard):
             for chunk in held:
                 yield chunk
             return
-        verdict = await self._evaluator().aevaluate_output(text)
+        verdict = await (await aresolve(self.evaluator)).aevaluate_output(text)
         await aemit(self._event(verdict), config)
         for chunk in self._release(held, verdict):
             yield chunk

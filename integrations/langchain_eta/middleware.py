@@ -9,7 +9,7 @@ from langchain_core.messages import AIMessage, BaseMessage
 from langgraph.runtime import Runtime
 
 from eta_guard.errors import GuardrailViolation
-from langchain_eta._loading import Lazy, lazy_evaluator, resolve
+from langchain_eta._loading import Lazy, aresolve, lazy_evaluator, resolve
 from langchain_eta._messages import image_sources
 from langchain_eta._verdicts import (
     DEFAULT_REFUSAL,
@@ -123,7 +123,7 @@ class ETAGuardMiddleware(AgentMiddleware):
         found = self._new_images(state)
         if not found:
             return None
-        verdict = await resolve(self.evaluator).aevaluate_input([src for _, src in found])
+        verdict = await (await aresolve(self.evaluator)).aevaluate_input([src for _, src in found])
         await aemit(self._event("before_model", verdict, verdict.input_unsafe))
         return self._on_input(state, found, verdict)
 
@@ -138,10 +138,12 @@ class ETAGuardMiddleware(AgentMiddleware):
 
     @hook_config(can_jump_to=["end"])
     async def aafter_model(self, state: AgentState, runtime: Runtime) -> dict[str, Any] | None:
+        if self.rule == "eta":
+            await aresolve(self.evaluator)  # _output_request reads its config: load off the loop
         answer, request = self._output_request(state)
         if answer is None:
             return None
-        verdict = await resolve(self.evaluator).aevaluate(**request)
+        verdict = await (await aresolve(self.evaluator)).aevaluate(**request)
         await aemit(self._event("after_model", verdict, self._output_violation(verdict)))
         return self._on_output(answer, verdict)
 
