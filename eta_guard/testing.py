@@ -8,6 +8,20 @@ The models are RANDOM. They prove mechanics (shapes, chat templates, caches, bat
 streaming, decisions at chosen thresholds, cost ratios), never safety: their CLIP scores and
 rewards mean nothing, so tests force decisions with thresholds instead.
 
+What the checkpoints do guarantee:
+
+- VLMs (``llava``, ``qwen2_vl``, ``idefics3``) load with ``AutoModelForImageTextToText`` and
+  ``AutoProcessor``; their chat templates handle system/user/assistant turns, string or
+  list-of-parts content, one placeholder per ``{"type": "image"}`` part and
+  ``add_generation_prompt``; text-only, one-image and multi-image prompts generate.
+- Their LM heads never emit a special token other than EOS (no image placeholders, no chat
+  markers) and only emit printable ASCII, so decoded text is always clean.
+- The CLIP model loads with ``CLIPModel`` / ``CLIPProcessor`` (or the Auto classes) and
+  truncates text to 77 tokens; the reward model loads with
+  ``AutoModelForSequenceClassification`` / ``AutoTokenizer`` and has a Llama-3 chat template.
+- One tokenizer vocabulary (byte-level BPE trained on a built-in corpus) underlies every
+  model; ``.``, ``!`` and ``?`` are single tokens. Same seed, same files.
+
 Example:
     >>> from eta_guard.testing import build_tiny_checkpoints, make_test_image
     >>> ckpt = build_tiny_checkpoints("/tmp/eta-tiny")  # doctest: +SKIP
@@ -32,6 +46,20 @@ import PIL.Image
 import torch
 
 from eta_guard.errors import InvalidInputError
+
+__all__ = [
+    "IMAGE_KINDS",
+    "OPEN_CLIP_MODEL_NAME",
+    "SIZES",
+    "VLM_FAMILIES",
+    "TinyCheckpoints",
+    "build_tiny_checkpoints",
+    "build_tiny_open_clip",
+    "image_to_bytes",
+    "image_to_data_url",
+    "make_test_image",
+    "register_tiny_open_clip",
+]
 
 VLMFamily = Literal["llava", "qwen2_vl", "idefics3"]
 Size = Literal["tiny", "bench"]
@@ -305,7 +333,8 @@ def build_tiny_checkpoints(
         vlm_family: which VLM architecture to build.
         size: ``"tiny"`` (a few seconds on CPU) or ``"bench"`` (VLM ~100M, CLIP ~30M,
             RM ~60M parameters; for cost measurements).
-        seed: seeds the tokenizer-independent random weights.
+        seed: seeds the random weights (the tokenizers are the same for every seed); a
+            non-zero seed appends ``-seed<N>`` to the folder names.
 
     Returns:
         The three checkpoint paths.
