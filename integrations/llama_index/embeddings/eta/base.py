@@ -52,8 +52,11 @@ class ETAClipEmbedding(MultiModalEmbedding):
         .. code-block:: python
 
             from llama_index.core.indices import MultiModalVectorStoreIndex
+            from llama_index.core.schema import ImageNode
 
+            nodes = [ImageNode(image_path="/tmp/eta-red.png")]
             index = MultiModalVectorStoreIndex(nodes, embed_model=embed, image_embed_model=embed)
+            index.as_retriever(image_similarity_top_k=1).retrieve("a red square")
     """
 
     clip: str | None = Field(

@@ -57,11 +57,26 @@ class ETAImageSafetyPostprocessor(BaseNodePostprocessor):
             nodes = screen.postprocess_nodes([NodeWithScore(node=ImageNode(image_path="/tmp/eta-red.png"))])
             nodes[0].node.metadata["eta_image_score"]
 
-    In a query engine:
+    In a multimodal query engine (one set of weights for answers, retrieval and screening):
         .. code-block:: python
 
-            RetrieverQueryEngine.from_args(retriever, llm=llm, multimodal=True,
-                                           node_postprocessors=[screen])
+            from llama_index.core.indices import MultiModalVectorStoreIndex
+            from llama_index.core.query_engine import RetrieverQueryEngine
+            from llama_index.embeddings.eta import ETAClipEmbedding
+            from llama_index.llms.eta import ETAMultiModalLLM
+
+            llm = ETAMultiModalLLM(
+                vlm=ckpt.vlm, clip=ckpt.clip, reward_model=ckpt.reward_model, max_new_tokens=8
+            )
+            embed = ETAClipEmbedding(evaluator=llm)
+            index = MultiModalVectorStoreIndex(
+                [ImageNode(image_path="/tmp/eta-red.png")], embed_model=embed, image_embed_model=embed
+            )
+            engine = RetrieverQueryEngine.from_args(
+                index.as_retriever(image_similarity_top_k=1), llm=llm, multimodal=True,
+                node_postprocessors=[ETAImageSafetyPostprocessor(evaluator=llm, mode="drop")],
+            )
+            engine.query("What is shown?").response
     """
 
     clip: str | None = Field(
