@@ -17,7 +17,13 @@ from eta_guard.decoding.stopping import (
     cut_at_stop,
     stop_holdback,
 )
-from eta_guard.decoding.vlm import GreedyOutput, GreedyStream, PreparedPrompt, VLMAdapter
+from eta_guard.decoding.vlm import (
+    GreedyOutput,
+    GreedyStream,
+    PreparedPrompt,
+    VLMAdapter,
+    decode_continuation,
+)
 
 __all__ = [
     "GreedyOutput",
@@ -29,6 +35,7 @@ __all__ = [
     "VLMAdapter",
     "candidate_lengths",
     "cut_at_stop",
+    "decode_continuation",
     "score_candidates",
     "stop_holdback",
     "use_clip_term",

@@ -310,7 +310,9 @@ class VLMAdapter:
                 cache=self.new_cache(),
             )
         new_ids = out.sequences[0, prepared.num_prompt_tokens :].tolist()
-        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        cache = getattr(out, "cache", None)
+        if cache is None:  # outputs of older transformers releases
+            cache = getattr(out, "past_key_values", None)
         if cache is not None:
             self.remember_inputs(cache, prepared)
         text, stopped = cut_at_stop(self.decode_continuation(prepared.input_ids[0], new_ids), stop)
