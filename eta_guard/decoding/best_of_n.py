@@ -370,11 +370,10 @@ class _Search:
         index = len(self.trace) + 1
         sentences = [self.adapter.decode_continuation(state.ids[0], t) for t in step.tokens]
         clips = None
-        if use_clip_term(index, step.ended, self.clip_fn is not None) and self.cfg.alpha > 0:
+        clip_fn = self.clip_fn
+        if clip_fn is not None and use_clip_term(index, step.ended, True) and self.cfg.alpha > 0:
             with self._timed("clip"):
-                clips = _floats(
-                    self.clip_fn([s.strip() for s in sentences]), len(sentences), "clip_fn"
-                )
+                clips = _floats(clip_fn([s.strip() for s in sentences]), len(sentences), "clip_fn")
         scores = score_candidates(step.rewards, clips, index=index, alpha=self.cfg.alpha)
         chosen = max(range(len(scores)), key=scores.__getitem__)  # first of equal maxima
         self.decoded += sum(len(t) for t in step.tokens)

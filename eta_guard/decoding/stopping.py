@@ -70,8 +70,12 @@ def _cache_for(tokenizer: Any) -> dict[tuple[str, ...], _Masks]:
     entry = _MASK_CACHE.get(key)
     if entry is not None and entry[0]() is tokenizer:
         return entry[1]
+
+    def forget(_: weakref.ref) -> None:
+        _MASK_CACHE.pop(key, None)
+
     try:
-        ref = weakref.ref(tokenizer, lambda _, key=key: _MASK_CACHE.pop(key, None))
+        ref = weakref.ref(tokenizer, forget)
     except TypeError:  # not weak-referenceable: compute without caching
         return {}
     _MASK_CACHE[key] = (ref, {})
@@ -113,9 +117,7 @@ class SentenceEndCriteria(StoppingCriteria):
         self.start_length = start_length
         self.ends_mask, self.partial_mask = vocabulary_masks(tokenizer, terminators)
 
-    def __call__(
-        self, input_ids: torch.LongTensor, scores: Any = None, **kwargs: Any
-    ) -> torch.BoolTensor:
+    def __call__(self, input_ids: torch.Tensor, scores: Any = None, **kwargs: Any) -> torch.Tensor:
         """Judge the last token of each row.
 
         Args:
@@ -148,16 +150,14 @@ class CancelCriteria(StoppingCriteria):
     def __init__(self, event: threading.Event) -> None:
         self.event = event
 
-    def __call__(
-        self, input_ids: torch.LongTensor, scores: Any = None, **kwargs: Any
-    ) -> torch.BoolTensor:
+    def __call__(self, input_ids: torch.Tensor, scores: Any = None, **kwargs: Any) -> torch.Tensor:
         return torch.full(
             (input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device
         )
 
 
 def candidate_lengths(
-    sequences: torch.LongTensor,
+    sequences: torch.Tensor,
     start_length: int,
     *,
     eos_token_ids: Sequence[int],

@@ -161,7 +161,7 @@ class VLMAdapter:
                 "VLM", str(name_or_path), e, trust_remote_code=trust_remote_code
             ) from e
         if "device_map" not in model_kw:  # accelerate already placed the weights
-            model = model.to(target)
+            model = model.to(target)  # type: ignore[arg-type]  # transformers types .to oddly
         return cls(model, processor, name=str(name_or_path))
 
     # ----- properties -----
