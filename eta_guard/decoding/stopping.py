@@ -85,7 +85,7 @@ def _cache_for(tokenizer: Any) -> dict[tuple[str, ...], _Masks]:
 def _lookup(mask: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """``mask[ids]`` with ids outside the tokenizer's vocabulary (padded embeddings) mapped to False."""
     inside = (ids >= 0) & (ids < mask.numel())
-    return mask.to(ids.device)[ids.clamp(0, mask.numel() - 1)] & inside
+    return mask[ids.clamp(0, mask.numel() - 1)] & inside
 
 
 class SentenceEndCriteria(StoppingCriteria):
@@ -128,11 +128,11 @@ class SentenceEndCriteria(StoppingCriteria):
         """
         if input_ids.shape[-1] <= self.start_length:
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        last = input_ids[:, -1]
+        last = input_ids[:, -1].cpu()  # the vocabulary masks live on the CPU: N ids cross, not V
         done = _lookup(self.ends_mask, last)
         for row in torch.nonzero(_lookup(self.partial_mask, last)).flatten().tolist():
             done[row] = self._tail_completes_terminator(input_ids[row])
-        return done
+        return done.to(input_ids.device)
 
     def _tail_completes_terminator(self, row: torch.Tensor) -> bool:
         """Whether appending the row's last token adds a terminator to the decoded tail."""
@@ -176,6 +176,7 @@ def candidate_lengths(
         ``(lengths, ended)``: ``lengths[r]`` in ``[1, T]``; ``ended[r]`` is True iff row ``r``
         stops on an EOS token (which is included in its length).
     """
+    sequences = sequences.cpu()  # one copy instead of a device sync per row and step
     n, total = sequences.shape
     steps = total - start_length
     if steps <= 0:
@@ -184,7 +185,7 @@ def candidate_lengths(
         )
     lengths, ended = [steps] * n, [False] * n
     open_rows = set(range(n))
-    eos = torch.tensor(sorted(set(eos_token_ids)), dtype=sequences.dtype, device=sequences.device)
+    eos = torch.tensor(sorted(set(eos_token_ids)), dtype=sequences.dtype)
     for t in range(1, steps + 1):
         if not open_rows:
             break
