@@ -205,6 +205,27 @@ def test_text_only_chat(li_llm):
     assert out.additional_kwargs["eta_verdict"]["pre_score"] is None
 
 
+def test_remote_image_url_when_enabled(li_llm, monkeypatch, reference_text):
+    """Remote URLs pass through to the engine, which fetches them only when allowed."""
+    import contextlib
+    import urllib.request
+
+    fetched: list[str] = []
+
+    def urlopen(request, timeout=None):
+        fetched.append(request.full_url)
+        return contextlib.nullcontext(io.BytesIO(png_bytes("red")))
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    block = ImageBlock(url="https://example.com/red.png")
+    with pytest.raises(InvalidInputError, match="remote images are disabled"):
+        li_llm.chat(_messages(block))
+    assert fetched == []
+    response = li_llm.chat(_messages(block), allow_remote_images=True)
+    assert fetched == ["https://example.com/red.png"]
+    assert response.message.content == reference_text
+
+
 # ---------------------------------------------------------------------------- bad input
 def _deleted_path_block(tmp_path: Path) -> ImageBlock:
     path = tmp_path / "gone.png"

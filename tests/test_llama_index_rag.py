@@ -47,6 +47,8 @@ from llama_index_fixtures import (  # noqa: E402, F401
 )
 
 ETA_KEYS = ("eta_image_unsafe", "eta_image_score")
+# LlamaIndex's own BatchEvalRunner still calls its deprecated asyncio_module().
+pytestmark = pytest.mark.filterwarnings("ignore:asyncio_module:DeprecationWarning")
 
 
 def _image_nodes(folder: Path) -> list[ImageNode]:

@@ -122,7 +122,7 @@ class ETAClipEmbedding(MultiModalEmbedding):
 
     # ------------------------------------------------------------------ images
     def _get_image_embeddings(self, img_file_paths: list[ImageType]) -> list[Embedding]:
-        config = self.config or ETAConfig()
+        config = self.config or self._evaluator.get().config or ETAConfig()
         images = load_for_clip(img_file_paths, config)
         return self.pre.embed_images(images).tolist()
 
