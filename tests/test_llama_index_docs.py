@@ -72,6 +72,40 @@ def test_class_docstring_runs_offline(cls, li_ckpt, tmp_path):
             asyncio.run(result)
 
 
+def markdown_python_blocks(text: str) -> list[str]:
+    """The fenced ```python blocks of a markdown file."""
+    blocks, current = [], None
+    for line in text.splitlines():
+        if current is None and line.strip() == "```python":
+            current = []
+        elif current is not None and line.strip() == "```":
+            blocks.append("\n".join(current) + "\n")
+            current = None
+        elif current is not None:
+            current.append(line)
+    return blocks
+
+
+def test_readme_section_runs_offline(li_ckpt, tmp_path):
+    """docs/llama_index.md (the README's LlamaIndex section): every Python block, in order."""
+    from llama_index.core import Settings
+
+    blocks = markdown_python_blocks((ROOT / "docs" / "llama_index.md").read_text())
+    assert len(blocks) >= 4
+    tiny = str(Path(li_ckpt.vlm).parent)
+    namespace: dict = {"print": lambda *a, **k: None}
+    saved = (Settings._llm, Settings._embed_model)
+    try:
+        for i, block in enumerate(blocks):
+            code = block.replace('"/tmp/eta-tiny"', repr(tiny)).replace(
+                "/tmp/eta-", f"{tmp_path}/eta-"
+            )
+            exec(compile(code, f"<docs/llama_index.md block {i}>", "exec"), namespace)  # noqa: S102
+    finally:
+        Settings._llm, Settings._embed_model = saved
+    assert namespace["results"]["safety"][1].verdict["image_scores"] == []
+
+
 def test_example_runs_offline(tmp_path, li_ckpt):
     """The example, as a user runs it (the session's tiny checkpoints spare it a rebuild)."""
     script = ROOT / "examples" / "llama_index_multimodal_rag.py"
