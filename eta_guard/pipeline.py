@@ -285,6 +285,7 @@ class _Request:
                 cache=greedy.cache,
                 cache_ids=greedy.sequence_ids,
                 on_sentence=on_sentence,
+                stop=self.stop,  # ends the search early; the filter below still guards the prefix
             ),
             stop_filter.feed,
         )
