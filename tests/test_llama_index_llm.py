@@ -297,6 +297,11 @@ def test_metadata_and_class_name():
     assert ETAMultiModalLLM(vlm="x").metadata.num_output == ETAConfig().max_new_tokens
 
 
+def test_metadata_of_a_ready_engine(li_eta, li_llm):
+    assert li_llm.metadata.model_name == li_eta.model_name
+    assert li_llm.metadata.num_output == FAST["max_new_tokens"]
+
+
 def test_weights_load_lazily(li_ckpt, image_dir):
     llm = ETAMultiModalLLM(
         vlm=li_ckpt.vlm,

@@ -153,13 +153,15 @@ class ETAMultiModalLLM(LLM):
 
     @property
     def metadata(self) -> LLMMetadata:
-        config = self.config or ETAConfig()
+        """Never loads weights; a ready engine (``eta=``) supplies its own name and config."""
+        engine = self._engine.get() if self._engine.loaded else None
+        config = self.config or (engine.config if engine is not None else ETAConfig())
         return LLMMetadata(
             context_window=self.context_window,
             num_output=self.max_new_tokens or config.max_new_tokens,
             is_chat_model=True,
             is_function_calling_model=False,
-            model_name=self.vlm or "eta",
+            model_name=self.vlm or (engine.model_name if engine is not None else "eta"),
         )
 
     @property
