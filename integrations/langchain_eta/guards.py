@@ -74,13 +74,32 @@ class ETAInputGuard(_ETAGuard):
     input passes unchanged (as a message list when ``flag``). Every check also emits an
     ``eta_verdict`` custom callback event.
 
-    Example (offline, tiny random checkpoints):
+    Example (offline, on tiny random checkpoints; any chat model in place of the fake one):
         .. code-block:: python
 
+            from eta_guard.testing import build_tiny_checkpoints, image_to_data_url, make_test_image
+            from langchain_core.language_models import GenericFakeChatModel
+            from langchain_core.messages import AIMessage, HumanMessage
             from langchain_eta import ETAInputGuard
-            guard = ETAInputGuard.from_pretrained(clip=ckpt.clip, reward_model=None,
-                                                  on_violation="replace")
+
+            ckpt = build_tiny_checkpoints("/tmp/eta-tiny")
+            guard = ETAInputGuard.from_pretrained(
+                clip=ckpt.clip, reward_model=None, on_violation="replace"
+            )  # CLIP loads on first use
+            chat_model = GenericFakeChatModel(messages=iter([AIMessage("A gradient.")]))
             chain = guard | chat_model
+            chain.invoke([HumanMessage(content=[
+                {"type": "text", "text": "What is this?"},
+                {"type": "image_url", "image_url": {"url": image_to_data_url(make_test_image())}},
+            ])])
+
+        Async:
+
+        .. code-block:: python
+
+            await guard.ainvoke([HumanMessage(content=[
+                {"type": "image", "url": image_to_data_url(make_test_image("noise"))},
+            ])])
     """
 
     replacement: str = DEFAULT_IMAGE_REPLACEMENT
@@ -159,13 +178,34 @@ class ETAOutputGuard(_ETAGuard):
     yielded. Empty answers (e.g. tool calls only) are not scored. Every check emits an
     ``eta_verdict`` custom callback event.
 
-    Example:
+    Example (offline, on tiny random checkpoints; any chat model in place of the fake one):
         .. code-block:: python
 
+            from eta_guard.testing import build_tiny_checkpoints
+            from langchain_core.language_models import GenericFakeChatModel
+            from langchain_core.messages import AIMessage
             from langchain_eta import ETAOutputGuard
-            guard = ETAOutputGuard.from_pretrained(clip=None, reward_model=ckpt.reward_model,
-                                                   on_violation="replace")
-            chain = prompt | any_chat_model | guard
+
+            ckpt = build_tiny_checkpoints("/tmp/eta-tiny")
+            guard = ETAOutputGuard.from_pretrained(
+                clip=None, reward_model=ckpt.reward_model, on_violation="flag"
+            )
+            chat_model = GenericFakeChatModel(messages=iter([AIMessage("It is red. Nothing else.")] * 3))
+            answer = (chat_model | guard).invoke("What colour is it?")
+            answer.response_metadata["eta_verdict"]["post_score"]
+
+        Stream (the chunks come out once the whole answer has been judged):
+
+        .. code-block:: python
+
+            for chunk in (chat_model | guard).stream("What colour is it?"):
+                print(chunk.text, end="")
+
+        Async:
+
+        .. code-block:: python
+
+            await (chat_model | guard).ainvoke("What colour is it?")
     """
 
     refusal: str = DEFAULT_REFUSAL

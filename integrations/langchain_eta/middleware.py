@@ -48,15 +48,28 @@ class ETAGuardMiddleware(AgentMiddleware):
 
     Every check emits an ``eta_verdict`` custom callback event.
 
-    Example (offline, tiny random checkpoints):
+    Example (offline, on tiny random checkpoints; any chat model in place of the fake one):
         .. code-block:: python
 
+            from eta_guard.testing import build_tiny_checkpoints
             from langchain.agents import create_agent
-            from langchain_eta import ETAChatModel, ETAGuardMiddleware
+            from langchain_core.language_models import GenericFakeChatModel
+            from langchain_core.messages import AIMessage
+            from langchain_eta import ETAGuardMiddleware
 
-            guard = ETAGuardMiddleware(clip=ckpt.clip, reward_model=ckpt.reward_model)
-            agent = create_agent(model=any_chat_model, tools=[], middleware=[guard])
-            agent.invoke({"messages": [{"role": "user", "content": "Hello"}]})
+            ckpt = build_tiny_checkpoints("/tmp/eta-tiny")
+            guard = ETAGuardMiddleware(
+                clip=ckpt.clip, reward_model=ckpt.reward_model, rule="eta"
+            )  # loaded on first use; or ETAGuardMiddleware(evaluator)
+            chat_model = GenericFakeChatModel(messages=iter([AIMessage("Hello!")] * 3))
+            agent = create_agent(model=chat_model, tools=[], middleware=[guard])
+            agent.invoke({"messages": [{"role": "user", "content": "Hi"}]})["messages"][-1].text
+
+        Async:
+
+        .. code-block:: python
+
+            await agent.ainvoke({"messages": [{"role": "user", "content": "Hi"}]})
 
     Args:
         evaluator: A ready ``eta_guard.ETAEvaluator``. Leave out to load ``clip`` and
