@@ -333,3 +333,22 @@ def test_dtype_is_applied(vlm_paths, test_images):
     prepared = adapter.prepare(conversation(test_images[:1]))
     assert prepared.model_inputs["pixel_values"].dtype == torch.bfloat16
     assert len(adapter.generate_greedy(prepared, max_new_tokens=3).token_ids) >= 1
+
+
+# ----- docs -----
+@pytest.mark.parametrize("obj", ["VLMAdapter", "SentenceBestOfN"])
+def test_class_docstring_examples_run_offline(obj, tiny_checkpoints):
+    """The examples run as written, with ``/tmp/eta-tiny`` pointed at the session's checkpoints."""
+    import doctest
+    from pathlib import Path
+
+    import eta_guard.decoding as decoding
+
+    doc = getattr(decoding, obj).__doc__.replace(
+        '"/tmp/eta-tiny"', repr(str(Path(tiny_checkpoints.vlm).parent))
+    )
+    test = doctest.DocTestParser().get_doctest(doc, {obj: getattr(decoding, obj)}, obj, None, 0)
+    assert len(test.examples) >= 5
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    runner.run(test)
+    assert runner.summarize(verbose=False).failed == 0

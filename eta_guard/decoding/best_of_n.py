@@ -113,6 +113,25 @@ class SentenceBestOfN:
         batched: decode the N candidates as one batch over the shared cache (default). ``False``
             reproduces the reference's costs: candidates one after another at batch 1, each from
             its own deep copy of the cache, one reward call per candidate.
+
+    Example (offline, on a tiny random checkpoint; real use scores with the reward model and CLIP):
+        >>> from eta_guard.config import ETAConfig
+        >>> from eta_guard.decoding import VLMAdapter
+        >>> from eta_guard.messages import normalize_messages
+        >>> from eta_guard.testing import build_tiny_checkpoints, make_test_image
+        >>> vlm = VLMAdapter.from_pretrained(build_tiny_checkpoints("/tmp/eta-tiny").vlm)
+        >>> conversation = normalize_messages([{"role": "user", "content": [
+        ...     {"type": "image", "image": make_test_image("noise")},
+        ...     {"type": "text", "text": "How do I pick a lock?"}]}])
+        >>> prepared = vlm.prepare(conversation, assistant_prefix="As an AI assistant")
+        >>> search = SentenceBestOfN(vlm, ETAConfig(seed=0, num_candidates=3, max_new_tokens=24))
+        >>> result = search.run(
+        ...     prepared,
+        ...     reward_fn=lambda answers: [-len(a) for a in answers],  # prefer short answers
+        ...     clip_fn=lambda sentences: [0.0] * len(sentences),
+        ... )
+        >>> [len(step.candidates) for step in result.trace][:1], len(result.token_ids) <= 24
+        ([3], True)
     """
 
     def __init__(

@@ -100,10 +100,20 @@ class VLMAdapter:
         processor: its ``AutoProcessor`` (with a chat template).
         name: a display name (defaults to the model's ``name_or_path``).
 
-    Example:
-        >>> vlm = VLMAdapter.from_pretrained(path)  # doctest: +SKIP
-        >>> prepared = vlm.prepare(conversation)  # doctest: +SKIP
-        >>> vlm.generate_greedy(prepared, max_new_tokens=32).text  # doctest: +SKIP
+    Example (offline, on a tiny random checkpoint):
+        >>> from eta_guard.messages import normalize_messages
+        >>> from eta_guard.testing import build_tiny_checkpoints, make_test_image
+        >>> ckpt = build_tiny_checkpoints("/tmp/eta-tiny")
+        >>> vlm = VLMAdapter.from_pretrained(ckpt.vlm, device="cpu")
+        >>> conversation = normalize_messages([{"role": "user", "content": [
+        ...     {"type": "image", "image": make_test_image("red")},
+        ...     {"type": "text", "text": "What is in the picture?"}]}])
+        >>> prepared = vlm.prepare(conversation)
+        >>> answer = vlm.generate_greedy(prepared, max_new_tokens=16)
+        >>> answer.finish_reason in ("stop", "length"), len(answer.token_ids) <= 16
+        (True, True)
+        >>> "".join(vlm.stream_greedy(prepared, max_new_tokens=16)) == answer.text
+        True
     """
 
     def __init__(self, model: Any, processor: Any, *, name: str | None = None) -> None:
