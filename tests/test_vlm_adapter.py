@@ -352,3 +352,9 @@ def test_class_docstring_examples_run_offline(obj, tiny_checkpoints):
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
     runner.run(test)
     assert runner.summarize(verbose=False).failed == 0
+
+
+def test_missing_chat_template_is_invalid_input(llava, monkeypatch):
+    monkeypatch.setattr(llava.processor, "chat_template", None)
+    with pytest.raises(InvalidInputError, match="has no chat template"):
+        llava.prepare(conversation([]))

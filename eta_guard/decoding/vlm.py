@@ -239,6 +239,12 @@ class VLMAdapter:
         render = lambda msgs: self.processor.apply_chat_template(  # noqa: E731
             msgs, add_generation_prompt=True, tokenize=False
         )
+        if not getattr(self.processor, "chat_template", None):
+            raise InvalidInputError(
+                f"the processor of {self.name!r} has no chat template; set one with "
+                "VLMAdapter.from_pretrained(..., processor_kwargs={'chat_template': '<jinja>'}) "
+                "or vlm.processor.chat_template = '<jinja>'"
+            )
         try:
             return render(messages)
         except TemplateError as first:
