@@ -88,13 +88,15 @@ def test_per_call_overrides_reach_the_engine():
     llm.invoke("hi", max_tokens=5, stop=["x"], temperature=0.2)
     first, second = fake.calls
     assert first["overrides"] == {
+        "allow_local_image_files": False,
         "max_new_tokens": 20,
         "num_candidates": 3,
         "temperature": 0.9,
         "seed": 4,
     }
     assert first["stop"] == ["END"]
-    assert second["overrides"] == {"max_new_tokens": 5} and second["stop"] == ["x"]
+    assert second["overrides"] == {"allow_local_image_files": False, "max_new_tokens": 5}
+    assert second["stop"] == ["x"]
 
 
 def test_a_given_config_applies_over_a_ready_engine():
@@ -234,6 +236,27 @@ def test_lcel_chain_with_an_image(llm):
 def test_multi_turn_conversation(llm):
     msg = llm.invoke([HumanMessage("hello"), AIMessage("hi"), HumanMessage("how are you")])
     assert msg.usage_metadata["input_tokens"] > 0 and isinstance(msg.text, str)
+
+
+def test_local_image_files_are_refused_unless_allowed(llm, tmp_path):
+    from eta_guard.testing import make_test_image
+
+    path = tmp_path / "pic.png"
+    make_test_image().save(path)
+    for url in (str(path), path.as_uri()):
+        with pytest.raises(InvalidInputError, match="allow_local_image_files=True"):
+            llm.invoke(_ask({"type": "image", "url": url}))
+    allowed = llm.model_copy(update={"allow_local_image_files": True})
+    assert allowed.invoke(_ask({"type": "image", "url": str(path)})).response_metadata[
+        "eta_verdict"
+    ]["pre_score"]
+    per_call = llm.bind(allow_local_image_files=True).invoke(
+        _ask({"type": "image", "url": path.as_uri()})
+    )
+    assert per_call.response_metadata["eta_verdict"]["pre_score"] is not None
+    assert ETAChatModel(
+        vlm="v", config=ETAConfig(allow_local_image_files=True)
+    ).allow_local_image_files
 
 
 def test_config_type_check():

@@ -247,6 +247,23 @@ def test_from_pretrained_loads_lazily_once(lc_ckpt, monkeypatch):  # noqa: F811
     assert len(loads) == 1 and loads[0]["clip"] is None
 
 
+def test_input_guard_refuses_local_files_unless_allowed(lc_evaluator, tmp_path):  # noqa: F811
+    from eta_guard.errors import InvalidInputError
+    from eta_guard.testing import make_test_image
+
+    path = tmp_path / "pic.png"
+    make_test_image().save(path)
+    request = [HumanMessage(content=[{"type": "image", "url": str(path)}])]
+    with pytest.raises(InvalidInputError, match="allow_local_image_files"):
+        ETAInputGuard(evaluator=lc_evaluator).invoke(request)
+    guard = ETAInputGuard(
+        evaluator=_evaluator(lc_evaluator, FLAG_ALL),
+        on_violation="flag",
+        allow_local_image_files=True,
+    )
+    assert guard.invoke(request)[-1].response_metadata["eta_verdict"]["pre_score"] is not None
+
+
 def test_bad_mode_is_refused(lc_evaluator):  # noqa: F811
     with pytest.raises(ValueError, match="on_violation"):
         ETAOutputGuard(evaluator=lc_evaluator, on_violation="ignore")

@@ -14,6 +14,7 @@ from langchain_core.prompt_values import ChatPromptValue
 from langchain_eta._messages import (
     as_messages,
     block_to_part,
+    image_block_to_part,
     image_sources,
     merge_consecutive,
     message_to_dict,
@@ -230,3 +231,29 @@ def test_image_sources_and_replace_images():
     assert [b["type"] for b in out[3].content_blocks] == ["text", "text"]
     assert out[3].content_blocks[0]["text"] == "[removed]"
     assert messages[3].content[0]["type"] == "image_url"  # input not mutated
+
+
+@pytest.mark.parametrize(
+    ("url", "local"),
+    [
+        ("/tmp/cat.png", True),
+        ("cat.png", True),
+        ("file:///tmp/cat.png", True),
+        ("FILE:///tmp/cat.png", True),
+        (DATA_URL, False),
+        ("https://x.org/a.png", False),
+        ("HTTP://x.org/a.png", False),
+    ],
+)
+def test_local_image_urls_need_permission(url, local):
+    block = {"type": "image", "url": url}
+    if local:
+        with pytest.raises(InvalidInputError, match="allow_local_image_files=True"):
+            image_block_to_part(block)
+        with pytest.raises(InvalidInputError, match="local image files"):
+            image_sources(
+                [HumanMessage(content=[{"type": "image_url", "image_url": {"url": url}}])]
+            )
+    else:
+        assert image_block_to_part(block) == {"type": "image", "image": url}
+    assert image_block_to_part(block, allow_local_files=True) == {"type": "image", "image": url}

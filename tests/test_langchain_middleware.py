@@ -201,3 +201,18 @@ async def test_async_agent_with_lazy_evaluator_and_eta_rule(lc_ckpt):  # noqa: F
     out = await create_agent(model=model, tools=[], middleware=[guard]).ainvoke(_request())
     assert guard.loaded and model.calls == 1
     assert out["messages"][-1].text == DEFAULT_REFUSAL
+
+
+def test_local_image_files_are_refused_by_default(lc_evaluator, tmp_path):  # noqa: F811
+    from eta_guard.errors import InvalidInputError
+    from eta_guard.testing import make_test_image
+
+    path = tmp_path / "pic.png"
+    make_test_image().save(path)
+    request = {"messages": [HumanMessage(content=[{"type": "image", "url": str(path)}])]}
+    with pytest.raises(InvalidInputError, match="allow_local_image_files"):
+        _agent(_model(), _evaluator(lc_evaluator, FLAG_ALL), "replace").invoke(request)
+    agent = _agent(
+        _model(), _evaluator(lc_evaluator, FLAG_ALL), "replace", allow_local_image_files=True
+    )
+    assert agent.invoke(request)["messages"][-1].text == DEFAULT_REFUSAL

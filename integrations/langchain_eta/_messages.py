@@ -48,14 +48,40 @@ def role_of(message: BaseMessage) -> str:
     return role
 
 
-def image_block_to_part(block: dict[str, Any]) -> dict[str, Any]:
-    """A LangChain v1 ``image`` content block as an engine ``{"type": "image", "image": ...}`` part."""
+def is_local_source(url: str) -> bool:
+    """Whether an image URL points at the local file system (a path or a ``file:`` URL)."""
+    return not url.strip()[:16].lower().startswith(("data:", "http://", "https://"))
+
+
+def check_url(url: str, *, allow_local_files: bool) -> str:
+    """``url`` itself, or an error when it names a local file and those are not allowed."""
+    if not allow_local_files and is_local_source(url):
+        raise InvalidInputError(
+            f"image url {_short_text(url)} is not a data: or http(s) URL; local image files "
+            "are refused by default (messages may come from untrusted clients). Pass "
+            "allow_local_image_files=True to read them, or send the image as base64"
+        )
+    return url
+
+
+def image_block_to_part(
+    block: dict[str, Any], *, allow_local_files: bool = False
+) -> dict[str, Any]:
+    """A LangChain v1 ``image`` content block as an engine ``{"type": "image", "image": ...}`` part.
+
+    Base64 data becomes a data URL (raw base64 when there is no MIME type). URLs pass as they
+    are (the engine refuses remote ones unless allowed); local paths and ``file:`` URLs are
+    refused unless ``allow_local_files``.
+    """
     if block.get("base64"):
         mime = block.get("mime_type")
         data = block["base64"]
         return {"type": "image", "image": f"data:{mime};base64,{data}" if mime else data}
     if block.get("url"):
-        return {"type": "image", "image": block["url"]}
+        return {
+            "type": "image",
+            "image": check_url(block["url"], allow_local_files=allow_local_files),
+        }
     if block.get("file_id"):
         raise InvalidInputError(
             f"image block with file_id={block['file_id']!r} cannot be resolved locally; "
@@ -64,7 +90,9 @@ def image_block_to_part(block: dict[str, Any]) -> dict[str, Any]:
     raise InvalidInputError(f"image block has no 'base64' or 'url' data: {_short(block)}")
 
 
-def block_to_part(block: dict[str, Any], *, role: str) -> dict[str, Any] | None:
+def block_to_part(
+    block: dict[str, Any], *, role: str, allow_local_files: bool = False
+) -> dict[str, Any] | None:
     """One standard content block as an engine content part; ``None`` for blocks with no text.
 
     User turns keep text and images. Assistant and system turns keep text only (reasoning and
@@ -76,24 +104,31 @@ def block_to_part(block: dict[str, Any], *, role: str) -> dict[str, Any] | None:
     if role == "assistant" and kind in ("reasoning", "tool_call", "tool_call_chunk"):
         return None
     if role == "user" and kind == "image":
-        return image_block_to_part(block)
+        return image_block_to_part(block, allow_local_files=allow_local_files)
     if role == "user" and kind == "non_standard":
         value = block.get("value") or {}
         if value.get("type") == "image_url":  # {"image_url": "data:..."} (string form)
             url = value.get("image_url")
             url = url.get("url") if isinstance(url, dict) else url
             if isinstance(url, str) and url:
-                return {"type": "image", "image": url}
+                return {
+                    "type": "image",
+                    "image": check_url(url, allow_local_files=allow_local_files),
+                }
     raise InvalidInputError(
         f"content block of type {kind!r} is not supported in a {role} message "
         f"({_short(block)}); ETAChatModel takes text and image blocks"
     )
 
 
-def message_to_dict(message: BaseMessage) -> dict[str, Any]:
+def message_to_dict(message: BaseMessage, *, allow_local_files: bool = False) -> dict[str, Any]:
     """One LangChain message as an engine dict ``{"role": ..., "content": [parts]}``."""
     role = role_of(message)
-    parts = [p for b in message.content_blocks if (p := block_to_part(dict(b), role=role))]
+    parts = [
+        p
+        for b in message.content_blocks
+        if (p := block_to_part(dict(b), role=role, allow_local_files=allow_local_files))
+    ]
     return {"role": role, "content": parts}
 
 
@@ -111,9 +146,11 @@ def merge_consecutive(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]
     return merged
 
 
-def to_engine_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
+def to_engine_messages(
+    messages: Sequence[BaseMessage], *, allow_local_files: bool = False
+) -> list[dict[str, Any]]:
     """LangChain messages as the engine's message list (same-role runs merged, empty turns dropped)."""
-    converted = [message_to_dict(m) for m in messages]
+    converted = [message_to_dict(m, allow_local_files=allow_local_files) for m in messages]
     return merge_consecutive([m for m in converted if m["content"]])
 
 
@@ -133,7 +170,9 @@ def as_messages(value: Any) -> list[BaseMessage]:
         ) from e
 
 
-def image_sources(messages: Sequence[BaseMessage]) -> list[tuple[int, int, str]]:
+def image_sources(
+    messages: Sequence[BaseMessage], *, allow_local_files: bool = False
+) -> list[tuple[int, int, str]]:
     """``(message index, block index, image source)`` for every image in ``messages``, in order.
 
     The block index refers to ``message.content_blocks``. System and AI messages carry no
@@ -144,7 +183,7 @@ def image_sources(messages: Sequence[BaseMessage]) -> list[tuple[int, int, str]]
         if isinstance(message, (SystemMessage, AIMessage)):
             continue
         for j, block in enumerate(message.content_blocks):
-            part = _image_part(dict(block))
+            part = _image_part(dict(block), allow_local_files)
             if part is not None:
                 found.append((i, j, part["image"]))
     return found
@@ -168,14 +207,12 @@ def replace_images(
     return out
 
 
-def _image_part(block: dict[str, Any]) -> dict[str, Any] | None:
+def _image_part(block: dict[str, Any], allow_local_files: bool) -> dict[str, Any] | None:
     if block.get("type") == "image":
-        return image_block_to_part(block)
-    if block.get("type") == "non_standard":
-        try:
-            return block_to_part(block, role="user")
-        except InvalidInputError:
-            return None
+        return image_block_to_part(block, allow_local_files=allow_local_files)
+    value = block.get("value") if block.get("type") == "non_standard" else None
+    if isinstance(value, dict) and value.get("type") == "image_url":
+        return block_to_part(block, role="user", allow_local_files=allow_local_files)
     return None
 
 
@@ -184,6 +221,10 @@ def _join(left: list[dict[str, Any]], right: list[dict[str, Any]]) -> list[dict[
         joined = {"type": "text", "text": left[-1]["text"] + "\n\n" + right[0]["text"]}
         return [*left[:-1], joined, *right[1:]]
     return [*left, *right]
+
+
+def _short_text(text: str) -> str:
+    return repr(text if len(text) <= 80 else text[:77] + "...")
 
 
 def _short(block: dict[str, Any]) -> str:

@@ -101,6 +101,9 @@ class ETAChatModel(BaseChatModel):
     """torch dtype (or its name) the models load in."""
     load_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Extra keyword arguments for ``ETA.from_pretrained`` (e.g. ``local_files_only``)."""
+    allow_local_image_files: bool = False
+    """Read image ``url``s that are local paths or ``file:`` URLs. Off by default: LangChain
+    messages may come from untrusted clients, and a request must not read the server's files."""
     eta: Any = Field(default=None, exclude=True, repr=False)
     """A ready ``eta_guard.ETA`` to use instead of loading ``vlm`` / ``clip`` / ``reward_model``."""
 
@@ -132,6 +135,9 @@ class ETAChatModel(BaseChatModel):
         config = data.get("config")
         if isinstance(config, dict):
             config = ETAConfig(**config)
+        local = "allow_local_image_files"
+        if config is not None and local not in data and local in config.model_fields_set:
+            data[local] = config.allow_local_image_files
         if knobs:
             config = (config or ETAConfig()).with_overrides(**knobs)
         data["config"] = config
@@ -252,7 +258,13 @@ class ETAChatModel(BaseChatModel):
         self, messages: Sequence[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
     ) -> tuple[list[dict[str, Any]], list[str] | None, dict[str, Any]]:
         """Engine messages, stop strings and ETAConfig overrides for one call."""
-        return to_engine_messages(messages), (stop or self.stop or None), self._overrides(kwargs)
+        overrides = self._overrides(kwargs)
+        local = overrides["allow_local_image_files"]
+        return (
+            to_engine_messages(messages, allow_local_files=local),
+            (stop or self.stop or None),
+            overrides,
+        )
 
     def _overrides(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         model = kwargs.get("model")
@@ -265,6 +277,7 @@ class ETAChatModel(BaseChatModel):
         overrides: dict[str, Any] = (
             self.config.model_dump() if self.eta is not None and self.config else {}
         )
+        overrides["allow_local_image_files"] = self.allow_local_image_files
         max_tokens = kwargs.get("max_tokens", self.max_tokens)
         if max_tokens is not None:
             overrides["max_new_tokens"] = max_tokens

@@ -35,6 +35,8 @@ class _ETAGuard(RunnableSerializable[Any, Any]):
     """An ``eta_guard.ETAEvaluator`` (or a lazy loader from :meth:`from_pretrained`)."""
     on_violation: OnViolation = "raise"
     """``"raise"`` a GuardrailViolation, ``"replace"`` the flagged content, or ``"flag"`` only."""
+    allow_local_image_files: bool = False
+    """Read image ``url``s that are local paths or ``file:`` URLs (off: they are refused)."""
 
     @classmethod
     def from_pretrained(
@@ -133,10 +135,9 @@ class ETAInputGuard(_ETAGuard):
         await aemit(self._event(verdict), config)
         return self._apply(input, messages, found, verdict)
 
-    @staticmethod
-    def _images(input: Any) -> tuple[list[BaseMessage], list[tuple[int, int, str]]]:
+    def _images(self, input: Any) -> tuple[list[BaseMessage], list[tuple[int, int, str]]]:
         messages = as_messages(input)
-        return messages, image_sources(messages)
+        return messages, image_sources(messages, allow_local_files=self.allow_local_image_files)
 
     def _event(self, verdict: Any) -> dict[str, Any]:
         return event_data(

@@ -80,6 +80,8 @@ class ETAGuardMiddleware(AgentMiddleware):
         on_violation: ``"raise"``, ``"replace"`` or ``"flag"``.
         refusal: The answer given instead of a blocked one.
         rule: ``"each"`` or ``"eta"`` (see above).
+        allow_local_image_files: Read image ``url``s that are local paths or ``file:`` URLs
+            (off: they are refused, since messages may come from untrusted users).
         check_input: Run the image check before the model.
         check_output: Run the answer check after the model.
         **load_kwargs: More ``ETAEvaluator.from_pretrained`` options (``device``, ``dtype``...).
@@ -97,6 +99,7 @@ class ETAGuardMiddleware(AgentMiddleware):
         check_input: bool = True,
         check_output: bool = True,
         rule: Literal["each", "eta"] = "each",
+        allow_local_image_files: bool = False,
         **load_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -116,6 +119,7 @@ class ETAGuardMiddleware(AgentMiddleware):
         if rule not in ("each", "eta"):
             raise ValueError(f"rule={rule!r} is not allowed; use 'each' or 'eta'")
         self.rule = rule
+        self.allow_local_image_files = allow_local_image_files
 
     @property
     def loaded(self) -> bool:
@@ -170,7 +174,8 @@ class ETAGuardMiddleware(AgentMiddleware):
             (i + 1 for i in range(len(messages) - 1, -1, -1) if isinstance(messages[i], AIMessage)),
             0,
         )
-        return [(start + i, src) for i, _, src in image_sources(messages[start:])]
+        found = image_sources(messages[start:], allow_local_files=self.allow_local_image_files)
+        return [(start + i, src) for i, _, src in found]
 
     def _output_request(self, state: AgentState) -> tuple[AIMessage | None, dict[str, Any]]:
         """The answer to check and the ``evaluate(...)`` arguments (``None``: nothing to check)."""
@@ -182,7 +187,10 @@ class ETAGuardMiddleware(AgentMiddleware):
             return None, {}
         if self.rule == "each":
             return answer, {"response": answer.text}
-        images = [src for _, _, src in image_sources(_current_turn(messages[:-1]))]
+        turn = _current_turn(messages[:-1])
+        images = [
+            src for _, _, src in image_sources(turn, allow_local_files=self.allow_local_image_files)
+        ]
         if not images and resolve(self.evaluator).config.text_only_policy == "trust":
             return None, {}
         return answer, {"images": images or None, "response": answer.text}
