@@ -17,6 +17,14 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Tiny models gain nothing from intra-op threads, and on a loaded 2-core machine OpenMP's
+    # spinning made them ~30x slower (measured): one thread keeps the suite fast and steady.
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One folder per session holding every tiny checkpoint the tests build."""

@@ -15,15 +15,6 @@ from eta_guard.testing import make_test_image
 FAMILIES = ["llava", "qwen2_vl", "idefics3"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: intra-op threads only add contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def vlm_paths(tiny_checkpoints_by_family):
     """``family -> path`` of the tiny random VLM checkpoint (built once per session)."""
