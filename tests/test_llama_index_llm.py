@@ -199,6 +199,22 @@ def test_multi_turn_with_system_and_two_images(li_llm, image_dir):
     assert verdict["pre_score"] == max(verdict["image_scores"])
 
 
+def test_leaving_a_stream_early_frees_the_engine(li_llm, image_dir, reference_text):
+    messages = _messages(IMAGE_FORMS["path"](image_dir))
+    for _ in li_llm.stream_chat(messages):
+        break
+    assert li_llm.chat(messages).message.content == reference_text
+
+    async def run() -> str:
+        gen = await li_llm.astream_chat(messages)
+        async for _ in gen:
+            break
+        await gen.aclose()
+        return (await asyncio.wait_for(li_llm.achat(messages), timeout=60)).message.content
+
+    assert asyncio.run(run()) == reference_text
+
+
 def test_text_only_chat(li_llm):
     out = li_llm.chat([ChatMessage(role="user", content="Hello there")])
     assert out.message.content
