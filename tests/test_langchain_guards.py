@@ -267,3 +267,15 @@ def test_input_guard_refuses_local_files_unless_allowed(lc_evaluator, tmp_path):
 def test_bad_mode_is_refused(lc_evaluator):  # noqa: F811
     with pytest.raises(ValueError, match="on_violation"):
         ETAOutputGuard(evaluator=lc_evaluator, on_violation="ignore")
+
+
+def test_output_guard_after_a_parser_streams_strings(lc_evaluator):  # noqa: F811
+    from langchain_core.output_parsers import StrOutputParser
+
+    guard = ETAOutputGuard(
+        evaluator=_evaluator(lc_evaluator, FLAG_ALL), on_violation="replace", refusal="No."
+    )
+    assert list((_fake_model() | StrOutputParser() | guard).stream("hi")) == ["No."]
+    safe = ETAOutputGuard(evaluator=_evaluator(lc_evaluator, FLAG_NONE), on_violation="replace")
+    chunks = list((_fake_model() | StrOutputParser() | safe).stream("hi"))
+    assert len(chunks) > 1 and "".join(chunks) == ANSWER
