@@ -401,3 +401,12 @@ def test_query_engine_answer_scored_by_the_evaluator(offline_settings, index, li
     result = ETASafetyEvaluator(evaluator=li_llm).evaluate_response(query="q", response=response)
     assert result.response == response.response
     assert len(result.verdict["image_scores"]) == 2 and result.passing in (True, False)
+
+
+def test_index_as_query_engine_legacy_path(offline_settings, index, li_llm, engine_calls):
+    """``index.as_query_engine`` (SimpleMultiModalQueryEngine, being retired) also works: it
+    wants "multi" in the LLM's class name and sends the images as ImageBlocks to ``chat``."""
+    engine = index.as_query_engine(llm=li_llm, image_similarity_top_k=2)
+    response = engine.query("What color are the squares?")
+    assert response.response
+    assert len(response.metadata["image_nodes"]) == 2 == len(_parts(engine_calls, "image"))
