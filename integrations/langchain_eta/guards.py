@@ -35,8 +35,6 @@ class _ETAGuard(RunnableSerializable[Any, Any]):
     """An ``eta_guard.ETAEvaluator`` (or a lazy loader from :meth:`from_pretrained`)."""
     on_violation: OnViolation = "raise"
     """``"raise"`` a GuardrailViolation, ``"replace"`` the flagged content, or ``"flag"`` only."""
-    allow_local_image_files: bool = False
-    """Read image ``url``s that are local paths or ``file:`` URLs (off: they are refused)."""
 
     @classmethod
     def from_pretrained(
@@ -106,6 +104,8 @@ class ETAInputGuard(_ETAGuard):
 
     replacement: str = DEFAULT_IMAGE_REPLACEMENT
     """Text that replaces each flagged image when ``on_violation="replace"``."""
+    allow_local_image_files: bool = False
+    """Read image ``url``s that are local paths or ``file:`` URLs (off: they are refused)."""
 
     def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
         return self._call_with_config(self._check, input, config)
