@@ -403,6 +403,7 @@ def test_query_engine_answer_scored_by_the_evaluator(offline_settings, index, li
     assert len(result.verdict["image_scores"]) == 2 and result.passing in (True, False)
 
 
+@pytest.mark.filterwarnings("ignore:Call to deprecated class SimpleMultiModalQueryEngine")
 def test_index_as_query_engine_legacy_path(offline_settings, index, li_llm, engine_calls):
     """``index.as_query_engine`` (SimpleMultiModalQueryEngine, being retired) also works: it
     wants "multi" in the LLM's class name and sends the images as ImageBlocks to ``chat``."""
