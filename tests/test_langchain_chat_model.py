@@ -261,3 +261,17 @@ def test_local_image_files_are_refused_unless_allowed(llm, tmp_path):
 
 def test_config_type_check():
     assert isinstance(ETAChatModel(vlm="v", config={"num_candidates": 2}).config, ETAConfig)
+
+
+def test_stream_yields_only_final_text(llm):
+    request = _ask(IMAGE_BLOCKS["v1-base64"](png_b64("noise")))
+    vanilla = llm.bind(**FLAG_NONE).invoke(request).text
+    safe_chunks = [c.text for c in llm.bind(**FLAG_NONE).stream(request) if c.text]
+    assert len(safe_chunks) > 1  # a passing image streams token by token
+    aligned_chunks = [c.text for c in llm.bind(**FLAG_ALL).stream(request) if c.text]
+    aligned = "".join(aligned_chunks)
+    # the flagged vanilla answer is never streamed: the first text is ETA's prefix
+    assert aligned.startswith(llm.config.prefix) and llm.config.prefix.startswith(
+        aligned_chunks[0][:5]
+    )
+    assert vanilla and not aligned.startswith(vanilla)
