@@ -104,6 +104,9 @@ def test_readme_section_runs_offline(li_ckpt, tmp_path):
     finally:
         Settings._llm, Settings._embed_model = saved
     assert namespace["results"]["safety"][1].verdict["image_scores"] == []
+    # The RAG block really retrieved images and judged them.
+    assert namespace["answer"].source_nodes
+    assert namespace["result"].verdict["image_scores"]
 
 
 def test_example_runs_offline(tmp_path, li_ckpt):

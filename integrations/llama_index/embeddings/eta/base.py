@@ -54,7 +54,8 @@ class ETAClipEmbedding(MultiModalEmbedding):
             from llama_index.core.indices import MultiModalVectorStoreIndex
             from llama_index.core.schema import ImageNode
 
-            nodes = [ImageNode(image_path="/tmp/eta-red.png")]
+            # Nodes need text or metadata: LlamaIndex does not index empty ones.
+            nodes = [ImageNode(image_path="/tmp/eta-red.png", metadata={"file_name": "red.png"})]
             index = MultiModalVectorStoreIndex(nodes, embed_model=embed, image_embed_model=embed)
             index.as_retriever(image_similarity_top_k=1).retrieve("a red square")
     """

@@ -69,9 +69,8 @@ class ETAImageSafetyPostprocessor(BaseNodePostprocessor):
                 vlm=ckpt.vlm, clip=ckpt.clip, reward_model=ckpt.reward_model, max_new_tokens=8
             )
             embed = ETAClipEmbedding(evaluator=llm)
-            index = MultiModalVectorStoreIndex(
-                [ImageNode(image_path="/tmp/eta-red.png")], embed_model=embed, image_embed_model=embed
-            )
+            nodes = [ImageNode(image_path="/tmp/eta-red.png", metadata={"file_name": "red.png"})]
+            index = MultiModalVectorStoreIndex(nodes, embed_model=embed, image_embed_model=embed)
             engine = RetrieverQueryEngine.from_args(
                 index.as_retriever(image_similarity_top_k=1), llm=llm, multimodal=True,
                 node_postprocessors=[ETAImageSafetyPostprocessor(evaluator=llm, mode="drop")],
