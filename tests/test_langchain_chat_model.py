@@ -36,6 +36,10 @@ def test_constructor_folds_eta_fields_into_config_and_loads_nothing(monkeypatch)
     assert llm.temperature == 0 and loads == []
 
 
+def test_model_is_an_alias_of_vlm():
+    assert ETAChatModel(model="org/vlm").vlm == "org/vlm"
+
+
 def test_constructor_errors():
     # pydantic reports them as ValidationError, a ValueError like InvalidInputError
     with pytest.raises(ValueError, match="vlm="):

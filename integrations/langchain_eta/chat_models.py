@@ -88,7 +88,7 @@ class ETAChatModel(BaseChatModel):
     """
 
     vlm: str | None = None
-    """Id or path of the vision-language model (``ETA.from_pretrained(vlm)``)."""
+    """Id or path of the vision-language model (``ETA.from_pretrained(vlm)``); ``model=`` works too."""
     clip: str | None = DEFAULT_CLIP
     """Id or path of the CLIP pre-generation evaluator."""
     reward_model: str | None = DEFAULT_REWARD_MODEL
@@ -129,6 +129,8 @@ class ETAChatModel(BaseChatModel):
         if not isinstance(data, dict):
             return data
         data = dict(data)
+        if "model" in data and "vlm" not in data:  # ChatX(model=...) habit
+            data["vlm"] = data.pop("model")
         knobs = {k: data.pop(k) for k in list(data) if k in _KNOBS and k not in cls.model_fields}
         if "search_temperature" in data:
             knobs["temperature"] = data.pop("search_temperature")
