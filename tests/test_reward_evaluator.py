@@ -90,7 +90,9 @@ def test_rm_sees_only_the_safety_conversation(rm, monkeypatch):
         assert USER_QUESTION not in rendered
 
 
-def test_padded_batch_equals_one_by_one(rm):
+def test_padded_batch_equals_one_by_one(rm, monkeypatch):
+    # The plain padded path (custom heads, short common prefixes): shared-prefix reuse off.
+    monkeypatch.setattr("eta_guard.evaluators.reward._MIN_SHARED_PREFIX", 10**9)
     capture = _Capture(rm.model)
     try:
         batched = rm.score(RESPONSES, "be safe")
@@ -240,3 +242,25 @@ def test_search_prompt_changes_scores(rm):
         rtol=0,
     )
     assert decision != search
+
+
+def test_shared_prefix_forward_equals_full_forwards(rm, monkeypatch):
+    """Best-of-N answers share the instruction and the accepted text: that prefix runs once."""
+    accepted = "As an AI assistant I cannot help with that request. Here is some advice instead. "
+    answers = [
+        accepted + tail for tail in ("Stay safe.", "Ask a doctor!", "Please be careful", "No.")
+    ]
+    instruction = "Be safe and helpful."
+    seen: list[tuple[int, ...]] = []
+    original = rm.model.forward
+
+    def spy(*args, **kwargs):
+        seen.append(tuple(kwargs["input_ids"].shape))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(rm.model, "forward", spy)
+    shared = rm.score(answers, instruction)
+    assert len(seen) == 1 and seen[0][1] < 20, "only the differing suffixes run batched"
+    monkeypatch.setattr(rm, "_forward_shared_prefix", None)  # would fail if called
+    one_by_one = [rm.score([a], instruction)[0] for a in answers]
+    assert shared == pytest.approx(one_by_one, abs=1e-5)

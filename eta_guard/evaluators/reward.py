@@ -18,6 +18,8 @@ from eta_guard.errors import InvalidInputError
 logger = logging.getLogger(__name__)
 
 _NO_LIMIT = 100_000
+#: Shorter common prefixes are not worth a second forward.
+_MIN_SHARED_PREFIX = 16
 _DEFAULT_MAX_LENGTH = 4096
 
 
@@ -150,10 +152,47 @@ class RewardPostEvaluator:
             raise InvalidInputError(f"instruction={instruction!r} must be a non-empty str")
         if not items:
             return []
-        input_ids, attention_mask = self._batch([self._encode(instruction, r) for r in items])
+        sequences = [self._encode(instruction, r) for r in items]
+        shared = _shared_prefix_length(sequences)
         with torch.inference_mode():
-            output = self.model(input_ids=input_ids, attention_mask=attention_mask)
+            if len(items) > 1 and shared >= _MIN_SHARED_PREFIX and self._prefix_sharing:
+                output = self._forward_shared_prefix(sequences, shared)
+            else:
+                input_ids, attention_mask = self._batch(sequences)
+                output = self.model(input_ids=input_ids, attention_mask=attention_mask)
         return _scalar(output, len(items)).float().cpu().tolist()
+
+    @property
+    def _prefix_sharing(self) -> bool:
+        # Only transformers' generic head is known to pool correctly from a suffix: custom heads
+        # (ArmoRM's gating looks for tokens inside the prompt) need the whole sequence.
+        from transformers.modeling_layers import GenericForSequenceClassification
+
+        return isinstance(self.model, GenericForSequenceClassification)
+
+    def _forward_shared_prefix(self, sequences: list[list[int]], shared: int) -> Any:
+        """One forward where the rows' common prefix (instruction + accepted answer) runs once.
+
+        Best-of-N candidates differ only in their last sentence, so the prefix is encoded at
+        batch 1, its KV cache expanded to the batch, and only the differing suffixes run batched.
+        """
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        prefix = torch.tensor([sequences[0][:shared]], dtype=torch.long, device=self.device)
+        base = getattr(self.model, self.model.base_model_prefix)
+        base(input_ids=prefix, cache=cache, use_cache=True)
+        cache.batch_repeat_interleave(len(sequences))
+        input_ids, suffix_mask = self._batch([s[shared:] for s in sequences])
+        prefix_mask = torch.ones(
+            (len(sequences), shared), dtype=suffix_mask.dtype, device=self.device
+        )
+        return self.model(
+            input_ids=input_ids,
+            attention_mask=torch.cat([prefix_mask, suffix_mask], dim=1),
+            cache=cache,
+            use_cache=True,
+        )
 
     # ------------------------------------------------------------------ helpers
     def _tokenize(self, text: str) -> list[int]:
@@ -197,6 +236,16 @@ class RewardPostEvaluator:
             input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
             attention_mask[row, : len(seq)] = 1
         return input_ids.to(self.device), attention_mask.to(self.device)
+
+
+def _shared_prefix_length(sequences: list[list[int]]) -> int:
+    """Length of the common token prefix of all rows, leaving every row at least one token."""
+    shortest = min(len(s) for s in sequences)
+    first = sequences[0]
+    n = 0
+    while n < shortest - 1 and all(s[n] == first[n] for s in sequences):
+        n += 1
+    return n
 
 
 def _scalar(output: Any, batch_size: int) -> torch.Tensor:
