@@ -393,6 +393,13 @@ def test_query_engine_async_and_streaming(offline_settings, index, li_llm):
     pieces = list(streaming.query("Describe the image.").response_gen)
     assert len(pieces) > 1 and "".join(pieces) == answer
 
+    async def astream() -> list[str]:
+        response = await streaming.aquery("Describe the image.")
+        return [piece async for piece in response.async_response_gen()]
+
+    pieces = asyncio.run(astream())
+    assert len(pieces) > 1 and "".join(pieces) == answer
+
 
 def test_query_engine_answer_scored_by_the_evaluator(offline_settings, index, li_llm):
     retriever = index.as_retriever(similarity_top_k=1, image_similarity_top_k=2)
