@@ -160,7 +160,14 @@ def test_to_image_block(make, check, png_path):
 
 @pytest.mark.parametrize(
     ("bad", "match"),
-    [("/no/such/file.png", "neither an existing file"), (42, "unsupported image int")],
+    [
+        ("/no/such/file.png", "neither an existing file"),
+        (42, "unsupported image int"),
+        (Path("/no/such/file.png"), "does not exist"),
+        (ImageNode(image_path="/no/such/file.png"), "does not exist"),
+        (ImageNode(text="no image"), "has no image"),
+    ],
+    ids=["str-path", "int", "Path", "node-path", "node-without-image"],
 )
 def test_to_image_block_refuses(bad, match):
     with pytest.raises(InvalidInputError, match=match):

@@ -32,6 +32,7 @@ from llama_index.core.base.llms.types import (
     TextBlock,
     ThinkingBlock,
 )
+from llama_index.core.bridge.pydantic import ValidationError
 from llama_index.core.schema import ImageDocument, ImageNode
 
 from eta_guard.config import ETAConfig
@@ -103,21 +104,18 @@ def to_image_block(image: Any) -> ImageBlock:
     if isinstance(image, ImageBlock):
         return image
     if isinstance(image, (ImageNode, ImageDocument)):
+        mimetype = image.image_mimetype
         if image.image:
-            return ImageBlock(
-                image=image.image.encode("ascii"), image_mimetype=image.image_mimetype
-            )
+            return _make_block(image=image.image.encode("utf-8"), image_mimetype=mimetype)
         if image.image_path:
-            return ImageBlock(
-                path=pathlib.Path(image.image_path), image_mimetype=image.image_mimetype
-            )
+            return _make_block(path=image.image_path, image_mimetype=mimetype)
         if image.image_url:
-            return ImageBlock(url=image.image_url, image_mimetype=image.image_mimetype)
+            return _make_block(url=image.image_url, image_mimetype=mimetype)
         return to_image_block(image_node_source(image))  # raises: the node holds no image
     if isinstance(image, pathlib.Path):
-        return ImageBlock(path=image)
+        return _make_block(path=image)
     if isinstance(image, (bytes, bytearray)):
-        return ImageBlock(image=bytes(image))
+        return _make_block(image=bytes(image))
     if isinstance(image, str):
         return _block_of(image)
     raise InvalidInputError(
@@ -126,13 +124,28 @@ def to_image_block(image: Any) -> ImageBlock:
     )
 
 
+def _make_block(**fields: Any) -> ImageBlock:
+    """An ``ImageBlock``, with LlamaIndex's validation errors turned into ``InvalidInputError``."""
+    path = fields.get("path")
+    if path is not None and not pathlib.Path(path).is_file():
+        raise InvalidInputError(f"image path {str(path)!r} does not exist or is not a file")
+    try:
+        return ImageBlock(**fields)
+    except ValidationError as e:
+        raise InvalidInputError(f"cannot make an ImageBlock from {_short(fields)}: {e}") from e
+
+
+def _short(fields: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={str(v)[:60]!r}" for k, v in fields.items() if v is not None)
+
+
 def _block_of(text: str) -> ImageBlock:
     if text.startswith(("data:", "http://", "https://", "file://")):
-        return ImageBlock(url=text)
+        return _make_block(url=text)
     if pathlib.Path(text).is_file():
-        return ImageBlock(path=pathlib.Path(text))
+        return _make_block(path=text)
     if _looks_like_base64(text):
-        return ImageBlock(image=text.encode("ascii"))
+        return _make_block(image=text.encode("ascii"))
     raise InvalidInputError(f"image {text[:80]!r} is neither an existing file, a URL nor base64")
 
 
