@@ -359,3 +359,21 @@ def test_token_counting_callback_reads_eta_usage(li_eta, image_dir):
 def test_complete_accepts_image_nodes(li_llm, image_dir, reference_text):
     node = ImageNode(image_path=str(image_dir / "red.png"))
     assert li_llm.complete(QUESTION, image_documents=[node]).text == reference_text
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "idefics3"])
+def test_other_vlm_families(tiny_checkpoints_by_family, image_dir, family):
+    """The adapter is template-agnostic: the same ChatMessages drive other VLM families."""
+    ckpt = tiny_checkpoints_by_family(family)
+    llm = ETAMultiModalLLM(
+        vlm=ckpt.vlm, clip=ckpt.clip, reward_model=ckpt.reward_model, config=ETAConfig(**FAST)
+    )
+    messages = [
+        ChatMessage(role="system", content="Be brief."),
+        ChatMessage(
+            role="user", blocks=[ImageBlock(path=image_dir / "red.png"), TextBlock(text="Hi")]
+        ),
+    ]
+    chunks = list(llm.stream_chat(messages))
+    assert chunks[-1].additional_kwargs["eta_verdict"]["image_scores"]
+    assert chunks[-1].message.content == llm.chat(messages).message.content
