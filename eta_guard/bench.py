@@ -141,6 +141,7 @@ def run_benchmark(
     vlm_family: Literal["llava", "qwen2_vl", "idefics3"] = "llava",
     cache_dir: str | os.PathLike[str] | None = None,
     device: str | None = None,
+    threads: int | None = None,
     progress: ProgressFn | None = None,
 ) -> BenchReport:
     """Build (or reuse) random checkpoints and measure ETA's three cost figures.
@@ -156,6 +157,7 @@ def run_benchmark(
         vlm_family: which random VLM architecture to build.
         cache_dir: where checkpoints are built and reused (default :func:`default_cache_dir`).
         device: model device (default: CUDA if available, else CPU).
+        threads: CPU threads for torch during the run (default: torch's own choice).
         progress: ``progress(done, total, label)`` callback.
 
     Returns:
@@ -171,10 +173,47 @@ def run_benchmark(
         ("num_candidates", num_candidates, 1),
         ("max_sentence_tokens", max_sentence_tokens, 1),
         ("seed", seed, 0),
+        ("threads", 1 if threads is None else threads, 1),
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise InvalidInputError(f"{name} must be an int >= {low}; got {value!r}")
 
+    import torch
+
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run(
+            size,
+            max_new_tokens,
+            reps,
+            warmup,
+            num_candidates,
+            max_sentence_tokens,
+            seed,
+            vlm_family,
+            cache_dir,
+            device,
+            progress,
+        )
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(
+    size: Literal["tiny", "bench"],
+    max_new_tokens: int,
+    reps: int,
+    warmup: int,
+    num_candidates: int,
+    max_sentence_tokens: int,
+    seed: int,
+    vlm_family: Literal["llava", "qwen2_vl", "idefics3"],
+    cache_dir: str | os.PathLike[str] | None,
+    device: str | None,
+    progress: ProgressFn | None,
+) -> BenchReport:
     import torch
     import transformers
 
@@ -241,6 +280,8 @@ def run_benchmark(
         "device": str(eta.vlm.device),
         "cpu": platform.processor() or platform.machine(),
         "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()],
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "max_new_tokens": max_new_tokens,

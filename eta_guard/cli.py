@@ -277,6 +277,10 @@ def bench(
     seed: Annotated[int, typer.Option("--seed", min=0)] = 0,
     cache_dir: CacheOpt = None,
     device: DeviceOpt = None,
+    threads: Annotated[
+        int | None,
+        typer.Option("--threads", min=1, help="CPU threads for torch [default: torch's]."),
+    ] = None,
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Also write every figure to this JSON file.")
     ] = None,
@@ -314,6 +318,7 @@ def bench(
                 seed=seed,
                 cache_dir=cache_dir,
                 device=device,
+                threads=threads,
                 progress=progress,
             )
         out.print(_bench_table(report))
