@@ -392,7 +392,10 @@ def _load_images(sources: list[str], cfg: ETAConfig) -> list[Any]:
     if not sources:
         return []
     return load_images(
-        sources, allow_remote=cfg.allow_remote_images, max_pixels=cfg.max_image_pixels
+        sources,
+        allow_remote=cfg.allow_remote_images,
+        max_pixels=cfg.max_image_pixels,
+        allow_local_files=cfg.allow_local_image_files,
     )
 
 

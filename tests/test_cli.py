@@ -219,3 +219,22 @@ def test_moderation_example_runs_offline() -> None:
     assert out.returncode == 0, out.stderr[-2000:]
     assert "RANDOM" in out.stdout and "Input filter" in out.stdout and "Output filter" in out.stdout
     assert "images passed" in out.stdout
+
+
+def test_readme_config_table_lists_every_field_with_its_default() -> None:
+    from eta_guard.config import ETAConfig
+
+    readme = (ROOT / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `(\w+)` \| (.*?) \|", readme, re.M))
+    assert set(rows) == set(ETAConfig.model_fields)
+    for name, field in ETAConfig.model_fields.items():
+        default, cell = field.default, rows[name]
+        if not cell.startswith("`"):  # the long prompts are described, not quoted
+            continue
+        if isinstance(default, str):
+            expected = json.dumps(default)
+        elif isinstance(default, tuple):
+            expected = "(" + ", ".join(json.dumps(v) for v in default) + ")"
+        else:
+            expected = str(default)
+        assert cell.strip("`") == expected, name
