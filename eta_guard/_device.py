@@ -112,3 +112,39 @@ def load_error(
     return InvalidInputError(
         f"cannot load the {what} {name!r}: {type(error).__name__}: {short}; {hint}"
     )
+
+
+def load_pretrained(
+    what: str,
+    name_or_path: str,
+    model_class: Any,
+    processor_class: Any,
+    *,
+    device: str | torch.device | None = None,
+    dtype: Any = None,
+    local_files_only: bool = False,
+    trust_remote_code: bool = False,
+    model_kwargs: dict[str, Any] | None = None,
+    processor_kwargs: dict[str, Any] | None = None,
+) -> tuple[Any, Any]:
+    """``model_class.from_pretrained`` + ``processor_class.from_pretrained``, placed on ``device``.
+
+    Load failures become an :class:`InvalidInputError` naming ``what`` (see :func:`load_error`).
+    A ``device_map`` in ``model_kwargs`` means accelerate places the weights: no ``.to``.
+    """
+    target = resolve_device(device)
+    resolved = resolve_dtype(dtype)
+    model_kw = dict(model_kwargs or {})
+    if resolved is not None:
+        model_kw.setdefault("dtype", resolved)
+    common = {"local_files_only": local_files_only, "trust_remote_code": trust_remote_code}
+    try:
+        model = model_class.from_pretrained(name_or_path, **common, **model_kw)
+        processor = processor_class.from_pretrained(
+            name_or_path, **common, **(processor_kwargs or {})
+        )
+    except (OSError, ValueError, KeyError) as e:
+        raise load_error(what, str(name_or_path), e, trust_remote_code=trust_remote_code) from e
+    if "device_map" not in model_kw:
+        model = model.to(target)
+    return model, processor

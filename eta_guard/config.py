@@ -87,7 +87,9 @@ class ETAConfig(BaseModel):
     seed: int | None = Field(None, ge=0, description="Makes sampling reproducible.")
 
     # --- input handling ---
-    allow_remote_images: bool = Field(False, description="Fetch http(s) image URLs (off: no network).")
+    allow_remote_images: bool = Field(
+        False, description="Fetch http(s) image URLs (off: no network)."
+    )
     allow_local_image_files: bool = Field(
         True,
         description="Read images from local paths / file:// URLs. Turn off when serving "

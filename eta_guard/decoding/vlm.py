@@ -24,7 +24,7 @@ from transformers import (
 )
 from transformers.generation.streamers import BaseStreamer
 
-from eta_guard._device import load_error, resolve_device, resolve_dtype
+from eta_guard._device import load_pretrained
 from eta_guard.decoding.stopping import CancelCriteria, cut_at_stop, stop_holdback
 from eta_guard.errors import InvalidInputError
 
@@ -155,23 +155,18 @@ class VLMAdapter:
         Raises:
             InvalidInputError: bad ``device``/``dtype``, or the checkpoint cannot be loaded.
         """
-        target = resolve_device(device)
-        resolved = resolve_dtype(dtype)
-        model_kw = dict(model_kwargs or {})
-        if resolved is not None:
-            model_kw.setdefault("dtype", resolved)
-        common = {"local_files_only": local_files_only, "trust_remote_code": trust_remote_code}
-        try:
-            model = AutoModelForImageTextToText.from_pretrained(name_or_path, **common, **model_kw)
-            processor = AutoProcessor.from_pretrained(
-                name_or_path, **common, **(processor_kwargs or {})
-            )
-        except (OSError, ValueError, KeyError) as e:
-            raise load_error(
-                "VLM", str(name_or_path), e, trust_remote_code=trust_remote_code
-            ) from e
-        if "device_map" not in model_kw:  # accelerate already placed the weights
-            model = model.to(target)  # type: ignore[arg-type]  # transformers types .to oddly
+        model, processor = load_pretrained(
+            "VLM",
+            name_or_path,
+            AutoModelForImageTextToText,
+            AutoProcessor,
+            device=device,
+            dtype=dtype,
+            local_files_only=local_files_only,
+            trust_remote_code=trust_remote_code,
+            model_kwargs=model_kwargs,
+            processor_kwargs=processor_kwargs,
+        )
         return cls(model, processor, name=str(name_or_path))
 
     # ----- properties -----

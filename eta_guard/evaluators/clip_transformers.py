@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from eta_guard._device import load_error, module_device, module_dtype, resolve_device, resolve_dtype
+from eta_guard._device import load_pretrained, module_device, module_dtype
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -59,23 +59,18 @@ class TransformersCLIPEncoder:
         """
         from transformers import AutoModel, AutoProcessor
 
-        target = resolve_device(device)
-        resolved = resolve_dtype(dtype)
-        model_kw = dict(model_kwargs or {})
-        if resolved is not None:
-            model_kw.setdefault("dtype", resolved)
-        common = {"local_files_only": local_files_only, "trust_remote_code": trust_remote_code}
-        try:
-            model = AutoModel.from_pretrained(name_or_path, **common, **model_kw)
-            processor = AutoProcessor.from_pretrained(
-                name_or_path, **common, **(processor_kwargs or {})
-            )
-        except (OSError, ValueError, KeyError) as e:
-            raise load_error(
-                "CLIP model", name_or_path, e, trust_remote_code=trust_remote_code
-            ) from e
-        if "device_map" not in model_kw:  # accelerate already placed the weights
-            model = model.to(target)
+        model, processor = load_pretrained(
+            "CLIP model",
+            name_or_path,
+            AutoModel,
+            AutoProcessor,
+            device=device,
+            dtype=dtype,
+            local_files_only=local_files_only,
+            trust_remote_code=trust_remote_code,
+            model_kwargs=model_kwargs,
+            processor_kwargs=processor_kwargs,
+        )
         return cls(model, processor, name=name_or_path)
 
     @property

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from eta_guard._device import load_error, module_device, resolve_device, resolve_dtype
+from eta_guard._device import load_pretrained, module_device, resolve_device
 from eta_guard.errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
@@ -102,25 +102,18 @@ class RewardPostEvaluator:
             raise InvalidInputError(
                 f"reward model name_or_path={name_or_path!r} must be a non-empty string"
             )
-        target = resolve_device(device)
-        resolved = resolve_dtype(dtype)
-        model_kw = dict(model_kwargs or {})
-        if resolved is not None:
-            model_kw.setdefault("dtype", resolved)
-        common = {"local_files_only": local_files_only, "trust_remote_code": trust_remote_code}
-        try:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                name_or_path, **common, **model_kw
-            )
-            tokenizer = AutoTokenizer.from_pretrained(
-                name_or_path, **common, **(tokenizer_kwargs or {})
-            )
-        except (OSError, ValueError, KeyError) as e:
-            raise load_error(
-                "reward model", name_or_path, e, trust_remote_code=trust_remote_code
-            ) from e
-        if "device_map" not in model_kw:
-            model = model.to(target)
+        model, tokenizer = load_pretrained(
+            "reward model",
+            name_or_path,
+            AutoModelForSequenceClassification,
+            AutoTokenizer,
+            device=device,
+            dtype=dtype,
+            local_files_only=local_files_only,
+            trust_remote_code=trust_remote_code,
+            model_kwargs=model_kwargs,
+            processor_kwargs=tokenizer_kwargs,
+        )
         return cls(
             model, tokenizer, max_length=max_length, chat_template=chat_template, name=name_or_path
         )
