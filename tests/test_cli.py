@@ -225,7 +225,8 @@ def test_readme_config_table_lists_every_field_with_its_default() -> None:
     from eta_guard.config import ETAConfig
 
     readme = (ROOT / "README.md").read_text()
-    rows = dict(re.findall(r"^\| `(\w+)` \| (.*?) \|", readme, re.M))
+    section = readme.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    rows = dict(re.findall(r"^\| `(\w+)` \| (.*?) \|", section, re.M))
     assert set(rows) == set(ETAConfig.model_fields)
     for name, field in ETAConfig.model_fields.items():
         default, cell = field.default, rows[name]
