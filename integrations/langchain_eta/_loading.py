@@ -2,43 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-import threading
-from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Any
 
-T = TypeVar("T")
+from eta_guard.lazy import Lazy, lazy_evaluator
 
-
-class Lazy(Generic[T]):
-    """Calls ``factory()`` on the first :meth:`get` (once, even from several threads)."""
-
-    def __init__(self, factory: Callable[[], T]) -> None:
-        self._factory = factory
-        self._value: T | None = None
-        self._lock = threading.Lock()
-
-    @property
-    def loaded(self) -> bool:
-        return self._value is not None
-
-    def get(self) -> T:
-        if self._value is None:
-            with self._lock:
-                if self._value is None:
-                    self._value = self._factory()
-        return self._value
-
-
-def lazy_evaluator(**kwargs: Any) -> Lazy[Any]:
-    """A :class:`Lazy` ``ETAEvaluator.from_pretrained(**kwargs)``."""
-
-    def load() -> Any:
-        from eta_guard.evaluators.eta_evaluator import ETAEvaluator
-
-        return ETAEvaluator.from_pretrained(**kwargs)
-
-    return Lazy(load)
+__all__ = ["Lazy", "aresolve", "lazy_evaluator", "resolve"]
 
 
 def resolve(source: Any) -> Any:
@@ -48,6 +16,4 @@ def resolve(source: Any) -> Any:
 
 async def aresolve(source: Any) -> Any:
     """Async :func:`resolve`: a first load runs in a worker thread, off the event loop."""
-    if isinstance(source, Lazy) and not source.loaded:
-        return await asyncio.to_thread(source.get)
-    return resolve(source)
+    return await source.aget() if isinstance(source, Lazy) else source
