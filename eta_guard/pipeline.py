@@ -22,8 +22,8 @@ from typing import Any
 from eta_guard.config import DEFAULT_CLIP, DEFAULT_REWARD_MODEL, ETAConfig
 from eta_guard.decoding.best_of_n import SentenceBestOfN
 from eta_guard.decoding.stopping import cut_at_stop, stop_holdback
-from eta_guard.decoding.vlm import GreedyOutput, PreparedPrompt, VLMAdapter
-from eta_guard.errors import InvalidInputError
+from eta_guard.decoding.vlm import FinishReason, GreedyOutput, PreparedPrompt, VLMAdapter
+from eta_guard.errors import EvaluatorError, InvalidInputError
 from eta_guard.evaluators.eta_evaluator import ETAEvaluator
 from eta_guard.messages import Conversation, normalize_messages
 from eta_guard.verdict import ETAResult, ETAStreamChunk, SafetyVerdict, TokenUsage
@@ -307,6 +307,8 @@ class _Request:
 
     def _clip_fn(self) -> Callable[[list[str]], list[float]]:
         pre = self.evaluator.pre
+        if pre is None:  # unreachable: evaluate_input already refused a missing CLIP
+            raise EvaluatorError("the best-of-N search needs CLIP, but no CLIP model is loaded")
         image_embeds = pre.embed_images(self.conv.images)
         return lambda sentences: [float(s) for s in pre.similarity(image_embeds, sentences)]
 
@@ -318,7 +320,7 @@ class _Request:
         *,
         output_tokens: int,
         decoded_tokens: int,
-        finish_reason: str,
+        finish_reason: FinishReason,
         vanilla_text: str | None = None,
         trace: list | None = None,
     ) -> ETAResult:
