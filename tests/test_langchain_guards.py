@@ -279,3 +279,31 @@ def test_output_guard_after_a_parser_streams_strings(lc_evaluator):  # noqa: F81
     safe = ETAOutputGuard(evaluator=_evaluator(lc_evaluator, FLAG_NONE), on_violation="replace")
     chunks = list((_fake_model() | StrOutputParser() | safe).stream("hi"))
     assert len(chunks) > 1 and "".join(chunks) == ANSWER
+
+
+def test_input_guard_never_reads_a_local_file_named_as_base64(lc_evaluator, tmp_path):  # noqa: F811
+    """A path sent as "base64" data must not make the guard read the server's file."""
+    from eta_guard.errors import InvalidInputError
+    from eta_guard.testing import make_test_image
+
+    path = tmp_path / "pic.png"
+    make_test_image().save(path)
+    assert lc_evaluator.config.allow_local_image_files  # the engine's default: paths allowed
+    request = [HumanMessage(content=[{"type": "image", "base64": str(path)}])]
+    with pytest.raises(InvalidInputError, match="local image files"):
+        ETAInputGuard(evaluator=lc_evaluator, on_violation="flag").invoke(request)
+    allowed = ETAInputGuard(
+        evaluator=lc_evaluator, on_violation="flag", allow_local_image_files=True
+    )
+    assert allowed.invoke(request)[-1].response_metadata["eta_verdict"]["pre_score"] is not None
+
+
+async def test_input_guard_async_never_reads_a_local_file_named_as_base64(lc_evaluator, tmp_path):  # noqa: F811
+    from eta_guard.errors import InvalidInputError
+    from eta_guard.testing import make_test_image
+
+    path = tmp_path / "pic.png"
+    make_test_image().save(path)
+    request = [HumanMessage(content=[{"type": "image", "base64": str(path)}])]
+    with pytest.raises(InvalidInputError, match="local image files"):
+        await ETAInputGuard(evaluator=lc_evaluator, on_violation="flag").ainvoke(request)

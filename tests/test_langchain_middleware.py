@@ -216,3 +216,16 @@ def test_local_image_files_are_refused_by_default(lc_evaluator, tmp_path):  # no
         _model(), _evaluator(lc_evaluator, FLAG_ALL), "replace", allow_local_image_files=True
     )
     assert agent.invoke(request)["messages"][-1].text == DEFAULT_REFUSAL
+
+
+def test_a_local_file_named_as_base64_is_never_read(lc_evaluator, tmp_path):  # noqa: F811
+    """A path sent as "base64" data must not make the middleware read the server's file."""
+    from eta_guard.errors import InvalidInputError
+    from eta_guard.testing import make_test_image
+
+    path = tmp_path / "pic.png"
+    make_test_image().save(path)
+    assert lc_evaluator.config.allow_local_image_files  # the engine's default: paths allowed
+    request = {"messages": [HumanMessage(content=[{"type": "image", "base64": str(path)}])]}
+    with pytest.raises(InvalidInputError, match="local image files"):
+        _agent(_model(), _evaluator(lc_evaluator, FLAG_ALL), "replace").invoke(request)

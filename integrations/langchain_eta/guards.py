@@ -12,7 +12,7 @@ from pydantic import ConfigDict, Field
 
 from eta_guard.config import DEFAULT_CLIP, DEFAULT_REWARD_MODEL
 from eta_guard.errors import GuardrailViolation
-from langchain_eta._loading import aresolve, lazy_evaluator, resolve
+from langchain_eta._loading import aresolve, lazy_evaluator, local_files, resolve
 from langchain_eta._messages import as_messages, image_sources, replace_images
 from langchain_eta._verdicts import (
     DEFAULT_IMAGE_REPLACEMENT,
@@ -119,7 +119,8 @@ class ETAInputGuard(_ETAGuard):
         messages, found = self._images(input)
         if not found:
             return input
-        verdict = self._evaluator().evaluate_input([src for _, _, src in found])
+        evaluator = local_files(self._evaluator(), self.allow_local_image_files)
+        verdict = evaluator.evaluate_input([src for _, _, src in found])
         emit(self._event(verdict), config)
         return self._apply(input, messages, found, verdict)
 
@@ -129,9 +130,8 @@ class ETAInputGuard(_ETAGuard):
         messages, found = self._images(input)
         if not found:
             return input
-        verdict = await (await aresolve(self.evaluator)).aevaluate_input(
-            [src for _, _, src in found]
-        )
+        evaluator = local_files(await aresolve(self.evaluator), self.allow_local_image_files)
+        verdict = await evaluator.aevaluate_input([src for _, _, src in found])
         await aemit(self._event(verdict), config)
         return self._apply(input, messages, found, verdict)
 

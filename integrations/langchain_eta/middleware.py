@@ -9,7 +9,7 @@ from langchain_core.messages import AIMessage, BaseMessage
 from langgraph.runtime import Runtime
 
 from eta_guard.errors import GuardrailViolation
-from langchain_eta._loading import Lazy, aresolve, lazy_evaluator, resolve
+from langchain_eta._loading import Lazy, aresolve, lazy_evaluator, local_files, resolve
 from langchain_eta._messages import image_sources
 from langchain_eta._verdicts import (
     DEFAULT_REFUSAL,
@@ -131,7 +131,9 @@ class ETAGuardMiddleware(AgentMiddleware):
         found = self._new_images(state)
         if not found:
             return None
-        verdict = resolve(self.evaluator).evaluate_input([src for _, src in found])
+        verdict = self._images_evaluator(resolve(self.evaluator)).evaluate_input(
+            [src for _, src in found]
+        )
         emit(self._event("before_model", verdict, verdict.input_unsafe))
         return self._on_input(state, found, verdict)
 
@@ -140,7 +142,8 @@ class ETAGuardMiddleware(AgentMiddleware):
         found = self._new_images(state)
         if not found:
             return None
-        verdict = await (await aresolve(self.evaluator)).aevaluate_input([src for _, src in found])
+        evaluator = self._images_evaluator(await aresolve(self.evaluator))
+        verdict = await evaluator.aevaluate_input([src for _, src in found])
         await aemit(self._event("before_model", verdict, verdict.input_unsafe))
         return self._on_input(state, found, verdict)
 
@@ -149,7 +152,7 @@ class ETAGuardMiddleware(AgentMiddleware):
         answer, request = self._output_request(state)
         if answer is None:
             return None
-        verdict = resolve(self.evaluator).evaluate(**request)
+        verdict = self._images_evaluator(resolve(self.evaluator)).evaluate(**request)
         emit(self._event("after_model", verdict, self._output_violation(verdict)))
         return self._on_output(answer, verdict)
 
@@ -160,11 +163,16 @@ class ETAGuardMiddleware(AgentMiddleware):
         answer, request = self._output_request(state)
         if answer is None:
             return None
-        verdict = await (await aresolve(self.evaluator)).aevaluate(**request)
+        evaluator = self._images_evaluator(await aresolve(self.evaluator))
+        verdict = await evaluator.aevaluate(**request)
         await aemit(self._event("after_model", verdict, self._output_violation(verdict)))
         return self._on_output(answer, verdict)
 
     # ---------------------------------------------------------------- shared core
+    def _images_evaluator(self, evaluator: Any) -> Any:
+        """The evaluator, reading local image files only if ``allow_local_image_files``."""
+        return local_files(evaluator, self.allow_local_image_files)
+
     def _new_images(self, state: AgentState) -> list[tuple[int, str]]:
         """``(message index, source)`` of images added since the last AI message."""
         if not self.check_input or self.rule == "eta":
