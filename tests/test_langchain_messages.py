@@ -257,3 +257,20 @@ def test_local_image_urls_need_permission(url, local):
     else:
         assert image_block_to_part(block) == {"type": "image", "image": url}
     assert image_block_to_part(block, allow_local_files=True) == {"type": "image", "image": url}
+
+
+PROVIDER_IMAGE_BLOCKS = [
+    pytest.param({"type": "input_image", "image_url": DATA_URL}, id="openai-responses-input_image"),
+    pytest.param({"type": "file", "base64": B64, "mime_type": "image/png"}, id="v1-file-image"),
+    pytest.param({"type": "media", "mime_type": "image/png", "data": B64}, id="google-media"),
+]
+
+
+@pytest.mark.parametrize("block", PROVIDER_IMAGE_BLOCKS)
+def test_other_image_blocks_are_images_not_unchecked_blocks(block):
+    """Image blocks that other chat models accept must reach CLIP, never pass a guard unseen."""
+    message = HumanMessage(content=[{"type": "text", "text": "hi"}, block])
+    assert image_sources([message]) == [(0, 1, DATA_URL)]
+    assert message_to_dict(message)["content"][1] == {"type": "image", "image": DATA_URL}
+    out = replace_images([message], {(0, 1)}, "[removed]")
+    assert [b["type"] for b in out[0].content_blocks] == ["text", "text"]

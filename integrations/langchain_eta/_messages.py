@@ -8,6 +8,7 @@ in one shape. Decoding and the remote-URL policy stay in the engine.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Sequence
 from typing import Any
 
@@ -103,18 +104,8 @@ def block_to_part(
         return {"type": "text", "text": block.get("text", "")}
     if role == "assistant" and kind in ("reasoning", "tool_call", "tool_call_chunk"):
         return None
-    if role == "user" and kind == "image":
-        return image_block_to_part(block, allow_local_files=allow_local_files)
-    if role == "user" and kind == "non_standard":
-        value = block.get("value") or {}
-        if value.get("type") == "image_url":  # {"image_url": "data:..."} (string form)
-            url = value.get("image_url")
-            url = url.get("url") if isinstance(url, dict) else url
-            if isinstance(url, str) and url:
-                return {
-                    "type": "image",
-                    "image": check_url(url, allow_local_files=allow_local_files),
-                }
+    if role == "user" and (part := _image_part(block, allow_local_files)) is not None:
+        return part
     raise InvalidInputError(
         f"content block of type {kind!r} is not supported in a {role} message "
         f"({_short(block)}); ETAChatModel takes text and image blocks"
@@ -208,12 +199,43 @@ def replace_images(
 
 
 def _image_part(block: dict[str, Any], allow_local_files: bool) -> dict[str, Any] | None:
-    if block.get("type") == "image":
+    """The engine image part of an image-bearing block; ``None`` when it holds no image.
+
+    Besides v1 ``image`` blocks: v1 ``file`` blocks with an image MIME type, and the
+    ``non_standard`` wrappers of OpenAI's ``image_url`` (string form), Responses-API
+    ``input_image`` and Google-style image ``media`` blocks, so that no image another chat
+    model would see goes unchecked.
+    """
+    kind = block.get("type")
+    if kind == "image" or (kind == "file" and str(block.get("mime_type", "")).startswith("image/")):
         return image_block_to_part(block, allow_local_files=allow_local_files)
-    value = block.get("value") if block.get("type") == "non_standard" else None
-    if isinstance(value, dict) and value.get("type") == "image_url":
-        return block_to_part(block, role="user", allow_local_files=allow_local_files)
-    return None
+    value = block.get("value") if kind == "non_standard" else None
+    if not isinstance(value, dict):
+        return None
+    if value.get("type") == "media" and str(value.get("mime_type", "")).startswith("image/"):
+        return _media_part(value, allow_local_files)
+    if value.get("type") not in ("image_url", "input_image"):
+        return None
+    url = value.get("image_url")
+    url = url.get("url") if isinstance(url, dict) else url
+    if isinstance(url, str) and url:
+        return {"type": "image", "image": check_url(url, allow_local_files=allow_local_files)}
+    if value.get("file_id"):
+        return image_block_to_part({"file_id": value["file_id"]})  # raises: not resolvable here
+    raise InvalidInputError(f"image block has no image_url: {_short(block)}")
+
+
+def _media_part(value: dict[str, Any], allow_local_files: bool) -> dict[str, Any]:
+    """A Google-style ``{"type": "media", "mime_type": "image/...", "data" | "file_uri"}`` image."""
+    data = value.get("data")
+    if isinstance(data, (bytes, bytearray)):
+        data = base64.b64encode(bytes(data)).decode("ascii")
+    if isinstance(data, str) and data:
+        return {"type": "image", "image": f"data:{value['mime_type']};base64,{data}"}
+    uri = value.get("file_uri")
+    if isinstance(uri, str) and uri:
+        return {"type": "image", "image": check_url(uri, allow_local_files=allow_local_files)}
+    raise InvalidInputError(f"media block has no 'data' or 'file_uri': {_short(value)}")
 
 
 def _join(left: list[dict[str, Any]], right: list[dict[str, Any]]) -> list[dict[str, Any]]:
