@@ -264,3 +264,19 @@ def test_shared_prefix_forward_equals_full_forwards(rm, monkeypatch):
     monkeypatch.setattr(rm, "_forward_shared_prefix", None)  # would fail if called
     one_by_one = [rm.score([a], instruction)[0] for a in answers]
     assert shared == pytest.approx(one_by_one, abs=1e-5)
+
+
+def test_shared_prefix_with_pad_equal_to_the_end_of_turn_token(rm, monkeypatch):
+    """A pad id equal to the template's end-of-turn token (Llama-3 RMs without a pad token fall
+    back to EOS = <|eot_id|>) must not shift the pooled position of an answer that is a token
+    prefix of the others (e.g. a best-of-N candidate that ended at once)."""
+    eot = rm.tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    assert rm.format("x", "y").endswith("<|eot_id|>")
+    monkeypatch.setattr(rm, "pad_token_id", eot)
+    monkeypatch.setattr(rm.model.config, "pad_token_id", eot)
+    accepted = "As an AI assistant I cannot help with that request. Here is some advice instead."
+    answers = [accepted, accepted + " Stay safe.", accepted + " Ask a doctor!"]
+    instruction = "Be safe and helpful."
+    shared = rm.score(answers, instruction)
+    one_by_one = [rm.score([a], instruction)[0] for a in answers]
+    assert shared == pytest.approx(one_by_one, abs=1e-5)

@@ -146,7 +146,7 @@ class RewardPostEvaluator:
         if not items:
             return []
         sequences = [self._encode(instruction, r) for r in items]
-        shared = _shared_prefix_length(sequences)
+        shared = _shared_prefix_length(sequences, self.pad_token_id)
         with torch.inference_mode():
             if len(items) > 1 and shared >= _MIN_SHARED_PREFIX and self._prefix_sharing:
                 output = self._forward_shared_prefix(sequences, shared)
@@ -231,12 +231,21 @@ class RewardPostEvaluator:
         return input_ids.to(self.device), attention_mask.to(self.device)
 
 
-def _shared_prefix_length(sequences: list[list[int]]) -> int:
-    """Length of the common token prefix of all rows, leaving every row at least one token."""
-    shortest = min(len(s) for s in sequences)
+def _shared_prefix_length(sequences: list[list[int]], pad_token_id: int | None = None) -> int:
+    """Length of the common token prefix of all rows that leaves each row's pooled token in its suffix.
+
+    The head pools at the last token that is not ``pad_token_id``. When the chat template ends
+    with that id (a pad that fell back to EOS), a row's suffix could hold only such tokens, and
+    pooling over the suffix would then pick the wrong position; so the prefix stops before each
+    row's last non-pad token (and always leaves every row at least one token).
+    """
+    limit = min(len(s) for s in sequences) - 1
+    for seq in sequences:
+        last = next((i for i in range(len(seq) - 1, -1, -1) if seq[i] != pad_token_id), 0)
+        limit = min(limit, last)
     first = sequences[0]
     n = 0
-    while n < shortest - 1 and all(s[n] == first[n] for s in sequences):
+    while n < limit and all(s[n] == first[n] for s in sequences):
         n += 1
     return n
 
