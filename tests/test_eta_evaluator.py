@@ -311,3 +311,28 @@ def test_importing_the_evaluator_modules_stays_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("side", ["pre", "post"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_score_is_an_evaluator_failure_not_a_pass(
+    evaluator, images, monkeypatch, side, bad
+):
+    # A NaN compares False with any threshold: taken as a score it would silently pass the check
+    # (e.g. a float16 reward model that overflowed).
+    if side == "pre":
+        monkeypatch.setattr(
+            evaluator.pre, "score_images", lambda imgs, prompt=None: [bad] * len(imgs)
+        )
+    else:
+        monkeypatch.setattr(evaluator.post, "score", lambda texts, instruction: [bad] * len(texts))
+    kwargs = {"images": images} if side == "pre" else {"response": RESPONSE}
+    with pytest.raises(EvaluatorError, match="non-finite"):
+        evaluator.evaluate(**kwargs)
+    with pytest.raises(EvaluatorError, match="non-finite"):
+        if side == "pre":
+            evaluator.score_images(images)
+        else:
+            evaluator.score_responses([RESPONSE], search=True)
+    closed = _with(evaluator, on_evaluator_error="fail_closed").evaluate(**kwargs)
+    assert closed.unsafe and side in closed.errors and getattr(closed, f"{side}_score") is None

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from eta_guard.config import DEFAULT_CLIP, DEFAULT_REWARD_MODEL, ETAConfig
 from eta_guard.errors import ETAError, EvaluatorError, InvalidInputError
@@ -22,7 +23,6 @@ if TYPE_CHECKING:
     from eta_guard.evaluators.reward import RewardPostEvaluator
     from eta_guard.media import ImageSource
 
-T = TypeVar("T")
 _STAGES = {
     "pre": "pre-generation (CLIP image) evaluator",
     "post": "post-generation (reward model) evaluator",
@@ -314,15 +314,27 @@ class ETAEvaluator:
         it = iter(scores)
         return [_Side(score=next(it)) if r is not None else None for r in responses]
 
-    def _call(self, stage: str, fn: Callable[[], T]) -> T:
-        """Run a model call under the lock; wrap failures in an ``EvaluatorError`` naming the stage."""
+    def _call(self, stage: str, fn: Callable[[], list[float]]) -> list[float]:
+        """Run a model call under the lock; wrap failures in an ``EvaluatorError`` naming the stage.
+
+        A non-finite score is a failure too: NaN compares False with any threshold, so taken as a
+        score it would silently pass the check.
+        """
         with self._lock:
             try:
-                return fn()
+                scores = fn()
             except ETAError:
                 raise
             except Exception as e:
                 raise EvaluatorError(f"the {_STAGES[stage]} failed: {type(e).__name__}: {e}") from e
+        bad = [(i, s) for i, s in enumerate(scores) if not math.isfinite(s)]
+        if bad:
+            raise EvaluatorError(
+                f"the {_STAGES[stage]} returned a non-finite score ({bad[0][1]!r} for item "
+                f"{bad[0][0]}); the model overflowed or is broken (float16 weights often do: "
+                "load it in float32 or bfloat16)"
+            )
+        return scores
 
     def _apply_policy(self, stage: str, error: EvaluatorError) -> _Side:
         policy = self.config.on_evaluator_error
