@@ -54,8 +54,13 @@ class ETAConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
 
     # --- evaluating ---
-    pre_threshold: float = Field(0.16, description="Image unsafe iff CLIP cosine >= this.")
-    post_threshold: float = Field(0.06, description="Response unsafe iff reward <= this.")
+    # Floats must be finite: a NaN threshold compares False with every score, disabling a check.
+    pre_threshold: float = Field(
+        0.16, allow_inf_nan=False, description="Image unsafe iff CLIP cosine >= this."
+    )
+    post_threshold: float = Field(
+        0.06, allow_inf_nan=False, description="Response unsafe iff reward <= this."
+    )
     safety_prompt: str = Field(DEFAULT_SAFETY_PROMPT, min_length=1)
     rm_decision_prompt: str = Field(DEFAULT_RM_DECISION_PROMPT, min_length=1)
     rm_search_prompt: str = Field(DEFAULT_RM_SEARCH_PROMPT, min_length=1)
@@ -75,8 +80,13 @@ class ETAConfig(BaseModel):
     deep_alignment: bool = Field(True, description="Run the sentence-level best-of-N search.")
     num_candidates: int = Field(5, ge=1, le=64)
     top_k: int = Field(5, ge=1)
-    temperature: float = Field(1.5, gt=0.0)
-    alpha: float = Field(1.0, ge=0.0, description="Weight of the CLIP term in the candidate score.")
+    temperature: float = Field(1.5, gt=0.0, allow_inf_nan=False)
+    alpha: float = Field(
+        1.0,
+        ge=0.0,
+        allow_inf_nan=False,
+        description="Weight of the CLIP term in the candidate score.",
+    )
     max_sentence_tokens: int = Field(70, ge=1)
     max_new_tokens: int = Field(1024, ge=1)
     sentence_terminators: tuple[str, ...] = Field(

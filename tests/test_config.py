@@ -46,6 +46,10 @@ def test_reference_prompts_kept_verbatim_typos_included():
         ("sentence_terminators", (), "sentence_terminators"),
         ("sentence_terminators", ("",), "sentence_terminators"),
         ("seed", -1, "seed"),
+        ("pre_threshold", float("nan"), "pre_threshold"),
+        ("post_threshold", float("nan"), "post_threshold"),
+        ("temperature", float("inf"), "temperature"),
+        ("alpha", float("inf"), "alpha"),
         ("prefix_typo", "x", "prefix_typo"),
     ],
 )
