@@ -194,11 +194,13 @@ class _Request:
         self.start = time.perf_counter()
 
     def run(self) -> Iterator[str | ETAResult]:
+        # Rendering the prompt runs no model: a prompt too long for the context is refused
+        # before CLIP spends any time on the images.
+        prepared = self.eta.vlm.prepare(self.conv)
         pre = self._pre_evaluate()
         may_align = (
             pre.input_unsafe if self.conv.has_images else self.cfg.text_only_policy == "reward_only"
         )
-        prepared = self.eta.vlm.prepare(self.conv)
         if not may_align:
             greedy = yield from self._vanilla(prepared, stream_tokens=self.streaming)
             reason = (

@@ -167,7 +167,7 @@ def test_stop_sequences_cut_the_answer(eta):
     stop = full[len("As an AI assistant") :][:3]
     if stop.strip():
         cut = eta.generate(messages, stop=[stop], **FLAG_ALL)
-        assert stop not in cut.text[len("As an AI"):]
+        assert stop not in cut.text[len("As an AI") :]
         assert "".join(c.text for c in eta.stream(messages, stop=[stop], **FLAG_ALL)) == cut.text
 
 
@@ -189,6 +189,16 @@ def test_bad_input_is_refused_before_any_model_runs(eta, messages):
         eta.generate(messages)
 
 
+def test_prompt_longer_than_the_context_is_refused_before_clip_runs(eta, monkeypatch):
+    # Checking the length needs the tokenizer only; CLIP over many large images can take long.
+    calls = []
+    monkeypatch.setattr(eta.evaluator.pre, "score_images", lambda *a, **k: calls.append(a))
+    too_long = "word " * (eta.vlm.context_length + 10)
+    with pytest.raises(InvalidInputError, match="context"):
+        eta.generate(_ask(make_test_image(), too_long))
+    assert calls == []
+
+
 def test_failing_clip_raises_by_default_and_fail_closed_aligns(eta, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("CLIP exploded")
@@ -196,30 +206,42 @@ def test_failing_clip_raises_by_default_and_fail_closed_aligns(eta, monkeypatch)
     monkeypatch.setattr(eta.evaluator.pre, "score_images", boom)
     with pytest.raises(EvaluatorError):
         eta.generate(_ask(make_test_image()))
-    result = eta.generate(_ask(make_test_image()), on_evaluator_error="fail_closed", post_threshold=1e9)
+    result = eta.generate(
+        _ask(make_test_image()), on_evaluator_error="fail_closed", post_threshold=1e9
+    )
     assert result.verdict.errors and result.aligned
-    result = eta.generate(_ask(make_test_image()), on_evaluator_error="fail_open", post_threshold=1e9)
+    result = eta.generate(
+        _ask(make_test_image()), on_evaluator_error="fail_open", post_threshold=1e9
+    )
     assert result.verdict.errors and not result.aligned
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "idefics3"])
 def test_each_vlm_family_end_to_end(tiny_dir, family):
     ckpt = build_tiny_checkpoints(tiny_dir, vlm_family=family)
-    eta = ETA.from_pretrained(ckpt.vlm, clip=ckpt.clip, reward_model=ckpt.reward_model, config=ETAConfig(**FAST))
+    eta = ETA.from_pretrained(
+        ckpt.vlm, clip=ckpt.clip, reward_model=ckpt.reward_model, config=ETAConfig(**FAST)
+    )
     two_images = [
         {"role": "system", "content": "You are helpful."},
-        {"role": "user", "content": [
-            {"type": "image", "image": make_test_image("red")},
-            {"type": "text", "text": "Compare"},
-            {"type": "image", "image": make_test_image("checker")},
-        ]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": make_test_image("red")},
+                {"type": "text", "text": "Compare"},
+                {"type": "image", "image": make_test_image("checker")},
+            ],
+        },
     ]
     safe = eta.generate(two_images, pre_threshold=1.01)
     assert len(safe.verdict.image_scores) == 2 and not safe.aligned
     aligned = eta.generate(two_images, **FLAG_ALL)
     assert aligned.aligned and aligned.text.startswith("As an AI assistant") and aligned.trace
-    follow_up = [*two_images, {"role": "assistant", "content": safe.text or "ok"},
-                 {"role": "user", "content": "And now?"}]
+    follow_up = [
+        *two_images,
+        {"role": "assistant", "content": safe.text or "ok"},
+        {"role": "user", "content": "And now?"},
+    ]
     assert isinstance(eta.generate(follow_up, **FLAG_ALL).text, str)
 
 
