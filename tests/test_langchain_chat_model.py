@@ -279,3 +279,18 @@ def test_stream_yields_only_final_text(llm):
         aligned_chunks[0][:5]
     )
     assert vanilla and not aligned.startswith(vanilla)
+
+
+@pytest.mark.parametrize("overrides", [FLAG_NONE, FLAG_ALL], ids=["vanilla", "aligned"])
+async def test_real_stream_has_exactly_one_last_chunk(llm, overrides):
+    """On the real engine too: one chunk_position="last", the final one, with usage and verdict."""
+    request = _ask(IMAGE_BLOCKS["v1-base64"](png_b64("noise")))
+    for chunks in (
+        list(llm.bind(**overrides).stream(request)),
+        [c async for c in llm.bind(**overrides).astream(request)],
+    ):
+        assert [c.chunk_position for c in chunks].count("last") == 1
+        assert chunks[-1].chunk_position == "last"
+        assert chunks[-1].usage_metadata["output_tokens"] > 0
+        assert all(c.usage_metadata is None for c in chunks[:-1])
+        assert "eta_verdict" in chunks[-1].response_metadata
