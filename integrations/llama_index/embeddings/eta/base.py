@@ -151,6 +151,7 @@ def load_for_clip(sources: Sequence[ImageType], config: ETAConfig) -> list[Any]:
                     source,
                     allow_remote=config.allow_remote_images,
                     max_pixels=config.max_image_pixels,
+                    allow_local_files=config.allow_local_image_files,
                 )
             )
         except InvalidInputError as e:

@@ -163,6 +163,7 @@ def judge_images(nodes: list[ImageNode], evaluator: Any, on_invalid: str) -> lis
                     image_node_source(node),
                     allow_remote=config.allow_remote_images,
                     max_pixels=config.max_image_pixels,
+                    allow_local_files=config.allow_local_image_files,
                 )
             )
         except InvalidInputError as e:
