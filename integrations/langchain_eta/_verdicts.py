@@ -13,7 +13,8 @@ if TYPE_CHECKING:
 
 #: ``response_metadata`` key (and custom-event data key) that holds a verdict as a dict.
 VERDICT_KEY = "eta_verdict"
-#: Name of the custom callback event every guard (and ETAChatModel) emits with its verdict.
+#: Name of the custom callback event every guard and middleware check emits with its verdict
+#: (ETAChatModel puts its verdict in ``response_metadata`` instead).
 EVENT_NAME = "eta_verdict"
 
 OnViolation = Literal["raise", "replace", "flag"]
