@@ -274,3 +274,10 @@ def test_other_image_blocks_are_images_not_unchecked_blocks(block):
     assert message_to_dict(message)["content"][1] == {"type": "image", "image": DATA_URL}
     out = replace_images([message], {(0, 1)}, "[removed]")
     assert [b["type"] for b in out[0].content_blocks] == ["text", "text"]
+
+
+def test_images_in_system_and_ai_messages_are_found_too():
+    """A guard around any chat model checks every image that model could see."""
+    image = {"type": "image", "base64": B64, "mime_type": "image/png"}
+    messages = [SystemMessage(content=[image]), HumanMessage("hi"), AIMessage(content=[image])]
+    assert image_sources(messages) == [(0, 0, DATA_URL), (2, 0, DATA_URL)]

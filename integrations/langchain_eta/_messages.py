@@ -13,11 +13,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from langchain_core.messages import (
-    AIMessage,
     BaseMessage,
     ChatMessage,
     HumanMessage,
-    SystemMessage,
     convert_to_messages,
 )
 from langchain_core.prompt_values import PromptValue
@@ -166,13 +164,11 @@ def image_sources(
 ) -> list[tuple[int, int, str]]:
     """``(message index, block index, image source)`` for every image in ``messages``, in order.
 
-    The block index refers to ``message.content_blocks``. System and AI messages carry no
-    images the model would see, so only human, tool and generic chat messages are read.
+    The block index refers to ``message.content_blocks``. Every message is read, system and
+    AI messages included: a guarded chat model may see images in any of them.
     """
     found = []
     for i, message in enumerate(messages):
-        if isinstance(message, (SystemMessage, AIMessage)):
-            continue
         for j, block in enumerate(message.content_blocks):
             part = _image_part(dict(block), allow_local_files)
             if part is not None:

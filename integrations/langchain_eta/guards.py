@@ -62,8 +62,9 @@ class ETAInputGuard(_ETAGuard):
     """Checks the images of chat-model input with ETA's CLIP pre-evaluator.
 
     Put it in front of any chat model: ``guard | model``. Input is anything a chat model
-    accepts (str, PromptValue, messages). Every image in human / tool messages is scored; the
-    request is unsafe when the largest score reaches ``pre_threshold``.
+    accepts (str, PromptValue, messages). Every image in the messages is scored (system, AI
+    and tool messages included); the request is unsafe when the largest score reaches
+    ``pre_threshold``.
 
     - ``on_violation="raise"``: raise ``GuardrailViolation`` (``.verdict`` says why).
     - ``"replace"``: each flagged image becomes a text block ``replacement``; the rest passes on.
