@@ -23,7 +23,7 @@ from eta_guard.config import DEFAULT_CLIP, DEFAULT_REWARD_MODEL, ETAConfig
 from eta_guard.decoding.best_of_n import SentenceBestOfN
 from eta_guard.decoding.stopping import cut_at_stop, stop_holdback
 from eta_guard.decoding.vlm import FinishReason, GreedyOutput, PreparedPrompt, VLMAdapter
-from eta_guard.errors import EvaluatorError, InvalidInputError
+from eta_guard.errors import InvalidInputError
 from eta_guard.evaluators.eta_evaluator import ETAEvaluator
 from eta_guard.messages import Conversation, normalize_messages
 from eta_guard.verdict import ETAResult, ETAStreamChunk, SafetyVerdict, TokenUsage
@@ -277,7 +277,7 @@ class _Request:
     def _deep(self, prepared: PreparedPrompt, greedy: GreedyOutput, stop_filter: _StopFilter):
         """Sentence-level best-of-N; yields accepted sentences, returns the search's figures."""
         search = SentenceBestOfN(self.eta.vlm, self.cfg)
-        clip_fn = self._clip_fn() if self.conv.has_images else None
+        clip_fn = self.evaluator.sentence_scorer(self.conv.images) if self.conv.has_images else None
         output = yield from _iterate_callback(
             lambda on_sentence: search.run(
                 prepared,
@@ -306,13 +306,6 @@ class _Request:
             decoded_tokens=n,
             finish_reason=greedy.finish_reason,
         )
-
-    def _clip_fn(self) -> Callable[[list[str]], list[float]]:
-        pre = self.evaluator.pre
-        if pre is None:  # unreachable: evaluate_input already refused a missing CLIP
-            raise EvaluatorError("the best-of-N search needs CLIP, but no CLIP model is loaded")
-        image_embeds = pre.embed_images(self.conv.images)
-        return lambda sentences: [float(s) for s in pre.similarity(image_embeds, sentences)]
 
     def _result(
         self,

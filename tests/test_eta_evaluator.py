@@ -336,3 +336,15 @@ def test_non_finite_score_is_an_evaluator_failure_not_a_pass(
             evaluator.score_responses([RESPONSE], search=True)
     closed = _with(evaluator, on_evaluator_error="fail_closed").evaluate(**kwargs)
     assert closed.unsafe and side in closed.errors and getattr(closed, f"{side}_score") is None
+
+
+def test_sentence_scorer_is_the_max_cosine_over_images(evaluator, images, monkeypatch):
+    sentences = ["a red square.", "random noise!"]
+    expected = evaluator.pre.similarity(evaluator.pre.embed_images(images), sentences).tolist()
+    calls = []
+    original = evaluator.pre.embed_images
+    monkeypatch.setattr(evaluator.pre, "embed_images", lambda i: calls.append(1) or original(i))
+    scorer = evaluator.sentence_scorer(images)
+    assert scorer(sentences) == pytest.approx(expected, abs=1e-6)
+    assert scorer(sentences[:1]) == pytest.approx(expected[:1], abs=1e-6)
+    assert calls == [1]  # the images are embedded once per request

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import torch
 
 from eta_guard import ETA, ETAConfig, EvaluatorError, InvalidInputError
 from eta_guard.testing import build_tiny_checkpoints, make_test_image
@@ -214,6 +215,20 @@ def test_failing_clip_raises_by_default_and_fail_closed_aligns(eta, monkeypatch)
         _ask(make_test_image()), on_evaluator_error="fail_open", post_threshold=1e9
     )
     assert result.verdict.errors and not result.aligned
+
+
+@pytest.mark.parametrize(
+    "bad", [RuntimeError("CLIP exploded"), float("nan")], ids=["raises", "nan"]
+)
+def test_clip_failing_during_the_search_is_an_evaluator_error(eta, monkeypatch, bad):
+    def similarity(image_embeds, texts):
+        if isinstance(bad, Exception):
+            raise bad
+        return torch.full((len(texts),), bad)
+
+    monkeypatch.setattr(eta.evaluator.pre, "similarity", similarity)
+    with pytest.raises(EvaluatorError, match="pre-generation"):
+        eta.generate(_ask(make_test_image()), **FLAG_ALL)
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "idefics3"])

@@ -182,6 +182,33 @@ class ETAEvaluator:
         texts = _check_responses(responses)
         return self._call("post", lambda: self._require_post().score(texts, instruction))
 
+    def sentence_scorer(
+        self, images: ImageSource | Sequence[ImageSource]
+    ) -> Callable[[list[str]], list[float]]:
+        """Best-of-N's CLIP term: a function ``sentences -> cosines`` against ``images``.
+
+        Each sentence's score is the largest cosine over the images (texts truncated to CLIP's
+        context). The images are embedded once, on the first call.
+
+        Raises:
+            EvaluatorError: (from the returned function) CLIP is not loaded, failed, or gave a
+                non-finite score.
+        """
+        pil = self._load_images(images, where="images")
+        embeds: list[Any] = []
+
+        def score(sentences: list[str]) -> list[float]:
+            pre = self._require_pre()
+
+            def run() -> list[float]:
+                if not embeds:
+                    embeds.append(pre.embed_images(pil))
+                return [float(s) for s in pre.similarity(embeds[0], sentences)]
+
+            return self._call("pre", run)
+
+        return score
+
     # ------------------------------------------------------------------ verdicts
     def evaluate(
         self,
