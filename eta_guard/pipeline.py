@@ -203,11 +203,12 @@ class _Request:
         )
         if not may_align:
             greedy = yield from self._vanilla(prepared, stream_tokens=self.streaming)
-            reason = (
-                "the image(s) passed the CLIP check"
-                if self.conv.has_images
-                else "text-only request and text_only_policy='trust'"
-            )
+            if not self.conv.has_images:
+                reason = "text-only request and text_only_policy='trust'"
+            elif "pre" in pre.errors:
+                reason = "the CLIP check failed and on_evaluator_error='fail_open' let it pass"
+            else:
+                reason = "the image(s) passed the CLIP check"
             verdict = pre.merge(_skipped(self.cfg, "post", reason))
             yield self._vanilla_result(greedy, verdict, prepared)
             return

@@ -75,6 +75,11 @@ class SafetyVerdict(BaseModel):
     def merge(self, other: SafetyVerdict) -> SafetyVerdict:
         """Combine an input-side verdict with an output-side verdict (``other`` wins on overlaps)."""
         pick = lambda a, b: b if b is not None else a  # noqa: E731
+        errors = {**self.errors, **other.errors}
+        scores = {
+            "pre": pick(self.pre_score, other.pre_score),
+            "post": pick(self.post_score, other.post_score),
+        }
         return SafetyVerdict.combine(
             pre_threshold=self.pre_threshold,
             post_threshold=other.post_threshold,
@@ -83,13 +88,14 @@ class SafetyVerdict(BaseModel):
             image_scores=other.image_scores or self.image_scores,
             input_unsafe=pick(self.input_unsafe, other.input_unsafe),
             output_unsafe=pick(self.output_unsafe, other.output_unsafe),
+            # A side that has a score ran, and one that has an error ran and failed: neither
+            # was skipped, whatever the other verdict (which did not look at it) says.
             skipped={
                 k: v
                 for k, v in {**self.skipped, **other.skipped}.items()
-                if (k == "pre" and pick(self.pre_score, other.pre_score) is None)
-                or (k == "post" and pick(self.post_score, other.post_score) is None)
+                if scores.get(k) is None and k not in errors
             },
-            errors={**self.errors, **other.errors},
+            errors=errors,
             timings={**self.timings, **other.timings},
         )
 

@@ -200,6 +200,21 @@ def test_prompt_longer_than_the_context_is_refused_before_clip_runs(eta, monkeyp
     assert calls == []
 
 
+def test_failed_clip_check_is_recorded_as_an_error_never_as_skipped_or_passed(eta, monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("CLIP exploded")
+
+    monkeypatch.setattr(eta.evaluator.pre, "score_images", boom)
+    closed = eta.generate(
+        _ask(make_test_image()), on_evaluator_error="fail_closed", post_threshold=-1e9
+    )
+    assert "pre" in closed.verdict.errors and "pre" not in closed.verdict.skipped
+    opened = eta.generate(_ask(make_test_image()), on_evaluator_error="fail_open")
+    assert "pre" in opened.verdict.errors and "pre" not in opened.verdict.skipped
+    reason = opened.verdict.skipped["post"]
+    assert "passed" not in reason and "fail_open" in reason
+
+
 def test_failing_clip_raises_by_default_and_fail_closed_aligns(eta, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("CLIP exploded")

@@ -34,10 +34,22 @@ def test_explicit_flag_wins_over_score_for_fail_closed():
 
 
 def test_merge_input_and_output_sides():
-    pre = _v(pre_score=0.3, image_scores=[0.1, 0.3], timings={"pre": 0.01}, skipped={"post": "later"})
+    pre = _v(
+        pre_score=0.3, image_scores=[0.1, 0.3], timings={"pre": 0.01}, skipped={"post": "later"}
+    )
     post = _v(post_score=0.0, timings={"post": 0.02}, skipped={"pre": "n/a"})
     merged = pre.merge(post)
     assert (merged.pre_score, merged.post_score) == (0.3, 0.0)
     assert merged.unsafe and merged.image_scores == [0.1, 0.3]
     assert merged.skipped == {}  # both sides ran
     assert merged.timings == {"pre": 0.01, "post": 0.02}
+
+
+def test_merge_does_not_call_a_failed_side_skipped():
+    # fail_closed after a CLIP error, then the output-only check (which saw no image)
+    pre = _v(input_unsafe=True, errors={"pre": "CLIP exploded"}, skipped={"post": "later"})
+    post = _v(post_score=0.0, skipped={"pre": "no image given"})
+    merged = pre.merge(post)
+    assert merged.errors == {"pre": "CLIP exploded"}
+    assert merged.skipped == {}  # the image was given: its check failed, it was not skipped
+    assert merged.input_unsafe and merged.unsafe
