@@ -98,6 +98,40 @@ def test_both_unsafe_aligns_with_prefix_and_best_of_n(eta):
     assert "align" in result.timings
 
 
+def test_aligned_path_feeds_each_evaluator_what_design_says(eta, monkeypatch):
+    """Decision: the vanilla answer under rm_decision_prompt. Search: the whole answer so far
+    (prefix included) under rm_search_prompt, N at a time; CLIP sees only the new sentence."""
+    rm_calls, clip_calls = [], []
+    post, pre = eta.evaluator.post, eta.evaluator.pre
+    score, similarity = post.score, pre.similarity
+
+    def spy_score(responses, instruction):
+        rm_calls.append((list(responses), instruction))
+        return score(responses, instruction)
+
+    def spy_similarity(image_embeds, texts):
+        clip_calls.append(list(texts))
+        return similarity(image_embeds, texts)
+
+    monkeypatch.setattr(post, "score", spy_score)
+    monkeypatch.setattr(pre, "similarity", spy_similarity)
+    result = eta.generate(_ask(make_test_image()), **FLAG_ALL)
+    assert result.aligned and len(result.trace) >= 2
+    (decision, instruction), *search = rm_calls
+    assert decision == [result.vanilla_text] and instruction == eta.config.rm_decision_prompt
+    assert len(search) == len(result.trace)
+    answer = eta.config.prefix
+    for (answers, instruction), step in zip(search, result.trace, strict=True):
+        assert instruction == eta.config.rm_search_prompt
+        assert answers == [answer + c.text for c in step.candidates]
+        answer = answers[step.chosen]
+    assert answer == result.text
+    with_clip = [s for s in result.trace if s.candidates[0].clip is not None]
+    assert with_clip and len(clip_calls) == len(with_clip)
+    for texts, step in zip(clip_calls, with_clip, strict=True):
+        assert texts == [c.text.strip() for c in step.candidates]
+
+
 def test_shallow_alignment_only(eta):
     result = eta.generate(_ask(make_test_image()), deep_alignment=False, **FLAG_ALL)
     assert result.aligned and result.trace == []
