@@ -153,9 +153,19 @@ def test_text_only_reward_only_policy_aligns_on_the_reward_alone(eta):
     assert all(c.clip is None for step in result.trace for c in step.candidates)
 
 
-@pytest.mark.parametrize("overrides", [{"pre_threshold": 1.01}, FLAG_ALL], ids=["safe", "aligned"])
-def test_stream_yields_the_same_text_as_generate(eta, overrides):
-    messages = _ask(make_test_image("gradient"))
+@pytest.mark.parametrize(
+    ("image", "overrides"),
+    [
+        (True, {"pre_threshold": 1.01}),
+        (True, FLAG_ALL),
+        (True, {"pre_threshold": -1.0, "post_threshold": -1e9}),
+        (False, {"text_only_policy": "reward_only", **FLAG_ALL}),
+        (False, {"text_only_policy": "reward_only", "post_threshold": -1e9}),
+    ],
+    ids=["safe", "aligned", "flagged-image-safe-answer", "text-aligned", "text-checked-safe"],
+)
+def test_stream_yields_the_same_text_as_generate(eta, image, overrides):
+    messages = _ask(make_test_image("gradient") if image else None)
     expected = eta.generate(messages, **overrides)
     chunks = list(eta.stream(messages, **overrides))
     assert chunks[-1].result is not None
