@@ -77,6 +77,10 @@ def test_unsafe_image_with_safe_answer_keeps_the_answer(eta, monkeypatch):
     assert result.verdict.input_unsafe and result.verdict.output_unsafe is False
     assert not result.verdict.unsafe and not result.aligned
     assert not result.text.startswith(eta.config.prefix) or result.text == result.vanilla_text
+    greedy = eta.vlm.generate_greedy(
+        eta.vlm.prepare(_normalize(_ask(make_test_image()))), max_new_tokens=FAST["max_new_tokens"]
+    )
+    assert result.text == greedy.text  # the vanilla answer, untouched
 
 
 def test_both_unsafe_aligns_with_prefix_and_best_of_n(eta):
