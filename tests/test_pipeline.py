@@ -8,12 +8,15 @@ every response, -1e9 none.
 from __future__ import annotations
 
 import asyncio
+import struct
+import time
+import zlib
 
 import pytest
 import torch
 
 from eta_guard import ETA, ETAConfig, EvaluatorError, InvalidInputError
-from eta_guard.testing import build_tiny_checkpoints, make_test_image
+from eta_guard.testing import build_tiny_checkpoints, image_to_bytes, make_test_image
 
 FLAG_ALL = {"pre_threshold": -1.0, "post_threshold": 1e9}
 FAST = {"max_new_tokens": 24, "max_sentence_tokens": 8, "num_candidates": 3, "seed": 0}
@@ -236,6 +239,48 @@ def test_per_call_overrides_are_validated(eta):
 def test_bad_input_is_refused_before_any_model_runs(eta, messages):
     with pytest.raises(InvalidInputError):
         eta.generate(messages)
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(tag + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def _image_part(source):
+    return [{"role": "user", "content": [{"type": "image", "image": source}, "What is it?"]}]
+
+
+_PNG = image_to_bytes(make_test_image())
+BAD_INPUTS = {
+    "undecodable-bytes": (_image_part(b"\x00\x01 definitely not an image"), "not an image"),
+    "truncated-bytes": (_image_part(_PNG[: len(_PNG) // 2]), "truncated"),
+    "unsupported-format": (_image_part(b"%PDF-1.7 ..."), "PDF"),
+    "decompression-bomb": (_image_part(_png_claiming(100_000, 100_000)), "too large"),
+    "absurd-dimensions": (_image_part(_png_claiming(1, 50_000)), "aspect ratio"),
+    "remote-url": (_image_part("https://example.com/cat.png"), "remote images are disabled"),
+    "empty-messages": ([], "empty"),
+    "content-wrong-type": ([{"role": "user", "content": 42}], "must be a str or a list"),
+    "prompt-too-long": (_ask(make_test_image(), "word " * 5000), "context"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_each_bad_input_of_issue_2_is_refused_within_a_second_by_no_model(eta, monkeypatch, case):
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model ran on bad input")
+
+    monkeypatch.setattr(eta.vlm.model, "forward", no_model)
+    monkeypatch.setattr(eta.evaluator.pre.encoder, "embed_images", no_model)
+    monkeypatch.setattr(eta.evaluator.post.model, "forward", no_model)
+    messages, words = BAD_INPUTS[case]
+    start = time.perf_counter()
+    with pytest.raises(InvalidInputError, match=words):
+        eta.generate(messages)
+    assert time.perf_counter() - start < 1.0
 
 
 def test_prompt_longer_than_the_context_is_refused_before_clip_runs(eta, monkeypatch):
