@@ -236,7 +236,7 @@ def _as_pil(images: Sequence[ImageSource]) -> list[Image.Image]:
     if not images:
         raise InvalidInputError("no images given; pass at least one image")
     if all(isinstance(image, Image.Image) and image.mode == "RGB" for image in images):
-        return list(images)  # type: ignore[arg-type]
+        return list(images)
     return load_images(list(images))
 
 
