@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -141,6 +143,26 @@ def test_prompt_too_long_is_refused_before_any_forward(llava: VLMAdapter, monkey
     ):
         llava.prepare(Conversation(messages=[user(long_text)], images=[]))
     assert calls == []
+
+
+def test_huge_prompt_is_refused_without_tokenizing_all_of_it(llava: VLMAdapter, monkeypatch):
+    # Tokenizing megabytes takes seconds; the beginning of the prompt already proves it too long.
+    tokenized: list[int] = []
+    tokenizer_class = type(llava.tokenizer)
+    original = tokenizer_class.__call__
+
+    def spy(self, text=None, *args, **kwargs):
+        texts = [text] if isinstance(text, str) else list(text or [])
+        tokenized.extend(len(t) for t in texts)
+        return original(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(tokenizer_class, "__call__", spy)
+    huge = "hello world " * 200_000  # 2.4 MB
+    start = time.perf_counter()
+    with pytest.raises(InvalidInputError, match=r"prompt has at least \d+ tokens but the model's"):
+        llava.prepare(Conversation(messages=[user(huge)], images=[]))
+    assert time.perf_counter() - start < 1.0
+    assert tokenized and max(tokenized) <= 16 * llava.context_length
 
 
 # ----- greedy -----

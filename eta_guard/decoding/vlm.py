@@ -198,6 +198,7 @@ class VLMAdapter:
         """
         images = list(getattr(conversation, "images", None) or [])
         text = self._render(list(conversation.messages)) + assistant_prefix
+        self._refuse_far_too_long(text)
         tokenize_kwargs: dict[str, Any] = {"return_tensors": "pt"}
         bos = getattr(self.tokenizer, "bos_token", None)
         if bos and text.startswith(bos):  # the template wrote BOS itself: do not add a second one
@@ -226,6 +227,36 @@ class VLMAdapter:
             assistant_prefix=assistant_prefix,
             num_images=len(images),
         )
+
+    def _refuse_far_too_long(self, text: str) -> None:
+        """Refuse a prompt far beyond the context from its beginning alone.
+
+        Tokenizing megabytes takes seconds, and bad input must be refused fast. Text cut at the
+        end of a word tokenizes to no more tokens than the same text inside the whole prompt
+        (tokenizers split at whitespace first; a margin covers the rest), so when that cut
+        already overflows the context, so does the prompt. Shorter prompts are measured exactly
+        by the processor.
+        """
+        window = _FAR_TOO_LONG_CHARS_PER_TOKEN * self.context_length
+        if len(text) <= window:
+            return
+        cut = next(
+            (
+                i
+                for i in range(window, window // 2, -1)
+                if text[i].isspace() and not text[i - 1].isspace()
+            ),
+            None,
+        )
+        if cut is None:  # no word boundary to cut at: let the processor measure it
+            return
+        count = len(self.tokenizer(text[:cut], add_special_tokens=False)["input_ids"])
+        if count - _FAR_TOO_LONG_MARGIN + 1 > self.context_length:
+            raise InvalidInputError(
+                f"prompt has at least {count - _FAR_TOO_LONG_MARGIN} tokens but the model's "
+                f"context is {self.context_length}; shorten the conversation (fewer turns, "
+                "shorter text, fewer or smaller images)"
+            )
 
     def _render(self, messages: list[dict[str, Any]]) -> str:
         """The chat-template text; a template that rejects system turns gets the system text folded."""
@@ -505,6 +536,12 @@ class GreedyStream:
         if self._started:
             self._thread.join()
 
+
+#: A prompt longer than this many characters per context token is first checked on its beginning.
+_FAR_TOO_LONG_CHARS_PER_TOKEN = 16
+#: Tokens the beginning may gain by being cut out of the whole prompt (tokenizers that merge
+#: across spaces).
+_FAR_TOO_LONG_MARGIN = 32
 
 #: Processor outputs that carry image content (not placeholder tokens); a cache is only reusable
 #: for a prompt whose values of these are equal.
