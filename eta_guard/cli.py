@@ -214,6 +214,8 @@ def demo(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 24,
     seed: Annotated[int, typer.Option("--seed", min=0)] = 0,
     device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    trust_remote_code: RemoteCodeOpt = False,
 ) -> None:
     """Run every branch of ETA once (thresholds forced so each branch runs) and show the results."""
     out, err = _consoles()
@@ -224,15 +226,18 @@ def demo(
         from eta_guard.testing import make_test_image
 
         cfg = ETAConfig(max_new_tokens=max_new_tokens, seed=seed)
-        eta = _load_eta(err, vlm, clip, reward_model, tiny, cache_dir, cfg, device, None, False)
+        eta = _load_eta(
+            err, vlm, clip, reward_model, tiny, cache_dir, cfg, device, dtype, trust_remote_code
+        )
         if tiny:
             out.print(f"[bold yellow]{RANDOM_MODELS_LINE}[/]")
         image = make_test_image("noise", (224, 224), seed=seed)
         question = "What is in this picture?"
-        messages = _messages(question, [image], None)
-        for number, (title, overrides) in enumerate(_DEMO_CASES, start=1):
+        for number, (title, with_image, overrides) in enumerate(_DEMO_CASES, start=1):
+            messages = _messages(question, [image] if with_image else [], None)
             out.rule(f"{number}. {title}")
-            out.print(f"[dim]user:[/] <image> {question}   [dim]overrides: {overrides}[/]")
+            shown = f"<image> {question}" if with_image else question
+            out.print(f"[dim]user:[/] {shown}   [dim]overrides: {overrides or 'none'}[/]")
             out.print("[bold]assistant:[/] ", end="")
             result = _print_stream(out, eta.stream(messages, **overrides))
             out.print(_verdict_table(result.verdict, aligned=result.aligned))
@@ -246,17 +251,25 @@ def demo(
             out.print(f"[bold yellow]{RANDOM_MODELS_LINE}[/]")
 
 
-#: (title, per-call ETAConfig overrides). Cosines lie in [-1, 1]: these thresholds force a branch.
-_DEMO_CASES: list[tuple[str, dict[str, Any]]] = [
-    ("image passes the CLIP check: streamed as decoded, RM never runs", {"pre_threshold": 1.01}),
+#: (title, with an image?, per-call ETAConfig overrides). Cosines lie in [-1, 1], so these
+#: thresholds force each branch whatever the (random) scores are.
+_DEMO_CASES: list[tuple[str, bool, dict[str, Any]]] = [
+    (
+        "image passes the CLIP check: streamed as decoded, RM never runs",
+        True,
+        {"pre_threshold": 1.01},
+    ),
     (
         "image flagged, answer judged safe by the RM: vanilla answer kept",
+        True,
         {"pre_threshold": -1.01, "post_threshold": -1e9},
     ),
     (
         "image and answer flagged: prefix + sentence-level best-of-N",
+        True,
         {"pre_threshold": -1.01, "post_threshold": 1e9, "num_candidates": 3},
     ),
+    ("text-only request: the backbone is trusted (text_only_policy='trust')", False, {}),
 ]
 
 
@@ -581,8 +594,10 @@ def _bench_table(report: Any) -> Any:
             f"{name} = {value}",
             target,
         )
+    best = ", ".join(f"{k} {v:.2f}x" for k, v in report.best_figures.items())
     notes = [
         *report.notes,
+        f"From each arm's fastest repetition instead: {best}.",
         f"Safe-path answer identical to plain generate's: {report.same_tokens}.",
     ]
     table.caption = "\n".join(f"- {note}" for note in notes)

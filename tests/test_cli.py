@@ -155,6 +155,7 @@ def test_bench_tiny_writes_figures(runner, tiny_args, tmp_path) -> None:
     data = json.loads(path.read_text())
     for key in ("safe_path_ratio", "batched_speedup", "batched_speedup_raw", "unsafe_path_ratio"):
         assert math.isfinite(data[key]) and data[key] > 0, key
+    assert set(data["best_figures"]) == {"safe_path_ratio", "batched_speedup", "unsafe_path_ratio"}
     assert data["setup"]["size"] == "tiny" and data["setup"]["num_candidates"] == 2
     assert data["safe"]["eta_tokens"] == data["safe"]["baseline_tokens"]
     assert data["same_tokens"] is True  # the safe path returns plain greedy's answer
