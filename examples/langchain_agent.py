@@ -4,7 +4,9 @@ The middleware judges the user's images (CLIP) and the model's answer (reward mo
 blocked turn ends with a refusal. With ``rule="eta"`` (used here) it blocks only when both are
 unsafe, as ETA does; with ``rule="each"`` the image check runs before the model and blocks on
 its own, and so does the answer check after it. It works around any chat model;
-here the model is ETAChatModel and both share one set of loaded evaluators.
+here the model is ETAChatModel and both share one set of loaded evaluators. The agent is
+streamed: the model's tokens are held back until its answer is checked, so a blocked answer
+never shows.
 
     python examples/langchain_agent.py               # tiny random checkpoints, offline
     python examples/langchain_agent.py --flag-all    # thresholds that flag everything: see a refusal
@@ -68,14 +70,25 @@ def main() -> None:
             {"type": "image", "base64": image_b64(args.image), "mime_type": "image/png"},
         ]
     )
-    result = agent.invoke({"messages": [request]})
-    for message in result["messages"]:
-        verdict = message.response_metadata.get("eta_verdict")
+    # Streamed as a chat UI would show it: the answer arrives once the guard has checked it
+    # (the model's tokens are held back until then), as the answer or as the refusal.
+    final = None
+    for mode, part in agent.stream({"messages": [request]}, stream_mode=["messages", "values"]):
+        if mode == "messages":
+            message, metadata = part
+            print(f"streamed from {metadata['langgraph_node']!r}: {message.text!r}")
+        else:
+            final = part
+    assert final is not None
+    for message in final["messages"]:
         print(f"[{message.type}] {message.text!r}")
-        if verdict:
-            print(
-                f"    eta_verdict: unsafe={verdict['unsafe']} pre={verdict['pre_score']} post={verdict['post_score']}"
-            )
+        for key in ("eta_verdict", "eta_guard_verdict"):  # the model's own; the guard's
+            verdict = message.response_metadata.get(key)
+            if verdict:
+                print(
+                    f"    {key}: unsafe={verdict['unsafe']} pre={verdict['pre_score']} "
+                    f"post={verdict['post_score']}"
+                )
 
 
 if __name__ == "__main__":

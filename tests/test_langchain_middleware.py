@@ -58,7 +58,7 @@ def test_replace_blocks_before_the_model_runs(lc_evaluator):  # noqa: F811
     out = _agent(model, _evaluator(lc_evaluator, FLAG_ALL), "replace").invoke(_request())
     last = out["messages"][-1]
     assert last.text == DEFAULT_REFUSAL and model.calls == 0
-    assert last.response_metadata["eta_verdict"]["input_unsafe"] is True
+    assert last.response_metadata["eta_guard_verdict"]["input_unsafe"] is True
 
 
 def test_replace_after_the_model_swaps_the_answer(lc_evaluator):  # noqa: F811
@@ -85,8 +85,8 @@ def test_flag_lets_everything_through_with_verdicts(lc_evaluator):  # noqa: F811
     out = _agent(model, _evaluator(lc_evaluator, FLAG_ALL), "flag").invoke(_request())
     human, ai = out["messages"]
     assert ai.text == ANSWER and model.calls == 1
-    assert human.response_metadata["eta_verdict"]["input_unsafe"] is True
-    assert ai.response_metadata["eta_verdict"]["output_unsafe"] is True
+    assert human.response_metadata["eta_guard_verdict"]["input_unsafe"] is True
+    assert ai.response_metadata["eta_guard_verdict"]["output_unsafe"] is True
 
 
 def test_safe_requests_pass_untouched(lc_evaluator):  # noqa: F811
@@ -95,7 +95,7 @@ def test_safe_requests_pass_untouched(lc_evaluator):  # noqa: F811
             _request(image)
         )
         assert out["messages"][-1].text == ANSWER
-        assert "eta_verdict" not in out["messages"][-1].response_metadata
+        assert "eta_guard_verdict" not in out["messages"][-1].response_metadata
 
 
 async def test_async_agent(lc_evaluator):  # noqa: F811
@@ -229,3 +229,189 @@ def test_a_local_file_named_as_base64_is_never_read(lc_evaluator, tmp_path):  # 
     request = {"messages": [HumanMessage(content=[{"type": "image", "base64": str(path)}])]}
     with pytest.raises(InvalidInputError, match="local image files"):
         _agent(_model(), _evaluator(lc_evaluator, FLAG_ALL), "replace").invoke(request)
+
+
+# ---------------------------------------------------------------- streaming: nothing unchecked leaks
+
+MODES = ["messages", "updates", "values"]
+
+
+def _ai_texts(part: Any, mode: str) -> list[str]:
+    """Texts of the AI messages (or chunks) in one part of ``agent.stream(stream_mode=mode)``."""
+    if mode == "messages":
+        message, _metadata = part
+        found = [message]
+    elif mode == "updates":
+        found = [m for update in part.values() for m in (update or {}).get("messages", [])]
+    else:
+        found = part["messages"]
+    return [m.text for m in found if m.type in ("ai", "AIMessageChunk")]
+
+
+def _stream(agent: Any, mode: str, request: dict[str, Any]) -> list[str]:
+    return [
+        text for part in agent.stream(request, stream_mode=mode) for text in _ai_texts(part, mode)
+    ]
+
+
+async def _astream(agent: Any, mode: str, request: dict[str, Any]) -> list[str]:
+    return [
+        text
+        async for part in agent.astream(request, stream_mode=mode)
+        for text in _ai_texts(part, mode)
+    ]
+
+
+def _leaks(texts: list[str], answer: str) -> list[str]:
+    """The streamed texts, refusals aside, that show any part of ``answer`` (a word, a token)."""
+    words = set(answer.split())
+    return [
+        t for t in texts if t and t != DEFAULT_REFUSAL and (t in answer or words & set(t.split()))
+    ]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("rule", ["each", "eta"])
+def test_stream_never_shows_a_blocked_answer(lc_evaluator, mode, rule):  # noqa: F811
+    model = _model()
+    agent = _agent(
+        model, _evaluator(lc_evaluator, FLAG_ALL), "replace", check_input=False, rule=rule
+    )
+    texts = _stream(agent, mode, _request())
+    assert model.calls == 1 and texts, "the model ran and the stream showed its turn"
+    assert _leaks(texts, ANSWER) == [] and set(texts) == {DEFAULT_REFUSAL}
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_astream_never_shows_a_blocked_answer(lc_evaluator, mode):  # noqa: F811
+    model = _model()
+    agent = _agent(model, _evaluator(lc_evaluator, FLAG_ALL), "replace", check_input=False)
+    texts = await _astream(agent, mode, _request())
+    assert model.calls == 1 and texts
+    assert _leaks(texts, ANSWER) == [] and set(texts) == {DEFAULT_REFUSAL}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_stream_raise_shows_nothing_of_the_answer(lc_evaluator, mode):  # noqa: F811
+    agent = _agent(_model(), _evaluator(lc_evaluator, FLAG_ALL), "raise", check_input=False)
+    texts: list[str] = []
+    with pytest.raises(GuardrailViolation):
+        for part in agent.stream(_request(), stream_mode=mode):
+            texts += _ai_texts(part, mode)
+    assert texts == []
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_astream_raise_shows_nothing_of_the_answer(lc_evaluator, mode):  # noqa: F811
+    agent = _agent(_model(), _evaluator(lc_evaluator, FLAG_ALL), "raise", check_input=False)
+    texts: list[str] = []
+    with pytest.raises(GuardrailViolation):
+        async for part in agent.astream(_request(), stream_mode=mode):
+            texts += _ai_texts(part, mode)
+    assert texts == []
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_stream_final_state_has_the_refusal(lc_evaluator, mode):  # noqa: F811
+    agent = _agent(_model(), _evaluator(lc_evaluator, FLAG_ALL), "replace", check_input=False)
+    parts = [part async for part in agent.astream(_request(), stream_mode=["values", mode])]
+    final = [p for kind, p in parts if kind == "values"][-1]
+    assert [m.type for m in final["messages"]] == ["human", "ai"]
+    assert final["messages"][-1].text == DEFAULT_REFUSAL
+    assert final["messages"][-1].response_metadata["eta_guard_verdict"]["output_unsafe"] is True
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_safe_answers_still_stream(lc_evaluator, mode):  # noqa: F811
+    agent = _agent(_model(), _evaluator(lc_evaluator, FLAG_NONE), "replace")
+    for texts in (_stream(agent, mode, _request()), await _astream(agent, mode, _request())):
+        assert ANSWER in texts and DEFAULT_REFUSAL not in texts
+
+
+def test_tokens_are_held_back_only_while_an_answer_is_checked(lc_evaluator):  # noqa: F811
+    """Checked: the answer arrives as one message, once judged. Unchecked: token by token."""
+    checked = _agent(_model(), _evaluator(lc_evaluator, FLAG_NONE), "replace")
+    assert _stream(checked, "messages", _request()) == [ANSWER]
+    unchecked = [
+        _agent(_model(), _evaluator(lc_evaluator, FLAG_NONE), "replace", check_output=False),
+        # rule="eta" under text_only_policy="trust" does not check a turn without images
+        _agent(_model(), _evaluator(lc_evaluator, FLAG_ALL), "replace", rule="eta"),
+    ]
+    for agent, request in zip(unchecked, (_request(), _request(image=False)), strict=True):
+        tokens = _stream(agent, "messages", request)
+        assert len(tokens) > 1 and "".join(tokens) == ANSWER
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_flag_streams_the_answer_with_the_verdict(lc_evaluator, mode):  # noqa: F811
+    agent = _agent(_model(), _evaluator(lc_evaluator, FLAG_ALL), "flag", check_input=False)
+    parts = list(agent.stream(_request(), stream_mode=mode))
+    assert [t for p in parts for t in _ai_texts(p, mode)][-1] == ANSWER
+    if mode == "messages":  # one message, already carrying the guard's verdict
+        assert [m.text for m, _ in parts] == [ANSWER]
+        assert parts[0][0].response_metadata["eta_guard_verdict"]["output_unsafe"] is True
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_eta_chat_model_tokens_never_leak_when_blocked(lc_eta, mode):  # noqa: F811
+    llm = ETAChatModel(eta=lc_eta, config=lc_eta.config)
+    blocked = _agent(llm, _evaluator(lc_eta.evaluator, FLAG_ALL), "replace", check_input=False)
+    raw = llm.invoke(_request(image=False)["messages"]).text  # what it would have said
+    assert raw.strip()
+    for texts in (
+        _stream(blocked, mode, _request(image=False)),
+        await _astream(blocked, mode, _request(image=False)),
+    ):
+        assert _leaks(texts, raw) == [] and set(texts) == {DEFAULT_REFUSAL}
+
+
+def test_flag_keeps_the_models_own_verdict(lc_eta):  # noqa: F811
+    """ETAChatModel's response_metadata["eta_verdict"] survives; the guard's is separate."""
+    llm = ETAChatModel(eta=lc_eta, config=lc_eta.config)
+    agent = _agent(llm, _evaluator(lc_eta.evaluator, FLAG_ALL), "flag", check_input=False)
+    answer = agent.invoke(_request(image=False))["messages"][-1]
+    own, guard = (
+        answer.response_metadata["eta_verdict"],
+        answer.response_metadata["eta_guard_verdict"],
+    )
+    assert own == llm.invoke(_request(image=False)["messages"]).response_metadata["eta_verdict"]
+    assert (
+        guard["output_unsafe"] is True and guard["post_threshold"] == 1e9 != own["post_threshold"]
+    )
+
+
+def test_blocked_tool_call_answer_ends_the_run_without_running_the_tool(lc_evaluator):  # noqa: F811
+    from langchain.agents.middleware import AgentMiddleware
+    from langchain_core.tools import tool
+
+    ran: list[str] = []
+
+    @tool
+    def lookup(query: str) -> str:
+        """Look something up."""
+        ran.append(query)
+        return "found"
+
+    class _ToolModel(GenericFakeChatModel):
+        def bind_tools(self, tools: Any, **kwargs: Any) -> Any:
+            return self
+
+    class _Observer(AgentMiddleware):  # another middleware's after_model still sees the refusal
+        seen: list[str] = []
+
+        def after_model(self, state: Any, runtime: Any) -> None:
+            self.seen.append(state["messages"][-1].text)
+
+    call = {"name": "lookup", "args": {"query": "x"}, "id": "call-1"}
+    model = _ToolModel(messages=iter([AIMessage(ANSWER, tool_calls=[call])] * 3))
+    observer = _Observer()
+    guard = ETAGuardMiddleware(
+        _evaluator(lc_evaluator, FLAG_ALL), on_violation="replace", check_input=False
+    )
+    agent = create_agent(model=model, tools=[lookup], middleware=[observer, guard])
+    texts = _stream(agent, "updates", _request())
+    assert _leaks(texts, ANSWER) == [] and ran == [] and observer.seen == [DEFAULT_REFUSAL]
+    out = agent.invoke(_request())
+    assert [m.type for m in out["messages"]] == ["human", "ai"] and out["messages"][
+        -1
+    ].tool_calls == []

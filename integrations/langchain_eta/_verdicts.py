@@ -13,6 +13,9 @@ if TYPE_CHECKING:
 
 #: ``response_metadata`` key (and custom-event data key) that holds a verdict as a dict.
 VERDICT_KEY = "eta_verdict"
+#: ``response_metadata`` key under which ``ETAGuardMiddleware`` records its own verdicts (flagged
+#: messages, refusals), apart from a model's own ``VERDICT_KEY`` (e.g. ``ETAChatModel``'s).
+GUARD_VERDICT_KEY = "eta_guard_verdict"
 #: Name of the custom callback event every guard and middleware check emits with its verdict
 #: (ETAChatModel puts its verdict in ``response_metadata`` instead).
 EVENT_NAME = "eta_verdict"

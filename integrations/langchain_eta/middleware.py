@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
-from langchain.agents.middleware import AgentMiddleware, AgentState, hook_config
+from langchain.agents.middleware import (
+    AgentMiddleware,
+    AgentState,
+    ExtendedModelResponse,
+    ModelRequest,
+    ModelResponse,
+    hook_config,
+)
 from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.runnables.config import var_child_runnable_config
+from langgraph.constants import TAG_NOSTREAM
 from langgraph.runtime import Runtime
+from langgraph.types import Command
 
 from eta_guard.errors import GuardrailViolation
 from langchain_eta._loading import Lazy, aresolve, lazy_evaluator, local_files, resolve
 from langchain_eta._messages import image_sources
 from langchain_eta._verdicts import (
     DEFAULT_REFUSAL,
-    VERDICT_KEY,
+    GUARD_VERDICT_KEY,
     OnViolation,
     aemit,
     check_on_violation,
@@ -22,19 +34,26 @@ from langchain_eta._verdicts import (
     verdict_dict,
 )
 
+_CallResult = ModelResponse | ExtendedModelResponse
+
 
 class ETAGuardMiddleware(AgentMiddleware):
-    """Checks images before each model call and answers after it, for any chat model.
+    """Checks images before each model call and answers before they leave it, for any chat model.
 
     ``before_model`` scores the images of the messages added since the model last spoke (the
-    user's turn, tool results) with CLIP; ``after_model`` scores the model's answer with the
-    reward model. On a violation:
+    user's turn, tool results) with CLIP. ``wrap_model_call`` runs the model and scores its
+    answer with the reward model *inside the model node*, before the answer is written to the
+    agent's state; while it runs, the model's tokens are kept out of
+    ``stream_mode="messages"`` (the model call is tagged ``"nostream"``), so a streamed agent
+    shows the checked answer (or the refusal) as one message and never the unchecked text. On
+    a violation:
 
     - ``on_violation="raise"``: raise ``GuardrailViolation`` (``.verdict`` says why).
-    - ``"replace"``: jump to the end with an ``AIMessage(refusal)`` (after the model, it replaces
-      the flagged answer, tool calls included, under the same message id).
-    - ``"flag"``: go on; the verdict goes into ``response_metadata["eta_verdict"]`` of the
-      checked message.
+    - ``"replace"``: end the run with an ``AIMessage(refusal)`` (after the model, it takes the
+      place of the flagged answer, tool calls included, under the same message id).
+    - ``"flag"``: go on; the verdict goes into ``response_metadata["eta_guard_verdict"]`` of
+      the checked message (the model's own ``"eta_verdict"``, e.g. ``ETAChatModel``'s, is
+      kept).
 
     ``rule`` says what a violation is:
 
@@ -43,10 +62,12 @@ class ETAGuardMiddleware(AgentMiddleware):
     - ``"eta"``: ETA's own rule. Nothing is blocked before the model; after it, the answer is
       judged together with the images of the current turn (from the last user message on) and
       blocked only when both are unsafe (``SafetyVerdict.unsafe``). Turns without images follow
-      ``config.text_only_policy``: ``"trust"`` skips the check, ``"reward_only"`` uses the
-      reward model alone.
+      ``config.text_only_policy``: ``"trust"`` skips the check (and streams the model's tokens
+      as usual), ``"reward_only"`` uses the reward model alone.
 
-    Every check emits an ``eta_verdict`` custom callback event.
+    Every check emits an ``eta_verdict`` custom callback event (``source``
+    ``"ETAGuardMiddleware.before_model"`` for the image check, ``".after_model"`` for the answer
+    check).
 
     Example (offline, on tiny random checkpoints; any chat model in place of the fake one):
         .. code-block:: python
@@ -64,6 +85,14 @@ class ETAGuardMiddleware(AgentMiddleware):
             chat_model = GenericFakeChatModel(messages=iter([AIMessage("Hello!")] * 3))
             agent = create_agent(model=chat_model, tools=[], middleware=[guard])
             agent.invoke({"messages": [{"role": "user", "content": "Hi"}]})["messages"][-1].text
+
+        Stream (the answer arrives once checked, as one message):
+
+        .. code-block:: python
+
+            request = {"messages": [{"role": "user", "content": "Hi"}]}
+            for message, metadata in agent.stream(request, stream_mode="messages"):
+                print(message.text)
 
         Async:
 
@@ -83,7 +112,7 @@ class ETAGuardMiddleware(AgentMiddleware):
         allow_local_image_files: Read image ``url``s that are local paths or ``file:`` URLs
             (off: they are refused, since messages may come from untrusted users).
         check_input: Run the image check before the model.
-        check_output: Run the answer check after the model.
+        check_output: Check the model's answer (and hold its tokens back until then).
         **load_kwargs: More ``ETAEvaluator.from_pretrained`` options (``device``, ``dtype``...).
     """
 
@@ -147,26 +176,40 @@ class ETAGuardMiddleware(AgentMiddleware):
         await aemit(self._event("before_model", verdict, verdict.input_unsafe))
         return self._on_input(state, found, verdict)
 
-    @hook_config(can_jump_to=["end"])
-    def after_model(self, state: AgentState, runtime: Runtime) -> dict[str, Any] | None:
-        answer, request = self._output_request(state)
+    def wrap_model_call(
+        self, request: ModelRequest, handler: Callable[[ModelRequest], ModelResponse]
+    ) -> _CallResult:
+        images = self._output_images(request)
+        if images is None:
+            return handler(request)
+        with _no_token_stream():
+            response = handler(request)
+        answer = _answer(response)
         if answer is None:
-            return None
-        verdict = self._images_evaluator(resolve(self.evaluator)).evaluate(**request)
+            return response
+        verdict = self._images_evaluator(resolve(self.evaluator)).evaluate(
+            images=images or None, response=answer.text
+        )
         emit(self._event("after_model", verdict, self._output_violation(verdict)))
-        return self._on_output(answer, verdict)
+        return self._on_output(response, answer, verdict)
 
-    @hook_config(can_jump_to=["end"])
-    async def aafter_model(self, state: AgentState, runtime: Runtime) -> dict[str, Any] | None:
-        if self.rule == "eta":
-            await aresolve(self.evaluator)  # _output_request reads its config: load off the loop
-        answer, request = self._output_request(state)
+    async def awrap_model_call(
+        self, request: ModelRequest, handler: Callable[[ModelRequest], Awaitable[ModelResponse]]
+    ) -> _CallResult:
+        if self.check_output:
+            await aresolve(self.evaluator)  # _output_images may read its config: load off the loop
+        images = self._output_images(request)
+        if images is None:
+            return await handler(request)
+        with _no_token_stream():
+            response = await handler(request)
+        answer = _answer(response)
         if answer is None:
-            return None
+            return response
         evaluator = self._images_evaluator(await aresolve(self.evaluator))
-        verdict = await evaluator.aevaluate(**request)
+        verdict = await evaluator.aevaluate(images=images or None, response=answer.text)
         await aemit(self._event("after_model", verdict, self._output_violation(verdict)))
-        return self._on_output(answer, verdict)
+        return self._on_output(response, answer, verdict)
 
     # ---------------------------------------------------------------- shared core
     def _images_evaluator(self, evaluator: Any) -> Any:
@@ -185,23 +228,24 @@ class ETAGuardMiddleware(AgentMiddleware):
         found = image_sources(messages[start:], allow_local_files=self.allow_local_image_files)
         return [(start + i, src) for i, _, src in found]
 
-    def _output_request(self, state: AgentState) -> tuple[AIMessage | None, dict[str, Any]]:
-        """The answer to check and the ``evaluate(...)`` arguments (``None``: nothing to check)."""
-        messages = state["messages"]
-        if not self.check_output or not messages or not isinstance(messages[-1], AIMessage):
-            return None, {}
-        answer = messages[-1]
-        if not answer.text:
-            return None, {}
+    def _output_images(self, request: ModelRequest) -> list[str] | None:
+        """The images the answer is judged with (``[]``: none); ``None``: no answer check.
+
+        Decided before the model runs, so that its tokens are held back only when its answer
+        will be checked. ``rule="each"`` judges the answer alone; ``rule="eta"`` with the
+        images of the current turn of the messages the model is sent.
+        """
+        if not self.check_output:
+            return None
         if self.rule == "each":
-            return answer, {"response": answer.text}
-        turn = _current_turn(messages[:-1])
+            return []
+        turn = _current_turn(request.messages)
         images = [
             src for _, _, src in image_sources(turn, allow_local_files=self.allow_local_image_files)
         ]
         if not images and resolve(self.evaluator).config.text_only_policy == "trust":
-            return None, {}
-        return answer, {"images": images or None, "response": answer.text}
+            return None
+        return images
 
     def _output_violation(self, verdict: Any) -> bool:
         return bool(verdict.unsafe if self.rule == "eta" else verdict.output_unsafe)
@@ -229,15 +273,17 @@ class ETAGuardMiddleware(AgentMiddleware):
                 verdict,
             )
         refusal = AIMessage(
-            content=self.refusal, response_metadata={VERDICT_KEY: verdict_dict(verdict)}
+            content=self.refusal, response_metadata={GUARD_VERDICT_KEY: verdict_dict(verdict)}
         )
         return {"messages": [refusal], "jump_to": "end"}
 
-    def _on_output(self, answer: AIMessage, verdict: Any) -> dict[str, Any] | None:
+    def _on_output(self, response: ModelResponse, answer: AIMessage, verdict: Any) -> _CallResult:
         if self.on_violation == "flag":
-            return {"messages": [_flagged(answer, verdict)]}
+            flagged = _flagged(answer, verdict)
+            result = [flagged if m is answer else m for m in response.result]
+            return ModelResponse(result=result, structured_response=response.structured_response)
         if not self._output_violation(verdict):
-            return None
+            return response
         if self.on_violation == "raise":
             raise GuardrailViolation(
                 f"ETAGuardMiddleware: answer flagged as unsafe (reward {verdict.post_score} <= "
@@ -252,9 +298,37 @@ class ETAGuardMiddleware(AgentMiddleware):
         refusal = AIMessage(
             content=self.refusal,
             id=answer.id,
-            response_metadata={VERDICT_KEY: verdict_dict(verdict)},
+            name=answer.name,
+            response_metadata={GUARD_VERDICT_KEY: verdict_dict(verdict)},
         )
-        return {"messages": [refusal], "jump_to": "end"}
+        return ExtendedModelResponse(
+            model_response=ModelResponse(result=[refusal]),
+            command=Command(update={"jump_to": "end"}),
+        )
+
+
+@contextmanager
+def _no_token_stream() -> Iterator[None]:
+    """Within: chat models called from this context don't feed ``stream_mode="messages"``.
+
+    Adds langgraph's ``"nostream"`` tag to the config that ``create_agent``'s model call reads
+    from the context: langgraph's messages stream then ignores that call's tokens and its end
+    (callback handlers that ignore the tag, e.g. ``astream_events``, still see them). The
+    model node's output, the checked answer, is streamed instead.
+    """
+    config = var_child_runnable_config.get() or {}
+    tags = [*(config.get("tags") or []), TAG_NOSTREAM]
+    token = var_child_runnable_config.set({**config, "tags": tags})
+    try:
+        yield
+    finally:
+        var_child_runnable_config.reset(token)
+
+
+def _answer(response: ModelResponse) -> AIMessage | None:
+    """The model's answer in ``response`` if it has text to check (tool calls alone: ``None``)."""
+    answer = next((m for m in response.result if isinstance(m, AIMessage)), None)
+    return answer if answer is not None and answer.text else None
 
 
 def _current_turn(messages: list[BaseMessage]) -> list[BaseMessage]:
@@ -271,5 +345,5 @@ def _current_turn(messages: list[BaseMessage]) -> list[BaseMessage]:
 
 
 def _flagged(message: BaseMessage, verdict: Any) -> BaseMessage:
-    meta = {**message.response_metadata, VERDICT_KEY: verdict_dict(verdict)}
+    meta = {**message.response_metadata, GUARD_VERDICT_KEY: verdict_dict(verdict)}
     return message.model_copy(update={"response_metadata": meta})
