@@ -136,6 +136,30 @@ def test_batched_candidates_match_uncached_decoding(
     assert max_logit_gap(vlm, prepared, out, rec, rows=3) < 1e-4
 
 
+def test_batched_candidates_match_uncached_decoding_multi_turn(vlm, test_images, recorder):
+    """A system turn, an image per user turn and an assistant turn between: same exactness."""
+    messages = [
+        {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A picture."}]},
+        {"role": "user", "content": [{"type": "text", "text": "And this?"}, {"type": "image"}]},
+    ]
+    conv = Conversation(messages=messages, images=list(test_images[:2]))
+    prepared = vlm.prepare(conv, assistant_prefix=PREFIX)
+    vanilla = vlm.generate_greedy(vlm.prepare(conv), max_new_tokens=4)
+    rec = recorder(vlm)
+    out = SentenceBestOfN(vlm, config()).run(
+        prepared,
+        reward_fn=length_reward,
+        clip_fn=constant_clip,
+        cache=vanilla.cache,
+        cache_ids=vanilla.sequence_ids,
+    )
+    assert len(out.trace) >= 2
+    assert rec.pixel_calls == 0  # the vanilla answer's cache holds both images
+    assert max_logit_gap(vlm, prepared, out, rec, rows=3) < 1e-4
+
+
 def max_logit_gap(adapter, prepared, out, rec, *, rows: int, steps: int = 3) -> float:
     """Largest gap between the batched search's raw logits and uncached full forwards."""
     worst = 0.0
