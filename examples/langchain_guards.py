@@ -81,7 +81,7 @@ def main() -> None:
         "flag:",
         flagged.text,
         "| output_unsafe =",
-        flagged.response_metadata["eta_verdict"]["output_unsafe"],
+        flagged.response_metadata["eta_guard_verdict"]["output_unsafe"],
     )
 
     # 3. raise: a GuardrailViolation carrying the verdict.

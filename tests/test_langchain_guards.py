@@ -82,7 +82,7 @@ def test_input_guard_flag_passes_through_with_the_verdict(lc_evaluator):  # noqa
     guard = ETAInputGuard(evaluator=_evaluator(lc_evaluator, FLAG_ALL), on_violation="flag")
     out = guard.invoke(_with_image())
     assert out[0].content[1]["type"] == "image"
-    assert out[-1].response_metadata["eta_verdict"]["input_unsafe"] is True
+    assert out[-1].response_metadata["eta_guard_verdict"]["input_unsafe"] is True
 
 
 @pytest.mark.parametrize("mode", ["raise", "replace"])
@@ -96,8 +96,8 @@ def test_input_guard_passes_safe_or_imageless_input_unchanged(lc_evaluator, mode
 
 async def test_input_guard_async_matches_sync(lc_evaluator):  # noqa: F811
     guard = ETAInputGuard(evaluator=_evaluator(lc_evaluator, FLAG_ALL), on_violation="flag")
-    sync = guard.invoke(_with_image())[-1].response_metadata["eta_verdict"]
-    asyn = (await guard.ainvoke(_with_image()))[-1].response_metadata["eta_verdict"]
+    sync = guard.invoke(_with_image())[-1].response_metadata["eta_guard_verdict"]
+    asyn = (await guard.ainvoke(_with_image()))[-1].response_metadata["eta_guard_verdict"]
     assert asyn["pre_score"] == pytest.approx(sync["pre_score"])
 
 
@@ -121,7 +121,7 @@ def test_output_guard_modes(lc_evaluator, thresholds):  # noqa: F811
     assert replaced.text == (DEFAULT_REFUSAL if flagged else ANSWER)
     marked = (_fake_model() | ETAOutputGuard(evaluator=evaluator, on_violation="flag")).invoke("hi")
     assert marked.text == ANSWER
-    assert marked.response_metadata["eta_verdict"]["output_unsafe"] is flagged
+    assert marked.response_metadata["eta_guard_verdict"]["output_unsafe"] is flagged
 
 
 def test_output_guard_on_strings(lc_evaluator):  # noqa: F811
@@ -154,7 +154,7 @@ def test_streaming_never_yields_text_before_it_is_checked(lc_evaluator, mode, mo
         assert chunks[-1].chunk_position == "last"
     else:
         assert text == ANSWER and len(chunks) > 1  # the model's chunks, replayed after the check
-        assert chunks[-1].response_metadata["eta_verdict"]["output_unsafe"] is True
+        assert chunks[-1].response_metadata["eta_guard_verdict"]["output_unsafe"] is True
 
 
 def test_streaming_raise_yields_nothing(lc_evaluator):  # noqa: F811
@@ -261,7 +261,7 @@ def test_input_guard_refuses_local_files_unless_allowed(lc_evaluator, tmp_path):
         on_violation="flag",
         allow_local_image_files=True,
     )
-    assert guard.invoke(request)[-1].response_metadata["eta_verdict"]["pre_score"] is not None
+    assert guard.invoke(request)[-1].response_metadata["eta_guard_verdict"]["pre_score"] is not None
 
 
 def test_bad_mode_is_refused(lc_evaluator):  # noqa: F811
@@ -295,7 +295,9 @@ def test_input_guard_never_reads_a_local_file_named_as_base64(lc_evaluator, tmp_
     allowed = ETAInputGuard(
         evaluator=lc_evaluator, on_violation="flag", allow_local_image_files=True
     )
-    assert allowed.invoke(request)[-1].response_metadata["eta_verdict"]["pre_score"] is not None
+    assert (
+        allowed.invoke(request)[-1].response_metadata["eta_guard_verdict"]["pre_score"] is not None
+    )
 
 
 async def test_input_guard_async_never_reads_a_local_file_named_as_base64(lc_evaluator, tmp_path):  # noqa: F811

@@ -12,6 +12,7 @@ from langchain_eta._verdicts import (
     DEFAULT_IMAGE_REPLACEMENT,
     DEFAULT_REFUSAL,
     EVENT_NAME,
+    GUARD_VERDICT_KEY,
     VERDICT_KEY,
 )
 from langchain_eta.chat_models import ETAChatModel
@@ -24,6 +25,7 @@ __all__ = [
     "DEFAULT_IMAGE_REPLACEMENT",
     "DEFAULT_REFUSAL",
     "EVENT_NAME",
+    "GUARD_VERDICT_KEY",
     "VERDICT_KEY",
     "ETAChatModel",
     "ETAGuardMiddleware",

@@ -17,7 +17,7 @@ from langchain_eta._messages import as_messages, image_sources, replace_images
 from langchain_eta._verdicts import (
     DEFAULT_IMAGE_REPLACEMENT,
     DEFAULT_REFUSAL,
-    VERDICT_KEY,
+    GUARD_VERDICT_KEY,
     OnViolation,
     aemit,
     emit,
@@ -69,7 +69,7 @@ class ETAInputGuard(_ETAGuard):
     - ``on_violation="raise"``: raise ``GuardrailViolation`` (``.verdict`` says why).
     - ``"replace"``: each flagged image becomes a text block ``replacement``; the rest passes on.
     - ``"flag"``: pass through; the verdict is put in the last message's
-      ``response_metadata["eta_verdict"]``.
+      ``response_metadata["eta_guard_verdict"]``.
 
     Input without images passes unchanged and unchecked; otherwise, without a violation, the
     input passes unchanged (as a message list when ``flag``). Every check also emits an
@@ -171,7 +171,7 @@ class ETAOutputGuard(_ETAGuard):
 
     - ``on_violation="raise"``: raise ``GuardrailViolation`` (``.verdict`` says why).
     - ``"replace"``: the answer becomes ``refusal`` (an ``AIMessage`` keeping the message id).
-    - ``"flag"``: pass through with ``response_metadata["eta_verdict"]`` (str input: unchanged).
+    - ``"flag"``: pass through with ``response_metadata["eta_guard_verdict"]`` (str input: unchanged).
 
     Streaming holds back the whole answer: no chunk leaves the guard before the model's stream
     has ended and the reward model has judged the complete text. Then the original chunks are
@@ -194,7 +194,7 @@ class ETAOutputGuard(_ETAGuard):
             )
             chat_model = GenericFakeChatModel(messages=iter([AIMessage("It is red. Nothing else.")] * 3))
             answer = (chat_model | guard).invoke("What colour is it?")
-            answer.response_metadata["eta_verdict"]["post_score"]
+            answer.response_metadata["eta_guard_verdict"]["post_score"]
 
         Stream (the chunks come out once the whole answer has been judged):
 
@@ -338,7 +338,7 @@ class ETAOutputGuard(_ETAGuard):
         return kind(
             content=self.refusal,
             id=answer.id,
-            response_metadata={VERDICT_KEY: verdict_dict(verdict)},
+            response_metadata={GUARD_VERDICT_KEY: verdict_dict(verdict)},
             **extra,
         )
 
@@ -361,7 +361,7 @@ def _aggregate(chunks: list[Any]) -> Any:
 def _with_verdict(messages: list[BaseMessage], verdict: Any) -> list[BaseMessage]:
     """Copies with the verdict in the last message's ``response_metadata``."""
     last = messages[-1]
-    meta = {**last.response_metadata, VERDICT_KEY: verdict_dict(verdict)}
+    meta = {**last.response_metadata, GUARD_VERDICT_KEY: verdict_dict(verdict)}
     return [*messages[:-1], last.model_copy(update={"response_metadata": meta})]
 
 
