@@ -23,7 +23,7 @@ from eta_guard.config import DEFAULT_CLIP, DEFAULT_REWARD_MODEL, ETAConfig
 from eta_guard.decoding.best_of_n import SentenceBestOfN
 from eta_guard.decoding.stopping import cut_at_stop, stop_holdback
 from eta_guard.decoding.vlm import FinishReason, GreedyOutput, PreparedPrompt, VLMAdapter
-from eta_guard.errors import InvalidInputError
+from eta_guard.errors import ETAError, InvalidInputError
 from eta_guard.evaluators.eta_evaluator import ETAEvaluator
 from eta_guard.messages import Conversation, normalize_messages
 from eta_guard.verdict import ETAResult, ETAStreamChunk, SafetyVerdict, TokenUsage
@@ -54,7 +54,8 @@ class ETA:
         self.config = config or evaluator.config or ETAConfig()
         self.evaluator = evaluator.with_config(self.config)
         # The models keep per-call state (KV caches, Qwen2-VL's rope deltas): one call at a time.
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()
+        self._owner: int | None = None  # thread holding the lock, to refuse re-entry
 
     @classmethod
     def from_pretrained(
@@ -178,8 +179,18 @@ class ETA:
             allow_local_image_files=cfg.allow_local_image_files,
             max_image_pixels=cfg.max_image_pixels,
         )
+        if self._owner == threading.get_ident():
+            # Waiting would deadlock and running would share the model's per-call state.
+            raise ETAError(
+                "this ETA is already answering in this thread (a stream is still open); "
+                "exhaust or close() that stream before starting another call"
+            )
         with self._lock:
-            yield from _Request(self, conv, cfg, stop, streaming).run()
+            self._owner = threading.get_ident()
+            try:
+                yield from _Request(self, conv, cfg, stop, streaming).run()
+            finally:
+                self._owner = None
 
 
 class _Request:

@@ -374,3 +374,14 @@ def test_local_image_files_can_be_refused(eta, tmp_path):
     assert eta.generate(_ask(str(path)), pre_threshold=1.01).verdict.pre_score is not None
     with pytest.raises(InvalidInputError, match="local"):
         eta.generate(_ask(str(path)), allow_local_image_files=False)
+
+
+def test_a_second_call_while_a_stream_is_open_in_the_same_thread_is_refused(eta):
+    from eta_guard import ETAError
+
+    stream = eta.stream(_ask(None))
+    next(stream)  # the stream now holds the model
+    with pytest.raises(ETAError, match="still open"):
+        eta.generate(_ask(None))
+    stream.close()
+    assert isinstance(eta.generate(_ask(None)).text, str)  # closing released it
