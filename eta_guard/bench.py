@@ -148,8 +148,8 @@ class BenchReport:
 def run_benchmark(
     *,
     size: Literal["tiny", "bench"] = "bench",
-    max_new_tokens: int = 64,
-    reps: int = 3,
+    max_new_tokens: int = 128,
+    reps: int = 5,
     warmup: int = 1,
     num_candidates: int = 5,
     max_sentence_tokens: int = 32,
@@ -294,7 +294,7 @@ def _run(
         "vlm_family": vlm_family,
         "parameters": runner.parameter_counts(),
         "device": str(eta.vlm.device),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": _cpu_name(),
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()],
@@ -367,6 +367,17 @@ def _compare(name: str, eta: list[tuple[float, int]], base: list[tuple[float, in
         eta_token_counts=[t for _, t in eta],
         baseline_token_counts=[t for _, t in base],
     )
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 class _Runner:

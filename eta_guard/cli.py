@@ -280,8 +280,8 @@ def bench(
     ] = "bench",
     tokens: Annotated[
         int, typer.Option("--tokens", min=1, help="Answer budget (max_new_tokens).")
-    ] = 64,
-    reps: Annotated[int, typer.Option("--reps", min=1, help="Measured repetitions.")] = 3,
+    ] = 128,
+    reps: Annotated[int, typer.Option("--reps", min=1, help="Measured repetitions.")] = 5,
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Warm-up repetitions.")] = 1,
     candidates: Annotated[int, typer.Option("--candidates", min=1, help="N of best-of-N.")] = 5,
     sentence_tokens: Annotated[
@@ -567,8 +567,9 @@ def _bench_table(report: Any) -> Any:
     params = ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in setup["parameters"].items())
     table = Table(
         title=(
-            f"eta-guard bench: {setup['size']} checkpoints ({params}); {setup['device']}, "
-            f"{setup['torch_threads']} threads; max {setup['max_new_tokens']} new tokens, "
+            f"eta-guard bench: {setup['size']} checkpoints ({params}); {setup['device']} "
+            f"({setup['cpu']}, {setup['cpu_count']} cores, torch threads "
+            f"{setup['torch_threads']}); max {setup['max_new_tokens']} new tokens, "
             f"N={setup['num_candidates']}; medians of {setup['reps']}"
         ),
         title_justify="left",
