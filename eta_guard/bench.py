@@ -313,9 +313,9 @@ def _run(
         f"Paths forced by thresholds: safe = pre_threshold {PASS_CLIP} (never flagged); "
         f"unsafe = pre_threshold {FLAG_CLIP} and post_threshold {FLAG_REWARD:g} (always flagged).",
         "Plain generate = processor + model.generate(do_sample=False) on the same loaded model.",
-        "Aligned path: both arms sample different candidates, so token counts differ; "
-        "batched_speedup compares median seconds per decoded candidate token "
-        "(raw seconds are shown too). Same N, budget and seed per repetition.",
+        "Aligned path: same N, sentence budget, token budget and seed per repetition, but each "
+        "arm samples its own candidates, so decoded token counts may differ (see 'tokens'); "
+        "batched_speedup compares median seconds per decoded candidate token, raw seconds too.",
         f"Medians of {reps} repetition(s) after {warmup} warm-up(s), arms interleaved; "
         "the JSON also has every repetition's time and ratios from each arm's fastest one.",
     ]
