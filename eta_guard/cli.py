@@ -226,11 +226,21 @@ def demo(
         from eta_guard.testing import make_test_image
 
         cfg = ETAConfig(max_new_tokens=max_new_tokens, seed=seed)
-        eta = _load_eta(
-            err, vlm, clip, reward_model, tiny, cache_dir, cfg, device, dtype, trust_remote_code
-        )
         if tiny:
             out.print(f"[bold yellow]{RANDOM_MODELS_LINE}[/]")
+        eta = _load_eta(
+            err,
+            vlm,
+            clip,
+            reward_model,
+            tiny,
+            cache_dir,
+            cfg,
+            device,
+            dtype,
+            trust_remote_code,
+            note=False,
+        )
         image = make_test_image("noise", (224, 224), seed=seed)
         question = "What is in this picture?"
         for number, (title, with_image, overrides) in enumerate(_DEMO_CASES, start=1):
@@ -483,9 +493,11 @@ def _load_eta(
     device: str | None,
     dtype: str | None,
     trust_remote_code: bool,
+    *,
+    note: bool = True,
 ) -> Any:
     paths = _model_paths(err, vlm, clip, reward_model, tiny, cache_dir)
-    if tiny:
+    if tiny and note:
         err.print(f"[yellow]{RANDOM_MODELS_LINE}[/]")
     _quiet_transformers()
     from eta_guard.pipeline import ETA
