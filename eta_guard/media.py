@@ -138,6 +138,18 @@ def check_max_pixels(value: Any, *, name: str = "max_pixels") -> int:
     return value
 
 
+def image_options(config: Any) -> dict[str, Any]:
+    """The :func:`load_image` keyword arguments an ``ETAConfig`` asks for.
+
+    One mapping, so that every caller (evaluators, adapters) honours the same settings.
+    """
+    return {
+        "allow_remote": config.allow_remote_images,
+        "max_pixels": config.max_image_pixels,
+        "allow_local_files": config.allow_local_image_files,
+    }
+
+
 def load_images(
     sources: ImageSource | Sequence[ImageSource],
     *,

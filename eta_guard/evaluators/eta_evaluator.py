@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from eta_guard.config import DEFAULT_CLIP, DEFAULT_REWARD_MODEL, ETAConfig
 from eta_guard.errors import ETAError, EvaluatorError, InvalidInputError
-from eta_guard.media import load_images
+from eta_guard.media import image_options, load_images
 from eta_guard.verdict import SafetyVerdict
 
 if TYPE_CHECKING:
@@ -423,12 +423,7 @@ class ETAEvaluator:
         if isinstance(images, (list, tuple)) and not images:
             raise InvalidInputError(f"{where}: the image list is empty; pass at least one image")
         try:
-            return load_images(
-                images,
-                allow_remote=self.config.allow_remote_images,
-                max_pixels=self.config.max_image_pixels,
-                allow_local_files=self.config.allow_local_image_files,
-            )
+            return load_images(images, **image_options(self.config))
         except InvalidInputError as e:
             raise InvalidInputError(f"{where}: {e}") from e
 

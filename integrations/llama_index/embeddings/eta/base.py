@@ -139,21 +139,14 @@ class ETAClipEmbedding(MultiModalEmbedding):
 
 def load_for_clip(sources: Sequence[ImageType], config: ETAConfig) -> list[Any]:
     """Decode LlamaIndex image inputs (paths or ``BytesIO``) with the engine's checks."""
-    from eta_guard.media import load_image
+    from eta_guard.media import image_options, load_image
 
     out = []
     for i, source in enumerate(sources):
         if isinstance(source, BytesIO):
             source = source.getvalue()
         try:
-            out.append(
-                load_image(
-                    source,
-                    allow_remote=config.allow_remote_images,
-                    max_pixels=config.max_image_pixels,
-                    allow_local_files=config.allow_local_image_files,
-                )
-            )
+            out.append(load_image(source, **image_options(config)))
         except InvalidInputError as e:
             raise InvalidInputError(f"image {i} of {len(sources)}: {e}") from e
     return out

@@ -151,21 +151,14 @@ def judge_images(nodes: list[ImageNode], evaluator: Any, on_invalid: str) -> lis
     Images are decoded one by one (so one bad image names its node), then scored by the
     engine's ``evaluate_batch`` in a single CLIP forward; the engine's verdict decides.
     """
-    from eta_guard.media import load_image
+    from eta_guard.media import image_options, load_image
 
     config = evaluator.config
     loaded: list[Any] = []
     errors: dict[int, str] = {}
     for i, node in enumerate(nodes):
         try:
-            loaded.append(
-                load_image(
-                    image_node_source(node),
-                    allow_remote=config.allow_remote_images,
-                    max_pixels=config.max_image_pixels,
-                    allow_local_files=config.allow_local_image_files,
-                )
-            )
+            loaded.append(load_image(image_node_source(node), **image_options(config)))
         except InvalidInputError as e:
             if on_invalid == "raise":
                 raise InvalidInputError(f"image node {node.node_id!r}: {e}") from e
