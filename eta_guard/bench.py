@@ -201,23 +201,24 @@ def run_benchmark(
         torch.set_num_threads(threads)
     try:
         return _run(
-            size,
-            max_new_tokens,
-            reps,
-            warmup,
-            num_candidates,
-            max_sentence_tokens,
-            seed,
-            vlm_family,
-            cache_dir,
-            device,
-            progress,
+            size=size,
+            max_new_tokens=max_new_tokens,
+            reps=reps,
+            warmup=warmup,
+            num_candidates=num_candidates,
+            max_sentence_tokens=max_sentence_tokens,
+            seed=seed,
+            vlm_family=vlm_family,
+            cache_dir=cache_dir,
+            device=device,
+            progress=progress,
         )
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def _run(
+    *,
     size: Literal["tiny", "bench"],
     max_new_tokens: int,
     reps: int,
@@ -297,7 +298,7 @@ def _run(
         "cpu": _cpu_name(),
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
-        "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()],
+        "load_average_1_5_15min": _load_average(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "max_new_tokens": max_new_tokens,
@@ -367,6 +368,12 @@ def _compare(name: str, eta: list[tuple[float, int]], base: list[tuple[float, in
         eta_token_counts=[t for _, t in eta],
         baseline_token_counts=[t for _, t in base],
     )
+
+
+def _load_average() -> list[float] | None:
+    """The system load average (other work on the machine skews timings); None where unknown."""
+    getloadavg = getattr(os, "getloadavg", None)
+    return None if getloadavg is None else [round(x, 2) for x in getloadavg()]
 
 
 def _cpu_name() -> str:
