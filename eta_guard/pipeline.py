@@ -267,7 +267,9 @@ class _Request:
                 prepared, greedy, stop_filter
             )
         else:
-            shallow = self.eta.vlm.generate_greedy(prepared, max_new_tokens=cfg.max_new_tokens)
+            shallow = self.eta.vlm.generate_greedy(
+                prepared, max_new_tokens=cfg.max_new_tokens, stop=self.stop
+            )
             yield stop_filter.feed(shallow.text)
             tail, n_out, trace = shallow.text, len(shallow.token_ids), []
             decoded, finish = n_out, shallow.finish_reason
