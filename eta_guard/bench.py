@@ -263,6 +263,7 @@ def _run(
     runner = _Runner(eta, messages, image, config)
     arms: dict[str, list[tuple[float, int]]] = {k: [] for k in _ARMS}
     same_tokens = True
+    texts: dict[str, str] = {}
     done = 0
     for rep in range(warmup + reps):
         measured = rep >= warmup
@@ -275,12 +276,9 @@ def _run(
             seconds, tokens, extra = runner.run(arm, rep_seed)
             if measured:
                 arms[arm].append((seconds, tokens))
-            if arm == "safe_eta":
-                safe_text = extra
-            if arm == "safe_plain":
-                plain_text = extra
+            texts[arm] = extra or ""
             done += 1
-        same_tokens = same_tokens and safe_text.strip() == plain_text.strip()
+        same_tokens = same_tokens and texts["safe_eta"].strip() == texts["safe_plain"].strip()
     report_progress(done, steps, "done")
 
     safe = _compare("safe", arms["safe_eta"], arms["safe_plain"])

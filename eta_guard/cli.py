@@ -502,6 +502,7 @@ def _load_eta(
     _quiet_transformers()
     from eta_guard.pipeline import ETA
 
+    assert paths["vlm"] is not None  # _model_paths refused a missing --vlm
     with _status(err, "loading the VLM, CLIP and the reward model"):
         return ETA.from_pretrained(
             paths["vlm"],
