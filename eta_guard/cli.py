@@ -212,7 +212,9 @@ def demo(
     reward_model: RewardOpt = None,
     cache_dir: CacheOpt = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 24,
-    seed: Annotated[int, typer.Option("--seed", min=0)] = 0,
+    seed: Annotated[
+        int, typer.Option("--seed", min=0, help="Sampling seed of the best-of-N search.")
+    ] = 0,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     trust_remote_code: RemoteCodeOpt = False,
@@ -297,7 +299,9 @@ def bench(
     sentence_tokens: Annotated[
         int, typer.Option("--sentence-tokens", min=1, help="Longest candidate sentence.")
     ] = 32,
-    seed: Annotated[int, typer.Option("--seed", min=0)] = 0,
+    seed: Annotated[
+        int, typer.Option("--seed", min=0, help="Sampling seed (repetition r uses seed + r).")
+    ] = 0,
     cache_dir: CacheOpt = None,
     device: DeviceOpt = None,
     threads: Annotated[
