@@ -414,16 +414,11 @@ def _load_config(path: Path | None, sets: list[str] | None) -> ETAConfig:
 
 def _load_images(sources: list[str], cfg: ETAConfig) -> list[Any]:
     """Decode and check the images before any model loads, so bad input fails fast."""
-    from eta_guard.media import load_images
+    from eta_guard.media import image_options, load_images
 
     if not sources:
         return []
-    return load_images(
-        sources,
-        allow_remote=cfg.allow_remote_images,
-        max_pixels=cfg.max_image_pixels,
-        allow_local_files=cfg.allow_local_image_files,
-    )
+    return load_images(sources, **image_options(cfg))
 
 
 def _print_stream(out: Console, chunks: Iterator[Any]) -> Any:
