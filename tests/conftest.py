@@ -58,3 +58,34 @@ def test_image():
     from eta_guard.testing import make_test_image
 
     return make_test_image("noise")
+
+
+# --- VLM adapters for the decoding tests (test_vlm_adapter.py, test_best_of_n.py) ---
+
+
+@pytest.fixture(scope="module")
+def vlm_paths(tiny_checkpoints_by_family):
+    """``family -> path`` of the tiny random VLM checkpoint (built once per session)."""
+    return lambda family: tiny_checkpoints_by_family(family).vlm
+
+
+@pytest.fixture(scope="module")
+def test_images():
+    from eta_guard.testing import make_test_image
+
+    return [make_test_image("noise", (64, 64), seed=1), make_test_image("gradient", (48, 40))]
+
+
+@pytest.fixture(scope="module", params=["llava", "qwen2_vl", "idefics3"])
+def vlm(request, vlm_paths):
+    """A ``VLMAdapter`` for each tiny family."""
+    from eta_guard.decoding.vlm import VLMAdapter
+
+    return VLMAdapter.from_pretrained(vlm_paths(request.param), local_files_only=True)
+
+
+@pytest.fixture(scope="module")
+def llava(vlm_paths):
+    from eta_guard.decoding.vlm import VLMAdapter
+
+    return VLMAdapter.from_pretrained(vlm_paths("llava"), local_files_only=True)

@@ -12,30 +12,6 @@ from transformers import PreTrainedTokenizerFast
 from eta_guard.decoding.vlm import VLMAdapter, decode_continuation
 from eta_guard.errors import InvalidInputError
 from eta_guard.messages import Conversation
-from eta_guard.testing import make_test_image
-
-FAMILIES = ["llava", "qwen2_vl", "idefics3"]
-
-
-@pytest.fixture(scope="module")
-def vlm_paths(tiny_checkpoints_by_family):
-    """``family -> path`` of the tiny random VLM checkpoint (built once per session)."""
-    return lambda family: tiny_checkpoints_by_family(family).vlm
-
-
-@pytest.fixture(scope="module")
-def test_images():
-    return [make_test_image("noise", (64, 64), seed=1), make_test_image("gradient", (48, 40))]
-
-
-@pytest.fixture(scope="module", params=FAMILIES)
-def vlm(request, vlm_paths) -> VLMAdapter:
-    return VLMAdapter.from_pretrained(vlm_paths(request.param), local_files_only=True)
-
-
-@pytest.fixture(scope="module")
-def llava(vlm_paths) -> VLMAdapter:
-    return VLMAdapter.from_pretrained(vlm_paths("llava"), local_files_only=True)
 
 
 def user(text: str, images: int = 0) -> dict:
