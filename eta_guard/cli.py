@@ -1,4 +1,4 @@
-"""The ``eta-guard`` command: ``generate``, ``evaluate``, ``demo`` and ``bench``.
+"""The ``eta-guard`` command: ``generate``, ``evaluate``, ``demo``, ``bench`` and ``serve``.
 
 A thin shell over the engine: it parses arguments, loads models and prints what the engine
 returns. Heavy imports (torch, transformers) happen inside the commands, so ``eta-guard --help``
@@ -616,6 +616,12 @@ def _bench_table(report: Any) -> Any:
     table.caption = "\n".join(f"- {note}" for note in notes)
     table.caption_justify = "left"
     return table
+
+
+# The server's command lives with the server (imported here, after the shared options exist).
+from eta_guard.server.cli import serve  # noqa: E402
+
+app.command()(serve)
 
 
 def main() -> None:  # pragma: no cover - console entry point alias
