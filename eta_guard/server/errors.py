@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from eta_guard.errors import EvaluatorError, InvalidInputError
+from eta_guard.errors import ETAError, EvaluatorError, InvalidInputError
 
 log = logging.getLogger("eta_guard.server")
 
@@ -122,6 +122,12 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, error: APIError) -> JSONResponse:
         return error.response()
+
+    # Engine errors get their own handler: Starlette's catch-all ``Exception`` handler answers
+    # and then re-raises (the connection is dropped), which is only right for real bugs.
+    @app.exception_handler(ETAError)
+    async def _engine_error(request: Request, error: ETAError) -> JSONResponse:
+        return from_exception(error, request_id_of(request)).response()
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, error: RequestValidationError) -> JSONResponse:
