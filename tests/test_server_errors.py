@@ -355,3 +355,57 @@ def test_client_disconnect_stops_generation_and_frees_the_model(parts, image_url
         # The next request runs normally.
         nxt = httpx.post(base + "/v1/chat/completions", json=_chat(max_tokens=4), headers=AUTH)
         assert nxt.status_code == 200 and nxt.json()["choices"][0]["finish_reason"]
+
+
+def test_error_after_the_stream_started_is_an_sse_error_event(parts):
+    import openai
+
+    gated = _Gated(parts, fail=True)
+    threading.Timer(0.5, gated.gate.set).start()  # fails after the first keep-alive period
+    with _serve(gated, keepalive_s=0.05) as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0)
+        stream = client.chat.completions.create(**_chat(), stream=True)
+        with pytest.raises(openai.APIError, match="internal server error") as info:
+            for _ in stream:
+                pass
+        assert "secret" not in str(info.value)
+        metrics = httpx.get(base + "/metrics", headers=AUTH).text
+        assert 'eta_requests_total{route="chat",status="500"} 1.0' in metrics
+
+
+def test_unauthenticated_bad_body_gets_401_not_validation_details(url):
+    resp = httpx.post(url + "/v1/chat/completions", json={"messages": "nonsense"})
+    _error(resp, 401)
+
+
+def test_one_log_line_per_request_without_contents(url, caplog):
+    secret = "my-private-question-" + secrets.token_hex(4)
+    with caplog.at_level("INFO", logger="eta_guard.server"):
+        resp = httpx.post(
+            url + "/v1/chat/completions", json=_chat(secret, max_tokens=3), headers=AUTH
+        )
+        assert resp.status_code == 200
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not any(
+            resp.headers["x-request-id"] in r.getMessage() for r in caplog.records
+        ):
+            time.sleep(0.02)
+    lines = [
+        r.getMessage() for r in caplog.records if resp.headers["x-request-id"] in r.getMessage()
+    ]
+    assert len(lines) == 1
+    assert "POST /v1/chat/completions 200" in lines[0] and "verdict=safe" in lines[0]
+    assert all(secret not in r.getMessage() for r in caplog.records)
+
+
+def test_moderation_only_mode(parts):
+    from eta_guard.server import ServerSettings, create_app
+    from eta_guard.server.runner import serve_in_thread
+
+    app = create_app(evaluator=parts.evaluator, settings=ServerSettings(api_keys={KEY}))
+    with serve_in_thread(app) as base:
+        assert httpx.get(base + "/health").json()["mode"] == "moderation-only"
+        chat = httpx.post(base + "/v1/chat/completions", json=_chat(), headers=AUTH)
+        assert _error(chat, 404)["code"] == "moderation_only"
+        mod = httpx.post(base + "/v1/moderations", json={"input": "text"}, headers=AUTH)
+        assert mod.status_code == 200 and len(mod.json()["results"]) == 1

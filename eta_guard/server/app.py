@@ -86,9 +86,9 @@ def create_app(
     )
     app.state.eta = state
     install_handlers(app)
-    if not moderation_only:
-        app.include_router(routes_chat.router)
-        app.include_router(routes_completions.router)
+    # Registered in moderation-only mode too: they answer 404 "moderation-only" (not "no route").
+    app.include_router(routes_chat.router)
+    app.include_router(routes_completions.router)
     app.include_router(routes_moderations.router)
     app.include_router(routes_info.router)
     app.add_middleware(RequestGuard, state=state)

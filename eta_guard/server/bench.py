@@ -87,11 +87,11 @@ def image_url(kind: str) -> str:
 
 def _body(kind: str, i: int, model: str, max_tokens: int, images: dict[str, str]) -> dict:
     picture = images["checker" if kind == "flagged" else "gradient"]
-    content = [
+    content: list[dict[str, Any]] = [
         {"type": "text", "text": f"Request {i}: what is in this picture?"},
         {"type": "image_url", "image_url": {"url": picture}},
     ]
-    body = {
+    body: dict[str, Any] = {
         "model": model,
         "messages": [{"role": "user", "content": content}],
         "max_tokens": max_tokens,

@@ -141,8 +141,9 @@ def serve(
                 return None, evaluator
             from eta_guard.pipeline import ETA
 
+            assert paths["vlm"] is not None  # _model_paths refused a missing VLM
             eta = ETA.from_pretrained(
-                paths["vlm"],  # type: ignore[arg-type]
+                paths["vlm"],
                 clip=paths["clip"],
                 reward_model=paths["reward_model"],
                 config=cfg,

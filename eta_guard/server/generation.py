@@ -122,6 +122,7 @@ async def _stream(
     include_usage: bool,
 ) -> AsyncIterator[str]:
     keepalive = state.settings.keepalive_s
+    result: ETAResult | None = None
     try:
         opening = fmt.first_chunk(include_usage)
         if opening is not None:
@@ -136,15 +137,17 @@ async def _stream(
             kind, value = event
             if kind == "item":
                 if value.result is not None:
-                    result: ETAResult = value.result
+                    result = value.result
                 elif value.text:
                     yield fmt.text_chunk(value.text, include_usage)
-            elif kind == "done":
+            elif kind == "done" and result is not None:
                 _record(request, state, route, result)
                 for chunk in fmt.last_chunks(result, ignored, include_usage):
                     yield chunk
                 return
             else:
+                if kind == "done":  # the engine promises a result; never end a stream silently
+                    value = RuntimeError("the engine ended without a result")
                 error = from_exception(value, request_id_of(request))
                 request.state.stream_error = error.status
                 yield sse(error.body())
