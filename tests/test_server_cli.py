@@ -95,3 +95,20 @@ def test_serve_refuses_keyless_public_bind_and_vlm_with_moderation_only():
         timeout=120,
     )
     assert both.returncode == 2 and "drop the VLM" in both.stderr
+
+
+def test_cli_and_server_package_import_light():
+    code = (
+        "import sys, eta_guard, eta_guard.cli, eta_guard.server;"
+        "print(sorted(m for m in ('torch', 'transformers', 'fastapi', 'uvicorn', 'starlette',"
+        " 'prometheus_client') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip() == "[]"

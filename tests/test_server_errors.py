@@ -409,3 +409,20 @@ def test_moderation_only_mode(parts):
         assert _error(chat, 404)["code"] == "moderation_only"
         mod = httpx.post(base + "/v1/moderations", json={"input": "text"}, headers=AUTH)
         assert mod.status_code == 200 and len(mod.json()["results"]) == 1
+
+
+async def test_too_many_concurrent_requests_get_429_before_their_body_is_read(parts):
+    gated = _Gated(parts)
+    with _serve(gated, max_concurrent_requests=1) as base:
+        async with httpx.AsyncClient(base_url=base, headers=AUTH, timeout=30) as client:
+            running = asyncio.create_task(client.post("/v1/chat/completions", json=_chat()))
+            await asyncio.sleep(0.3)
+            refused = await client.post("/v1/moderations", json={"input": "x"})
+            error = _error(refused, 429)
+            assert error["code"] == "too_many_requests" and refused.headers["retry-after"] == "1"
+            gated.gate.set()
+            assert (await running).status_code == 200
+        assert (
+            httpx.post(base + "/v1/moderations", json={"input": "x"}, headers=AUTH).status_code
+            == 200
+        )

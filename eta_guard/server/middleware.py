@@ -1,4 +1,5 @@
-"""Pure-ASGI middleware: request id, body size limit (413), one log line, request metrics.
+"""Pure-ASGI middleware: request id, concurrency cap (429), body size limit (413), one log line
+and request metrics.
 
 The body is read here, up to the limit, before any route sees it, so an oversized or endless
 (chunked) upload is cut off without being parsed. The log line has the method, route, status,
@@ -31,6 +32,7 @@ ROUTES = {
 class RequestGuard:
     def __init__(self, app: ASGIApp, state: Any) -> None:
         self.app, self.state = app, state
+        self.inflight = 0  # POST requests being handled (the event loop is single-threaded)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -51,8 +53,13 @@ class RequestGuard:
             await send(message)
 
         size = 0
+        counted = scope["method"] in ("POST", "PUT", "PATCH")
         try:
-            if scope["method"] in ("POST", "PUT", "PATCH"):
+            if counted:
+                self.inflight += 1
+                if self.inflight > self.state.settings.max_concurrent_requests:
+                    await _send_error(send_wrapper, _too_many())
+                    return
                 body = await self._read_body(scope, receive)
                 if body is None:
                     await _send_error(
@@ -63,6 +70,8 @@ class RequestGuard:
                 receive = _replay(body, receive)
             await self.app(scope, receive, send_wrapper)
         finally:
+            if counted:
+                self.inflight -= 1
             elapsed = time.perf_counter() - started
             code = scope["state"].get("stream_error") or status["code"] or 499
             metrics = self.state.metrics
@@ -127,13 +136,27 @@ def _too_large(limit: int) -> APIError:
     )
 
 
+def _too_many() -> APIError:
+    return APIError(
+        429,
+        "the server is handling too many requests at once; retry later",
+        type="rate_limit_error",
+        code="too_many_requests",
+        headers={"Retry-After": "1"},
+    )
+
+
 async def _send_error(send: Send, error: APIError) -> None:
     body = json.dumps(error.body()).encode()
     await send(
         {
             "type": "http.response.start",
             "status": error.status,
-            "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"connection", b"close"),
+                *((k.lower().encode(), v.encode()) for k, v in error.headers.items()),
+            ],
         }
     )
     await send({"type": "http.response.body", "body": body})

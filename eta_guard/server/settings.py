@@ -46,6 +46,12 @@ class ServerSettings(BaseModel):
     max_tokens_limit: int | None = Field(
         None, ge=1, description="Largest max_tokens a request may ask (None: ETAConfig's)."
     )
+    max_concurrent_requests: int = Field(
+        64,
+        ge=1,
+        description="POST requests handled at once (body read, queued or running); more get 429 "
+        "before their body is read, so memory stays under this times max_request_bytes.",
+    )
     max_moderation_inputs: int = Field(32, ge=1, description="Inputs per /v1/moderations call.")
     moderation_score_scale: float = Field(
         0.02,
