@@ -426,3 +426,31 @@ async def test_too_many_concurrent_requests_get_429_before_their_body_is_read(pa
             httpx.post(base + "/v1/moderations", json={"input": "x"}, headers=AUTH).status_code
             == 200
         )
+
+
+def test_non_streaming_client_that_gives_up_stops_its_generation(parts, image_url):
+    from eta_guard import ETA
+
+    vlm = _RecordingVLM(parts.vlm)
+    eta = ETA(vlm, parts.evaluator, parts.config.with_overrides(pre_threshold=-1.01))
+    eta._lock = parts._lock
+    content = [
+        {"type": "text", "text": "Describe it."},
+        {"type": "image_url", "image_url": {"url": image_url}},
+    ]
+    with _serve(eta) as base:
+        with pytest.raises(httpx.ReadTimeout):  # the client closes its connection
+            httpx.post(
+                base + "/v1/chat/completions",
+                json=_chat(content, max_tokens=2000),
+                headers=AUTH,
+                timeout=0.5,
+            )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            metrics = httpx.get(base + "/metrics", headers=AUTH).text
+            if "eta_model_busy 0.0" in metrics and vlm.outputs:
+                break
+            time.sleep(0.05)
+        assert 'eta_cancelled_total{reason="client_gone"} 1.0' in metrics
+        assert len(vlm.outputs[0].token_ids) < 2000
