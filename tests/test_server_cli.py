@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,6 +29,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # a fresh process imports torch and loads models: ~10-30 s here
 def test_serve_moderation_only_process(tiny_checkpoints, tiny_dir):
     key = secrets.token_urlsafe(24)
     port = _free_port()

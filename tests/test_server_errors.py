@@ -415,7 +415,9 @@ async def test_too_many_concurrent_requests_get_429_before_their_body_is_read(pa
     gated = _Gated(parts)
     with _serve(gated, max_concurrent_requests=1) as base:
         async with httpx.AsyncClient(base_url=base, headers=AUTH, timeout=30) as client:
-            running = asyncio.create_task(client.post("/v1/chat/completions", json=_chat()))
+            running = asyncio.create_task(
+                client.post("/v1/chat/completions", json=_chat(max_tokens=4))
+            )
             await asyncio.sleep(0.3)
             refused = await client.post("/v1/moderations", json={"input": "x"})
             error = _error(refused, 429)
