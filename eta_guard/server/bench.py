@@ -4,7 +4,8 @@
 every answer: a 200 must be a complete SSE stream (role chunk, finish chunk with ETA's
 extension, ``[DONE]``) whose ``aligned`` flag matches the request's kind; a bad request must get
 a well-formed OpenAI error. ``python -m eta_guard.server.bench`` starts a server on random
-checkpoints on 127.0.0.1 and prints throughput, p50/p99 latency and memory (mechanics and
+checkpoints with ``eta-guard serve`` (a process of its own) and prints throughput, p50/p99 latency,
+the server's memory and the same requests' cost on the engine alone (mechanics and
 serving overhead only: random models say nothing about safety).
 """
 
@@ -144,11 +145,13 @@ async def run_load(
     max_tokens: int = 16,
     model: str = "eta-guard",
     time_limit_s: float = 600.0,
+    server_pid: int | None = None,
 ) -> LoadReport:
     """Run ``requests`` requests from ``clients`` concurrent streaming clients; check each one.
 
     ``mix`` weighs safe : flagged : bad requests (in a fixed interleaved order). The whole run is
-    bounded by ``time_limit_s`` (a hang raises ``TimeoutError``).
+    bounded by ``time_limit_s`` (a hang raises ``TimeoutError``). Memory is that of
+    ``server_pid`` (default: this process, for a server run in a thread).
     """
     import httpx
 
@@ -160,7 +163,7 @@ async def run_load(
     failures: list[str] = []
     counter = iter(range(requests))
     warm_at = max(1, requests // 10)
-    rss = {"start": _rss_mb(), "warm": 0.0}
+    rss = {"start": _rss_mb(server_pid), "warm": 0.0}
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
 
     async def client_loop(client: httpx.AsyncClient) -> None:
@@ -178,7 +181,7 @@ async def run_load(
             if problem:
                 failures.append(problem)
             if i == warm_at:
-                rss["warm"] = _rss_mb()
+                rss["warm"] = _rss_mb(server_pid)
 
     started = time.perf_counter()
     timeout = httpx.Timeout(time_limit_s)
@@ -195,21 +198,36 @@ async def run_load(
         latencies=latencies,
         failures=failures,
         rss_start_mb=rss["start"],
-        rss_warm_mb=rss["warm"] or _rss_mb(),
-        rss_end_mb=_rss_mb(),
-        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        rss_warm_mb=rss["warm"] or _rss_mb(server_pid),
+        rss_end_mb=_rss_mb(server_pid),
+        peak_rss_mb=_rss_mb(server_pid, "VmHWM"),
     )
 
 
-def _rss_mb() -> float:
-    """Resident memory of this process now (Linux /proc; else the peak)."""
+def engine_baseline(eta: Any, *, max_tokens: int, reps: int = 5) -> dict[str, float]:
+    """Median seconds of one call straight on the engine (no HTTP), per kind of good request."""
+    images = {k: image_url(k) for k in ("gradient", "checker")}
+    out = {}
+    for kind in ("safe", "flagged"):
+        messages = _body(kind, 0, "", max_tokens, images)["messages"]
+        times = []
+        for _ in range(reps + 1):  # the first call warms up
+            started = time.perf_counter()
+            eta.generate(messages, max_new_tokens=max_tokens)
+            times.append(time.perf_counter() - started)
+        out[kind] = sorted(times[1:])[len(times[1:]) // 2]
+    return out
+
+
+def _rss_mb(pid: int | None = None, field: str = "VmRSS") -> float:
+    """Resident memory (``VmRSS``) or its peak (``VmHWM``) of a process, from Linux /proc."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+        for line in Path(f"/proc/{pid or 'self'}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if pid is None else 0.0
 
 
 def main(
@@ -221,38 +239,91 @@ def main(
     threads: int = 1,
     json_path: Path | None = None,
 ) -> None:
-    """Serve random checkpoints on 127.0.0.1 and load the server; print the figures."""
+    """Serve random checkpoints with ``eta-guard serve`` (its own process) and load it."""
+    import os
+    import subprocess
+    import sys
+
+    import httpx
     import torch
 
     from eta_guard.bench import default_cache_dir
     from eta_guard.config import ETAConfig
     from eta_guard.pipeline import ETA
-    from eta_guard.server.app import create_app
-    from eta_guard.server.runner import serve_in_thread
-    from eta_guard.server.settings import ServerSettings
     from eta_guard.testing import build_tiny_checkpoints
 
     torch.set_num_threads(threads)
     ckpt = build_tiny_checkpoints(cache_dir or default_cache_dir(), size=size)  # type: ignore[arg-type]
-    cfg = ETAConfig(pre_threshold=SPLIT_THRESHOLD, post_threshold=1e9, num_candidates=5)
-    eta = ETA.from_pretrained(ckpt.vlm, clip=ckpt.clip, reward_model=ckpt.reward_model, config=cfg)
-    settings = ServerSettings(max_queue=max(64, clients * 2))
-    with serve_in_thread(create_app(eta, settings=settings)) as base_url:
+    sets = {"pre_threshold": SPLIT_THRESHOLD, "post_threshold": 1e9, "num_candidates": 5}
+    eta = ETA.from_pretrained(
+        ckpt.vlm, clip=ckpt.clip, reward_model=ckpt.reward_model, config=ETAConfig(**sets)
+    )
+    baseline = engine_baseline(eta, max_tokens=max_tokens)
+    del eta
+    port = _free_port()
+    cmd = [sys.executable, "-m", "eta_guard.cli", "serve", ckpt.vlm, "--clip", ckpt.clip]
+    cmd += ["--reward-model", ckpt.reward_model, "--port", str(port), "--log-level", "warning"]
+    cmd += ["--max-queue", str(max(64, clients * 2))]
+    for name, value in sets.items():
+        cmd += ["--set", f"{name}={value}"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "ETA_GUARD_API_KEYS": ""}
+    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while server.poll() is None and time.monotonic() < deadline:
+            try:
+                if httpx.get(base_url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        else:
+            raise RuntimeError(f"the server did not become ready: {server.stderr.read()!r}")
         report = asyncio.run(
-            run_load(base_url, clients=clients, requests=requests, max_tokens=max_tokens)
+            run_load(
+                base_url,
+                clients=clients,
+                requests=requests,
+                max_tokens=max_tokens,
+                server_pid=server.pid,
+            )
         )
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
     summary = report.summary()
     summary["setup"] = {"size": size, "max_tokens": max_tokens, "torch_threads": threads}
+    # The same mix of good requests run one after another on the engine, without HTTP.
+    good = {k: len(report.latencies[k]) for k in ("safe", "flagged")}
+    engine_s = sum(baseline[k] * n for k, n in good.items())
+    served_rps = sum(good.values()) / report.seconds
+    engine_rps = sum(good.values()) / engine_s
+    summary["engine_only"] = {
+        "median_s": {k: round(v, 4) for k, v in baseline.items()},
+        "good_requests_per_s": round(engine_rps, 2),
+        "served_good_requests_per_s": round(served_rps, 2),
+        "served_vs_engine": round(served_rps / engine_rps, 3),
+    }
     print(json.dumps(summary, indent=2))
     print(
         f"{report.requests} requests from {clients} streaming clients in {report.seconds:.1f} s: "
         f"{report.throughput:.1f} req/s, p50 {report.percentile(0.5):.3f} s, "
-        f"p99 {report.percentile(0.99):.3f} s, {report.outcomes['failed']} failed; RSS "
+        f"p99 {report.percentile(0.99):.3f} s, {report.outcomes['failed']} failed; server RSS "
         f"{report.rss_warm_mb:.0f} MB after warm-up -> {report.rss_end_mb:.0f} MB at the end "
-        f"(peak {report.peak_rss_mb:.0f} MB, server and clients in one process)"
+        f"(peak {report.peak_rss_mb:.0f} MB); the engine alone runs the same good requests at "
+        f"{engine_rps:.1f} req/s (served: {served_rps:.1f})"
     )
     if json_path is not None:
         json_path.write_text(json.dumps(summary, indent=2))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 if __name__ == "__main__":  # pragma: no cover
