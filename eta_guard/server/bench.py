@@ -243,6 +243,7 @@ def main(
     import os
     import subprocess
     import sys
+    import tempfile
 
     import httpx
     import torch
@@ -267,7 +268,8 @@ def main(
     for name, value in sets.items():
         cmd += ["--set", f"{name}={value}"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "ETA_GUARD_API_KEYS": ""}
-    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tempfile.TemporaryFile()  # a file, not a pipe: a chatty server never blocks on it
+    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
     base_url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
@@ -279,7 +281,8 @@ def main(
                 pass
             time.sleep(0.2)
         else:
-            raise RuntimeError(f"the server did not become ready: {server.stderr.read()!r}")
+            log.seek(0)
+            raise RuntimeError(f"the server did not become ready: {log.read()[-2000:]!r}")
         report = asyncio.run(
             run_load(
                 base_url,
@@ -292,6 +295,7 @@ def main(
     finally:
         server.terminate()
         server.wait(timeout=60)
+        log.close()
     summary = report.summary()
     summary["setup"] = {"size": size, "max_tokens": max_tokens, "torch_threads": threads}
     # The same mix of good requests run one after another on the engine, without HTTP.
