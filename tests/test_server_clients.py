@@ -122,6 +122,7 @@ def test_openai_stream_with_usage_matches_the_plain_answer(safe_url, image_url):
     assert finish[0].model_extra["eta"]["aligned"] is False
     assert finish[0].model_extra["eta"]["input_unsafe"] is False
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == plain.usage.total_tokens
+    assert chunks[-1].model_extra["eta"] == finish[0].model_extra["eta"]
     assert all(c.usage is None for c in chunks[:-1])
 
 

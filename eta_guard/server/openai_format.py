@@ -114,16 +114,21 @@ class Formatter:
         return self._chunk([self._choice(text, None)], **_usage_null(include_usage))
 
     def last_chunks(self, result: ETAResult, ignored: list[str], include_usage: bool) -> list[str]:
-        """The finish chunk (with the extension), the usage chunk if asked, and ``[DONE]``."""
+        """The finish chunk, the usage chunk if asked, and ``[DONE]``.
+
+        The extension rides on the finish chunk (the last with choices) and again on the usage
+        chunk, so that the last chunk carries it in both modes.
+        """
+        eta = result_extension(result, ignored)
         out = [
             self._chunk(
                 [self._choice(None if self.kind == "chat" else "", result.finish_reason)],
                 **_usage_null(include_usage),
-                eta=result_extension(result, ignored),
+                eta=eta,
             )
         ]
         if include_usage:
-            out.append(self._chunk([], usage=usage(result)))
+            out.append(self._chunk([], usage=usage(result), eta=eta))
         out.append(DONE)
         return out
 
