@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 import secrets
 
 import httpx
@@ -177,6 +178,9 @@ def test_openai_moderation_text_list_and_multimodal(safe_url, flagged_url, image
             "unsafe/text": eta["output_unsafe"],
         }
         assert (r.category_scores.model_extra["unsafe/text"] >= 0.5) == eta["output_unsafe"]
+        margin = eta["thresholds"]["reward"] - eta["scores"]["reward"]  # higher = worse
+        expected = 1 / (1 + math.exp(-margin / 0.02))
+        assert r.category_scores.model_extra["unsafe/text"] == pytest.approx(expected)
         assert eta["scores"]["clip"] is None and "pre" in eta["skipped"]
 
 

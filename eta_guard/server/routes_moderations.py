@@ -45,8 +45,10 @@ async def moderations(body: ModerationRequest, request: Request) -> Response:
         max_items=state.settings.max_moderation_inputs,
     )
 
+    batch = [{"images": item.images or None, "response": item.text} for item in items]
+
     def run(cancel: Any) -> Iterator[list[SafetyVerdict]]:
-        yield [evaluator.evaluate(images=item.images or None, response=item.text) for item in items]
+        yield evaluator.evaluate_batch(batch)  # one CLIP and one RM forward for all inputs
 
     job = state.scheduler.submit(
         run, timeout_s=state.settings.request_timeout_s, route="moderations"
