@@ -259,6 +259,15 @@ class _Request:
         self._check_cancelled()
         yield from self._align(verdict, greedy)
 
+    def _cancellable(self, feed: Callable[[str], str]) -> Callable[[str], str]:
+        """``feed`` that first checks the cancel event (the search stops at its next sentence)."""
+
+        def checked(text: str) -> str:
+            self._check_cancelled()
+            return feed(text)
+
+        return checked
+
     def _check_cancelled(self) -> None:
         if self.cancel is not None and self.cancel.is_set():
             raise RequestCancelled("the call was cancelled before it finished")
@@ -339,7 +348,7 @@ class _Request:
                 on_sentence=on_sentence,
                 stop=self.stop,  # ends the search early; the filter below still guards the prefix
             ),
-            stop_filter.feed,
+            self._cancellable(stop_filter.feed),
         )
         n_out = len(output.token_ids)
         return output.text, n_out, output.decoded_tokens, output.finish_reason, output.trace

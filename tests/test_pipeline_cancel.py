@@ -52,3 +52,17 @@ def test_unset_cancel_changes_nothing(eta, test_image):
         )
     )
     assert "".join(c.text for c in chunks) == plain.text
+
+
+def test_cancel_during_the_best_of_n_search(eta, test_image):
+    from eta_guard.errors import RequestCancelled
+
+    cancel = threading.Event()
+    overrides = {"pre_threshold": -1.01, "post_threshold": 1e9, "max_sentence_tokens": 8}
+    chunks = []
+    with pytest.raises(RequestCancelled):
+        for chunk in eta.stream(_messages(test_image), cancel=cancel, **overrides):
+            chunks.append(chunk)
+            cancel.set()  # after the prefix: the search is running
+    assert chunks and chunks[0].text.startswith("As an AI assistant")
+    assert all(c.result is None for c in chunks)
