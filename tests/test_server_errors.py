@@ -456,3 +456,20 @@ def test_non_streaming_client_that_gives_up_stops_its_generation(parts, image_ur
             time.sleep(0.05)
         assert 'eta_cancelled_total{reason="client_gone"} 1.0' in metrics
         assert len(vlm.outputs[0].token_ids) < 2000
+
+
+def test_explicit_nulls_mean_defaults(url):
+    body = _chat(
+        n=None,
+        stream=None,
+        stop=None,
+        seed=None,
+        temperature=None,
+        max_tokens=None,
+        stream_options=None,
+        tools=None,
+        user="someone",
+    )
+    resp = httpx.post(url + "/v1/chat/completions", json={**body, "max_tokens": 3}, headers=AUTH)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["object"] == "chat.completion"

@@ -63,7 +63,7 @@ async def generate(
     )
     fmt = Formatter(kind, state.settings.served_model_name)
     ignored = body.ignored_parameters()
-    if not body.stream:
+    if not body.streaming:
         return await _answer(request, state, job, fmt, ignored, route)
     # Wait a little for the first event: an error raised right away (e.g. a prompt too long for
     # the context) still gets its proper HTTP status instead of an error event.

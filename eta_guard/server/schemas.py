@@ -48,13 +48,14 @@ class _GenerationRequest(BaseModel):
     seed: int | None = Field(None, ge=0, lt=2**63)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
-    n: int = Field(1, ge=1)
-    stream: bool = False
+    # Clients send explicit nulls for unset fields: null means the default.
+    n: int | None = Field(1, ge=1)
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
 
     def check_supported(self) -> None:
         """Refuse what ETA cannot honour (400 naming the field)."""
-        if self.n != 1:
+        if self.n not in (None, 1):
             raise bad_request("n must be 1: ETA returns one guarded answer", param="n")
         for name, what in _UNSUPPORTED.items():
             value = (self.model_extra or {}).get(name)
@@ -78,6 +79,10 @@ class _GenerationRequest(BaseModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def streaming(self) -> bool:
+        return bool(self.stream)
 
 
 class ChatMessage(BaseModel):
