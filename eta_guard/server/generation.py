@@ -10,7 +10,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from eta_guard.messages import normalize_messages
-from eta_guard.server.errors import APIError, bad_request, from_exception, request_id_of
+from eta_guard.server.errors import bad_request, from_exception, request_id_of
 from eta_guard.server.openai_format import KEEPALIVE, Formatter, Kind, sse
 from eta_guard.server.scheduler import Event, Job
 from eta_guard.server.schemas import _GenerationRequest
@@ -165,4 +165,3 @@ def _record(request: Request, state: ServerState, route: str, result: ETAResult)
     request.state.log_extra = {"verdict": verdict, "aligned": result.aligned}
 
 
-__all__ = ["generate", "APIError"]
