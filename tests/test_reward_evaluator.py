@@ -74,6 +74,8 @@ def test_rm_sees_only_the_safety_conversation(rm, monkeypatch):
     placeholders = [(c, r) for c, r in seen if "\ue000" in c[-1]["content"]]
     assert placeholders and all(USER_QUESTION not in r for _, r in placeholders)
     seen = [(c, r) for c, r in seen if "\ue000" not in c[-1]["content"]]
+    # Counting the windows for the verdict renders a response once more.
+    seen = [item for i, item in enumerate(seen) if item not in seen[:i]]
     assert [c for c, _ in seen] == [
         [
             {"role": "user", "content": DEFAULT_RM_DECISION_PROMPT},
