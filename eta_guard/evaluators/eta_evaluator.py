@@ -111,8 +111,8 @@ class ETAEvaluator:
         ``clip_kwargs`` feed :meth:`CLIPPreEvaluator.from_pretrained` (``model_kwargs``,
         ``processor_kwargs``, ...); ``reward_model_kwargs`` feed
         :meth:`RewardPostEvaluator.from_pretrained` (``model_kwargs``, ``tokenizer_kwargs``,
-        ``max_length``, ``chat_template``). The reference RM (ArmoRM) needs
-        ``trust_remote_code=True``.
+        ``max_length``, ``chat_template``, ``allow_new_weights``, ``max_windows``). The
+        reference RM (ArmoRM) loads natively: it needs no ``trust_remote_code``.
         """
         if clip is None and reward_model is None:
             raise InvalidInputError(

@@ -166,7 +166,8 @@ def _tokenizer() -> Any:
         eos_token="<|end_of_text|>",
         pad_token=_PAD,
         model_max_length=1000000000000000019884624838656,  # Llama-3's "no limit"
-        clean_up_tokenization_spaces=True,
+        # Llama-3 ships True, which transformers 5 ignores for BPE tokenizers (with a warning).
+        clean_up_tokenization_spaces=False,
     )
     tokenizer.chat_template = ARMORM_CHAT_TEMPLATE
     return tokenizer
