@@ -189,7 +189,7 @@ def _config(tokenizer: Any) -> Any:
         hidden_act="silu",
         max_position_embeddings=8192,
         rms_norm_eps=1e-5,
-        rope_theta=500000.0,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},  # "rope_theta" there
         attention_bias=False,
         attention_dropout=0.0,
         initializer_range=0.02,
