@@ -207,3 +207,16 @@ def test_gating_reads_the_last_marker(rm):
     assert len(starts) == 2
     tensor = torch.tensor([ids])
     assert rm.model.gating_positions(tensor, torch.ones_like(tensor)).tolist() == [starts[-1]]
+
+
+@pytest.mark.gpu
+def test_bf16_on_cuda_tracks_fp32(armorm_replica, rm):
+    # The reference runs ArmoRM in bf16: same loader, same formula, bf16 rounding only.
+    gpu = RewardPostEvaluator.from_pretrained(str(armorm_replica), device="cuda", dtype="bf16")
+    assert next(gpu.model.parameters()).dtype == torch.bfloat16
+    torch.testing.assert_close(
+        torch.tensor(gpu.score(RESPONSES, INSTRUCTION)),
+        torch.tensor(rm.score(RESPONSES, INSTRUCTION)),
+        atol=0.05,
+        rtol=0.05,
+    )

@@ -367,10 +367,6 @@ class RewardPostEvaluator:
             self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         )
 
-    def _encode(self, instruction: str, response: str) -> list[int]:
-        """The one sequence of a response that fits (kept for callers of the old name)."""
-        return self._windows(instruction, response)[0]
-
     def _window_starts(self, instruction: str, response: str) -> tuple[list[int], list[int], int]:
         """``(response ids, window starts, window size)`` for a response that does not fit."""
         overhead = len(self.encode(instruction, "")) + _WINDOW_SLACK
