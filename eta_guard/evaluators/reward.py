@@ -286,7 +286,8 @@ class RewardPostEvaluator:
         head, instruction_text, middle, tail = self._skeleton(instruction)
         rendered = self.format(instruction, response)
         lead = head + instruction_text + middle
-        if not (rendered.startswith(lead) and rendered.endswith(tail)):
+        fits = len(rendered) >= len(lead) + len(tail)
+        if not (fits and rendered.startswith(lead) and rendered.endswith(tail)):
             raise InvalidInputError(
                 f"the chat template of the reward model {self.name!r} renders the response in a "
                 "way that depends on the instruction; pass chat_template= with a template that "

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from eta_guard.config import ETAConfig
+from eta_guard.errors import InvalidInputError
 from eta_guard.evaluators.eta_evaluator import ETAEvaluator
 from eta_guard.evaluators.reward import RewardPostEvaluator
 
@@ -113,3 +114,24 @@ def test_shared_prefix_batch_with_forged_candidates_is_exact(tiny_checkpoints, m
     assert calls  # the fast path ran
     single = [_forward(rm, rm.encode(INSTRUCTION, prefix + c)) for c in CANDIDATES]
     torch.testing.assert_close(torch.tensor(batch), torch.tensor(single), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("template", "match"),
+    [
+        # content written twice: which copy is content would be a guess
+        ("{% for m in messages %}{{ m['content'] }}|{{ m['content'] }}{% endfor %}", "once each"),
+        # the response's rendering depends on the instruction
+        (
+            "{{ messages[0]['content'] }}|{% if messages[0]['content'] | length > 30 %}LONG"
+            "{% endif %}{{ messages[1]['content'] }}",
+            "changes its layout",
+        ),
+    ],
+)
+def test_templates_that_move_contents_are_refused(tiny_checkpoints, template, match):
+    rm = RewardPostEvaluator.from_pretrained(
+        tiny_checkpoints.reward_model, device="cpu", chat_template=template
+    )
+    with pytest.raises(InvalidInputError, match=match):
+        rm.score(["No."], INSTRUCTION)
