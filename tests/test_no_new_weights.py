@@ -68,3 +68,19 @@ def test_the_opt_out_must_be_a_bool(tiny_checkpoints):
         RewardPostEvaluator.from_pretrained(
             tiny_checkpoints.reward_model, device="cpu", model_kwargs={"allow_new_weights": "yes"}
         )
+
+
+def test_open_clip_without_weights_is_refused(tmp_path):
+    pytest.importorskip("open_clip")
+    from eta_guard.testing import build_tiny_open_clip
+
+    model_name, _checkpoint = build_tiny_open_clip(tmp_path)  # registers the architecture
+    with pytest.raises(InvalidInputError, match="pretrained=None.*allow_new_weights"):
+        CLIPPreEvaluator.from_pretrained(model_name, backend="open_clip", device="cpu")
+    clip = CLIPPreEvaluator.from_pretrained(
+        model_name,
+        backend="open_clip",
+        device="cpu",
+        model_kwargs={"allow_new_weights": True},
+    )
+    assert clip is not None
