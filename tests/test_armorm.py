@@ -153,7 +153,18 @@ def test_single_reward_equals_the_formula(armorm_replica, rm, index):
     assert rm.score([RESPONSES[index]], INSTRUCTION)[0] == pytest.approx(expected, abs=1e-5)
 
 
-def test_padded_batch_equals_the_formula(armorm_replica, rm):
+@pytest.mark.parametrize("shared_prefix", [True, False])
+def test_padded_batch_equals_the_formula(armorm_replica, rm, monkeypatch, shared_prefix):
+    # Both batch paths: the instruction's prefix run once (the default for best-of-N), and one
+    # plain right-padded forward.
+    if not shared_prefix:
+        monkeypatch.setattr("eta_guard.evaluators.reward._MIN_SHARED_PREFIX", 10**9)
+    calls = []
+    monkeypatch.setattr(
+        rm.model,
+        "forward_shared_prefix",
+        lambda *a, wrapped=rm.model.forward_shared_prefix: calls.append(1) or wrapped(*a),
+    )
     weights = _weights(armorm_replica)
     config = json.loads((armorm_replica / "config.json").read_text())
     lengths = {len(rm.encode(INSTRUCTION, r)) for r in RESPONSES}
@@ -161,6 +172,7 @@ def test_padded_batch_equals_the_formula(armorm_replica, rm):
     expected = [_reference_score(rm, weights, config, rm.encode(INSTRUCTION, r)) for r in RESPONSES]
     batched = rm.score(RESPONSES, INSTRUCTION)
     torch.testing.assert_close(torch.tensor(batched), torch.tensor(expected), atol=1e-5, rtol=0)
+    assert bool(calls) == shared_prefix
 
 
 def test_pad_id_equal_to_the_embedding_size_is_never_embedded(rm):
@@ -220,3 +232,24 @@ def test_bf16_on_cuda_tracks_fp32(armorm_replica, rm):
         atol=0.05,
         rtol=0.05,
     )
+
+
+@pytest.mark.parametrize("cut", [3, "gate", "late"])
+def test_shared_prefix_forward_equals_the_full_forward(rm, cut):
+    # Wherever the shared prefix ends (before the gate, right after it, or deep in the answer),
+    # the prefix-once forward gives the full forward's scores.
+    rows = [rm.encode(INSTRUCTION, "Sure. First, gather the parts" + end) for end in (".", "!", "")]
+    full = torch.tensor([rows[0]])
+    gate = int(rm.model.gating_positions(full, torch.ones_like(full))[0])
+    shared = {3: 3, "gate": gate + 2, "late": min(len(r) for r in rows) - 2}[cut]
+    assert all(r[:shared] == rows[0][:shared] for r in rows)
+    suffix_len = max(len(r) for r in rows) - shared
+    suffix = torch.zeros((len(rows), suffix_len), dtype=torch.long)
+    mask = torch.zeros_like(suffix)
+    for i, r in enumerate(rows):
+        suffix[i, : len(r) - shared] = torch.tensor(r[shared:])
+        mask[i, : len(r) - shared] = 1
+    with torch.no_grad():
+        fast = rm.model.forward_shared_prefix(torch.tensor([rows[0][:shared]]), suffix, mask)
+        alone = [rm.model(input_ids=torch.tensor([r])).score[0] for r in rows]
+    torch.testing.assert_close(fast.score, torch.stack(alone), atol=1e-5, rtol=0)

@@ -183,6 +183,41 @@ class LlamaForRewardModelWithGating(LlamaPreTrainedModel):
         score = torch.sum(gating_output * (rewards @ self.reward_transform_matrix), dim=1)
         return ArmoRMOutput(score=score, rewards=rewards, gating_output=gating_output, logits=score)
 
+    def forward_shared_prefix(
+        self, prefix_ids: torch.Tensor, suffix_ids: torch.Tensor, suffix_mask: torch.Tensor
+    ) -> ArmoRMOutput:
+        """Score rows that share ``prefix_ids`` (``Tensor[1, P]``), running the prefix once.
+
+        ``suffix_ids`` / ``suffix_mask`` (``Tensor[B, S]``) hold each row's rest, right-padded,
+        with at least one attended token per row. The gate may sit in the prefix or a suffix;
+        the result equals :meth:`forward` on the concatenated rows (up to float rounding).
+        """
+        from transformers import DynamicCache
+
+        batch, prefix_len = suffix_ids.shape[0], prefix_ids.shape[1]
+        cache = DynamicCache(config=self.config)
+        prefix_hidden = self.model(input_ids=prefix_ids, cache=cache, use_cache=True)[0]
+        cache.batch_repeat_interleave(batch)
+        attended = suffix_mask.bool()
+        full_mask = torch.cat(
+            [torch.ones_like(suffix_mask[:, :1]).expand(batch, prefix_len), suffix_mask], dim=1
+        )
+        suffix_hidden = self.model(
+            input_ids=suffix_ids.masked_fill(~attended, 0),
+            attention_mask=full_mask,
+            cache=cache,
+            use_cache=True,
+        )[0]
+        hidden = torch.cat([prefix_hidden.expand(batch, -1, -1), suffix_hidden], dim=1)
+        full_ids = torch.cat([prefix_ids.expand(batch, -1), suffix_ids], dim=1)
+        rows = torch.arange(batch, device=hidden.device)
+        reward_at = (prefix_len + last_attended(suffix_mask)).to(hidden.device)
+        gate_at = self.gating_positions(full_ids, full_mask).to(hidden.device)
+        rewards = self.regression_layer(hidden[rows, reward_at])
+        gating_output = self.gating(hidden[rows, gate_at])
+        score = torch.sum(gating_output * (rewards @ self.reward_transform_matrix), dim=1)
+        return ArmoRMOutput(score=score, rewards=rewards, gating_output=gating_output, logits=score)
+
     def gating_positions(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> torch.Tensor:

@@ -240,11 +240,16 @@ class RewardPostEvaluator:
 
     @property
     def _prefix_sharing(self) -> bool:
-        # Only transformers' generic head is known to pool correctly from a suffix: custom heads
-        # (ArmoRM's gating looks for tokens inside the prompt) need the whole sequence.
+        # transformers' generic head pools correctly from a suffix; ArmoRM has its own shared-
+        # prefix forward (its gate may read a position inside the prefix). Other custom heads
+        # need the whole sequence.
         from transformers.modeling_layers import GenericForSequenceClassification
 
-        return isinstance(self.model, GenericForSequenceClassification)
+        from eta_guard.evaluators.armorm import LlamaForRewardModelWithGating
+
+        return isinstance(
+            self.model, (GenericForSequenceClassification, LlamaForRewardModelWithGating)
+        )
 
     def _forward_shared_prefix(self, sequences: list[list[int]], shared: int) -> Any:
         """One forward where the rows' common prefix (instruction + accepted answer) runs once.
@@ -254,8 +259,13 @@ class RewardPostEvaluator:
         """
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=self.model.config)
+        from eta_guard.evaluators.armorm import LlamaForRewardModelWithGating
+
         prefix = torch.tensor([sequences[0][:shared]], dtype=torch.long, device=self.device)
+        if isinstance(self.model, LlamaForRewardModelWithGating):
+            suffix_ids, suffix_mask = self._batch([s[shared:] for s in sequences])
+            return self.model.forward_shared_prefix(prefix, suffix_ids, suffix_mask)
+        cache = DynamicCache(config=self.model.config)
         base = getattr(self.model, self.model.base_model_prefix)
         base(input_ids=prefix, cache=cache, use_cache=True)
         cache.batch_repeat_interleave(len(sequences))
