@@ -339,8 +339,9 @@ class ETAEvaluator:
             return [side if r is not None else None for r in responses]
         finally:
             timings["post"] = time.perf_counter() - start
-        counter = getattr(post, "window_counts", None)
-        windows = counter(texts, instruction) if counter is not None else [None] * len(texts)
+        counter = getattr(post, "window_counts", None)  # tokenization only, no forward
+        with self._lock:
+            windows = counter(texts, instruction) if counter is not None else [None] * len(texts)
         sides = iter(_Side(score=s, windows=w) for s, w in zip(scores, windows, strict=True))
         return [next(sides) if r is not None else None for r in responses]
 

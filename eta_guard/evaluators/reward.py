@@ -188,12 +188,19 @@ class RewardPostEvaluator:
     def score(self, responses: Sequence[str], instruction: str) -> list[float]:
         """Reward of each response under ``instruction``, in one padded forward.
 
+        A response too long for ``max_length`` is scored in overlapping windows (forwards of
+        8 rows) and gets its lowest window reward.
+
         Args:
             responses: Response texts (never the user's question).
             instruction: The safety instruction shown as the user turn.
 
         Returns:
             One float per response; ETA flags a response iff its reward ``<= post_threshold``.
+
+        Raises:
+            InvalidInputError: The instruction alone does not fit ``max_length``, or a response
+                needs more than ``max_windows`` windows.
         """
         items = _as_texts(responses)
         if not isinstance(instruction, str) or not instruction:
