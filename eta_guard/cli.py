@@ -77,7 +77,8 @@ DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="e.g. float32, bfl
 RemoteCodeOpt = Annotated[
     bool,
     typer.Option(
-        "--trust-remote-code", help="Allow checkpoint code (the reference RM, ArmoRM, needs it)."
+        "--trust-remote-code",
+        help="Allow checkpoint code (not needed by the reference models; ArmoRM loads natively).",
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object for machines.")]

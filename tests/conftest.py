@@ -89,3 +89,11 @@ def llava(vlm_paths):
     from eta_guard.decoding.vlm import VLMAdapter
 
     return VLMAdapter.from_pretrained(vlm_paths("llava"), local_files_only=True)
+
+
+@pytest.fixture(scope="session")
+def armorm_replica(tiny_dir: Path) -> Path:
+    """A random ArmoRM-architecture checkpoint (``eta_guard.replicas.armorm``), built once."""
+    from eta_guard.replicas.armorm import build_armorm_replica
+
+    return build_armorm_replica(tiny_dir / "armorm-replica")

@@ -38,6 +38,7 @@ class _Side:
     image_scores: list[float] | None = None
     flag: bool | None = None  # set only by the failure policy
     error: str | None = None
+    windows: int | None = None  # reward-model windows the response was scored in
 
 
 class ETAEvaluator:
@@ -110,8 +111,8 @@ class ETAEvaluator:
         ``clip_kwargs`` feed :meth:`CLIPPreEvaluator.from_pretrained` (``model_kwargs``,
         ``processor_kwargs``, ...); ``reward_model_kwargs`` feed
         :meth:`RewardPostEvaluator.from_pretrained` (``model_kwargs``, ``tokenizer_kwargs``,
-        ``max_length``, ``chat_template``). The reference RM (ArmoRM) needs
-        ``trust_remote_code=True``.
+        ``max_length``, ``chat_template``, ``allow_new_weights``, ``max_windows``). The
+        reference RM (ArmoRM) loads natively: it needs no ``trust_remote_code``.
         """
         if clip is None and reward_model is None:
             raise InvalidInputError(
@@ -338,8 +339,11 @@ class ETAEvaluator:
             return [side if r is not None else None for r in responses]
         finally:
             timings["post"] = time.perf_counter() - start
-        it = iter(scores)
-        return [_Side(score=next(it)) if r is not None else None for r in responses]
+        counter = getattr(post, "window_counts", None)  # tokenization only, no forward
+        with self._lock:
+            windows = counter(texts, instruction) if counter is not None else [None] * len(texts)
+        sides = iter(_Side(score=s, windows=w) for s, w in zip(scores, windows, strict=True))
+        return [next(sides) if r is not None else None for r in responses]
 
     def _call(self, stage: str, fn: Callable[[], list[float]]) -> list[float]:
         """Run a model call under the lock; wrap failures in an ``EvaluatorError`` naming the stage.
@@ -401,6 +405,7 @@ class ETAEvaluator:
             timings={
                 k: v for k, v in timings.items() if (k == "pre" and pre) or (k == "post" and post)
             },
+            post_windows=post.windows if post else None,
         )
 
     def _require_pre(self) -> CLIPPreEvaluator:
