@@ -61,7 +61,9 @@ def test_aligned_prompt_ids_are_the_reference_construction(replica_vlm, family):
     text = vlm.processor.apply_chat_template(
         conv.messages, add_generation_prompt=True, tokenize=False
     )
-    kwargs = {"add_special_tokens": False} if text.startswith(vlm.tokenizer.bos_token or "\0") else {}
+    kwargs = (
+        {"add_special_tokens": False} if text.startswith(vlm.tokenizer.bos_token or "\0") else {}
+    )
     prompt_ids = vlm.processor(text=[text], images=conv.images, return_tensors="pt", **kwargs)
     prefix_ids = vlm.tokenizer(PREFIX, add_special_tokens=False)["input_ids"]
     expected = prompt_ids["input_ids"][0].tolist() + list(prefix_ids)

@@ -37,7 +37,7 @@ def trained_vocab(
     end_of_word_suffix: str | None = None,
     train_pre_tokenizer: Any = None,
     **class_kwargs: Any,
-) -> tuple[dict[str, int], list[tuple[str, str]]]:
+) -> tuple[dict[str, int], list[Any]]:
     """Train a BPE vocabulary through ``tokenizer_class``'s own normaliser and pre-tokeniser.
 
     ``train_pre_tokenizer`` replaces the pre-tokeniser for training only (SentencePiece learns
@@ -64,8 +64,10 @@ def trained_vocab(
         options["end_of_word_suffix"] = end_of_word_suffix
     backend.train_from_iterator(list(REPLICA_CORPUS), trainer=trainers.BpeTrainer(**options))
     model = json.loads(backend.to_str())["model"]
+    # the tokenizer classes take merges as (left, right) pairs (their str form is a file name)
     merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    return dict(model["vocab"]), merges  # type: ignore[arg-type]
+    vocab: dict[str, int] = dict(model["vocab"])
+    return vocab, merges
 
 
 def llama_sentencepiece_tokenizer(*, vocab_size: int = 1000) -> Any:

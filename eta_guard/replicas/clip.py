@@ -18,8 +18,8 @@ import torch
 from eta_guard.replicas._common import CLIP_MEAN, CLIP_STD
 from eta_guard.replicas._tokenizers import trained_vocab
 
-REAL = {"image_size": 336, "patch_size": 14, "text_positions": 77}
-TINY = {
+REAL: dict[str, Any] = {"image_size": 336, "patch_size": 14, "text_positions": 77}
+TINY: dict[str, Any] = {
     "vision": {"hidden": 32, "intermediate": 64, "layers": 2, "heads": 2},
     "text": {"hidden": 32, "intermediate": 64, "layers": 2, "heads": 2},
     "projection": 32,

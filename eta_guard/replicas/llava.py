@@ -45,8 +45,8 @@ LLAVA_15_CHAT_TEMPLATE = (
 )
 
 #: The real checkpoint's shape, and the replica's (widths and depths scaled down).
-REAL = {"image_size": 336, "patch_size": 14, "image_seq_length": 576, "max_positions": 4096}
-TINY = {
+REAL: dict[str, Any] = {"image_size": 336, "patch_size": 14, "image_seq_length": 576, "max_positions": 4096}
+TINY: dict[str, Any] = {
     "vision": {"hidden": 32, "intermediate": 64, "layers": 2, "heads": 2, "projection": 32},
     "text": {"hidden": 64, "intermediate": 128, "layers": 2, "heads": 4, "kv_heads": 4},
 }
@@ -97,7 +97,6 @@ def build_llava_replica(path: str | Path, *, seed: int = 0) -> None:
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
         tie_word_embeddings=False,
-        pad_token_id=ids["pad_token_id"],
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
@@ -133,7 +132,7 @@ def _tokenizer() -> Any:
     return tokenizer
 
 
-def _special_ids(tokenizer: Any) -> dict[str, int]:
+def _special_ids(tokenizer: Any) -> dict[str, Any]:
     return {
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,

@@ -55,9 +55,9 @@ SPECIAL_TOKENS = (
     "<|image_pad|>",
     "<|video_pad|>",
 )
-REAL = {"min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "merge_size": 2}
-TINY = {"hidden": 64, "intermediate": 128, "layers": 2, "heads": 4, "kv_heads": 2}
-TINY_VISION = {"depth": 2, "embed_dim": 32, "heads": 2}
+REAL: dict[str, Any] = {"min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "merge_size": 2}
+TINY: dict[str, Any] = {"hidden": 64, "intermediate": 128, "layers": 2, "heads": 4, "kv_heads": 2}
+TINY_VISION: dict[str, Any] = {"depth": 2, "embed_dim": 32, "heads": 2}
 
 
 def build_qwen2_vl_replica(path: str | Path, *, seed: int = 0) -> None:
@@ -141,9 +141,7 @@ def build_qwen2_vl_replica(path: str | Path, *, seed: int = 0) -> None:
 def _tokenizer() -> Any:
     from transformers import Qwen2Tokenizer
 
-    vocab, merges = trained_vocab(
-        Qwen2Tokenizer, vocab_size=1000, special_tokens=["<|endoftext|>"]
-    )
+    vocab, merges = trained_vocab(Qwen2Tokenizer, vocab_size=1000, special_tokens=["<|endoftext|>"])
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges)
     tokenizer.add_special_tokens(
         {

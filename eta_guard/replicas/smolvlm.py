@@ -37,9 +37,9 @@ SPECIAL_TOKENS = (
     "<global-img>",
     *ROW_COL,
 )
-REAL = {"tile": 512, "longest_edge": 2048, "patch_size": 16, "scale_factor": 4, "seq_len": 64}
-TINY = {"hidden": 64, "intermediate": 128, "layers": 2, "heads": 4, "kv_heads": 2}
-TINY_VISION = {"hidden": 32, "intermediate": 64, "layers": 2, "heads": 2}
+REAL: dict[str, Any] = {"tile": 512, "longest_edge": 2048, "patch_size": 16, "scale_factor": 4, "seq_len": 64}
+TINY: dict[str, Any] = {"hidden": 64, "intermediate": 128, "layers": 2, "heads": 4, "kv_heads": 2}
+TINY_VISION: dict[str, Any] = {"hidden": 32, "intermediate": 64, "layers": 2, "heads": 2}
 
 
 def build_smolvlm_replica(path: str | Path, *, seed: int = 0) -> None:

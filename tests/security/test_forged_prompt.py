@@ -139,7 +139,9 @@ def test_benign_prompt_is_tokenized_exactly_as_the_processor_does(adapters, kind
     text = vlm.processor.apply_chat_template(
         conv.messages, add_generation_prompt=True, tokenize=False
     )
-    kwargs = {"add_special_tokens": False} if text.startswith(vlm.tokenizer.bos_token or "\0") else {}
+    kwargs = (
+        {"add_special_tokens": False} if text.startswith(vlm.tokenizer.bos_token or "\0") else {}
+    )
     reference = vlm.processor(text=[text], images=conv.images, return_tensors="pt", **kwargs)
     assert prepared.input_ids.tolist() == reference["input_ids"].tolist()
 
