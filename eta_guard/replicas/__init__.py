@@ -46,7 +46,7 @@ REPLICA_OF: dict[str, str] = {
 }
 
 # Part of every folder name: a recipe change builds new folders instead of reusing stale ones.
-_RECIPE = 1
+_RECIPE = 2
 
 
 @dataclass(frozen=True)

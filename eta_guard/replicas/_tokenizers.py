@@ -91,4 +91,6 @@ def llama_sentencepiece_tokenizer(*, vocab_size: int = 1000) -> Any:
     for token, _ in sorted(trained.items(), key=lambda kv: kv[1]):
         if token not in vocab:
             vocab[token] = len(vocab)
-    return LlamaTokenizer(vocab=vocab, merges=merges, legacy=False, add_prefix_space=True)
+    return LlamaTokenizer(
+        vocab=vocab, merges=merges, legacy=False, add_prefix_space=True, add_bos_token=True
+    )
