@@ -45,7 +45,12 @@ LLAVA_15_CHAT_TEMPLATE = (
 )
 
 #: The real checkpoint's shape, and the replica's (widths and depths scaled down).
-REAL: dict[str, Any] = {"image_size": 336, "patch_size": 14, "image_seq_length": 576, "max_positions": 4096}
+REAL: dict[str, Any] = {
+    "image_size": 336,
+    "patch_size": 14,
+    "image_seq_length": 576,
+    "max_positions": 4096,
+}
 TINY: dict[str, Any] = {
     "vision": {"hidden": 32, "intermediate": 64, "layers": 2, "heads": 2, "projection": 32},
     "text": {"hidden": 64, "intermediate": 128, "layers": 2, "heads": 4, "kv_heads": 4},

@@ -37,7 +37,13 @@ SPECIAL_TOKENS = (
     "<global-img>",
     *ROW_COL,
 )
-REAL: dict[str, Any] = {"tile": 512, "longest_edge": 2048, "patch_size": 16, "scale_factor": 4, "seq_len": 64}
+REAL: dict[str, Any] = {
+    "tile": 512,
+    "longest_edge": 2048,
+    "patch_size": 16,
+    "scale_factor": 4,
+    "seq_len": 64,
+}
 TINY: dict[str, Any] = {"hidden": 64, "intermediate": 128, "layers": 2, "heads": 4, "kv_heads": 2}
 TINY_VISION: dict[str, Any] = {"hidden": 32, "intermediate": 64, "layers": 2, "heads": 2}
 
