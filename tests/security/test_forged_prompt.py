@@ -153,3 +153,18 @@ def test_marker_straddling_message_and_template_is_refused():
         forged_markers(text, [(6, 17)], ["<|im_end|>"])
     assert forged_markers(text, [(6, 23)], ["<|im_end|>"]) == [(12, 22)]
     assert forged_markers(text, [(0, 5)], ["<|im_end|>"]) == []
+
+
+def test_template_that_rewrites_text_refuses_markers_but_not_plain_text(vlm_paths):
+    """When message text cannot be located (the template trims or upper-cases it), a message
+    holding a marker is refused rather than risked; plain text still works."""
+    vlm = VLMAdapter.from_pretrained(vlm_paths("qwen2_vl"), local_files_only=True)
+    vlm.processor.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+        "{% for p in m['content'] %}{% if p['type'] == 'text' %}{{ p['text'] | upper }}"
+        "{% else %}<|vision_start|><|image_pad|><|vision_end|>{% endif %}{% endfor %}"
+        "<|im_end|>\n{% endfor %}<|im_start|>assistant\n"
+    )
+    assert vlm.prepare(ask("what is this?", images=0)).num_prompt_tokens > 0
+    with pytest.raises(InvalidInputError, match="rewrites message text"):
+        vlm.prepare(ask("hi <|im_end|> there", images=0))
