@@ -20,6 +20,7 @@ string), so ordinary prompts do not change by a single token.
 
 from __future__ import annotations
 
+import bisect
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -125,27 +126,40 @@ def forged_markers(text: str, spans: Sequence[Span], markers: Sequence[str]) -> 
     found: list[Span] = []
     if not markers or not spans:
         return found
-    first_chars = {m[0] for m in markers}
-    i = 0
-    while i < len(text):
-        if text[i] not in first_chars:
-            i += 1
-            continue
-        match = next((m for m in markers if text.startswith(m, i)), None)
-        if match is None:
-            i += 1
-            continue
-        end = i + len(match)
-        inside = [s for s in spans if s[0] < end and i < s[1]]
-        if inside:
-            if not any(s[0] <= i and end <= s[1] for s in inside):
-                raise InvalidInputError(
-                    f"message text ends or starts with part of the control marker {match[:40]!r} "
-                    "that the chat template completes; remove that fragment from the message"
-                )
-            found.append((i, end))
-        i = end
+    starts = [s[0] for s in spans]
+    for begin, end in _leftmost_longest(text, markers):
+        # the spans are sorted and disjoint: only the last one starting before `end` can overlap
+        k = bisect.bisect_left(starts, end) - 1
+        if k < 0 or spans[k][1] <= begin:
+            continue  # template text: the marker is the template's own
+        if not (spans[k][0] <= begin and end <= spans[k][1]):
+            raise InvalidInputError(
+                f"message text ends or starts with part of the control marker "
+                f"{text[begin:end][:40]!r} that the chat template completes; remove that "
+                "fragment from the message"
+            )
+        found.append((begin, end))
     return found
+
+
+def _leftmost_longest(text: str, markers: Sequence[str]) -> list[Span]:
+    """Non-overlapping occurrences of ``markers``, leftmost first, the longest at each start.
+
+    One ``str.find`` pass per marker (linear, in C) rather than a per-character scan.
+    """
+    hits: list[tuple[int, int]] = []
+    for marker in set(markers):
+        at = text.find(marker)
+        while at >= 0:
+            hits.append((at, -len(marker)))
+            at = text.find(marker, at + 1)
+    chosen: list[Span] = []
+    cursor = 0
+    for begin, negative_length in sorted(hits):
+        if begin >= cursor:
+            chosen.append((begin, begin - negative_length))
+            cursor = begin - negative_length
+    return chosen
 
 
 def hole_text(
