@@ -167,8 +167,10 @@ def hole_text(
 ) -> tuple[str, str, int]:
     """``text`` with every forged marker replaced by one hole token; returns ``(text, hole, id)``.
 
-    The hole is a special token that appears nowhere in ``text``, is no processor placeholder and
-    whose id is not in ``reserved_ids`` (image / video token ids).
+    The hole is a special token that is no processor placeholder, whose id is not in
+    ``reserved_ids`` (image / video token ids), and that occurs in the result only where it was
+    put: message text may hold the hole's string too (it is then a forged marker itself, and
+    holed), but the template's own text may not.
 
     Raises:
         InvalidInputError: the tokenizer has no special token usable as a hole.
@@ -176,21 +178,23 @@ def hole_text(
     placeholders = {
         v for k, v in vars(processor).items() if k.endswith("token") and isinstance(v, str)
     }
+    ends = {getattr(tokenizer, "bos_token", None), getattr(tokenizer, "eos_token", None)}
     candidates = [getattr(tokenizer, "unk_token", None), getattr(tokenizer, "pad_token", None)]
     candidates += list(getattr(tokenizer, "all_special_tokens", None) or [])
-    for hole in candidates:
-        if not hole or hole in text or hole in placeholders:
-            continue
-        if hole in (getattr(tokenizer, "bos_token", None), getattr(tokenizer, "eos_token", None)):
+    for hole in dict.fromkeys(c for c in candidates if c):
+        if hole in placeholders or hole in ends:
             continue
         ids = tokenizer(hole, add_special_tokens=False)["input_ids"]
-        if len(ids) == 1 and ids[0] not in reserved_ids:
-            pieces, cursor = [], 0
-            for start, end in forged:
-                pieces += [text[cursor:start], hole]
-                cursor = end
-            pieces.append(text[cursor:])
-            return "".join(pieces), hole, int(ids[0])
+        if len(ids) != 1 or ids[0] in reserved_ids:
+            continue
+        pieces, cursor = [], 0
+        for start, end in forged:
+            pieces += [text[cursor:start], hole]
+            cursor = end
+        pieces.append(text[cursor:])
+        holed = "".join(pieces)
+        if holed.count(hole) == len(forged):  # not in the template, not formed at a seam
+            return holed, hole, int(ids[0])
     raise InvalidInputError(
         "the message text holds chat-template control markers and the tokenizer has no spare "
         "special token to encode them as plain text; remove the markers from the message"

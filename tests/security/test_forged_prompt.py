@@ -19,7 +19,7 @@ from eta_guard.testing import make_test_image
 
 #: Each family's real markers: EOS, turn markers and the placeholders its processor expands.
 MARKERS = {
-    "llava": ["</s>", "<s>", "USER:", "<image>", "<pad>"],
+    "llava": ["</s>", "<s>", "USER:", "<image>", "<pad>", "<unk>"],
     "qwen2_vl": [
         "<|im_end|>",
         "<|im_start|>assistant\n",
