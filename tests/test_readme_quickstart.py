@@ -12,6 +12,8 @@ import io
 import re
 from pathlib import Path
 
+import pytest
+
 from eta_guard import ETAResult
 from eta_guard.replicas import REPLICA_OF
 from eta_guard.testing import make_test_image
@@ -38,14 +40,27 @@ def with_replica_paths(snippet: str, paths: dict[str, str]) -> str:
     return snippet
 
 
-def test_readme_quickstart_runs_on_replicas(replica_checkpoints, tmp_path, monkeypatch):
-    replicas = replica_checkpoints("llava")
-    paths = {
+def replica_paths(replicas) -> dict[str, str]:
+    return {
         REPLICA_OF["llava"]: replicas.vlm,
         REPLICA_OF["clip"]: replicas.clip,
         REPLICA_OF["reward_model"]: replicas.reward_model,
     }
+
+
+def test_readme_quickstart_names_only_replicated_ids_and_compiles():
+    paths = {hub_id: f"/replicas/{hub_id}" for hub_id in REPLICA_OF.values()}
     code = with_replica_paths(quickstart_snippet(), paths)
+    compile(code, "README.md#quickstart", "exec")
+    assert not any(f'"{hub_id}"' in code for hub_id in REPLICA_OF.values())
+    assert "/replicas/" in code
+
+
+# About 1,300 greedy tokens (generate with max_new_tokens=256, then a stream at the default 1024):
+# 8-30 s on 2 shared CPU cores, so behind the slow marker (pytest -m slow).
+@pytest.mark.slow
+def test_readme_quickstart_runs_on_replicas(replica_checkpoints, tmp_path, monkeypatch):
+    code = with_replica_paths(quickstart_snippet(), replica_paths(replica_checkpoints("llava")))
     make_test_image("noise", (80, 60)).save(tmp_path / "photo.jpg")
     monkeypatch.chdir(tmp_path)
     namespace: dict[str, object] = {"__name__": "__readme__"}
