@@ -35,6 +35,8 @@ DEFAULT_CLIP = "openai/clip-vit-large-patch14-336"
 DEFAULT_REWARD_MODEL = "RLHFlow/ArmoRM-Llama3-8B-v0.1"
 
 TextOnlyPolicy = Literal["trust", "reward_only"]
+#: Same values as ``eta_guard.decoding.stopping.SentenceEndRule`` (kept here: no torch import).
+SentenceEndRule = Literal["exact", "contains"]
 EvaluatorErrorPolicy = Literal["raise", "fail_closed", "fail_open"]
 
 
@@ -90,9 +92,16 @@ class ETAConfig(BaseModel):
     max_sentence_tokens: int = Field(70, ge=1)
     max_new_tokens: int = Field(1024, ge=1)
     sentence_terminators: tuple[str, ...] = Field(
-        (".", "!", "?"),
+        (".",),
         min_length=1,
-        description="Characters that end a sentence, matched on decoded text (tokenizer-agnostic).",
+        description="Texts that end a sentence, matched on each token's decoded text "
+        "(tokenizer-agnostic); the reference ends sentences on '.' only.",
+    )
+    sentence_end_rule: SentenceEndRule = Field(
+        "exact",
+        description="'exact' (reference): a token ends a sentence when its text is exactly a "
+        "terminator ('▁.', '...' do not). 'contains': when its text contains one (more, shorter "
+        "sentences, so more steps and a faster-decaying CLIP weight alpha/i).",
     )
     seed: int | None = Field(None, ge=0, description="Makes sampling reproducible.")
 
