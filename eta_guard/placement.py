@@ -98,9 +98,16 @@ def _on_cpu(device: Any, kwargs: Mapping[str, Any]) -> bool:
     """Whether a model with this device (and no ``device_map``) lands on the CPU."""
     if (kwargs.get("model_kwargs") or {}).get("device_map") is not None:
         return False
-    from eta_guard._device import resolve_device
+    import torch
 
-    return resolve_device(device).type == "cpu"
+    if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):
+        return not torch.cuda.is_available()
+    try:  # no availability check: an estimate for a GPU machine may run on a laptop
+        return torch.device(device).type == "cpu"
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise InvalidInputError(
+            f"device={device!r} is not a valid torch device; use 'auto', 'cpu', 'cuda' or 'cuda:N'"
+        ) from e
 
 
 def _validate(role: str, placement: Placement) -> None:
