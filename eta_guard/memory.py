@@ -109,6 +109,14 @@ def gib(n_bytes: int) -> float:
     return n_bytes / 2**30
 
 
+def format_bytes(n_bytes: int) -> str:
+    """``"13.16 GiB"``, ``"1.50 MiB"``, ``"12.0 KiB"``: binary units, two decimals."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n_bytes >= size:
+            return f"{n_bytes / size:.2f} {unit}"
+    return f"{n_bytes} B"
+
+
 def estimate_memory(
     vlm: str | None = None,
     clip: str | None = None,

@@ -136,4 +136,3 @@ def test_bad_inputs_raise_typed_errors(tmp_path, tiny_checkpoints):
         estimate_model(tiny_checkpoints.clip, "clip", dtype="int8")
     with pytest.raises(InvalidInputError, match="kv_tokens"):
         estimate_memory(tiny_checkpoints.vlm, kv_tokens=0)
-

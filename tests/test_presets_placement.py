@@ -38,7 +38,10 @@ ALWAYS_ALIGN = {"pre_threshold": -1.0, "post_threshold": 1e9}
 
 def _messages(image: Image.Image, system: str | None = None) -> list[dict]:
     messages = [
-        {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Q?"}]}
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": image}, {"type": "text", "text": "Q?"}],
+        }
     ]
     if system:
         messages.insert(0, {"role": "system", "content": system})
@@ -102,9 +105,7 @@ def test_placement_reaches_each_loader(tiny_checkpoints):
 
     with (
         mock.patch("eta_guard.pipeline.VLMAdapter.from_pretrained", recorder("vlm")),
-        mock.patch(
-            "eta_guard.evaluators.clip.CLIPPreEvaluator.from_pretrained", recorder("clip")
-        ),
+        mock.patch("eta_guard.evaluators.clip.CLIPPreEvaluator.from_pretrained", recorder("clip")),
         mock.patch(
             "eta_guard.evaluators.reward.RewardPostEvaluator.from_pretrained",
             recorder("reward_model"),
@@ -118,7 +119,10 @@ def test_placement_reaches_each_loader(tiny_checkpoints):
             dtype="float32",
             vlm_kwargs={"model_kwargs": {"device_map": {"": "cpu"}}},
             clip_kwargs={"device": "cpu", "dtype": "bfloat16"},
-            reward_model_kwargs={"dtype": "float16", "model_kwargs": {"quantization_config": quant}},
+            reward_model_kwargs={
+                "dtype": "float16",
+                "model_kwargs": {"quantization_config": quant},
+            },
         )
     assert seen["vlm"]["device"] == "cpu" and seen["vlm"]["dtype"] == "float32"
     assert seen["vlm"]["model_kwargs"] == {"device_map": {"": "cpu"}}
