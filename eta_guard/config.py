@@ -108,7 +108,8 @@ class ETAConfig(BaseModel):
         False,
         description="Pad each image to a square with the VLM image processor's mean colour before "
         "the processor (LLaVA-1.5's image_aspect_ratio='pad'), so cropping cannot cut off text at "
-        "the edges of tall or wide images. VLM only: CLIP scores the image as given.",
+        "the edges of tall or wide images. VLM only: CLIP scores the image as given. A padded "
+        "square over max_image_pixels is refused.",
     )
 
     # --- input handling ---

@@ -71,6 +71,15 @@ def for_vlm(conversation: Conversation, config: ETAConfig, processor: Any) -> Co
         changed = True
     if config.pad_images_to_square and images:
         color = pad_color(processor)
+        for i, image in enumerate(images):
+            # A thin strip passes the pixel limit but its square may not (1 x 40M -> 1.6e15 px).
+            side = max(image.size)
+            if side * side > config.max_image_pixels:
+                raise InvalidInputError(
+                    f"image {i} is {image.size[0]}x{image.size[1]}; padded to a square it would "
+                    f"have {side * side} pixels, over max_image_pixels={config.max_image_pixels}; "
+                    "send a less elongated image, or set pad_images_to_square=False"
+                )
         images = [expand_to_square(image, color) for image in images]
         changed = True
     if not changed:

@@ -260,6 +260,17 @@ def test_system_prompt_is_a_default_and_the_input_is_untouched():
     assert for_vlm(plain, ETAConfig(), processor) is plain
 
 
+def test_padding_cannot_blow_up_a_thin_image():
+    """A 1 x 10000 strip passes a 20000-pixel limit; its 10000 x 10000 square must not."""
+    conv = Conversation(
+        messages=[{"role": "user", "content": []}], images=[Image.new("RGB", (1, 10_000))]
+    )
+    cfg = ETAConfig(pad_images_to_square=True, max_image_pixels=20_000)
+    processor = mock.Mock(image_processor=mock.Mock(image_mean=[0.5, 0.5, 0.5]))
+    with pytest.raises(InvalidInputError, match="max_image_pixels=20000"):
+        for_vlm(conv, cfg, processor)
+
+
 def test_llava_hf_template_gives_the_reference_llava_v1_prompt(paper_eta):
     """With llava-hf's template the VLM prompt is the reference conv_llava_v1 prompt, exactly."""
     processor = paper_eta.vlm.processor
