@@ -130,13 +130,17 @@ def load_pretrained(
     """``model_class.from_pretrained`` + ``processor_class.from_pretrained``, placed on ``device``.
 
     Load failures become an :class:`InvalidInputError` naming ``what`` (see :func:`load_error`).
-    A ``device_map`` in ``model_kwargs`` means accelerate places the weights: no ``.to``.
+    A ``device_map`` in ``model_kwargs`` means accelerate places the weights: no ``.to``. A
+    ``quantization_config`` without one gets ``device_map={"": device}``: quantized weights are
+    placed while they load and cannot be moved with ``.to`` afterwards.
     """
     target = resolve_device(device)
     resolved = resolve_dtype(dtype)
     model_kw = dict(model_kwargs or {})
     if resolved is not None:
         model_kw.setdefault("dtype", resolved)
+    if model_kw.get("quantization_config") is not None:
+        model_kw.setdefault("device_map", {"": str(target)})
     common = {"local_files_only": local_files_only, "trust_remote_code": trust_remote_code}
     try:
         model = model_class.from_pretrained(name_or_path, **common, **model_kw)

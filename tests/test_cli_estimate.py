@@ -105,3 +105,10 @@ def test_generate_with_preset_and_split_dtypes(runner, tiny_args, tmp_path) -> N
     assert "float32" in rm_row  # the per-model override, not the preset's bfloat16
     data = json.loads(result.stdout)
     assert data["verdict"]["pre_score"] is not None
+
+
+def test_evaluate_with_preset_and_split_dtypes(runner, tiny_args) -> None:
+    args = ["evaluate", "--response", "No.", *tiny_args, "--preset", "paper", "--device", "cpu"]
+    result = runner.invoke(app, [*args, "--reward-model-dtype", "float32", "--json"])
+    _ok(result)
+    assert json.loads(result.stdout)["post_score"] is not None

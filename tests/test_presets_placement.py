@@ -131,6 +131,27 @@ def test_placement_reaches_each_loader(tiny_checkpoints):
     assert seen["reward_model"]["model_kwargs"]["quantization_config"] is quant
 
 
+def test_quantized_model_is_placed_while_loading_not_moved():
+    """bitsandbytes weights cannot be ``.to()``-moved: a quantization_config gets a device_map."""
+    from eta_guard._device import load_pretrained
+
+    model = mock.MagicMock()
+    model_class = mock.Mock(from_pretrained=mock.Mock(return_value=model))
+    processor_class = mock.Mock()
+    quant = {"load_in_4bit": True}
+    load_pretrained(
+        "reward model",
+        "x",
+        model_class,
+        processor_class,
+        device="cpu",
+        model_kwargs={"quantization_config": quant},
+    )
+    kwargs = model_class.from_pretrained.call_args.kwargs
+    assert kwargs["quantization_config"] is quant and kwargs["device_map"] == {"": "cpu"}
+    model.to.assert_not_called()
+
+
 def test_mixed_dtypes_run_end_to_end_on_cpu(tiny_checkpoints, test_image):
     """VLM fp32, CLIP bf16, RM bf16: the aligned path (CLIP and RM inside best-of-N) runs."""
     ck = tiny_checkpoints
