@@ -217,6 +217,14 @@ def estimate_model(
     """Estimate one model (see :func:`estimate_memory`); ``kv_tokens=0`` leaves out the cache."""
     if role not in _ROLES:
         raise InvalidInputError(f"role={role!r} is not one of {_ROLES}")
+    if role == "clip":
+        from eta_guard.evaluators.clip import _is_open_clip_name
+
+        if isinstance(name_or_path, str) and _is_open_clip_name(name_or_path):
+            raise InvalidInputError(
+                f"CLIP {name_or_path!r} is an open_clip model; the memory estimate reads "
+                "transformers configs only (open_clip ViT-L/14 is ~428M parameters, 1.6 GiB fp32)"
+            )
     config = _read_config(name_or_path, role, local_files_only, trust_remote_code)
     counts = count_parameters(config, role)
     bits = _quant_bits(quantization_config if quantization_config is not None else config)

@@ -134,5 +134,7 @@ def test_bad_inputs_raise_typed_errors(tmp_path, tiny_checkpoints):
         )
     with pytest.raises(InvalidInputError, match="dtype"):
         estimate_model(tiny_checkpoints.clip, "clip", dtype="int8")
+    with pytest.raises(InvalidInputError, match="open_clip"):
+        estimate_model("open_clip:ViT-B-32/laion2b_s34b_b79k", "clip")
     with pytest.raises(InvalidInputError, match="kv_tokens"):
         estimate_memory(tiny_checkpoints.vlm, kv_tokens=0)
