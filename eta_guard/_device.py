@@ -175,7 +175,9 @@ def load_pretrained(
     """``model_class.from_pretrained`` + ``processor_class.from_pretrained``, placed on ``device``.
 
     Load failures become an :class:`InvalidInputError` naming ``what`` (see :func:`load_error`).
-    A ``device_map`` in ``model_kwargs`` means accelerate places the weights: no ``.to``.
+    A ``device_map`` in ``model_kwargs`` means accelerate places the weights: no ``.to``. A
+    ``quantization_config`` without one gets ``device_map={"": device}``: quantized weights are
+    placed while they load and cannot be moved with ``.to`` afterwards.
 
     A checkpoint that lacks weights the model class needs (transformers would initialise them
     at random, e.g. a classification head under another architecture's layout) is refused,
@@ -193,6 +195,8 @@ def load_pretrained(
     if resolved is not None:
         model_kw.setdefault("dtype", resolved)
     model_kw.pop("output_loading_info", None)  # always asked for: the check below needs it
+    if model_kw.get("quantization_config") is not None:
+        model_kw.setdefault("device_map", {"": str(target)})
     common = {"local_files_only": local_files_only, "trust_remote_code": trust_remote_code}
     try:
         model, info = model_class.from_pretrained(

@@ -105,6 +105,22 @@ class ETAConfig(BaseModel):
     )
     seed: int | None = Field(None, ge=0, description="Makes sampling reproducible.")
 
+    # --- prompting ---
+    system_prompt: str | None = Field(
+        None,
+        min_length=1,
+        description="System text the VLM sees when the conversation has no system message of its "
+        "own (a user-given one is kept alone). The paper's LLaVA-1.5 used the llava_v1 text "
+        "(eta_guard.presets.LLAVA_V1_SYSTEM_PROMPT). Never shown to CLIP or the reward model.",
+    )
+    pad_images_to_square: bool = Field(
+        False,
+        description="Pad each image to a square with the VLM image processor's mean colour before "
+        "the processor (LLaVA-1.5's image_aspect_ratio='pad'), so cropping cannot cut off text at "
+        "the edges of tall or wide images. VLM only: CLIP scores the image as given. A padded "
+        "square over max_image_pixels is refused.",
+    )
+
     # --- input handling ---
     allow_remote_images: bool = Field(
         False, description="Fetch http(s) image URLs (off: no network)."

@@ -26,6 +26,7 @@ from eta_guard.decoding.vlm import FinishReason, GreedyOutput, PreparedPrompt, V
 from eta_guard.errors import ETAError, InvalidInputError
 from eta_guard.evaluators.eta_evaluator import ETAEvaluator
 from eta_guard.messages import Conversation, normalize_messages
+from eta_guard.prompting import for_vlm
 from eta_guard.verdict import ETAResult, ETAStreamChunk, SafetyVerdict, TokenUsage
 
 Messages = Sequence[dict[str, Any]]
@@ -74,21 +75,37 @@ class ETA:
         vlm_kwargs: dict[str, Any] | None = None,
         clip_kwargs: dict[str, Any] | None = None,
         reward_model_kwargs: dict[str, Any] | None = None,
+        preset: Any = None,
     ) -> ETA:
         """Load the VLM, CLIP and reward model (ids resolve through the local HF cache).
 
         ``vlm_kwargs`` feed ``VLMAdapter.from_pretrained`` (``model_kwargs``, ``processor_kwargs``);
-        ``clip_kwargs`` / ``reward_model_kwargs`` feed the evaluators' loaders.
+        ``clip_kwargs`` / ``reward_model_kwargs`` feed the evaluators' loaders. In each,
+        ``"device"`` / ``"dtype"`` place that model apart from the shared ``device`` / ``dtype``
+        (``vlm_kwargs`` also takes ``"autocast_dtype"``), and ``model_kwargs`` may carry
+        ``quantization_config`` / ``device_map`` (:mod:`eta_guard.placement`). ``preset="paper"``
+        reproduces the paper's setup (:mod:`eta_guard.presets`); explicit arguments win over it.
         """
+        from eta_guard.placement import enable_autocast, resolve_placements
+
+        if preset is not None:
+            from eta_guard.presets import get_preset
+
+            config = get_preset(preset).apply_to_config(config)
         config = config or ETAConfig()
+        place = resolve_placements(
+            device=device, dtype=dtype, vlm_kwargs=vlm_kwargs, preset=preset
+        )["vlm"]
         adapter = VLMAdapter.from_pretrained(
             vlm,
-            device=device,
-            dtype=dtype,
+            device=place.device,
+            dtype=place.dtype,
             local_files_only=local_files_only,
             trust_remote_code=trust_remote_code,
-            **(vlm_kwargs or {}),
+            **place.kwargs,
         )
+        if place.autocast_dtype is not None:
+            enable_autocast(adapter.model, place.autocast_dtype)
         evaluator = ETAEvaluator.from_pretrained(
             clip=clip,
             reward_model=reward_model,
@@ -101,6 +118,7 @@ class ETA:
             local_files_only=local_files_only,
             clip_kwargs=clip_kwargs,
             reward_model_kwargs=reward_model_kwargs,
+            preset=preset,
         )
         return cls(adapter, evaluator, config)
 
@@ -201,13 +219,15 @@ class _Request:
     ) -> None:
         self.eta, self.conv, self.cfg, self.stop, self.streaming = eta, conv, cfg, stop, streaming
         self.evaluator = eta.evaluator.with_config(cfg)
+        # What the VLM sees (system text, padded images); CLIP scores self.conv's images as given.
+        self.vlm_conv = for_vlm(conv, cfg, eta.vlm.processor)
         self.timings: dict[str, float] = {}
         self.start = time.perf_counter()
 
     def run(self) -> Iterator[str | ETAResult]:
         # Rendering the prompt runs no model: a prompt too long for the context is refused
         # before CLIP spends any time on the images.
-        prepared = self.eta.vlm.prepare(self.conv)
+        prepared = self.eta.vlm.prepare(self.vlm_conv)
         pre = self._pre_evaluate()
         may_align = (
             pre.input_unsafe if self.conv.has_images else self.cfg.text_only_policy == "reward_only"
@@ -259,7 +279,7 @@ class _Request:
     def _align(self, verdict: SafetyVerdict, greedy: GreedyOutput) -> Iterator[str | ETAResult]:
         cfg = self.cfg
         t0 = time.perf_counter()
-        prepared = self.eta.vlm.prepare(self.conv, assistant_prefix=cfg.prefix)
+        prepared = self.eta.vlm.prepare(self.vlm_conv, assistant_prefix=cfg.prefix)
         stop_filter = _StopFilter(self.stop)
         yield stop_filter.feed(cfg.prefix)
         if cfg.deep_alignment:

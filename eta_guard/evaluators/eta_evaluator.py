@@ -105,44 +105,64 @@ class ETAEvaluator:
         local_files_only: bool = False,
         clip_kwargs: dict[str, Any] | None = None,
         reward_model_kwargs: dict[str, Any] | None = None,
+        preset: Any = None,
     ) -> ETAEvaluator:
         """Load CLIP and the reward model; ``clip=None`` / ``reward_model=None`` skip one side.
 
         ``clip_kwargs`` feed :meth:`CLIPPreEvaluator.from_pretrained` (``model_kwargs``,
         ``processor_kwargs``, ...); ``reward_model_kwargs`` feed
         :meth:`RewardPostEvaluator.from_pretrained` (``model_kwargs``, ``tokenizer_kwargs``,
-        ``max_length``, ``chat_template``, ``allow_new_weights``, ``max_windows``). The
-        reference RM (ArmoRM) loads natively: it needs no ``trust_remote_code``.
+        ``max_length``, ``chat_template``, ``allow_new_weights``, ``max_windows``). In either,
+        ``"device"`` / ``"dtype"`` place that model apart from the shared ``device`` / ``dtype``, and ``model_kwargs`` may carry
+        ``quantization_config`` / ``device_map`` (see :mod:`eta_guard.placement`). ``preset``
+        (e.g. ``"paper"``) sets the per-model dtypes and its config fields
+        (:mod:`eta_guard.presets`). The reference RM (ArmoRM) loads natively: it needs no
+        ``trust_remote_code``.
         """
+        from eta_guard.placement import resolve_placements
+
         if clip is None and reward_model is None:
             raise InvalidInputError(
                 "clip=None and reward_model=None: nothing to evaluate with; load at least one"
             )
+        if preset is not None:
+            from eta_guard.presets import get_preset
+
+            config = get_preset(preset).apply_to_config(config)
         config = config or ETAConfig()
+        places = resolve_placements(
+            device=device,
+            dtype=dtype,
+            clip_kwargs=clip_kwargs,
+            reward_model_kwargs=reward_model_kwargs,
+            preset=preset,
+        )
         pre = post = None
         if clip is not None:
             from eta_guard.evaluators.clip import CLIPPreEvaluator
 
+            place = places["clip"]
             kwargs = {
                 "backend": clip_backend,
                 "pretrained": clip_pretrained,
-                "device": device,
-                "dtype": dtype,
+                "device": place.device,
+                "dtype": place.dtype,
                 "local_files_only": local_files_only,
                 "trust_remote_code": trust_remote_code,
                 "prompt": config.safety_prompt,
-                **(clip_kwargs or {}),
+                **place.kwargs,
             }
             pre = CLIPPreEvaluator.from_pretrained(clip, **kwargs)
         if reward_model is not None:
             from eta_guard.evaluators.reward import RewardPostEvaluator
 
+            place = places["reward_model"]
             kwargs = {
-                "device": device,
-                "dtype": dtype,
+                "device": place.device,
+                "dtype": place.dtype,
                 "trust_remote_code": trust_remote_code,
                 "local_files_only": local_files_only,
-                **(reward_model_kwargs or {}),
+                **place.kwargs,
             }
             post = RewardPostEvaluator.from_pretrained(reward_model, **kwargs)
         return cls(pre, post, config)
