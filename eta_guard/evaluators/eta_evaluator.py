@@ -113,8 +113,9 @@ class ETAEvaluator:
         ``processor_kwargs``, ...); ``reward_model_kwargs`` feed
         :meth:`RewardPostEvaluator.from_pretrained` (``model_kwargs``, ``tokenizer_kwargs``,
         ``max_length``, ``chat_template``, ``allow_new_weights``, ``max_windows``). In either,
-        ``"device"`` / ``"dtype"`` place that model apart from the shared ``device`` / ``dtype``, and ``model_kwargs`` may carry
-        ``quantization_config`` / ``device_map`` (see :mod:`eta_guard.placement`). ``preset``
+        ``"device"`` / ``"dtype"`` place that model apart from the shared ``device`` / ``dtype``,
+        and ``model_kwargs`` may carry ``quantization_config`` / ``device_map`` (see
+        :mod:`eta_guard.placement`). ``preset``
         (e.g. ``"paper"``) sets the per-model dtypes and its config fields
         (:mod:`eta_guard.presets`). The reference RM (ArmoRM) loads natively: it needs no
         ``trust_remote_code``.
