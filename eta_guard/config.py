@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import reprlib
 import stat
 from pathlib import Path
 from typing import Any, Literal
@@ -205,13 +206,22 @@ def _read_config_file(path: str | Path) -> str:
     except (OSError, TypeError, ValueError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
         raise InvalidInputError(f"cannot read ETAConfig from {name}: {reason}") from e
-    with os.fdopen(fd, "rb") as stream:
+    try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise InvalidInputError(
                 f"cannot read ETAConfig from {name}: not a regular file; pass a JSON file "
                 "written by ETAConfig.save"
             )
-        raw = stream.read(MAX_CONFIG_BYTES + 1)
+        raw = b""
+        while len(raw) <= MAX_CONFIG_BYTES:
+            piece = os.read(fd, MAX_CONFIG_BYTES + 1 - len(raw))
+            if not piece:
+                break
+            raw += piece
+    except OSError as e:
+        raise InvalidInputError(f"cannot read ETAConfig from {name}: {e.strerror}") from e
+    finally:
+        os.close(fd)
     if len(raw) > MAX_CONFIG_BYTES:
         raise InvalidInputError(
             f"ETAConfig file {name} is larger than {MAX_CONFIG_BYTES:_} bytes; a config written "
@@ -239,13 +249,15 @@ def _describe(error: ValidationError) -> str:
 
 
 def _safe_repr(value: Any) -> str:
-    if isinstance(value, (str, bytes)) and len(value) > 200:
-        value = value[:100]  # never build a repr of a 1 MB value just to cut it
-        return repr(value) + "..."
     try:
-        return repr(value)
-    except Exception:
+        return _REPR.repr(value)  # reprlib never builds the whole repr of a huge value
+    except Exception:  # a hostile __repr__ must not mask the real error
         return f"<{type(value).__name__}>"
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = 4
 
 
 def _clip(text: str, limit: int) -> str:

@@ -353,3 +353,9 @@ def test_sentence_scorer_is_the_max_cosine_over_images(evaluator, images, monkey
     assert scorer(sentences) == pytest.approx(expected, abs=1e-6)
     assert scorer(sentences[:1]) == pytest.approx(expected[:1], abs=1e-6)
     assert calls == [1]  # the images are embedded once per request
+
+
+def test_missing_images_are_a_typed_error(evaluator):
+    for call in (lambda: evaluator.score_images(None), lambda: evaluator.sentence_scorer(None)):
+        with pytest.raises(InvalidInputError, match="None"):
+            call()
