@@ -117,7 +117,7 @@ class ETAConfig(BaseModel):
 
     # --- limits ---
     # Per request (one ETA call, one ETAEvaluator.evaluate / evaluate_batch call). Defaults are
-    # safe for a server facing untrusted users; docs/limits.md says what each one bounds.
+    # safe for a server facing untrusted users; SECURITY.md lists what each one bounds.
     max_images_per_request: int = Field(
         16, ge=1, le=10_000, description="Refuse requests with more images than this."
     )

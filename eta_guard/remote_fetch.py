@@ -97,7 +97,12 @@ def fetch_bytes(url: str, policy: RemoteFetchPolicy, *, label: str) -> bytes:
 def _fetch(
     url: str, policy: RemoteFetchPolicy, deadline: float, cancel: threading.Event, label: str
 ) -> bytes:
-    import httpx
+    try:
+        import httpx
+    except ImportError as e:
+        raise ImportError(
+            "fetching remote images needs httpx: pip install 'eta-guard[remote]'"
+        ) from e
 
     try:
         current = httpx.URL(url)
