@@ -8,6 +8,8 @@ server's internals in an error message. And no public entry point may raise anyt
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
 from eta_guard import ETA, ETAConfig
@@ -148,3 +150,27 @@ def test_public_entry_points_raise_only_eta_errors_with_short_messages(eta, name
     with pytest.raises(ETAError) as caught:
         _calls(eta)[name]()
     assert len(str(caught.value)) < 500
+
+
+def _chunk(text: str):
+    from langchain_core.messages import AIMessageChunk
+
+    return AIMessageChunk(text)
+
+
+@pytest.mark.parametrize(
+    "make_input",
+    [lambda: 123, lambda: None, lambda: {"text": "x"}, lambda: iter(["a", _chunk("b")])],
+    ids=["int", "none", "dict", "mixed-stream"],
+)
+def test_output_guard_raises_only_eta_errors_on_wrong_input_types(eta, make_input):
+    pytest.importorskip("langchain_core")
+    from langchain_eta import ETAOutputGuard
+
+    guard = ETAOutputGuard(evaluator=eta.evaluator, on_violation="raise")
+    value = make_input()
+    with pytest.raises(ETAError):
+        if isinstance(value, Iterator):
+            list(guard.transform(value))
+        else:
+            guard.invoke(value)
