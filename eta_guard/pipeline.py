@@ -13,6 +13,7 @@ Order of work for one request (DESIGN.md 1.1-1.2):
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 import time
@@ -32,6 +33,7 @@ from eta_guard.remote_fetch import RemoteFetchPolicy
 from eta_guard.verdict import ETAResult, ETAStreamChunk, SafetyVerdict, TokenUsage
 
 Messages = Sequence[dict[str, Any]]
+logger = logging.getLogger(__name__)
 
 
 class ETA:
@@ -196,6 +198,16 @@ class ETA:
             self._owner = threading.get_ident()
             try:
                 yield from _Request(self, conv, cfg, stop, streaming).run()
+            except ETAError:
+                raise
+            except Exception as e:
+                # A model failing mid-request (out of memory, a broken checkpoint): callers get
+                # an eta_guard error whose text is safe to show a client; the cause is chained
+                # and logged for operators.
+                logger.error("ETA request failed", exc_info=e)
+                raise ETAError(
+                    f"the request failed inside the model ({type(e).__name__}; details in the log)"
+                ) from e
             finally:
                 self._owner = None
 

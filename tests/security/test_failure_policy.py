@@ -120,6 +120,21 @@ def test_evaluator_errors_are_safe_to_show_a_client(eta, monkeypatch):
     assert verdict.output_unsafe is True and SECRET not in verdict.errors["post"]
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_model_failing_mid_request_is_an_eta_error_safe_to_show(eta, monkeypatch, streaming):
+    def broken(*args, **kwargs):
+        raise RuntimeError(f"CUDA error: an illegal memory access in {SECRET}")
+
+    monkeypatch.setattr(eta.vlm, "generate_greedy", broken)
+    monkeypatch.setattr(eta.vlm, "stream_greedy", broken)
+    with pytest.raises(ETAError) as caught:
+        if streaming:
+            list(eta.stream(MESSAGES, pre_threshold=1.01))
+        else:
+            eta.generate(MESSAGES, pre_threshold=-1.0)
+    assert "secret" not in str(caught.value) and SECRET in str(caught.value.__cause__)
+
+
 def _calls(eta: ETA):
     ok = [{"role": "user", "content": "Hi"}]
     ev = eta.evaluator
