@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import threading
 import time
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from eta_guard.config import DEFAULT_CLIP, DEFAULT_REWARD_MODEL, ETAConfig
 from eta_guard.errors import ETAError, EvaluatorError, InvalidInputError
+from eta_guard.limits import RequestLimits
 from eta_guard.media import image_options, load_images
 from eta_guard.verdict import SafetyVerdict
 
@@ -22,6 +24,8 @@ if TYPE_CHECKING:
     from eta_guard.evaluators.clip import CLIPPreEvaluator
     from eta_guard.evaluators.reward import RewardPostEvaluator
     from eta_guard.media import ImageSource
+
+logger = logging.getLogger(__name__)
 
 _STAGES = {
     "pre": "pre-generation (CLIP image) evaluator",
@@ -188,7 +192,10 @@ class ETAEvaluator:
         """
         pil = self._load_images(images, where="images")
         prompt = self.config.safety_prompt
-        return self._call("pre", lambda: self._require_pre().score_images(pil, prompt=prompt))
+        size = self.config.clip_batch_size
+        return self._call(
+            "pre", lambda: self._require_pre().score_images(pil, prompt=prompt, batch_size=size)
+        )
 
     def score_responses(self, responses: Sequence[str], *, search: bool = False) -> list[float]:
         """Reward of each response (one batched forward).
@@ -202,6 +209,9 @@ class ETAEvaluator:
         """
         instruction = self.config.rm_search_prompt if search else self.config.rm_decision_prompt
         texts = _check_responses(responses)
+        limits = RequestLimits.from_config(self.config)
+        for i, text in enumerate(texts):
+            limits.check_text_length(len(text), what=f"responses[{i}]")
         return self._call("post", lambda: self._require_post().score(texts, instruction))
 
     def sentence_scorer(
@@ -224,7 +234,7 @@ class ETAEvaluator:
 
             def run() -> list[float]:
                 if not embeds:
-                    embeds.append(pre.embed_images(pil))
+                    embeds.append(pre.embed_images(pil, batch_size=self.config.clip_batch_size))
                 return [float(s) for s in pre.similarity(embeds[0], sentences)]
 
             return self._call("pre", run)
@@ -253,8 +263,8 @@ class ETAEvaluator:
             raise InvalidInputError("nothing to evaluate; pass images=..., response=... or both")
         if response is not None and not isinstance(response, str):
             raise InvalidInputError(f"response is {type(response).__name__}, expected str")
-        loaded = None if images is None else self._load_images(images, where="images")
-        return self._evaluate_many([loaded], [response])[0]
+        loaded = self._load_request([images], [response], ["images"])
+        return self._evaluate_many(loaded, [response])[0]
 
     def evaluate_input(self, images: ImageSource | Sequence[ImageSource]) -> SafetyVerdict:
         """Judge images only (the pre-generation check)."""
@@ -278,11 +288,13 @@ class ETAEvaluator:
             One verdict per item, in order. Timings are those of the shared forwards.
         """
         parsed = [_parse_item(i, item) for i, item in enumerate(_check_items(items))]
-        images = [
-            None if imgs is None else self._load_images(imgs, where=f"items[{i}].images")
-            for i, (imgs, _) in enumerate(parsed)
-        ]
-        return self._evaluate_many(images, [response for _, response in parsed])
+        responses = [response for _, response in parsed]
+        images = self._load_request(
+            [imgs for imgs, _ in parsed],
+            responses,
+            [f"items[{i}].images" for i in range(len(parsed))],
+        )
+        return self._evaluate_many(images, responses)
 
     def _evaluate_many(
         self, images: list[list[Image.Image] | None], responses: list[str | None]
@@ -327,7 +339,10 @@ class ETAEvaluator:
         pre, prompt = self._require_pre(), self.config.safety_prompt
         start = time.perf_counter()
         try:
-            scores = self._call("pre", lambda: pre.score_images(flat, prompt=prompt))
+            size = self.config.clip_batch_size
+            scores = self._call(
+                "pre", lambda: pre.score_images(flat, prompt=prompt, batch_size=size)
+            )
         except EvaluatorError as e:
             sides = self._apply_policy("pre", e)
             return [sides if group else None for group in images]
@@ -378,7 +393,12 @@ class ETAEvaluator:
             except ETAError:
                 raise
             except Exception as e:
-                raise EvaluatorError(f"the {_STAGES[stage]} failed: {type(e).__name__}: {e}") from e
+                # The inner text can hold paths and internals; this message may reach a client,
+                # so it names the stage only. The cause stays chained (and logged) for operators.
+                logger.error("the %s failed", _STAGES[stage], exc_info=e)
+                raise EvaluatorError(
+                    f"the {_STAGES[stage]} failed ({type(e).__name__}; details in the log)"
+                ) from e
         bad = [(i, s) for i, s in enumerate(scores) if not math.isfinite(s)]
         if bad:
             raise EvaluatorError(
@@ -446,12 +466,44 @@ class ETAEvaluator:
         return self.post
 
     def _load_images(self, images: Any, *, where: str) -> list[Image.Image]:
-        if isinstance(images, (list, tuple)) and not images:
-            raise InvalidInputError(f"{where}: the image list is empty; pass at least one image")
-        try:
-            return load_images(images, **image_options(self.config))
-        except InvalidInputError as e:
-            raise InvalidInputError(f"{where}: {e}") from e
+        if images is None:
+            raise InvalidInputError(f"{where} is None; pass at least one image")
+        loaded = self._load_request([images], [None], [where])[0]
+        assert loaded is not None
+        return loaded
+
+    def _load_request(
+        self, groups: list[Any], responses: list[str | None], wheres: list[str]
+    ) -> list[list[Image.Image] | None]:
+        """Decode one request's image groups under its limits (``None`` groups stay ``None``).
+
+        Image count and text length are checked before anything is decoded; the pixel total of
+        the whole request from each image's header, before that image is decoded.
+        """
+        limits = RequestLimits.from_config(self.config)
+        limits.check_text_length(
+            sum(len(r) for r in responses if r is not None), what="the response text"
+        )
+        for group, where in zip(groups, wheres, strict=True):
+            if isinstance(group, (list, tuple)) and not group:
+                raise InvalidInputError(
+                    f"{where}: the image list is empty; pass at least one image"
+                )
+        limits.check_image_count(
+            sum(len(g) if isinstance(g, (list, tuple)) else 1 for g in groups if g is not None)
+        )
+        options = image_options(self.config)
+        out: list[list[Image.Image] | None] = []
+        with limits.pixel_budget():
+            for group, where in zip(groups, wheres, strict=True):
+                if group is None:
+                    out.append(None)
+                    continue
+                try:
+                    out.append(load_images(group, **options))
+                except InvalidInputError as e:
+                    raise InvalidInputError(f"{where}: {e}") from e
+        return out
 
     def __repr__(self) -> str:
         pre = self.pre.name if self.pre else None
@@ -497,6 +549,10 @@ def _check_responses(responses: Sequence[str]) -> list[str]:
     if isinstance(responses, str):
         raise InvalidInputError(
             "responses must be a list of strings, not a single str; wrap it: [response]"
+        )
+    if not isinstance(responses, (list, tuple)):
+        raise InvalidInputError(
+            f"responses must be a list of strings, got {type(responses).__name__}"
         )
     items = list(responses)
     for i, text in enumerate(items):
