@@ -473,3 +473,16 @@ def test_explicit_nulls_mean_defaults(url):
     resp = httpx.post(url + "/v1/chat/completions", json={**body, "max_tokens": 3}, headers=AUTH)
     assert resp.status_code == 200, resp.text
     assert resp.json()["object"] == "chat.completion"
+
+
+def test_engine_request_limits_give_400_on_a_streaming_request(url):
+    """More images than ETAConfig.max_images_per_request: a 400, also on a streaming request."""
+    from eta_guard import ETAConfig
+    from eta_guard.testing import image_to_data_url, make_test_image
+
+    many = ETAConfig().max_images_per_request + 1
+    small = image_to_data_url(make_test_image("red", (8, 8)))
+    content = [{"type": "image_url", "image_url": {"url": small}}] * many
+    body = _chat([*content, {"type": "text", "text": "?"}], stream=True)
+    error = _error(httpx.post(url + "/v1/chat/completions", json=body, headers=AUTH), 400)
+    assert str(many) in error["message"]

@@ -27,8 +27,18 @@ SetOpt = Annotated[
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="e.g. cpu, cuda, cuda:1.")]
 DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="e.g. float32, bfloat16.")]
 RemoteCodeOpt = Annotated[
-    bool, typer.Option("--trust-remote-code", help="Allow checkpoint code (ArmoRM needs it).")
+    bool, typer.Option("--trust-remote-code", help="Allow checkpoint code (not needed by ArmoRM).")
 ]
+PresetOpt = Annotated[
+    str | None,
+    typer.Option("--preset", help="A named setup: 'paper' = the paper's LLaVA-1.5 setup."),
+]
+VlmDeviceOpt = Annotated[str | None, typer.Option("--vlm-device", help="VLM device.")]
+ClipDeviceOpt = Annotated[str | None, typer.Option("--clip-device", help="CLIP device.")]
+RmDeviceOpt = Annotated[str | None, typer.Option("--reward-model-device", help="RM device.")]
+VlmDtypeOpt = Annotated[str | None, typer.Option("--vlm-dtype", help="VLM dtype.")]
+ClipDtypeOpt = Annotated[str | None, typer.Option("--clip-dtype", help="CLIP dtype.")]
+RmDtypeOpt = Annotated[str | None, typer.Option("--reward-model-dtype", help="RM dtype.")]
 
 
 def serve(
@@ -78,6 +88,13 @@ def serve(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     trust_remote_code: RemoteCodeOpt = False,
+    preset: PresetOpt = None,
+    vlm_device: VlmDeviceOpt = None,
+    clip_device: ClipDeviceOpt = None,
+    reward_model_device: RmDeviceOpt = None,
+    vlm_dtype: VlmDtypeOpt = None,
+    clip_dtype: ClipDtypeOpt = None,
+    reward_model_dtype: RmDtypeOpt = None,
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
 ) -> None:
     """Serve ETA as an OpenAI-compatible API (chat/completions, moderations, models, health, metrics)."""
@@ -87,6 +104,7 @@ def serve(
         _friendly_errors,
         _load_config,
         _model_paths,
+        _placement,
         _quiet_transformers,
     )
 
@@ -125,18 +143,26 @@ def serve(
         if tiny:
             err.print(f"[yellow]{RANDOM_MODELS_LINE}[/]")
 
+        load_args = {
+            "device": device,
+            "dtype": dtype,
+            "trust_remote_code": trust_remote_code,
+            "preset": preset,
+            **_placement(
+                clip_device=clip_device,
+                reward_model_device=reward_model_device,
+                clip_dtype=clip_dtype,
+                reward_model_dtype=reward_model_dtype,
+            ),
+        }
+
         def load():  # runs in the background: /health says 503 until it returns
             _quiet_transformers()
             if moderation_only:
                 from eta_guard.evaluators.eta_evaluator import ETAEvaluator
 
                 evaluator = ETAEvaluator.from_pretrained(
-                    clip=paths["clip"],
-                    reward_model=paths["reward_model"],
-                    config=cfg,
-                    device=device,
-                    dtype=dtype,
-                    trust_remote_code=trust_remote_code,
+                    clip=paths["clip"], reward_model=paths["reward_model"], config=cfg, **load_args
                 )
                 return None, evaluator
             from eta_guard.pipeline import ETA
@@ -147,9 +173,8 @@ def serve(
                 clip=paths["clip"],
                 reward_model=paths["reward_model"],
                 config=cfg,
-                device=device,
-                dtype=dtype,
-                trust_remote_code=trust_remote_code,
+                **load_args,
+                **_placement(vlm_device=vlm_device, vlm_dtype=vlm_dtype),
             )
             return eta, eta.evaluator
 

@@ -9,7 +9,9 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from eta_guard.limits import RequestLimits
 from eta_guard.messages import normalize_messages
+from eta_guard.remote_fetch import RemoteFetchPolicy
 from eta_guard.server.errors import bad_request, from_exception, request_id_of
 from eta_guard.server.openai_format import KEEPALIVE, Formatter, Kind, sse
 from eta_guard.server.scheduler import Event, Job
@@ -46,15 +48,9 @@ async def generate(
     if body.seed is not None:
         overrides["seed"] = body.seed
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
-    # Decode and check the images now, so that bad input gets a 400 before any stream starts
-    # (the engine checks them again with the same settings when it runs).
-    await asyncio.to_thread(
-        normalize_messages,
-        messages,
-        allow_remote_images=cfg.allow_remote_images,
-        allow_local_image_files=False,
-        max_image_pixels=cfg.max_image_pixels,
-    )
+    # Check the messages and decode the images now, so that bad input gets a 400 before it is
+    # queued or any stream starts (the engine checks them again, with the same settings).
+    await asyncio.to_thread(_check_like_the_engine, messages, cfg)
     request.state.log_extra = {}
     job = state.scheduler.submit(
         lambda cancel: eta.stream(messages, stop=stop, cancel=cancel, **overrides),
@@ -79,6 +75,18 @@ async def generate(
         _stream(request, state, job, fmt, ignored, route, first, body.include_usage),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def _check_like_the_engine(messages: list[dict[str, Any]], cfg: Any) -> None:
+    """``normalize_messages`` with the arguments ``ETA`` passes (every request limit included)."""
+    normalize_messages(
+        messages,
+        allow_remote_images=cfg.allow_remote_images,
+        allow_local_image_files=False,
+        max_image_pixels=cfg.max_image_pixels,
+        limits=RequestLimits.from_config(cfg),
+        remote=RemoteFetchPolicy.from_config(cfg),
     )
 
 
@@ -163,5 +171,3 @@ def _record(request: Request, state: ServerState, route: str, result: ETAResult)
     if result.aligned:
         state.metrics.aligned.inc()
     request.state.log_extra = {"verdict": verdict, "aligned": result.aligned}
-
-
