@@ -105,6 +105,7 @@ def serve(
         _load_config,
         _model_paths,
         _placement,
+        _print_estimate,
         _quiet_transformers,
     )
 
@@ -174,10 +175,15 @@ def serve(
                 reward_model=paths["reward_model"],
                 config=cfg,
                 **load_args,
-                **_placement(vlm_device=vlm_device, vlm_dtype=vlm_dtype),
+                **vlm_placement,
             )
             return eta, eta.evaluator
 
+        vlm_placement = _placement(vlm_device=vlm_device, vlm_dtype=vlm_dtype)
+        if not moderation_only:  # the memory the three models will take, before any loads
+            missing = _print_estimate(err, paths, {**load_args, **vlm_placement}, cfg)
+            if missing:
+                err.print(f"[dim]memory estimate unavailable: {missing}[/]", highlight=False)
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
         app = create_app(loader=load, settings=settings, moderation_only=moderation_only)
         if not keys:
