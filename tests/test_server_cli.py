@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import httpx
 import pytest
@@ -114,3 +115,55 @@ def test_cli_and_server_package_import_light():
         check=True,
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_serve_wires_options_to_the_loader_and_uvicorn(monkeypatch, tmp_path):
+    """No process, no server: the command's options reach the app, uvicorn and the model loader."""
+    import uvicorn
+    from typer.testing import CliRunner
+
+    import eta_guard.pipeline
+    import eta_guard.server.app
+    from eta_guard.cli import app
+
+    seen: dict = {}
+    monkeypatch.setattr(eta_guard.server.app, "create_app", lambda **kw: seen.setdefault("app", kw))
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.setdefault("uvicorn", kw))
+
+    def fake_load(cls, vlm, **kw):
+        seen["load"] = (vlm, kw)
+        return mock.Mock(evaluator="the evaluator")
+
+    monkeypatch.setattr(eta_guard.pipeline.ETA, "from_pretrained", classmethod(fake_load))
+    monkeypatch.setattr("eta_guard.cli._print_estimate", lambda *a, **k: None)
+    keys = tmp_path / "keys"
+    keys.write_text(secrets.token_urlsafe(24) + "\n")
+    result = CliRunner().invoke(
+        app,
+        [
+            "serve",
+            "some/vlm",
+            "--api-key-file",
+            str(keys),
+            "--port",
+            "9",
+            "--max-queue",
+            "3",
+            "--preset",
+            "paper",
+            "--reward-model-device",
+            "cuda:1",
+            "--set",
+            "seed=5",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert seen["uvicorn"]["host"] == "127.0.0.1" and seen["uvicorn"]["port"] == 9
+    settings = seen["app"]["settings"]
+    assert settings.max_queue == 3 and len(settings.api_keys) == 1
+    assert seen["app"]["moderation_only"] is False
+    assert seen["app"]["loader"]()[1] == "the evaluator"  # what the server runs in the background
+    vlm, kwargs = seen["load"]
+    assert vlm == "some/vlm" and kwargs["preset"] == "paper"
+    assert kwargs["reward_model_kwargs"] == {"device": "cuda:1"}
+    assert kwargs["config"].seed == 5
