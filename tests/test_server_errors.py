@@ -486,3 +486,29 @@ def test_engine_request_limits_give_400_on_a_streaming_request(url):
     body = _chat([*content, {"type": "text", "text": "?"}], stream=True)
     error = _error(httpx.post(url + "/v1/chat/completions", json=body, headers=AUTH), 400)
     assert str(many) in error["message"]
+
+
+def test_streaming_client_that_leaves_while_queued_leaves_the_queue(parts):
+    gated = _Gated(parts)
+    with _serve(gated, max_queue=1, keepalive_s=30) as base:
+        holder = threading.Thread(
+            target=httpx.post,
+            args=(base + "/v1/chat/completions",),
+            kwargs={"json": _chat(max_tokens=3), "headers": AUTH, "timeout": 30},
+        )
+        holder.start()
+        time.sleep(0.3)  # the first request holds the model
+        with pytest.raises(httpx.ReadTimeout):  # no headers yet: it waits in the queue, gives up
+            httpx.post(
+                base + "/v1/chat/completions", json=_chat(stream=True), headers=AUTH, timeout=0.5
+            )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            metrics = httpx.get(base + "/metrics", headers=AUTH).text
+            if 'eta_cancelled_total{reason="client_gone"} 1.0' in metrics:
+                break
+            time.sleep(0.05)
+        assert 'eta_cancelled_total{reason="client_gone"} 1.0' in metrics
+        assert "eta_queue_depth 0.0" in metrics
+        gated.gate.set()
+        holder.join(timeout=30)

@@ -64,10 +64,13 @@ async def generate(
     # Wait a little for the first event: an error raised right away (e.g. a prompt too long for
     # the context) still gets its proper HTTP status instead of an error event.
     try:
-        first = await job.next(state.settings.keepalive_s)
+        first, gone = await _first_event(request, job, state.settings.keepalive_s)
     except BaseException:
         job.close()
         raise
+    if gone:
+        job.cancel("client_gone")
+        return Response(status_code=499)
     if first is not None and first[0] == "error":
         job.close()
         raise from_exception(first[1], request_id_of(request))
@@ -76,6 +79,18 @@ async def generate(
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+
+
+async def _first_event(request: Request, job: Job, wait_s: float) -> tuple[Event | None, bool]:
+    """``(event, client_gone)``: the job's first event within ``wait_s`` (None if none came)."""
+    deadline = asyncio.get_running_loop().time() + wait_s
+    while (left := deadline - asyncio.get_running_loop().time()) > 0:
+        event = await job.next(min(left, _DISCONNECT_POLL_S))
+        if event is not None:
+            return event, False
+        if await request.is_disconnected():
+            return None, True
+    return None, False
 
 
 def _check_like_the_engine(messages: list[dict[str, Any]], cfg: Any) -> None:
