@@ -512,3 +512,22 @@ def test_streaming_client_that_leaves_while_queued_leaves_the_queue(parts):
         assert "eta_queue_depth 0.0" in metrics
         gated.gate.set()
         holder.join(timeout=30)
+
+
+def test_failed_load_is_reported_not_hidden(caplog):
+    from eta_guard.server import ServerSettings, create_app
+    from eta_guard.server.runner import serve_in_thread
+
+    def loader():
+        raise OSError("no such checkpoint /secret/path")
+
+    app = create_app(loader=loader, settings=ServerSettings(api_keys={KEY}))
+    with caplog.at_level("ERROR", logger="eta_guard.server"), serve_in_thread(app) as base:
+        for _ in range(100):
+            if httpx.get(base + "/health").json()["status"] == "failed":
+                break
+            time.sleep(0.05)
+        assert httpx.get(base + "/health").json()["status"] == "failed"
+        error = _error(httpx.post(base + "/v1/moderations", json={"input": "x"}, headers=AUTH), 503)
+        assert error["code"] == "load_failed" and "/secret" not in error["message"]
+    assert any("loading the models failed" in r.getMessage() for r in caplog.records)

@@ -65,7 +65,14 @@ def queue_full(retry_after_s: int = 1) -> APIError:
     )
 
 
-def not_ready() -> APIError:
+def not_ready(*, failed: bool = False) -> APIError:
+    if failed:  # no Retry-After: retrying will not help until an operator fixes the load
+        return APIError(
+            503,
+            "the models failed to load; see the server log",
+            type="server_error",
+            code="load_failed",
+        )
     return APIError(
         503,
         "the models are still loading; retry later",

@@ -67,7 +67,7 @@ class ServerState:
 
     def require_ready(self) -> None:
         if not self.ready:
-            raise not_ready()
+            raise not_ready(failed=self.load_failed)
 
     def require_eta(self) -> ETA:
         self.require_ready()
