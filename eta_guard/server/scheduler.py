@@ -67,7 +67,6 @@ class Job:
     ) -> None:
         self.scheduler, self.make_iter, self.route = scheduler, make_iter, route
         self.timeout_s = timeout_s
-        self.deadline = time.monotonic() + timeout_s
         self.cancel_event = threading.Event()
         self.finished = threading.Event()  # the worker thread (if any) has returned
         self._events: asyncio.Queue[Event] = asyncio.Queue()
@@ -101,7 +100,7 @@ class Job:
             self._timer.cancel()
         if self._task is not None and not self._task.done():
             self._task.cancel()  # still queued: never starts
-        if not self._ended or reason == "deadline":
+        if not self._ended:  # a job whose answer was read in full is not "cancelled"
             self.scheduler.metrics.cancelled.labels(reason).inc()
             self.cancel_event.set()
 
@@ -111,7 +110,7 @@ class Job:
 
     # ------------------------------------------------------------------ internals
     def _expire(self) -> None:
-        if self._closed:
+        if self._closed or self._ended:
             return
         self._events.put_nowait(("error", deadline_exceeded(self.timeout_s)))
         self.cancel("deadline")
