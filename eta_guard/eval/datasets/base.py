@@ -47,6 +47,16 @@ class EvalItem:
         return [{"role": "user", "content": content}]
 
     @property
+    def judge_question(self) -> str:
+        """The request a text judge should weigh the answer against.
+
+        FigStep and MM-SafetyBench hide the harmful request in the image; a text-only judge
+        that saw only the benign-looking text turn would misjudge compliance, so it gets the
+        benchmark's own harmful question when there is one.
+        """
+        return str(self.extra.get("harmful_question") or self.question)
+
+    @property
     def image_ref(self) -> str | None:
         """A printable reference to the image (a path, or ``source`` for embedded bytes)."""
         if self.image is None:

@@ -76,7 +76,11 @@ def load_mmsafetybench(path: str | Path, subset: str | None = None) -> list[Eval
                         category=file.stem,
                         label="unsafe",
                         source=source,
-                        extra={"variant": v, "key_phrase": entry.get("Key Phrase", "")},
+                        extra={
+                            "variant": v,
+                            "key_phrase": entry.get("Key Phrase", ""),
+                            "harmful_question": entry.get("Question", ""),
+                        },
                     )
                 )
     return check_unique(items)

@@ -47,7 +47,7 @@ def load_spavl(path: str | Path, subset: str | None = None) -> list[EvalItem]:
                 "image, question, class1, class2, class3"
             )
         for row, record in enumerate(table.to_pylist()):
-            items.append(_item(record, f"{file}:row {row}", f"{split}/{file.stem}/{row}"))
+            items.append(_item(record, f"{file}:row {row}", f"{file.stem}/{row}"))
     return check_unique(items)
 
 
