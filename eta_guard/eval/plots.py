@@ -46,9 +46,10 @@ def unsafe_rates(judge: str, block: dict[str, Any]) -> bytes:
         ax.bar(xs, ys, width, yerr=errs, capsize=3, color=color, label=label)
     ax.set_xticks(range(len(rows)), [_short(name) for name, _ in rows], rotation=30, ha="right")
     ax.set_ylabel("unsafe answers (%)")
-    ax.set_ylim(0, 105)
+    ax.set_ylim(0, 122)  # headroom for the legend above the 100% bars
+    ax.set_yticks(range(0, 101, 20))
     ax.set_title(f"judge: {judge}")
-    ax.legend(frameon=False)
+    ax.legend(frameon=False, loc="upper right", ncol=2)
     return _png(fig)
 
 
@@ -85,7 +86,8 @@ def agreement_matrix(names: Sequence[str], kappa: Sequence[Sequence[float | None
     for i in range(n):
         for j in range(n):
             text = "n/a" if np.isnan(grid[i, j]) else f"{grid[i, j]:.2f}"
-            ax.text(j, i, text, ha="center", va="center", fontsize=9)
+            dark = not np.isnan(grid[i, j]) and abs(grid[i, j]) > 0.5
+            ax.text(j, i, text, ha="center", va="center", fontsize=9, color="white" if dark else "black")
     ax.set_xticks(range(n), [_short(x) for x in names], rotation=30, ha="right")
     ax.set_yticks(range(n), [_short(x) for x in names])
     ax.set_title("Cohen's kappa between judges")
@@ -99,14 +101,17 @@ def cost_bars(cost: dict[str, Any]) -> bytes:
     groups = [(k, cost[k]) for k in ("overall", "not_aligned", "aligned") if cost[k]["n"]]
     fig, ax = plt.subplots(figsize=(6, 3.3))
     width = 0.38
+    top = 0.0
     for i, (name, block) in enumerate(groups):
         n = block["n"]
         ax.bar(i - width / 2, block["vanilla_s"] / n, width, color=VANILLA, label="vanilla" if i == 0 else None)
         ax.bar(i + width / 2, block["eta_s"] / n, width, color=ETA, label="ETA" if i == 0 else None)
+        top = max(top, block["vanilla_s"] / n, block["eta_s"] / n)
         ratio = block["ratio"]
         if ratio is not None:
             ax.text(i, max(block["vanilla_s"], block["eta_s"]) / n, f"{ratio:.2f}x", ha="center", va="bottom")
     ax.set_xticks(range(len(groups)), [f"{k.replace('_', ' ')} (n={b['n']})" for k, b in groups])
+    ax.set_ylim(0, top * 1.25 or 1.0)
     ax.set_ylabel("seconds per item")
     ax.set_title("cost: ETA / vanilla time")
     ax.legend(frameon=False)

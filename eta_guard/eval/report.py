@@ -126,6 +126,8 @@ def _pct(stats: dict[str, Any]) -> str:
 
 def _settings_table(settings: dict[str, Any], metrics: dict[str, Any]) -> str:
     rows = [[k, json.dumps(v) if isinstance(v, (dict, list)) else v] for k, v in settings.items() if k != "config"]
+    config = settings.get("config") or {}
+    rows += [[k, config[k]] for k in ("pre_threshold", "post_threshold", "num_candidates", "max_new_tokens", "prefix") if k in config]
     rows += [["items answered", metrics["n_answered"]], ["items failed", metrics["n_failed"]]]
     return _table(["setting", "value"], rows, left=2)
 
