@@ -43,8 +43,22 @@ def figstep_run(runner, tiny_args, tmp_path_factory):
     out = tmp_path_factory.mktemp("figstep-out")
     result = runner.invoke(
         app,
-        ["eval", "--dataset", "figstep", "--path", str(root), *tiny_args, "--judge", "refusal",
-         "--judge", "reward", "--out", str(out), *FAST, *FORCE_ALIGN],
+        [
+            "eval",
+            "--dataset",
+            "figstep",
+            "--path",
+            str(root),
+            *tiny_args,
+            "--judge",
+            "refusal",
+            "--judge",
+            "reward",
+            "--out",
+            str(out),
+            *FAST,
+            *FORCE_ALIGN,
+        ],
     )
     _ok(result)
     return root, out, result
@@ -57,7 +71,11 @@ def test_eval_on_figstep_writes_results_and_report(figstep_run):
     metrics = report["metrics"]
     assert metrics["n_items"] == metrics["n_answered"] == 5
     assert set(metrics["judges"]) == {"refusal", "reward"}
-    assert set(metrics["judges"]["reward"]["by_category"]) == {"Illegal Activity", "Hate Speech", "Malware Generation"}
+    assert set(metrics["judges"]["reward"]["by_category"]) == {
+        "Illegal Activity",
+        "Hate Speech",
+        "Malware Generation",
+    }
     assert metrics["evaluators"]["aligned"] == 1.0  # thresholds forced every item through ETA
     assert metrics["cost"]["overall"]["ratio"] > 1.0
     assert report["settings"]["vlm"] == "tiny" and "RANDOM" in report["settings"]["note"]
@@ -71,16 +89,39 @@ def test_sharded_cli_runs_merge(runner, tiny_args, figstep_run, tmp_path):
     for shard in ("1/2", "2/2"):
         result = runner.invoke(
             app,
-            ["eval", "--dataset", "figstep", "--path", str(root), *tiny_args, "--judge", "refusal",
-             "--judge", "reward", "--out", str(tmp_path), "--shard", shard, *FAST, *FORCE_ALIGN],
+            [
+                "eval",
+                "--dataset",
+                "figstep",
+                "--path",
+                str(root),
+                *tiny_args,
+                "--judge",
+                "refusal",
+                "--judge",
+                "reward",
+                "--out",
+                str(tmp_path),
+                "--shard",
+                shard,
+                *FAST,
+                *FORCE_ALIGN,
+            ],
         )
         _ok(result)
         assert "--merge" in result.output
     assert not (tmp_path / "report.json").exists()
     result = runner.invoke(
         app,
-        ["eval", "--merge", str(tmp_path / "results.shard-1-of-2.jsonl"), "--merge",
-         str(tmp_path / "results.shard-2-of-2.jsonl"), "--out", str(tmp_path / "merged")],
+        [
+            "eval",
+            "--merge",
+            str(tmp_path / "results.shard-1-of-2.jsonl"),
+            "--merge",
+            str(tmp_path / "results.shard-2-of-2.jsonl"),
+            "--out",
+            str(tmp_path / "merged"),
+        ],
     )
     _ok(result)
     merged = json.loads((tmp_path / "merged" / "report.json").read_text())["metrics"]
@@ -92,11 +133,27 @@ def test_sharded_cli_runs_merge(runner, tiny_args, figstep_run, tmp_path):
 def test_eval_errors_name_the_file_and_row(runner, tiny_args, tmp_path):
     root = make_figstep(tmp_path / "fs")
     (root / "data/images/SafeBench/query_ForbidQI_1_2_6.png").unlink()
-    result = runner.invoke(app, ["eval", "--dataset", "figstep", "--path", str(root), *tiny_args, "--out", str(tmp_path / "o")])
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            "--dataset",
+            "figstep",
+            "--path",
+            str(root),
+            *tiny_args,
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
     assert result.exit_code == 2
-    assert re.search(r"error: .*safebench\.csv:3: image file .*query_ForbidQI_1_2_6\.png", result.output)
+    assert re.search(
+        r"error: .*safebench\.csv:3: image file .*query_ForbidQI_1_2_6\.png", result.output
+    )
     assert "Traceback" not in result.output
-    result = runner.invoke(app, ["eval", "--dataset", "figstep", "--path", str(root), *tiny_args, "--shard", "3/2"])
+    result = runner.invoke(
+        app, ["eval", "--dataset", "figstep", "--path", str(root), *tiny_args, "--shard", "3/2"]
+    )
     assert result.exit_code == 2 and "--shard '3/2'" in result.output
     result = runner.invoke(app, ["eval", "--path", str(root)])
     assert result.exit_code == 2 and "--dataset" in result.output
@@ -104,19 +161,48 @@ def test_eval_errors_name_the_file_and_row(runner, tiny_args, tmp_path):
 
 def test_eval_refuses_to_overwrite_results(runner, tiny_args, figstep_run):
     root, out, _ = figstep_run
-    result = runner.invoke(app, ["eval", "--dataset", "figstep", "--path", str(root), *tiny_args, "--judge", "refusal", "--out", str(out)])
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            "--dataset",
+            "figstep",
+            "--path",
+            str(root),
+            *tiny_args,
+            "--judge",
+            "refusal",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 2 and "already exists; pass --resume" in result.output
 
 
 def test_report_escapes_untrusted_text():
     attack = '<script>alert(1)</script><img src="http://evil/x">'
     record = {
-        "id": "x<b>", "index": 0, "category": attack, "label": "unsafe", "aligned": True,
-        "question": attack, "vanilla_text": attack, "eta_text": "As an AI assistant, " + attack,
-        "verdict": {"pre_score": 0.3, "post_score": -1.0, "input_unsafe": True, "output_unsafe": True,
-                    "unsafe": True, "skipped": {}, "errors": {}},
+        "id": "x<b>",
+        "index": 0,
+        "category": attack,
+        "label": "unsafe",
+        "aligned": True,
+        "question": attack,
+        "vanilla_text": attack,
+        "eta_text": "As an AI assistant, " + attack,
+        "verdict": {
+            "pre_score": 0.3,
+            "post_score": -1.0,
+            "input_unsafe": True,
+            "output_unsafe": True,
+            "unsafe": True,
+            "skipped": {},
+            "errors": {},
+        },
         "judgments": {attack: {"vanilla": {"unsafe": True}, "eta": {"unsafe": False}}},
-        "refused": {"vanilla": False, "eta": False}, "timings": {"vanilla": 1.0, "total": 2.0}, "error": None,
+        "refused": {"vanilla": False, "eta": False},
+        "timings": {"vanilla": 1.0, "total": 2.0},
+        "error": None,
     }
     from eta_guard.eval.metrics import compute_metrics
 
@@ -133,14 +219,36 @@ def test_calibrate_writes_config_and_report(runner, tiny_args, tmp_path):
     for i in range(4):
         photo(i).save(safe / f"{i}.png")
         typography(f"bad thing {i}").save(unsafe / f"{i}.png")
-    (tmp_path / "ok.jsonl").write_text("\n".join(json.dumps({"response": t}) for t in ["I can't help with that.", "No.", "Please ask a doctor."]))
-    (tmp_path / "bad.jsonl").write_text("\n".join(json.dumps({"response": t}) for t in ["Step 1: get a gun.", "Mix the two chemicals."]))
+    (tmp_path / "ok.jsonl").write_text(
+        "\n".join(
+            json.dumps({"response": t})
+            for t in ["I can't help with that.", "No.", "Please ask a doctor."]
+        )
+    )
+    (tmp_path / "bad.jsonl").write_text(
+        "\n".join(
+            json.dumps({"response": t}) for t in ["Step 1: get a gun.", "Mix the two chemicals."]
+        )
+    )
     out = tmp_path / "cal"
     result = runner.invoke(
         app,
-        ["calibrate", *tiny_args, "--safe-images", str(safe), "--unsafe-images", str(unsafe),
-         "--safe-responses", str(tmp_path / "ok.jsonl"), "--unsafe-responses", str(tmp_path / "bad.jsonl"),
-         "--target-fpr", "0.25", "--out", str(out)],
+        [
+            "calibrate",
+            *tiny_args,
+            "--safe-images",
+            str(safe),
+            "--unsafe-images",
+            str(unsafe),
+            "--safe-responses",
+            str(tmp_path / "ok.jsonl"),
+            "--unsafe-responses",
+            str(tmp_path / "bad.jsonl"),
+            "--target-fpr",
+            "0.25",
+            "--out",
+            str(out),
+        ],
         env={"COLUMNS": "200"},
     )
     _ok(result)
@@ -161,7 +269,17 @@ def test_calibrate_needs_pairs(runner, tiny_args, tmp_path):
     result = runner.invoke(app, ["calibrate", *tiny_args])
     assert result.exit_code == 2 and "nothing to calibrate" in result.output
     (tmp_path / "r.jsonl").write_text('{"response": 3}\n')
-    result = runner.invoke(app, ["calibrate", *tiny_args, "--safe-responses", str(tmp_path / "r.jsonl"), "--unsafe-responses", str(tmp_path / "r.jsonl")])
+    result = runner.invoke(
+        app,
+        [
+            "calibrate",
+            *tiny_args,
+            "--safe-responses",
+            str(tmp_path / "r.jsonl"),
+            "--unsafe-responses",
+            str(tmp_path / "r.jsonl"),
+        ],
+    )
     assert result.exit_code == 2 and "r.jsonl:1: 'response' must be a string" in result.output
 
 
@@ -169,3 +287,15 @@ def test_help_lists_eval_and_calibrate(runner):
     result = runner.invoke(app, ["--help"])
     _ok(result)
     assert "eval" in result.output and "calibrate" in result.output
+
+
+def test_importing_the_cli_loads_no_plotting_or_ml_stack():
+    import subprocess
+
+    code = (
+        "import sys, eta_guard, eta_guard.cli; "
+        "print(sorted(m for m in ('matplotlib', 'sklearn', 'pyarrow', 'torch', 'numpy', 'httpx') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

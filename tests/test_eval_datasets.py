@@ -25,7 +25,13 @@ from eta_guard.media import load_image  # noqa: E402
 
 def test_figstep_layout(tmp_path):
     items = load_dataset("figstep", make_figstep(tmp_path))
-    assert [i.id for i in items] == ["ForbidQI_1_1", "ForbidQI_1_2", "ForbidQI_2_1", "ForbidQI_3_1", "ForbidQI_3_2"]
+    assert [i.id for i in items] == [
+        "ForbidQI_1_1",
+        "ForbidQI_1_2",
+        "ForbidQI_2_1",
+        "ForbidQI_3_1",
+        "ForbidQI_3_2",
+    ]
     first = items[0]
     assert first.question == FIGSTEP_PROMPT and first.label == "unsafe"
     assert first.category == "Illegal Activity"
@@ -40,7 +46,10 @@ def test_figstep_layout(tmp_path):
 def test_figstep_missing_image_names_the_csv_line(tmp_path):
     make_figstep(tmp_path)
     (tmp_path / "data/images/SafeBench/query_ForbidQI_2_1_6.png").unlink()
-    with pytest.raises(DatasetError, match=r"safebench\.csv:4: image file .*query_ForbidQI_2_1_6\.png.* does not exist"):
+    with pytest.raises(
+        DatasetError,
+        match=r"safebench\.csv:4: image file .*query_ForbidQI_2_1_6\.png.* does not exist",
+    ):
         load_dataset("figstep", tmp_path)
 
 
@@ -139,7 +148,9 @@ def test_jsonl_and_its_errors(tmp_path):
     with pytest.raises(DatasetError, match=r"bench\.jsonl:3: not valid JSON"):
         load_dataset("jsonl", file)
     file.write_text("\n".join([lines[0], lines[0]]))
-    with pytest.raises(DatasetError, match=r"bench\.jsonl:2: item id 'q0' repeats the one at .*bench\.jsonl:1"):
+    with pytest.raises(
+        DatasetError, match=r"bench\.jsonl:2: item id 'q0' repeats the one at .*bench\.jsonl:1"
+    ):
         load_dataset("jsonl", file)
     file.write_text(json.dumps({"image": "images/0.png", "question": "q", "label": "bad"}))
     with pytest.raises(DatasetError, match=r"bench\.jsonl:1: label='bad'"):

@@ -31,7 +31,9 @@ def test_bootstrap_interval_matches_the_binomial_quantiles():
 def test_bootstrap_is_the_percentile_method_with_the_seeded_generator():
     x = np.array([1, 0, 1, 1, 0, 0, 0, 1, 0, 0], dtype=float)
     rng = np.random.default_rng(11)  # independent reference: one resample at a time
-    means = sorted(float(x[rng.integers(0, x.size, size=(1, x.size))[0]].mean()) for _ in range(500))
+    means = sorted(
+        float(x[rng.integers(0, x.size, size=(1, x.size))[0]].mean()) for _ in range(500)
+    )
     expected = np.quantile(means, [0.05, 0.95])
     mean, low, high = bootstrap_mean(x, n_boot=500, seed=11, confidence=0.90)
     assert mean == pytest.approx(0.4)
@@ -78,9 +80,19 @@ def test_kappa_on_a_known_table():
 
 def _record(i, *, category, aligned, verdict, judgments, refused, timings, error=None):
     return {
-        "id": f"x{i}", "index": i, "category": category, "label": "unsafe", "aligned": aligned,
-        "verdict": verdict, "judgments": judgments, "refused": refused, "timings": timings,
-        "error": error, "vanilla_text": "v", "eta_text": "e", "question": "q",
+        "id": f"x{i}",
+        "index": i,
+        "category": category,
+        "label": "unsafe",
+        "aligned": aligned,
+        "verdict": verdict,
+        "judgments": judgments,
+        "refused": refused,
+        "timings": timings,
+        "error": error,
+        "vanilla_text": "v",
+        "eta_text": "e",
+        "question": "q",
     }
 
 
@@ -88,16 +100,78 @@ def _j(v, e):
     return {"vanilla": {"unsafe": v}, "eta": {"unsafe": e}}
 
 
-V_FLAGGED = {"pre_score": 0.3, "post_score": -1.0, "input_unsafe": True, "output_unsafe": True, "unsafe": True, "skipped": {}, "errors": {}}
-V_SAFE_IMG = {"pre_score": 0.1, "post_score": None, "input_unsafe": False, "output_unsafe": None, "unsafe": False, "skipped": {"post": "passed"}, "errors": {}}
-V_RM_OK = {"pre_score": 0.3, "post_score": 0.5, "input_unsafe": True, "output_unsafe": False, "unsafe": False, "skipped": {}, "errors": {}}
+V_FLAGGED = {
+    "pre_score": 0.3,
+    "post_score": -1.0,
+    "input_unsafe": True,
+    "output_unsafe": True,
+    "unsafe": True,
+    "skipped": {},
+    "errors": {},
+}
+V_SAFE_IMG = {
+    "pre_score": 0.1,
+    "post_score": None,
+    "input_unsafe": False,
+    "output_unsafe": None,
+    "unsafe": False,
+    "skipped": {"post": "passed"},
+    "errors": {},
+}
+V_RM_OK = {
+    "pre_score": 0.3,
+    "post_score": 0.5,
+    "input_unsafe": True,
+    "output_unsafe": False,
+    "unsafe": False,
+    "skipped": {},
+    "errors": {},
+}
 
 RECORDS = [
-    _record(0, category="a", aligned=True, verdict=V_FLAGGED, judgments={"k": _j(True, False), "m": _j(True, True)}, refused={"vanilla": False, "eta": True}, timings={"vanilla": 1.0, "total": 4.0}),
-    _record(1, category="a", aligned=True, verdict=V_FLAGGED, judgments={"k": _j(True, False), "m": _j(True, False)}, refused={"vanilla": False, "eta": True}, timings={"vanilla": 1.0, "total": 3.0}),
-    _record(2, category="b", aligned=False, verdict=V_SAFE_IMG, judgments={"k": _j(False, False), "m": _j(False, False)}, refused={"vanilla": True, "eta": True}, timings={"vanilla": 2.0, "total": 2.1}),
-    _record(3, category="b", aligned=False, verdict=V_RM_OK, judgments={"k": _j(None, None), "m": _j(True, True)}, refused={"vanilla": False, "eta": False}, timings={"vanilla": 1.0, "total": 1.4}),
-    {"id": "x4", "index": 4, "category": "b", "label": "unsafe", "error": "InvalidInputError: bad image"},
+    _record(
+        0,
+        category="a",
+        aligned=True,
+        verdict=V_FLAGGED,
+        judgments={"k": _j(True, False), "m": _j(True, True)},
+        refused={"vanilla": False, "eta": True},
+        timings={"vanilla": 1.0, "total": 4.0},
+    ),
+    _record(
+        1,
+        category="a",
+        aligned=True,
+        verdict=V_FLAGGED,
+        judgments={"k": _j(True, False), "m": _j(True, False)},
+        refused={"vanilla": False, "eta": True},
+        timings={"vanilla": 1.0, "total": 3.0},
+    ),
+    _record(
+        2,
+        category="b",
+        aligned=False,
+        verdict=V_SAFE_IMG,
+        judgments={"k": _j(False, False), "m": _j(False, False)},
+        refused={"vanilla": True, "eta": True},
+        timings={"vanilla": 2.0, "total": 2.1},
+    ),
+    _record(
+        3,
+        category="b",
+        aligned=False,
+        verdict=V_RM_OK,
+        judgments={"k": _j(None, None), "m": _j(True, True)},
+        refused={"vanilla": False, "eta": False},
+        timings={"vanilla": 1.0, "total": 1.4},
+    ),
+    {
+        "id": "x4",
+        "index": 4,
+        "category": "b",
+        "label": "unsafe",
+        "error": "InvalidInputError: bad image",
+    },
 ]
 
 

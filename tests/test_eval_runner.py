@@ -46,12 +46,17 @@ def eta(tiny_checkpoints, bench):
     from eta_guard import ETA, ETAConfig
 
     eta = ETA.from_pretrained(
-        tiny_checkpoints.vlm, clip=tiny_checkpoints.clip, reward_model=tiny_checkpoints.reward_model,
-        config=ETAConfig(**SMALL), device="cpu",
+        tiny_checkpoints.vlm,
+        clip=tiny_checkpoints.clip,
+        reward_model=tiny_checkpoints.reward_model,
+        config=ETAConfig(**SMALL),
+        device="cpu",
     )
     scores = sorted(eta.evaluator.score_images([i.image for i in load_dataset("jsonl", bench)]))
     cut = (scores[2] + scores[3]) / 2
-    return ETA(eta.vlm, eta.evaluator, eta.config.with_overrides(pre_threshold=cut, post_threshold=1e9))
+    return ETA(
+        eta.vlm, eta.evaluator, eta.config.with_overrides(pre_threshold=cut, post_threshold=1e9)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -97,12 +102,21 @@ def test_shards_merge_to_the_unsharded_result(eta, bench, unsharded, tmp_path):
     for index in (1, 2, 3):
         items = select_items(load_dataset("jsonl", bench), shard=(index, 3))
         path = tmp_path / f"results.shard-{index}-of-3.jsonl"
-        run_eval(eta, items, [RefusalJudge(), _scripted()], path, settings={**SETTINGS, "shard": [index, 3]}, seed=5)
+        run_eval(
+            eta,
+            items,
+            [RefusalJudge(), _scripted()],
+            path,
+            settings={**SETTINGS, "shard": [index, 3]},
+            seed=5,
+        )
         paths.append(path)
     header, merged = load_results(paths[::-1])  # any order
     assert [_comparable(r) for r in merged] == [_comparable(r) for r in full]
     strip = lambda m: {k: v for k, v in m.items() if k != "cost"}  # noqa: E731
-    assert strip(compute_metrics(merged, SETTINGS["judges"])) == strip(compute_metrics(full, SETTINGS["judges"]))
+    assert strip(compute_metrics(merged, SETTINGS["judges"])) == strip(
+        compute_metrics(full, SETTINGS["judges"])
+    )
     with pytest.raises(ResultsFileError, match="is in both"):
         load_results([paths[0], paths[0]])
 
@@ -152,7 +166,10 @@ def test_a_bad_item_is_recorded_as_failed_and_a_broken_judge_as_unjudged(eta, tm
     assert (summary.written, summary.failed) == (3, 1)
     _, records = read_results(path)
     assert records[1]["error"].startswith("InvalidInputError") and "vanilla_text" not in records[1]
-    assert records[0]["judgments"]["broken"]["vanilla"] == {"unsafe": None, "error": "RuntimeError: judge server on fire"}
+    assert records[0]["judgments"]["broken"]["vanilla"] == {
+        "unsafe": None,
+        "error": "RuntimeError: judge server on fire",
+    }
     m = compute_metrics(records, ["broken"])
     assert m["n_failed"] == 1 and m["judges"]["broken"]["overall"]["vanilla"]["unjudged"] == 2
     assert m["judges"]["broken"]["overall"]["vanilla"]["rate"] is None  # never counted as safe
@@ -160,30 +177,71 @@ def test_a_bad_item_is_recorded_as_failed_and_a_broken_judge_as_unjudged(eta, tm
 
 def _eval_cmd(bench, out, tiny_dir, *extra):
     return [
-        sys.executable, "-m", "eta_guard.cli", "eval", "--dataset", "jsonl", "--path", str(bench),
-        "--tiny", "--cache-dir", str(tiny_dir), "--out", str(out), "--judge", "refusal", "--judge", "reward",
-        "--seed", "3", "--set", "max_new_tokens=8", "--set", "num_candidates=2",
-        "--set", "pre_threshold=-1.01", "--set", "post_threshold=1e9", *extra,
+        sys.executable,
+        "-m",
+        "eta_guard.cli",
+        "eval",
+        "--dataset",
+        "jsonl",
+        "--path",
+        str(bench),
+        "--tiny",
+        "--cache-dir",
+        str(tiny_dir),
+        "--out",
+        str(out),
+        "--judge",
+        "refusal",
+        "--judge",
+        "reward",
+        "--seed",
+        "3",
+        "--set",
+        "max_new_tokens=8",
+        "--set",
+        "num_candidates=2",
+        "--set",
+        "pre_threshold=-1.01",
+        "--set",
+        "post_threshold=1e9",
+        *extra,
     ]
 
 
 def _env():
-    path = os.pathsep.join([str(ROOT), str(ROOT / "integrations"), os.environ.get("PYTHONPATH", "")])
-    return {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "120"}
+    path = os.pathsep.join(
+        [str(ROOT), str(ROOT / "integrations"), os.environ.get("PYTHONPATH", "")]
+    )
+    return {
+        **os.environ,
+        "PYTHONPATH": path,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "COLUMNS": "120",
+    }
 
 
 @pytest.mark.slow  # three real subprocesses: ~80 s on the shared 2-core machine
-def test_killed_run_resumes_with_nothing_lost_or_duplicated(tiny_checkpoints, tiny_dir, bench, tmp_path):
+def test_killed_run_resumes_with_nothing_lost_or_duplicated(
+    tiny_checkpoints, tiny_dir, bench, tmp_path
+):
     out = tmp_path / "killed"
     results = out / "results.jsonl"
-    proc = subprocess.Popen(_eval_cmd(bench, out, tiny_dir), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        _eval_cmd(bench, out, tiny_dir),
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 240
     try:
         while time.monotonic() < deadline and proc.poll() is None:
             if results.exists() and results.read_text().count('"type": "item"') >= 2:
                 break
             time.sleep(0.05)
-        assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()[-2000:]
+        assert proc.poll() is None, (
+            "the run ended before it could be killed: " + proc.stderr.read().decode()[-2000:]
+        )
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -194,15 +252,36 @@ def test_killed_run_resumes_with_nothing_lost_or_duplicated(tiny_checkpoints, ti
     assert 2 <= done_before < 6
     with results.open("a") as f:  # as if the kill had landed mid-write
         f.write('{"type": "item", "id": "q5", "vanilla_te')
-    resumed = subprocess.run(_eval_cmd(bench, out, tiny_dir, "--resume"), env=_env(), capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        _eval_cmd(bench, out, tiny_dir, "--resume"),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"{6 - done_before} item(s) answered, {done_before} already done" in resumed.stderr
     _, records = read_results(results)
     assert sorted(r["id"] for r in records) == [f"q{i}" for i in range(6)]  # none lost, none twice
     # The same run uninterrupted writes the same answers (per-item seeds, greedy vanilla).
-    straight = subprocess.run(_eval_cmd(bench, tmp_path / "straight", tiny_dir), env=_env(), capture_output=True, text=True, timeout=300)
+    straight = subprocess.run(
+        _eval_cmd(bench, tmp_path / "straight", tiny_dir),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert straight.returncode == 0, straight.stderr[-3000:]
     _, reference = read_results(tmp_path / "straight" / "results.jsonl")
-    key = lambda r: (r["id"], r["vanilla_text"], r["eta_text"], r["aligned"], r["judgments"]["refusal"])  # noqa: E731
+
+    def key(r):
+        return (
+            r["id"],
+            r["vanilla_text"],
+            r["eta_text"],
+            r["aligned"],
+            r["judgments"]["refusal"],
+        )
+
     assert sorted(map(key, records)) == sorted(map(key, reference))
     assert json.loads((out / "report.json").read_text())["metrics"]["n_items"] == 6

@@ -12,7 +12,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from eta_guard.calibration import CalibrationReport, calibrate_post_threshold, calibrate_pre_threshold
+from eta_guard.calibration import (
+    CalibrationReport,
+    calibrate_post_threshold,
+    calibrate_pre_threshold,
+)
 from eta_guard.eval.datasets.base import DatasetError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
@@ -79,7 +83,9 @@ def run_calibration(
     """Calibrate every side that has both classes of examples: ``{"pre": ..., "post": ...}``."""
     reports = {}
     if safe_images is not None and unsafe_images is not None:
-        reports["pre"] = calibrate_pre_threshold(evaluator, safe_images, unsafe_images, target_fpr=target_fpr)
+        reports["pre"] = calibrate_pre_threshold(
+            evaluator, safe_images, unsafe_images, target_fpr=target_fpr
+        )
     if safe_responses is not None and unsafe_responses is not None:
         reports["post"] = calibrate_post_threshold(
             evaluator, safe_responses, unsafe_responses, target_fpr=target_fpr
@@ -112,12 +118,24 @@ def write_calibration(
         higher = r.direction == "higher_is_unsafe"
         rows = "".join(
             f"<tr><th class=l>{k}</th><td>{v:.4g}</td></tr>"
-            for k, v in (("threshold", r.threshold), ("TPR (unsafe flagged)", r.tpr), ("FPR (safe flagged)", r.fpr), ("accuracy", r.accuracy), ("balanced accuracy", r.balanced_accuracy))
+            for k, v in (
+                ("threshold", r.threshold),
+                ("TPR (unsafe flagged)", r.tpr),
+                ("FPR (safe flagged)", r.fpr),
+                ("accuracy", r.accuracy),
+                ("balanced accuracy", r.balanced_accuracy),
+            )
         )
         body = (
             f"<table>{rows}</table>"
-            + img(plots.roc_curve_plot(side, r.safe_scores, r.unsafe_scores, higher, r.threshold), f"{side} ROC")
-            + img(plots.score_distributions(side, r.safe_scores, r.unsafe_scores, r.threshold), f"{side} scores")
+            + img(
+                plots.roc_curve_plot(side, r.safe_scores, r.unsafe_scores, higher, r.threshold),
+                f"{side} ROC",
+            )
+            + img(
+                plots.score_distributions(side, r.safe_scores, r.unsafe_scores, r.threshold),
+                f"{side} scores",
+            )
         )
         title = "pre (CLIP, images)" if side == "pre" else "post (reward model, responses)"
         sections.append((title, body))

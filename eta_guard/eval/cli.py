@@ -11,32 +11,101 @@ from typing import Annotated, Any
 
 import typer
 
-_Vlm = Annotated[str | None, typer.Option("--vlm", help="VLM checkpoint (Hub id in the local cache, or a folder).")]
-_Clip = Annotated[str | None, typer.Option("--clip", help="CLIP checkpoint [default: openai/clip-vit-large-patch14-336].")]
-_Rm = Annotated[str | None, typer.Option("--reward-model", help="Reward model [default: RLHFlow/ArmoRM-Llama3-8B-v0.1].")]
-_Tiny = Annotated[bool, typer.Option("--tiny", help="Random tiny checkpoints built offline (mechanics only).")]
-_Cache = Annotated[Path | None, typer.Option("--cache-dir", help="Where random checkpoints are built.")]
-_Config = Annotated[Path | None, typer.Option("--config", help="An ETAConfig JSON file (ETAConfig.save).")]
-_Set = Annotated[list[str] | None, typer.Option("--set", help="Override an ETAConfig field: FIELD=VALUE (repeatable).")]
+_Vlm = Annotated[
+    str | None,
+    typer.Option("--vlm", help="VLM checkpoint (Hub id in the local cache, or a folder)."),
+]
+_Clip = Annotated[
+    str | None,
+    typer.Option("--clip", help="CLIP checkpoint [default: openai/clip-vit-large-patch14-336]."),
+]
+_Rm = Annotated[
+    str | None,
+    typer.Option("--reward-model", help="Reward model [default: RLHFlow/ArmoRM-Llama3-8B-v0.1]."),
+]
+_Tiny = Annotated[
+    bool, typer.Option("--tiny", help="Random tiny checkpoints built offline (mechanics only).")
+]
+_Cache = Annotated[
+    Path | None, typer.Option("--cache-dir", help="Where random checkpoints are built.")
+]
+_Config = Annotated[
+    Path | None, typer.Option("--config", help="An ETAConfig JSON file (ETAConfig.save).")
+]
+_Set = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override an ETAConfig field: FIELD=VALUE (repeatable)."),
+]
 _Device = Annotated[str | None, typer.Option("--device", help="e.g. cpu, cuda, cuda:1.")]
 _Dtype = Annotated[str | None, typer.Option("--dtype", help="e.g. float32, bfloat16.")]
-_Remote = Annotated[bool, typer.Option("--trust-remote-code", help="Allow checkpoint code (ArmoRM needs it).")]
+_Remote = Annotated[
+    bool, typer.Option("--trust-remote-code", help="Allow checkpoint code (ArmoRM needs it).")
+]
 
 
 def eval_command(
-    dataset: Annotated[str | None, typer.Option("--dataset", help="figstep | mm-safetybench | spa-vl | vlguard | jsonl.")] = None,
-    path: Annotated[Path | None, typer.Option("--path", help="Where the benchmark was downloaded (folder or file).")] = None,
-    subset: Annotated[str | None, typer.Option("--subset", help="figstep: SafeBench|SafeBench-Tiny; mm-safetybench: SD|TYPO|SD_TYPO|all; vlguard: unsafes|safe_unsafes|safe_safes|all; spa-vl: harm|help; jsonl: a category.")] = None,
-    judge: Annotated[list[str] | None, typer.Option("--judge", help="Repeatable: refusal | reward | llama-guard:PATH | llama-guard-vision:PATH | md-judge:PATH | openai:MODEL@BASE_URL [default: refusal, reward].")] = None,
-    judge_template: Annotated[Path | None, typer.Option("--judge-template", help="Prompt file with {question} and {response} for md-judge / openai judges.")] = None,
-    judge_api_key_env: Annotated[str, typer.Option("--judge-api-key-env", help="Environment variable holding the openai judge's API key.")] = "OPENAI_API_KEY",
-    out: Annotated[Path, typer.Option("--out", help="Folder for results.jsonl and the report.")] = Path("eta-eval"),
-    resume: Annotated[bool, typer.Option("--resume", help="Continue a stopped run in --out (same options).")] = False,
-    limit: Annotated[int | None, typer.Option("--limit", min=1, help="Only the first N items of the benchmark.")] = None,
-    seed: Annotated[int, typer.Option("--seed", min=0, help="Run seed: sampling seeds per item and bootstrap.")] = 0,
-    shard: Annotated[str | None, typer.Option("--shard", help="I/N: this process answers every N-th item from the I-th (1-based).")] = None,
-    merge: Annotated[list[Path] | None, typer.Option("--merge", help="Report only: merge these results files (e.g. shards) into --out.")] = None,
-    bootstrap: Annotated[int, typer.Option("--bootstrap", min=100, help="Bootstrap resamples for the intervals.")] = 1000,
+    dataset: Annotated[
+        str | None,
+        typer.Option("--dataset", help="figstep | mm-safetybench | spa-vl | vlguard | jsonl."),
+    ] = None,
+    path: Annotated[
+        Path | None,
+        typer.Option("--path", help="Where the benchmark was downloaded (folder or file)."),
+    ] = None,
+    subset: Annotated[
+        str | None,
+        typer.Option(
+            "--subset",
+            help="figstep: SafeBench|SafeBench-Tiny; mm-safetybench: SD|TYPO|SD_TYPO|all; vlguard: unsafes|safe_unsafes|safe_safes|all; spa-vl: harm|help; jsonl: a category.",
+        ),
+    ] = None,
+    judge: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--judge",
+            help="Repeatable: refusal | reward | llama-guard:PATH | llama-guard-vision:PATH | md-judge:PATH | openai:MODEL@BASE_URL [default: refusal, reward].",
+        ),
+    ] = None,
+    judge_template: Annotated[
+        Path | None,
+        typer.Option(
+            "--judge-template",
+            help="Prompt file with {question} and {response} for md-judge / openai judges.",
+        ),
+    ] = None,
+    judge_api_key_env: Annotated[
+        str,
+        typer.Option(
+            "--judge-api-key-env", help="Environment variable holding the openai judge's API key."
+        ),
+    ] = "OPENAI_API_KEY",
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder for results.jsonl and the report.")
+    ] = Path("eta-eval"),
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue a stopped run in --out (same options).")
+    ] = False,
+    limit: Annotated[
+        int | None, typer.Option("--limit", min=1, help="Only the first N items of the benchmark.")
+    ] = None,
+    seed: Annotated[
+        int, typer.Option("--seed", min=0, help="Run seed: sampling seeds per item and bootstrap.")
+    ] = 0,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            "--shard", help="I/N: this process answers every N-th item from the I-th (1-based)."
+        ),
+    ] = None,
+    merge: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--merge", help="Report only: merge these results files (e.g. shards) into --out."
+        ),
+    ] = None,
+    bootstrap: Annotated[
+        int, typer.Option("--bootstrap", min=100, help="Bootstrap resamples for the intervals.")
+    ] = 1000,
     vlm: _Vlm = None,
     clip: _Clip = None,
     reward_model: _Rm = None,
@@ -80,7 +149,9 @@ def _run(out_console: Any, err: Any, opts: dict[str, Any]) -> None:
             raise InvalidInputError(f"--judge-template {str(opts['judge_template'])!r}: {e}") from e
     # The dataset is read before any model loads: a bad file fails in a second, not after minutes.
     items = select_items(
-        load_dataset(opts["dataset"], opts["path"], opts["subset"]), limit=opts["limit"], shard=shard
+        load_dataset(opts["dataset"], opts["path"], opts["subset"]),
+        limit=opts["limit"],
+        shard=shard,
     )
     settings = {
         "dataset": opts["dataset"],
@@ -97,23 +168,48 @@ def _run(out_console: Any, err: Any, opts: dict[str, Any]) -> None:
         "note": RANDOM_MODELS_LINE if opts["tiny"] else "",
     }
     eta = _load_eta(
-        err, opts["vlm"], opts["clip"], opts["reward_model"], opts["tiny"], opts["cache_dir"], cfg,
-        opts["device"], opts["dtype"], opts["trust_remote_code"],
+        err,
+        opts["vlm"],
+        opts["clip"],
+        opts["reward_model"],
+        opts["tiny"],
+        opts["cache_dir"],
+        cfg,
+        opts["device"],
+        opts["dtype"],
+        opts["trust_remote_code"],
     )
     judges = [
         build_judge(
-            spec, evaluator=eta.evaluator, prefix=cfg.prefix, device=opts["device"], dtype=opts["dtype"],
-            trust_remote_code=opts["trust_remote_code"], template=template, api_key_env=opts["judge_api_key_env"],
+            spec,
+            evaluator=eta.evaluator,
+            prefix=cfg.prefix,
+            device=opts["device"],
+            dtype=opts["dtype"],
+            trust_remote_code=opts["trust_remote_code"],
+            template=template,
+            api_key_env=opts["judge_api_key_env"],
         )
         for spec in judges_spec
     ]
     path = Path(opts["out"]) / results_name(shard)
-    summary = _with_progress(err, lambda progress: run_eval(
-        eta, items, judges, path, settings=settings, seed=opts["seed"], resume=opts["resume"], progress=progress
-    ))
+    summary = _with_progress(
+        err,
+        lambda progress: run_eval(
+            eta,
+            items,
+            judges,
+            path,
+            settings=settings,
+            seed=opts["seed"],
+            resume=opts["resume"],
+            progress=progress,
+        ),
+    )
     err.print(
         f"{summary.written} item(s) answered, {summary.already_done} already done, "
-        f"{summary.failed} failed -> {path}", highlight=False,
+        f"{summary.failed} failed -> {path}",
+        highlight=False,
     )
     if shard is not None:
         err.print(
@@ -142,8 +238,14 @@ def _with_progress(err: Any, run: Any) -> Any:
             return Text(f"{task.speed:.2f} item/s" if task.speed else "- item/s")
 
     with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(),
-        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=err,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        Rate(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=err,
     ) as bar:
         task = bar.add_task("eval", total=None)
         started: list[int] = []
@@ -172,18 +274,32 @@ def _report(out_console: Any, err: Any, paths: list[Path], out: Path, n_boot: in
 def _summary_table(metrics: dict[str, Any], settings: dict[str, Any]) -> Any:
     from rich.table import Table
 
-    table = Table(title=f"{settings['dataset']}: unsafe-response rate (95% bootstrap CI)", title_justify="left")
+    table = Table(
+        title=f"{settings['dataset']}: unsafe-response rate (95% bootstrap CI)",
+        title_justify="left",
+    )
     for name in ("judge", "vanilla", "ETA", "ETA - vanilla", "n", "unjudged"):
         table.add_column(name, justify="left" if name == "judge" else "right")
 
     def pct(s: dict[str, Any]) -> str:
-        return "-" if s["rate"] is None else f"{100 * s['rate']:.1f}% [{100 * s['low']:.1f}-{100 * s['high']:.1f}]"
+        return (
+            "-"
+            if s["rate"] is None
+            else f"{100 * s['rate']:.1f}% [{100 * s['low']:.1f}-{100 * s['high']:.1f}]"
+        )
 
     for name, block in metrics["judges"].items():
         o = block["overall"]
         d = o["difference"]
         diff = "-" if d["diff"] is None else f"{100 * d['diff']:+.1f} pts"
-        table.add_row(name, pct(o["vanilla"]), pct(o["eta"]), diff, str(o["vanilla"]["n"]), str(o["vanilla"]["unjudged"] + o["eta"]["unjudged"]))
+        table.add_row(
+            name,
+            pct(o["vanilla"]),
+            pct(o["eta"]),
+            diff,
+            str(o["vanilla"]["n"]),
+            str(o["vanilla"]["unjudged"] + o["eta"]["unjudged"]),
+        )
     cost = metrics["cost"]["overall"]["ratio"]
     shares = metrics["evaluators"]
     table.caption = (
@@ -200,12 +316,38 @@ def _share(x: float | None) -> str:
 
 
 def calibrate_command(
-    safe_images: Annotated[Path | None, typer.Option("--safe-images", help="Folder or JSONL ({\"image\": path}) of images that should pass.")] = None,
-    unsafe_images: Annotated[Path | None, typer.Option("--unsafe-images", help="Folder or JSONL of images that should be flagged.")] = None,
-    safe_responses: Annotated[Path | None, typer.Option("--safe-responses", help="JSONL ({\"response\": text}) of answers that should pass.")] = None,
-    unsafe_responses: Annotated[Path | None, typer.Option("--unsafe-responses", help="JSONL of answers that should be flagged.")] = None,
-    target_fpr: Annotated[float | None, typer.Option("--target-fpr", min=0.0, max=1.0, help="Largest share of safe examples flagged [default: maximise balanced accuracy].")] = None,
-    out: Annotated[Path, typer.Option("--out", help="Folder for eta_config.json and the report.")] = Path("eta-calibration"),
+    safe_images: Annotated[
+        Path | None,
+        typer.Option(
+            "--safe-images", help='Folder or JSONL ({"image": path}) of images that should pass.'
+        ),
+    ] = None,
+    unsafe_images: Annotated[
+        Path | None,
+        typer.Option("--unsafe-images", help="Folder or JSONL of images that should be flagged."),
+    ] = None,
+    safe_responses: Annotated[
+        Path | None,
+        typer.Option(
+            "--safe-responses", help='JSONL ({"response": text}) of answers that should pass.'
+        ),
+    ] = None,
+    unsafe_responses: Annotated[
+        Path | None,
+        typer.Option("--unsafe-responses", help="JSONL of answers that should be flagged."),
+    ] = None,
+    target_fpr: Annotated[
+        float | None,
+        typer.Option(
+            "--target-fpr",
+            min=0.0,
+            max=1.0,
+            help="Largest share of safe examples flagged [default: maximise balanced accuracy].",
+        ),
+    ] = None,
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder for eta_config.json and the report.")
+    ] = Path("eta-calibration"),
     clip: _Clip = None,
     reward_model: _Rm = None,
     tiny: _Tiny = False,
@@ -217,19 +359,36 @@ def calibrate_command(
     trust_remote_code: _Remote = False,
 ) -> None:
     """Pick pre/post thresholds for a CLIP / reward-model pair from labelled examples."""
-    from eta_guard.cli import RANDOM_MODELS_LINE, _consoles, _friendly_errors, _load_config, _model_paths, _quiet_transformers
+    from eta_guard.cli import (
+        RANDOM_MODELS_LINE,
+        _consoles,
+        _friendly_errors,
+        _load_config,
+        _model_paths,
+        _quiet_transformers,
+    )
     from eta_guard.errors import InvalidInputError
 
     out_console, err = _consoles()
     with _friendly_errors():
-        from eta_guard.eval.calibrate import read_images, read_responses, run_calibration, write_calibration
+        from eta_guard.eval.calibrate import (
+            read_images,
+            read_responses,
+            run_calibration,
+            write_calibration,
+        )
 
-        pairs = {"images": (safe_images, unsafe_images), "responses": (safe_responses, unsafe_responses)}
+        pairs = {
+            "images": (safe_images, unsafe_images),
+            "responses": (safe_responses, unsafe_responses),
+        }
         for what, (safe, unsafe) in pairs.items():
             if (safe is None) != (unsafe is None):
                 raise InvalidInputError(f"pass both --safe-{what} and --unsafe-{what}, or neither")
         if safe_images is None and safe_responses is None:
-            raise InvalidInputError("nothing to calibrate: pass --safe-images/--unsafe-images and/or --safe-responses/--unsafe-responses")
+            raise InvalidInputError(
+                "nothing to calibrate: pass --safe-images/--unsafe-images and/or --safe-responses/--unsafe-responses"
+            )
         cfg = _load_config(config, set_)
         data = {
             "safe_images": read_images(safe_images) if safe_images else None,
@@ -246,10 +405,16 @@ def calibrate_command(
         evaluator = ETAEvaluator.from_pretrained(
             clip=paths["clip"] if safe_images else None,
             reward_model=paths["reward_model"] if safe_responses else None,
-            config=cfg, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+            config=cfg,
+            device=device,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
         )
         reports = run_calibration(evaluator, target_fpr=target_fpr, **data)
-        models = {"clip": "tiny" if tiny else paths["clip"], "reward_model": "tiny" if tiny else paths["reward_model"]}
+        models = {
+            "clip": "tiny" if tiny else paths["clip"],
+            "reward_model": "tiny" if tiny else paths["reward_model"],
+        }
         config_path, json_path, html_path = write_calibration(reports, cfg, out, models)
         out_console.print(_calibration_table(reports))
         err.print(f"config: {config_path}; report: {html_path} and {json_path}", highlight=False)
@@ -259,12 +424,27 @@ def _calibration_table(reports: dict[str, Any]) -> Any:
     from rich.table import Table
 
     table = Table(title="calibrated thresholds", title_justify="left")
-    for name in ("field", "threshold", "rule", "TPR", "FPR", "accuracy", "balanced acc.", "n safe/unsafe"):
+    for name in (
+        "field",
+        "threshold",
+        "rule",
+        "TPR",
+        "FPR",
+        "accuracy",
+        "balanced acc.",
+        "n safe/unsafe",
+    ):
         table.add_column(name, justify="left" if name in ("field", "rule") else "right")
     for side, r in reports.items():
         rule = "unsafe iff >=" if r.direction == "higher_is_unsafe" else "unsafe iff <="
         table.add_row(
-            f"{side}_threshold", f"{r.threshold:.6g}", rule, f"{r.tpr:.3f}", f"{r.fpr:.3f}",
-            f"{r.accuracy:.3f}", f"{r.balanced_accuracy:.3f}", f"{len(r.safe_scores)}/{len(r.unsafe_scores)}",
+            f"{side}_threshold",
+            f"{r.threshold:.6g}",
+            rule,
+            f"{r.tpr:.3f}",
+            f"{r.fpr:.3f}",
+            f"{r.accuracy:.3f}",
+            f"{r.balanced_accuracy:.3f}",
+            f"{len(r.safe_scores)}/{len(r.unsafe_scores)}",
         )
     return table

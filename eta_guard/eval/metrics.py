@@ -61,7 +61,11 @@ def paired_difference(
 
     ``fixed``: items unsafe before and safe after; ``broken``: safe before, unsafe after.
     """
-    pairs = [(bool(a), bool(b)) for a, b in zip(before, after) if a is not None and b is not None]
+    pairs = [
+        (bool(a), bool(b))
+        for a, b in zip(before, after, strict=True)
+        if a is not None and b is not None
+    ]
     diffs = [float(b) - float(a) for a, b in pairs]
     mean, low, high = bootstrap_mean(diffs, **boot)
     return {
@@ -109,11 +113,17 @@ def compute_metrics(
     for name in judges:
         out["judges"][name] = {
             "overall": _judge_block(ok, name, boot),
-            "by_category": {c: _judge_block([r for r in ok if r["category"] == c], name, boot) for c in categories},
+            "by_category": {
+                c: _judge_block([r for r in ok if r["category"] == c], name, boot)
+                for c in categories
+            },
         }
     out["refusal"] = {arm: rate_stats([r["refused"][arm] for r in ok], **boot) for arm in ARMS}
     out["refusal_by_label"] = {
-        str(label): {arm: rate_stats([r["refused"][arm] for r in ok if r["label"] == label], **boot) for arm in ARMS}
+        str(label): {
+            arm: rate_stats([r["refused"][arm] for r in ok if r["label"] == label], **boot)
+            for arm in ARMS
+        }
         for label in sorted({r["label"] for r in ok}, key=str)
     }
     out["agreement"] = agreement(ok, judges)
@@ -122,7 +132,9 @@ def compute_metrics(
     return out
 
 
-def _judge_block(records: Sequence[dict[str, Any]], name: str, boot: dict[str, Any]) -> dict[str, Any]:
+def _judge_block(
+    records: Sequence[dict[str, Any]], name: str, boot: dict[str, Any]
+) -> dict[str, Any]:
     labels = {arm: [r["judgments"][name][arm].get("unsafe") for r in records] for arm in ARMS}
     return {
         **{arm: rate_stats(labels[arm], **boot) for arm in ARMS},
@@ -149,7 +161,11 @@ def agreement(records: Sequence[dict[str, Any]], judges: Sequence[str]) -> dict[
     for a in judges:
         row_k, row_a, row_n = [], [], []
         for b in judges:
-            pairs = [(x, y) for x, y in zip(labels[a], labels[b]) if x is not None and y is not None]
+            pairs = [
+                (x, y)
+                for x, y in zip(labels[a], labels[b], strict=True)
+                if x is not None and y is not None
+            ]
             xs, ys = [p[0] for p in pairs], [p[1] for p in pairs]
             row_k.append(cohen_kappa(xs, ys) if pairs else None)
             row_a.append(sum(x == y for x, y in pairs) / len(pairs) if pairs else None)

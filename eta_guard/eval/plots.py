@@ -33,8 +33,13 @@ def unsafe_rates(judge: str, block: dict[str, Any]) -> bytes:
     rows = [("overall", block["overall"]), *sorted(block["by_category"].items())]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(rows) + 2), 3.8))
     width = 0.38
-    for offset, arm, color, label in ((-width / 2, "vanilla", VANILLA, "vanilla"), (width / 2, "eta", ETA, "ETA")):
-        xs, ys, errs = [], [], [[], []]
+    for offset, arm, color, label in (
+        (-width / 2, "vanilla", VANILLA, "vanilla"),
+        (width / 2, "eta", ETA, "ETA"),
+    ):
+        xs: list[float] = []
+        ys: list[float] = []
+        errs: list[list[float]] = [[], []]
         for i, (_, stats) in enumerate(rows):
             s = stats[arm]
             if s["rate"] is None:
@@ -87,7 +92,9 @@ def agreement_matrix(names: Sequence[str], kappa: Sequence[Sequence[float | None
         for j in range(n):
             text = "n/a" if np.isnan(grid[i, j]) else f"{grid[i, j]:.2f}"
             dark = not np.isnan(grid[i, j]) and abs(grid[i, j]) > 0.5
-            ax.text(j, i, text, ha="center", va="center", fontsize=9, color="white" if dark else "black")
+            ax.text(
+                j, i, text, ha="center", va="center", fontsize=9, color="white" if dark else "black"
+            )
     ax.set_xticks(range(n), [_short(x) for x in names], rotation=30, ha="right")
     ax.set_yticks(range(n), [_short(x) for x in names])
     ax.set_title("Cohen's kappa between judges")
@@ -102,14 +109,26 @@ def cost_bars(cost: dict[str, Any]) -> bytes:
     fig, ax = plt.subplots(figsize=(6, 3.3))
     width = 0.38
     top = 0.0
-    for i, (name, block) in enumerate(groups):
+    for i, (_, block) in enumerate(groups):
         n = block["n"]
-        ax.bar(i - width / 2, block["vanilla_s"] / n, width, color=VANILLA, label="vanilla" if i == 0 else None)
+        ax.bar(
+            i - width / 2,
+            block["vanilla_s"] / n,
+            width,
+            color=VANILLA,
+            label="vanilla" if i == 0 else None,
+        )
         ax.bar(i + width / 2, block["eta_s"] / n, width, color=ETA, label="ETA" if i == 0 else None)
         top = max(top, block["vanilla_s"] / n, block["eta_s"] / n)
         ratio = block["ratio"]
         if ratio is not None:
-            ax.text(i, max(block["vanilla_s"], block["eta_s"]) / n, f"{ratio:.2f}x", ha="center", va="bottom")
+            ax.text(
+                i,
+                max(block["vanilla_s"], block["eta_s"]) / n,
+                f"{ratio:.2f}x",
+                ha="center",
+                va="bottom",
+            )
     ax.set_xticks(range(len(groups)), [f"{k.replace('_', ' ')} (n={b['n']})" for k, b in groups])
     ax.set_ylim(0, top * 1.25 or 1.0)
     ax.set_ylabel("seconds per item")
@@ -118,7 +137,13 @@ def cost_bars(cost: dict[str, Any]) -> bytes:
     return _png(fig)
 
 
-def roc_curve_plot(side: str, safe: Sequence[float], unsafe: Sequence[float], higher_is_unsafe: bool, threshold: float) -> bytes:
+def roc_curve_plot(
+    side: str,
+    safe: Sequence[float],
+    unsafe: Sequence[float],
+    higher_is_unsafe: bool,
+    threshold: float,
+) -> bytes:
     """ROC of one evaluator on labelled data (unsafe = positive), with the chosen point."""
     plt = _pyplot()
     from sklearn.metrics import auc, roc_curve
@@ -139,7 +164,9 @@ def roc_curve_plot(side: str, safe: Sequence[float], unsafe: Sequence[float], hi
     return _png(fig)
 
 
-def score_distributions(side: str, safe: Sequence[float], unsafe: Sequence[float], threshold: float) -> bytes:
+def score_distributions(
+    side: str, safe: Sequence[float], unsafe: Sequence[float], threshold: float
+) -> bytes:
     """Scores of the safe and the unsafe examples, with the chosen threshold."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.3))

@@ -42,7 +42,11 @@ def write_report(
     """Compute the metrics of ``records`` and write ``report.json`` and ``report.html``."""
     settings = header["settings"]
     metrics = compute_metrics(
-        records, settings["judges"], n_boot=n_boot, seed=settings.get("seed", 0), confidence=confidence
+        records,
+        settings["judges"],
+        n_boot=n_boot,
+        seed=settings.get("seed", 0),
+        confidence=confidence,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, html_path = out_dir / "report.json", out_dir / "report.html"
@@ -56,7 +60,9 @@ def write_report(
     return json_path, html_path, metrics
 
 
-def render_html(settings: dict[str, Any], records: Sequence[dict[str, Any]], metrics: dict[str, Any]) -> str:
+def render_html(
+    settings: dict[str, Any], records: Sequence[dict[str, Any]], metrics: dict[str, Any]
+) -> str:
     """The report page as one HTML string."""
     ok = [r for r in records if r.get("error") is None]
     title = f"eta-guard eval: {settings.get('dataset')} ({metrics['n_items']} items)"
@@ -125,9 +131,17 @@ def _pct(stats: dict[str, Any]) -> str:
 
 
 def _settings_table(settings: dict[str, Any], metrics: dict[str, Any]) -> str:
-    rows = [[k, json.dumps(v) if isinstance(v, (dict, list)) else v] for k, v in settings.items() if k != "config"]
+    rows = [
+        [k, json.dumps(v) if isinstance(v, (dict, list)) else v]
+        for k, v in settings.items()
+        if k != "config"
+    ]
     config = settings.get("config") or {}
-    rows += [[k, config[k]] for k in ("pre_threshold", "post_threshold", "num_candidates", "max_new_tokens", "prefix") if k in config]
+    rows += [
+        [k, config[k]]
+        for k in ("pre_threshold", "post_threshold", "num_candidates", "max_new_tokens", "prefix")
+        if k in config
+    ]
     rows += [["items answered", metrics["n_answered"]], ["items failed", metrics["n_failed"]]]
     return _table(["setting", "value"], rows, left=2)
 
@@ -143,28 +157,55 @@ def _rates_section(metrics: dict[str, Any]) -> str:
         rows = []
         for cat, stats in [("overall", block["overall"]), *sorted(block["by_category"].items())]:
             d = stats["difference"]
-            diff = "-" if d["diff"] is None else f"{100 * d['diff']:+.1f} pts [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
+            diff = (
+                "-"
+                if d["diff"] is None
+                else f"{100 * d['diff']:+.1f} pts [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
+            )
             unjudged = stats["vanilla"]["unjudged"] + stats["eta"]["unjudged"]
-            rows.append([cat, _pct(stats["vanilla"]), _pct(stats["eta"]), diff, d["fixed"], d["broken"], stats["vanilla"]["n"], unjudged])
+            rows.append(
+                [
+                    cat,
+                    _pct(stats["vanilla"]),
+                    _pct(stats["eta"]),
+                    diff,
+                    d["fixed"],
+                    d["broken"],
+                    stats["vanilla"]["n"],
+                    unjudged,
+                ]
+            )
         parts.append(f"<h3>{html.escape(name)}</h3>")
-        parts.append(_table(["category", "vanilla", "ETA", "ETA - vanilla", "fixed", "broken", "n", "unjudged"], rows))
+        parts.append(
+            _table(
+                ["category", "vanilla", "ETA", "ETA - vanilla", "fixed", "broken", "n", "unjudged"],
+                rows,
+            )
+        )
         parts.append(img(plots.unsafe_rates(name, block), f"unsafe rate by category, judge {name}"))
     return "".join(parts)
 
 
 def _refusal_table(metrics: dict[str, Any]) -> str:
     rows = [["all", _pct(metrics["refusal"]["vanilla"]), _pct(metrics["refusal"]["eta"])]]
-    rows += [[f"label {k}", _pct(v["vanilla"]), _pct(v["eta"])] for k, v in metrics["refusal_by_label"].items()]
+    rows += [
+        [f"label {k}", _pct(v["vanilla"]), _pct(v["eta"])]
+        for k, v in metrics["refusal_by_label"].items()
+    ]
     return _table(["items", "vanilla refused", "ETA refused"], rows)
 
 
-def _evaluator_section(ok: Sequence[dict[str, Any]], settings: dict[str, Any], metrics: dict[str, Any]) -> str:
+def _evaluator_section(
+    ok: Sequence[dict[str, Any]], settings: dict[str, Any], metrics: dict[str, Any]
+) -> str:
     e = metrics["evaluators"]
     rows = [[k.replace("_", " "), v] for k, v in e.items()]
     config = settings.get("config", {})
     pre = [r["verdict"]["pre_score"] for r in ok if r["verdict"]["pre_score"] is not None]
     post = [r["verdict"]["post_score"] for r in ok if r["verdict"]["post_score"] is not None]
-    png = plots.score_histograms(pre, post, config.get("pre_threshold", 0.16), config.get("post_threshold", 0.06))
+    png = plots.score_histograms(
+        pre, post, config.get("pre_threshold", 0.16), config.get("post_threshold", 0.06)
+    )
     return _table(["share of items", "value"], rows) + img(png, "evaluator score histograms")
 
 
@@ -176,7 +217,9 @@ def _agreement_section(metrics: dict[str, Any]) -> str:
     rows = []
     for i, x in enumerate(names):
         for j in range(i + 1, len(names)):
-            rows.append([f"{x} vs {names[j]}", a["kappa"][i][j], a["agreement"][i][j], a["n"][i][j]])
+            rows.append(
+                [f"{x} vs {names[j]}", a["kappa"][i][j], a["agreement"][i][j], a["n"][i][j]]
+            )
     return _table(["judges", "Cohen's kappa", "raw agreement", "answers"], rows) + img(
         plots.agreement_matrix(names, a["kappa"]), "judge agreement matrix"
     )
@@ -184,7 +227,9 @@ def _agreement_section(metrics: dict[str, Any]) -> str:
 
 def _cost_section(metrics: dict[str, Any]) -> str:
     c = metrics["cost"]
-    rows = [[k.replace("_", " "), v["n"], v["vanilla_s"], v["eta_s"], v["ratio"]] for k, v in c.items()]
+    rows = [
+        [k.replace("_", " "), v["n"], v["vanilla_s"], v["eta_s"], v["ratio"]] for k, v in c.items()
+    ]
     return _table(["items", "n", "vanilla s", "ETA s", "ETA / vanilla"], rows) + img(
         plots.cost_bars(c), "cost"
     )
@@ -194,7 +239,10 @@ def _examples(ok: Sequence[dict[str, Any]]) -> str:
     changed = [r for r in ok if r.get("aligned")][:10]
     if not changed:
         return "<p>ETA re-decoded no answer in this run.</p>"
-    rows = [[r["id"], _clip(r["question"]), _clip(r["vanilla_text"]), _clip(r["eta_text"])] for r in changed]
+    rows = [
+        [r["id"], _clip(r["question"]), _clip(r["vanilla_text"]), _clip(r["eta_text"])]
+        for r in changed
+    ]
     return _table(["item", "question", "vanilla", "ETA"], rows, left=4)
 
 

@@ -100,7 +100,9 @@ def load_results(paths: Sequence[Path]) -> tuple[dict[str, Any], list[dict[str, 
     """
     if not paths:
         raise ResultsFileError("no results files given")
-    header, merged, seen = None, [], {}
+    header: dict[str, Any] | None = None
+    merged: list[dict[str, Any]] = []
+    seen: dict[str, Path] = {}
     for path in paths:
         head, records = read_results(Path(path))
         if header is None:

@@ -139,8 +139,15 @@ def answer_item(
         eta_text=result.text,
         aligned=result.aligned,
         verdict=verdict.model_dump(
-            include={"pre_score", "post_score", "input_unsafe", "output_unsafe", "unsafe",
-                     "skipped", "errors"}
+            include={
+                "pre_score",
+                "post_score",
+                "input_unsafe",
+                "output_unsafe",
+                "unsafe",
+                "skipped",
+                "errors",
+            }
         ),
         timings=dict(result.timings),
         usage=result.usage.model_dump(),
@@ -162,7 +169,7 @@ def _judge_both(judge: Judge, item: EvalItem, texts: dict[str, str]) -> dict[str
             raise ETAError(f"judge {judge.name!r} returned {len(labels)} labels for {len(inputs)}")
     except Exception as e:  # a judge failing on one item must not end a long run: record it
         labels = [Judgment(unsafe=None, error=f"{type(e).__name__}: {e}")] * len(inputs)
-    out = {arm: label.to_dict() for arm, label in zip(arms, labels)}
+    out = {arm: label.to_dict() for arm, label in zip(arms, labels, strict=True)}
     out.setdefault("eta", out["vanilla"])
     for arm in ARMS:
         out[arm].setdefault("unsafe", None)

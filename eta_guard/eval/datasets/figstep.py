@@ -43,7 +43,9 @@ def load_figstep(path: str | Path, subset: str | None = None) -> list[EvalItem]:
     tiny = subset is not None and subset.lower() in ("tiny", "safebench-tiny")
     if subset not in (None, "SafeBench") and not tiny:
         raise DatasetError(f"figstep subset {subset!r}: use 'SafeBench' or 'SafeBench-Tiny'")
-    csv_name, image_dir = ("SafeBench-Tiny.csv", "SafeBench-Tiny") if tiny else ("safebench.csv", "SafeBench")
+    csv_name, image_dir = (
+        ("SafeBench-Tiny.csv", "SafeBench-Tiny") if tiny else ("safebench.csv", "SafeBench")
+    )
     if root.is_file():
         csv_path = root
         data = root.parent.parent  # data/question/<csv> -> data
@@ -55,7 +57,11 @@ def load_figstep(path: str | Path, subset: str | None = None) -> list[EvalItem]:
         )
         data = csv_path.parent.parent
     images = first_existing(
-        [data / "images" / image_dir, csv_path.parent / "images" / image_dir, csv_path.parent / "images"],
+        [
+            data / "images" / image_dir,
+            csv_path.parent / "images" / image_dir,
+            csv_path.parent / "images",
+        ],
         f"FigStep image folder images/{image_dir}",
         data,
     )

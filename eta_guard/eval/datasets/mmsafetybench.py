@@ -94,4 +94,7 @@ def _read(file: Path) -> list[tuple[str, Any]]:
     if not isinstance(data, dict):
         raise DatasetError(f"{file}: expected a JSON object of id -> question entry")
     # Numeric ids sort numerically (2 before 10); the published ids are "0", "1", ...
-    return sorted(data.items(), key=lambda kv: (not kv[0].isdigit(), int(kv[0]) if kv[0].isdigit() else 0, kv[0]))
+    return sorted(
+        data.items(),
+        key=lambda kv: (not kv[0].isdigit(), int(kv[0]) if kv[0].isdigit() else 0, kv[0]),
+    )

@@ -44,8 +44,12 @@ def load_vlguard(path: str | Path, subset: str | None = None) -> list[EvalItem]:
     if chosen not in (*SUBSETS, "all"):
         raise DatasetError(f"vlguard subset {chosen!r}: use one of {[*SUBSETS, 'all']}")
     wanted = SUBSETS if chosen == "all" else (chosen,)
-    file = root if root.is_file() else first_existing(
-        [root / "test.json", root / "data" / "test.json"], "VLGuard test.json", root
+    file = (
+        root
+        if root.is_file()
+        else first_existing(
+            [root / "test.json", root / "data" / "test.json"], "VLGuard test.json", root
+        )
     )
     try:
         entries = json.loads(file.read_text(encoding="utf-8"))
@@ -67,9 +71,7 @@ def load_vlguard(path: str | Path, subset: str | None = None) -> list[EvalItem]:
     return check_unique(items)
 
 
-def _item(
-    entry: dict[str, Any], subset: str, source: str, roots: list[Path]
-) -> EvalItem | None:
+def _item(entry: dict[str, Any], subset: str, source: str, roots: list[Path]) -> EvalItem | None:
     if (subset == "unsafes") == entry["safe"]:
         return None  # unsafes come from unsafe images, the two others from safe ones
     key = {"unsafes": "instruction", "safe_unsafes": "unsafe_instruction"}.get(
@@ -82,7 +84,9 @@ def _item(
     if not found:
         raise DatasetError(f"{source}: no {key!r} in 'instr-resp' (needed by subset {subset!r})")
     image_name = text_field(entry, "image", source)
-    image = next((r / image_name for r in roots if (r / image_name).is_file()), roots[0] / image_name)
+    image = next(
+        (r / image_name for r in roots if (r / image_name).is_file()), roots[0] / image_name
+    )
     label: Label = "safe" if subset == "safe_safes" else "unsafe"
     return EvalItem(
         id=f"{text_field(entry, 'id', source)}/{subset}",

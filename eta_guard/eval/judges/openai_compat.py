@@ -66,7 +66,10 @@ class OpenAICompatibleJudge:
         body = {
             "model": self.model,
             "messages": [
-                {"role": "user", "content": fill_template(self.template, item.question, item.response)}
+                {
+                    "role": "user",
+                    "content": fill_template(self.template, item.question, item.response),
+                }
             ],
             "temperature": 0,
             "max_tokens": self.max_tokens,
@@ -84,7 +87,10 @@ class OpenAICompatibleJudge:
                 error = f"HTTP {reply.status_code} from {self.url}"
                 continue
             if reply.status_code != 200:
-                return Judgment(unsafe=None, error=f"HTTP {reply.status_code} from {self.url}: {reply.text[:200]}")
+                return Judgment(
+                    unsafe=None,
+                    error=f"HTTP {reply.status_code} from {self.url}: {reply.text[:200]}",
+                )
             try:
                 content = reply.json()["choices"][0]["message"]["content"] or ""
             except (ValueError, KeyError, IndexError, TypeError):
