@@ -299,3 +299,31 @@ def test_importing_the_cli_loads_no_plotting_or_ml_stack():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_eval_option_conflicts(runner, tiny_args, tmp_path):
+    result = runner.invoke(
+        app, ["eval", "--merge", str(tmp_path / "r.jsonl"), "--dataset", "figstep"]
+    )
+    assert result.exit_code == 2 and "--merge writes a report" in result.output
+    root = make_figstep(tmp_path / "fs")
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            "--dataset",
+            "figstep",
+            "--path",
+            str(root),
+            *tiny_args,
+            "--judge",
+            "refusal",
+            "--judge",
+            "refusal",
+        ],
+    )
+    assert result.exit_code == 2 and "names a judge twice" in result.output
+    result = runner.invoke(
+        app, ["eval", "--merge", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")]
+    )
+    assert result.exit_code == 2 and "cannot read results file" in result.output

@@ -119,10 +119,15 @@ def eval_command(
 ) -> None:
     """Run a VLM with and without ETA over a safety benchmark; write results and a report."""
     from eta_guard.cli import _consoles, _friendly_errors
+    from eta_guard.errors import InvalidInputError
 
     out_console, err = _consoles()
     with _friendly_errors():
         if merge:
+            if dataset or path is not None:
+                raise InvalidInputError(
+                    "--merge writes a report from existing results: drop --dataset/--path"
+                )
             _report(out_console, err, merge, out, bootstrap)
             return
         _run(out_console, err, locals())
@@ -141,6 +146,8 @@ def _run(out_console: Any, err: Any, opts: dict[str, Any]) -> None:
     shard = parse_shard(opts["shard"])
     cfg = _load_config(opts["config"], opts["set_"])
     judges_spec = opts["judge"] or ["refusal", "reward"]
+    if len(set(judges_spec)) != len(judges_spec):
+        raise InvalidInputError(f"--judge names a judge twice: {judges_spec}")
     template = None
     if opts["judge_template"] is not None:
         try:

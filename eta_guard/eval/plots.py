@@ -49,7 +49,8 @@ def unsafe_rates(judge: str, block: dict[str, Any]) -> bytes:
             errs[0].append(100 * (s["rate"] - s["low"]))
             errs[1].append(100 * (s["high"] - s["rate"]))
         ax.bar(xs, ys, width, yerr=errs, capsize=3, color=color, label=label)
-    ax.set_xticks(range(len(rows)), [_short(name) for name, _ in rows], rotation=30, ha="right")
+    names = [_short(name or "(no category)") for name, _ in rows]
+    ax.set_xticks(range(len(rows)), names, rotation=30, ha="right")
     ax.set_ylabel("unsafe answers (%)")
     ax.set_ylim(0, 122)  # headroom for the legend above the 100% bars
     ax.set_yticks(range(0, 101, 20))

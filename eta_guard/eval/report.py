@@ -165,7 +165,7 @@ def _rates_section(metrics: dict[str, Any]) -> str:
             unjudged = stats["vanilla"]["unjudged"] + stats["eta"]["unjudged"]
             rows.append(
                 [
-                    cat,
+                    cat or "(no category)",
                     _pct(stats["vanilla"]),
                     _pct(stats["eta"]),
                     diff,
