@@ -39,8 +39,20 @@ _Set = Annotated[
 _Device = Annotated[str | None, typer.Option("--device", help="e.g. cpu, cuda, cuda:1.")]
 _Dtype = Annotated[str | None, typer.Option("--dtype", help="e.g. float32, bfloat16.")]
 _Remote = Annotated[
-    bool, typer.Option("--trust-remote-code", help="Allow checkpoint code (ArmoRM needs it).")
+    bool, typer.Option("--trust-remote-code", help="Allow checkpoint code (judges may need it).")
 ]
+_Preset = Annotated[
+    str | None,
+    typer.Option("--preset", help="A named setup, e.g. 'paper' (see eta-guard generate --help)."),
+]
+_VlmDevice = Annotated[
+    str | None, typer.Option("--vlm-device", help="VLM device (beats --device).")
+]
+_ClipDevice = Annotated[str | None, typer.Option("--clip-device", help="CLIP device.")]
+_RmDevice = Annotated[str | None, typer.Option("--reward-model-device", help="RM device.")]
+_VlmDtype = Annotated[str | None, typer.Option("--vlm-dtype", help="VLM dtype (beats --dtype).")]
+_ClipDtype = Annotated[str | None, typer.Option("--clip-dtype", help="CLIP dtype.")]
+_RmDtype = Annotated[str | None, typer.Option("--reward-model-dtype", help="RM dtype.")]
 
 
 def eval_command(
@@ -116,6 +128,13 @@ def eval_command(
     device: _Device = None,
     dtype: _Dtype = None,
     trust_remote_code: _Remote = False,
+    preset: _Preset = None,
+    vlm_device: _VlmDevice = None,
+    clip_device: _ClipDevice = None,
+    reward_model_device: _RmDevice = None,
+    vlm_dtype: _VlmDtype = None,
+    clip_dtype: _ClipDtype = None,
+    reward_model_dtype: _RmDtype = None,
 ) -> None:
     """Run a VLM with and without ETA over a safety benchmark; write results and a report."""
     from eta_guard.cli import _consoles, _friendly_errors
@@ -134,7 +153,7 @@ def eval_command(
 
 
 def _run(out_console: Any, err: Any, opts: dict[str, Any]) -> None:
-    from eta_guard.cli import RANDOM_MODELS_LINE, _load_config, _load_eta
+    from eta_guard.cli import RANDOM_MODELS_LINE, _load_config, _load_eta, _placement
     from eta_guard.errors import InvalidInputError
     from eta_guard.eval.datasets import load_dataset
     from eta_guard.eval.judges import build_judge
@@ -160,6 +179,12 @@ def _run(out_console: Any, err: Any, opts: dict[str, Any]) -> None:
         limit=opts["limit"],
         shard=shard,
     )
+    placement = _placement(
+        **{k: opts[k] for k in ("vlm_device", "clip_device", "reward_model_device")},
+        **{k: opts[k] for k in ("vlm_dtype", "clip_dtype", "reward_model_dtype")},
+    )
+    # Devices stay out of the settings: shards on other GPUs or machines must still merge.
+    dtypes = ("dtype", "vlm_dtype", "clip_dtype", "reward_model_dtype")
     settings = {
         "dataset": opts["dataset"],
         "path": str(Path(opts["path"]).resolve()),
@@ -171,7 +196,9 @@ def _run(out_console: Any, err: Any, opts: dict[str, Any]) -> None:
         "seed": opts["seed"],
         "limit": opts["limit"],
         "shard": list(shard) if shard else None,
-        "config": cfg.model_dump(mode="json"),
+        "preset": opts["preset"],
+        "dtypes": {k: opts[k] for k in dtypes if opts[k] is not None},
+        "config": None,
         "note": RANDOM_MODELS_LINE if opts["tiny"] else "",
     }
     eta = _load_eta(
@@ -185,12 +212,16 @@ def _run(out_console: Any, err: Any, opts: dict[str, Any]) -> None:
         opts["device"],
         opts["dtype"],
         opts["trust_remote_code"],
+        preset=opts["preset"],
+        placement=placement,
     )
+    # The loaded ETA's config is the effective one (a preset may have changed it).
+    settings["config"] = eta.config.model_dump(mode="json")
     judges = [
         build_judge(
             spec,
             evaluator=eta.evaluator,
-            prefix=cfg.prefix,
+            prefix=eta.config.prefix,
             device=opts["device"],
             dtype=opts["dtype"],
             trust_remote_code=opts["trust_remote_code"],
