@@ -327,3 +327,24 @@ def test_eval_option_conflicts(runner, tiny_args, tmp_path):
         app, ["eval", "--merge", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")]
     )
     assert result.exit_code == 2 and "cannot read results file" in result.output
+
+
+def test_calibration_inputs_from_jsonl_and_their_errors(tmp_path):
+    from eta_guard.eval.calibrate import read_images, read_responses
+    from eta_guard.eval.datasets import DatasetError
+
+    (tmp_path / "imgs").mkdir()
+    photo(0).save(tmp_path / "imgs" / "a.png")
+    (tmp_path / "imgs" / "notes.txt").write_text("not an image")
+    assert read_images(tmp_path / "imgs") == [str(tmp_path / "imgs" / "a.png")]
+    listing = tmp_path / "list.jsonl"
+    listing.write_text('{"image": "imgs/a.png"}\n\n{"image": "imgs/missing.png"}\n')
+    with pytest.raises(DatasetError, match=r"list\.jsonl:3: image file .*missing\.png"):
+        read_images(listing)
+    listing.write_text('{"image": "imgs/a.png"}\n')
+    assert read_images(listing) == [str(tmp_path / "imgs" / "a.png")]
+    (tmp_path / "r.jsonl").write_text('{"response": "fine"}\n[1]\n')
+    with pytest.raises(DatasetError, match=r"r\.jsonl:2: expected a JSON object"):
+        read_responses(tmp_path / "r.jsonl")
+    with pytest.raises(DatasetError, match="neither a folder nor a JSONL file"):
+        read_responses(tmp_path / "nope.jsonl")
