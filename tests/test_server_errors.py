@@ -531,3 +531,11 @@ def test_failed_load_is_reported_not_hidden(caplog):
         error = _error(httpx.post(base + "/v1/moderations", json={"input": "x"}, headers=AUTH), 503)
         assert error["code"] == "load_failed" and "/secret" not in error["message"]
     assert any("loading the models failed" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
+def test_token_budget_fields(url, field):
+    resp = httpx.post(url + "/v1/chat/completions", json=_chat(**{field: 2}), headers=AUTH)
+    assert resp.status_code == 200
+    assert resp.json()["usage"]["completion_tokens"] <= 2
+    assert resp.json()["choices"][0]["finish_reason"] in ("stop", "length")
