@@ -235,3 +235,11 @@ def test_llama_index_openai_like_chat_with_image_and_completions(safe_url, image
         "".join(r.delta or "" for r in text_llm.stream_complete("Say something."))
         == completion.text
     )
+
+
+def test_seed_makes_the_aligned_answer_reproducible(flagged_url, image_url):
+    client = _client(flagged_url)
+    kwargs = {"model": "eta-guard", "messages": _messages(image_url), "max_tokens": 12}
+    first = client.chat.completions.create(**kwargs, seed=3).choices[0].message.content
+    again = client.chat.completions.create(**kwargs, seed=3).choices[0].message.content
+    assert first == again and first.startswith("As an AI assistant")
