@@ -240,6 +240,11 @@ def test_llama_index_openai_like_chat_with_image_and_completions(safe_url, image
 def test_seed_makes_the_aligned_answer_reproducible(flagged_url, image_url):
     client = _client(flagged_url)
     kwargs = {"model": "eta-guard", "messages": _messages(image_url), "max_tokens": 12}
-    first = client.chat.completions.create(**kwargs, seed=3).choices[0].message.content
-    again = client.chat.completions.create(**kwargs, seed=3).choices[0].message.content
-    assert first == again and first.startswith("As an AI assistant")
+
+    def answer(seed):
+        return client.chat.completions.create(**kwargs, seed=seed).choices[0].message.content
+
+    first = answer(3)
+    assert answer(3) == first and first.startswith("As an AI assistant")
+    # The request's seed is used (the server's config has seed=0): other seeds, other samples.
+    assert len({first, *(answer(s) for s in (4, 5, 6))}) > 1
