@@ -219,6 +219,16 @@ def test_moderation_limits(url):
 # ----------------------------------------------------------------------------- 500 / 503 / 429 / 504
 
 
+async def _until_metric(client: httpx.AsyncClient, line: str, timeout_s: float = 20.0) -> None:
+    """Wait (bounded) until /metrics shows ``line``: no guessing how long a step takes."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if line in (await client.get("/metrics")).text.splitlines():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"/metrics never showed {line!r}")
+
+
 class _Gated:
     """An ETA stand-in whose calls wait for a gate (or their cancel event), then fail or answer."""
 
@@ -284,9 +294,9 @@ async def test_full_queue_is_429_and_deadline_is_504(parts):
     with _serve(gated, max_queue=1, request_timeout_s=1.5) as base:
         async with httpx.AsyncClient(base_url=base, headers=AUTH, timeout=30) as client:
             running = asyncio.create_task(client.post("/v1/chat/completions", json=_chat()))
-            await asyncio.sleep(0.3)  # holds the model
+            await _until_metric(client, "eta_model_busy 1.0")  # holds the model
             queued = asyncio.create_task(client.post("/v1/chat/completions", json=_chat()))
-            await asyncio.sleep(0.3)  # waits in the queue (1 place)
+            await _until_metric(client, "eta_queue_depth 1.0")  # waits in the queue (1 place)
             refused = await client.post("/v1/chat/completions", json=_chat())
             assert _error(refused, 429)["type"] == "rate_limit_error"
             assert refused.headers["retry-after"] == "1"
@@ -418,7 +428,7 @@ async def test_too_many_concurrent_requests_get_429_before_their_body_is_read(pa
             running = asyncio.create_task(
                 client.post("/v1/chat/completions", json=_chat(max_tokens=4))
             )
-            await asyncio.sleep(0.3)
+            await _until_metric(client, "eta_model_busy 1.0")
             refused = await client.post("/v1/moderations", json={"input": "x"})
             error = _error(refused, 429)
             assert error["code"] == "too_many_requests" and refused.headers["retry-after"] == "1"
@@ -497,7 +507,12 @@ def test_streaming_client_that_leaves_while_queued_leaves_the_queue(parts):
             kwargs={"json": _chat(max_tokens=3), "headers": AUTH, "timeout": 30},
         )
         holder.start()
-        time.sleep(0.3)  # the first request holds the model
+
+        async def model_busy():  # the first request holds the model
+            async with httpx.AsyncClient(base_url=base, headers=AUTH) as client:
+                await _until_metric(client, "eta_model_busy 1.0")
+
+        asyncio.run(model_busy())
         with pytest.raises(httpx.ReadTimeout):  # no headers yet: it waits in the queue, gives up
             httpx.post(
                 base + "/v1/chat/completions", json=_chat(stream=True), headers=AUTH, timeout=0.5
