@@ -182,6 +182,9 @@ class EngineClient:
                 error = BackendError(
                     f"lost the engine at {self.base_url} during POST {path}: "
                     f"{type(e).__name__}: {e}"
+                    if started
+                    else f"cannot reach the engine at {self.base_url} (POST {path}): "
+                    f"{type(e).__name__}: {e}; is it running, and is base_url right?"
                 )
                 if started:
                     raise error from e

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from eta_guard.backends._http import EngineClient, HTTPSettings, ReplyShapeError, field
 from eta_guard.backends.openai_compatible import _encode
-from eta_guard.errors import InvalidInputError
+from eta_guard.errors import BackendError, EvaluatorError, InvalidInputError
 
 if TYPE_CHECKING:
     from PIL import Image
+
+T = TypeVar("T")
 
 _CLASSIFY = "/classify"
 _EMBED = "/v1/embeddings"
@@ -55,8 +57,12 @@ class RemoteRewardModel:
         self.name = model
 
     def score(self, responses: Sequence[str], instruction: str) -> list[float]:
-        """Raw reward of each response under ``instruction`` (blocking)."""
-        return self.client.run_sync(self.ascore(responses, instruction))
+        """Raw reward of each response under ``instruction`` (blocking).
+
+        Raises:
+            EvaluatorError: the engine failed (so ETA's ``on_evaluator_error`` policy applies).
+        """
+        return _as_evaluator_error(self.client.run_sync, self.ascore(responses, instruction))
 
     async def ascore(self, responses: Sequence[str], instruction: str) -> list[float]:
         """Raw reward of each response under ``instruction``."""
@@ -121,15 +127,15 @@ class RemoteCLIP:
     # The CLIPPreEvaluator surface used by ETAEvaluator (blocking).
     def score_images(self, images: list[Image.Image], *, prompt: str | None = None) -> list[float]:
         """CLIP cosine of each image with ``prompt``."""
-        return self.client.run_sync(self.ascore_images(images, prompt=prompt))
+        return _as_evaluator_error(self.client.run_sync, self.ascore_images(images, prompt=prompt))
 
     def embed_images(self, images: list[Image.Image]) -> list[list[float]]:
         """One embedding per image."""
-        return self.client.run_sync(self._embed_images(images))
+        return _as_evaluator_error(self.client.run_sync, self._embed_images(images))
 
     def similarity(self, image_embeds: list[list[float]], texts: list[str]) -> list[float]:
         """Per text, its largest cosine over ``image_embeds``."""
-        return self.client.run_sync(self.asimilarity(image_embeds, texts))
+        return _as_evaluator_error(self.client.run_sync, self.asimilarity(image_embeds, texts))
 
     # Async versions.
     async def ascore_images(
@@ -172,6 +178,14 @@ class RemoteCLIP:
 
     def __repr__(self) -> str:
         return f"RemoteCLIP({self.client.base_url!r}, {self.name!r})"
+
+
+def _as_evaluator_error(run: Callable[[Any], T], coro: Any) -> T:
+    """Run ``coro``; an engine failure becomes an ``EvaluatorError``, which the failure policy handles."""
+    try:
+        return run(coro)
+    except BackendError as e:
+        raise EvaluatorError(f"remote evaluator: {e}") from e
 
 
 def _embeddings(reply: dict[str, Any], n: int) -> list[list[float]]:
