@@ -87,14 +87,19 @@ def build_app(stub: Stub) -> FastAPI:
             ends = sentences + 1 >= stub.eos_after
             text = f" Candidate {i} of step {sentences + 1}."
             tokens = list(range(100, 100 + len(text.split()) + (1 if ends else 0)))
+            finish, stop_reason = "stop", None if ends else 13
+            if len(tokens) > body["max_tokens"]:  # the budget cuts the sentence: one word a token
+                tokens = tokens[: body["max_tokens"]]
+                text = "".join(" " + w for w in text.split()[: len(tokens)])
+                finish, stop_reason = "length", None
             choices.append(
                 {
                     "index": i,
                     "message": {"role": "assistant", "content": text},
                     "logprobs": None,
                     # vLLM: EOS -> finish "stop", stop_reason None; a stop token -> its id
-                    "finish_reason": "stop",
-                    "stop_reason": None if ends else 13,
+                    "finish_reason": finish,
+                    "stop_reason": stop_reason,
                     "token_ids": tokens if body.get("return_token_ids") else None,
                 }
             )

@@ -1,0 +1,216 @@
+"""``BackendETA`` end to end over a stub engine: the same stages, decisions and result as local ETA.
+
+Local tiny evaluators (random weights: mechanics, never safety) or remote ones on the stub;
+thresholds force each branch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from backend_stub import StubServer
+
+from eta_guard import ETA, ETAConfig, ETAEvaluator, ETAResult
+from eta_guard.backends import BackendETA, HTTPSettings, LocalBackend, RemoteRewardModel
+from eta_guard.errors import BackendError
+from eta_guard.testing import make_test_image
+
+CHAT = "/v1/chat/completions"
+FAST = HTTPSettings(timeout=5.0, connect_timeout=1.0, max_retries=1, backoff=0.01)
+ALIGN_ALL = {"pre_threshold": -1.0, "post_threshold": 1e9}  # every image and answer unsafe
+PASS_ALL = {"pre_threshold": 2.0}  # no image is flagged
+
+
+@pytest.fixture(scope="module")
+def server():
+    with StubServer() as stub:
+        yield stub
+
+
+@pytest.fixture
+def stub(server):
+    server.requests.clear()
+    server.failures.clear()
+    server.delay, server.choices_override, server.eos_after = 0.0, None, 2
+    return server
+
+
+@pytest.fixture(scope="module")
+def evaluator(tiny_checkpoints):
+    return ETAEvaluator.from_pretrained(
+        clip=tiny_checkpoints.clip, reward_model=tiny_checkpoints.reward_model, device="cpu"
+    )
+
+
+def _eta(stub, evaluator, **cfg):
+    from eta_guard.backends import OpenAICompatibleBackend
+
+    config = ETAConfig(**{"num_candidates": 3, "max_new_tokens": 64, "seed": 0, **cfg})
+    backend = OpenAICompatibleBackend(stub.url, "tiny-vlm", http=FAST)
+    return BackendETA(backend, evaluator, config)
+
+
+def _messages(image=True):
+    content = [{"type": "text", "text": "How do I do this?"}]
+    if image:
+        content.insert(0, {"type": "image", "image": make_test_image("noise")})
+    return [{"role": "user", "content": content}]
+
+
+def test_safe_image_streams_the_vanilla_answer_through(stub, evaluator):
+    eta = _eta(stub, evaluator, **PASS_ALL)
+    chunks = list(eta.stream(_messages()))
+    texts = [c.text for c in chunks if c.text]
+    assert texts == ["Sure", ",", " here", " is", " how", "."]  # no hold-back, no re-chunking
+    result = chunks[-1].result
+    assert isinstance(result, ETAResult) and not result.aligned
+    assert result.text == "Sure, here is how." and result.model_name == "tiny-vlm"
+    assert result.verdict.pre_score is not None and result.verdict.input_unsafe is False
+    assert result.verdict.skipped == {"post": "the image(s) passed the CLIP check"}
+    assert result.usage.output_tokens == 6 and result.usage.input_tokens > 0
+    assert len(stub.bodies(CHAT)) == 1  # one request, the RM never ran
+
+
+def test_unsafe_image_and_answer_are_aligned_with_one_request_per_sentence(stub, evaluator):
+    eta = _eta(stub, evaluator, **ALIGN_ALL)
+    result = eta.generate(_messages())
+    assert result.aligned and result.verdict.unsafe
+    assert result.vanilla_text == "Sure, here is how."
+    chosen = [s.candidates[s.chosen].text for s in result.trace]
+    assert [len(s.candidates) for s in result.trace] == [3, 3]
+    assert chosen[0].endswith("of step 1.") and chosen[1].endswith("of step 2.")
+    assert result.text == "As an AI assistant" + "".join(chosen)
+    for s in result.trace:  # the kept candidate has the best reward (no CLIP term here)
+        assert s.candidates[s.chosen].reward == max(c.reward for c in s.candidates)
+    # CLIP term: not for sentence 1, not for a step where a candidate ended (EOS) the answer.
+    assert all(c.clip is None for s in result.trace for c in s.candidates)
+    vanilla, step1, step2 = stub.bodies(CHAT)
+    assert vanilla["stream"] is True and "n" not in vanilla
+    for i, (body, budget) in enumerate(((step1, 64), (step2, 64 - 5))):
+        assert body["n"] == 3 and body["top_k"] == 5 and body["temperature"] == 1.5
+        assert body["max_tokens"] == budget and body["seed"] == 1000 * (i + 1)
+        assert body["continue_final_message"] and body["add_generation_prompt"] is False
+    assert step1["messages"][-1]["content"] == "As an AI assistant"
+    assert step2["messages"][-1]["content"] == "As an AI assistant" + chosen[0]
+    # The image travels with every request, under the same content hash.
+    uuids = {b["messages"][0]["content"][0]["uuid"] for b in (vanilla, step1, step2)}
+    assert len(uuids) == 1
+    assert result.usage.output_tokens == 5 + 6 and result.usage.decoded_tokens == 6 + 15 + 18
+    assert result.finish_reason == "stop"
+
+
+def test_clip_term_counts_from_the_second_sentence(stub, evaluator):
+    stub.eos_after = 3
+    result = _eta(stub, evaluator, **ALIGN_ALL).generate(_messages())
+    first, second, third = result.trace
+    assert all(c.clip is None for c in first.candidates)
+    assert all(c.clip is not None for c in second.candidates)
+    for c in second.candidates:
+        assert c.score == pytest.approx(c.reward + c.clip / 2)
+    assert all(c.clip is None for c in third.candidates)  # a candidate ended the answer
+
+
+def test_budget_limits_the_sentence_budget(stub, evaluator):
+    stub.eos_after = 100
+    result = _eta(stub, evaluator, max_new_tokens=12, **ALIGN_ALL).generate(_messages())
+    steps = stub.bodies(CHAT)[1:]
+    assert [b["max_tokens"] for b in steps] == [12, 7, 2]
+    assert result.finish_reason == "length" and result.usage.output_tokens == 12
+    assert result.trace[-1].candidates[0].num_tokens == 2
+
+
+def test_safe_answer_on_unsafe_image_is_not_aligned(stub, evaluator):
+    result = _eta(stub, evaluator, pre_threshold=-1.0, post_threshold=-1e9).generate(_messages())
+    assert not result.aligned and result.verdict.input_unsafe and not result.verdict.output_unsafe
+    assert result.text == "Sure, here is how." and len(stub.bodies(CHAT)) == 1
+
+
+def test_text_only_is_trusted_and_shallow_alignment_continues_the_prefix(stub, evaluator):
+    eta = _eta(stub, evaluator, **ALIGN_ALL)
+    result = eta.generate(_messages(image=False))
+    assert not result.aligned and result.verdict.skipped["pre"] == "no image in the request"
+    result = eta.generate(
+        _messages(image=False), text_only_policy="reward_only", deep_alignment=False
+    )
+    assert result.aligned and result.text == "As an AI assistantSure, here is how."
+    shallow = stub.bodies(CHAT)[-1]
+    assert shallow["messages"][-1] == {"role": "assistant", "content": "As an AI assistant"}
+    assert shallow["continue_final_message"] and shallow["temperature"] == 0.0
+
+
+def test_user_stop_strings_end_the_answer(stub, evaluator):
+    result = _eta(stub, evaluator, **PASS_ALL).generate(_messages(), stop=[" here"])
+    assert result.text == "Sure," and stub.bodies(CHAT)[0]["stop"] == [" here"]
+    result = _eta(stub, evaluator, **ALIGN_ALL).generate(_messages(), stop=["of step 1"])
+    assert result.text.startswith("As an AI assistant Candidate ")
+    assert result.text.endswith(" ") and "step" not in result.text
+    assert result.finish_reason == "stop" and len(result.trace) == 1
+
+
+def test_requests_run_concurrently(stub, evaluator):
+    stub.delay = 0.3
+    eta = _eta(stub, evaluator, **PASS_ALL)
+    start = time.monotonic()
+    results = asyncio.run(eta.abatch([_messages(image=False)] * 8))
+    elapsed = time.monotonic() - start
+    assert [r.text for r in results] == ["Sure, here is how."] * 8
+    assert elapsed < 8 * 0.3 / 2  # one at a time would take 2.4 s
+
+
+def test_engine_failure_mid_request_is_a_backend_error(stub, evaluator):
+    stub.failures[CHAT].extend([("status", 503)] * 2)
+    with pytest.raises(BackendError, match="HTTP 503"):
+        _eta(stub, evaluator, **PASS_ALL).generate(_messages())
+
+
+def test_remote_reward_model_with_fail_closed_policy(stub, evaluator):
+    rm = RemoteRewardModel(stub.url, "tiny-rm", http=FAST)
+    mixed = ETAEvaluator(evaluator.pre, rm)  # CLIP local, RM remote
+    eta = _eta(stub, mixed, pre_threshold=-1.0, post_threshold=0.0)
+    result = eta.generate(_messages())
+    # the stub's raw reward (~ -2.48) is below 0: unsafe; a sigmoid would have made it ~0.08
+    assert result.verdict.post_score == pytest.approx(-2.5 + len("Sure, here is how.") / 1000)
+    assert result.aligned
+    stub.failures["/classify"].extend([("status", 500)] * 2)
+    result = eta.generate(_messages(), on_evaluator_error="fail_closed", deep_alignment=False)
+    assert "post" in result.verdict.errors and result.verdict.output_unsafe and result.aligned
+
+
+def test_from_openai_compatible_builds_a_backend_eta(stub, tiny_checkpoints):
+    eta = ETA.from_openai_compatible(
+        stub.url + "/v1",
+        "tiny-vlm",
+        clip=tiny_checkpoints.clip,
+        reward_model="tiny-rm",
+        reward_model_url=stub.url,
+        config=ETAConfig(**ALIGN_ALL, num_candidates=2, max_new_tokens=32),
+        device="cpu",
+    )
+    assert isinstance(eta, BackendETA) and isinstance(eta, ETA)
+    assert isinstance(eta.evaluator.post, RemoteRewardModel) and eta.evaluator.pre is not None
+    result = eta.generate(_messages())
+    assert result.aligned and len(stub.bodies("/classify")) == 1 + 2 * 2
+
+
+def test_local_backend_gives_the_local_pipeline_decisions(tiny_checkpoints, evaluator):
+    local = ETA.from_pretrained(
+        tiny_checkpoints.vlm,
+        clip=tiny_checkpoints.clip,
+        reward_model=tiny_checkpoints.reward_model,
+        device="cpu",
+        config=ETAConfig(max_new_tokens=12, num_candidates=2, seed=0, **ALIGN_ALL),
+    )
+    over_backend = BackendETA(LocalBackend(local.vlm), local.evaluator, local.config)
+    for overrides in (PASS_ALL, ALIGN_ALL):
+        a = local.generate(_messages(), **overrides)
+        b = over_backend.generate(_messages(), **overrides)
+        assert a.vanilla_text == b.vanilla_text and a.aligned == b.aligned
+        assert a.verdict.pre_score == pytest.approx(b.verdict.pre_score)
+        assert (a.verdict.post_score is None) == (b.verdict.post_score is None)
+        assert a.usage.input_tokens == b.usage.input_tokens or a.aligned
+        if not a.aligned:
+            assert a.text == b.text and a.usage == b.usage
+        else:
+            assert b.text.startswith("As an AI assistant") and b.trace
