@@ -128,7 +128,9 @@ def build_app(stub: Stub) -> FastAPI:
             "object": "list",
             "created": int(time.time()),
             "model": body["model"],
-            "data": [{"index": 0, "label": "LABEL_0", "probs": [_reward(stub, body)], "num_classes": 1}],
+            "data": [
+                {"index": 0, "label": "LABEL_0", "probs": [_reward(stub, body)], "num_classes": 1}
+            ],
             "usage": {"prompt_tokens": 10, "total_tokens": 10, "completion_tokens": 0},
         }
 

@@ -71,6 +71,7 @@ def test_vanilla_request_streams_greedy_with_the_image_once(stub):
     assert body["stream_options"] == {"include_usage": True}
     assert body["max_tokens"] == 64 and body["stop"] == ["XYZ"]
     assert "continue_final_message" not in body and "n" not in body
+    assert "add_special_tokens" not in body  # no tokenizer: the engine's own rule
     (image_part, text_part) = body["messages"][0]["content"]
     assert image_part["type"] == "image_url"
     assert image_part["image_url"]["url"].startswith("data:image/png;base64,")
@@ -114,7 +115,10 @@ def test_sample_with_tokenizer_sends_token_exact_sentence_ends(stub, tiny_checkp
     (body,) = stub.bodies(CHAT)
     expected = vocabulary_masks(tokenizer, (".", "!"))[0].nonzero().flatten().tolist()
     assert body["stop_token_ids"] == expected and expected
-    assert "stop" not in body and "include_stop_str_in_output" not in body
+    assert "stop" not in body and body["include_stop_str_in_output"] is True
+    # The tiny LLaVA template writes no BOS but its tokenizer adds one (as VLMAdapter.prepare
+    # does): ask the engine for it, or the remote prompt would lack the local prompt's BOS.
+    assert body["add_special_tokens"] is True
     for i in expected[:20]:
         text = tokenizer.decode([i])
         assert "." in text or "!" in text

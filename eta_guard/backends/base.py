@@ -35,6 +35,7 @@ class Completion:
         finish_reason: ``"stop"`` (EOS, a stop string, or a sentence end) or ``"length"`` (budget).
         ended: the continuation ended the answer (EOS), not just a sentence.
         prompt_tokens: tokens of the prompt it continued (assistant text included).
+        token_ids: the generated ids, when the backend reports them.
     """
 
     text: str
@@ -42,6 +43,7 @@ class Completion:
     finish_reason: FinishReason
     ended: bool
     prompt_tokens: int
+    token_ids: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ Requests ETA sends (``POST /v1/chat/completions``):
 - one best-of-N step: ``n=N``, ``top_k``, ``temperature``, ``seed``, ``max_tokens`` = the
   sentence budget, and the sentence rule as stops: ``stop_token_ids`` (token-exact, the same
   tokens that end a sentence locally) when a tokenizer is given, else the terminators as
-  ``stop`` strings with ``include_stop_str_in_output``;
+  ``stop`` strings; ``include_stop_str_in_output`` keeps the terminator in the text;
 - a continuation (prefix + accepted text): the assistant turn is the last message, with
   ``continue_final_message=true`` and ``add_generation_prompt=false``.
 
@@ -74,6 +74,7 @@ class OpenAICompatibleBackend:
         self.send_image_uuids = send_image_uuids
         self.extra_body = dict(extra_body or {})
         self._stop_ids: dict[tuple[str, ...], list[int]] = {}
+        self._add_bos = _tokenizer_adds_missing_bos(self.tokenizer)
 
     # ----- the interface -----
     async def greedy(
@@ -139,7 +140,9 @@ class OpenAICompatibleBackend:
             body["stop_token_ids"] = stop_ids
         else:
             body["stop"] = list(step.terminators)
-            body["include_stop_str_in_output"] = True
+        # The sentence's last token belongs to the candidate: vLLM drops the text of a stop
+        # token id, as of a stop string, unless asked to keep it.
+        body["include_stop_str_in_output"] = True
         reply = await self.client.post_json(_CHAT, body)
         choices = field(reply, "choices", kind=list, what=_CHAT)
         usage = field(reply, "usage", kind=dict, what=_CHAT)
@@ -164,6 +167,7 @@ class OpenAICompatibleBackend:
                 finish_reason=_finish(finish),
                 ended=finish == "stop" and choice.get("stop_reason") is None,
                 prompt_tokens=prompt_tokens,
+                token_ids=tuple(int(i) for i in ids) if isinstance(ids, list) else None,
             )
         return [c for c in out if c is not None]
 
@@ -185,6 +189,10 @@ class OpenAICompatibleBackend:
     def _body(self, conversation: Conversation, assistant_text: str) -> dict[str, Any]:
         messages = openai_messages(conversation, send_uuids=self.send_image_uuids)
         body: dict[str, Any] = {**self.extra_body, "model": self.name, "messages": messages}
+        if self._add_bos:
+            # The template writes no BOS but the tokenizer adds one: the local adapter's prompt
+            # has it, and vLLM's chat API leaves special tokens to the template unless told.
+            body.setdefault("add_special_tokens", True)
         if assistant_text:
             messages.append({"role": "assistant", "content": assistant_text})
             body.update(continue_final_message=True, add_generation_prompt=False)
@@ -238,6 +246,20 @@ def _finish(reason: str) -> FinishReason:
     if reason == "length":
         return "length"
     raise ReplyShapeError(f"malformed reply to {_CHAT}: unknown finish_reason {reason!r}")
+
+
+def _tokenizer_adds_missing_bos(tokenizer: Any) -> bool:
+    """Whether the local rule (``VLMAdapter.prepare``) puts a BOS the chat template does not write."""
+    bos = getattr(tokenizer, "bos_token", None)
+    if tokenizer is None or not bos or not getattr(tokenizer, "chat_template", None):
+        return False
+    probe = [{"role": "user", "content": "hi"}]
+    try:
+        text = tokenizer.apply_chat_template(probe, add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(text)["input_ids"]
+    except Exception:  # noqa: BLE001 - a template that cannot render a probe: keep the engine's way
+        return False
+    return not text.startswith(bos) and bool(ids) and ids[0] == tokenizer.bos_token_id
 
 
 def _load_tokenizer(tokenizer: Any) -> Any:
