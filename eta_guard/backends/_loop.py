@@ -42,7 +42,7 @@ def iterate_sync(items: AsyncIterator[T]) -> Iterator[T]:
     try:
         while True:
             try:
-                item = run_sync(items.__anext__())  # type: ignore[arg-type]
+                item: T = run_sync(items.__anext__())  # type: ignore[arg-type]
             except StopAsyncIteration:
                 return
             yield item

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 from eta_guard.backends._loop import iterate_sync, run_sync
-from eta_guard.backends.base import Completion, GeneratorBackend, SamplingStep
+from eta_guard.backends.base import Completion, FinishReason, GeneratorBackend, SamplingStep
 from eta_guard.config import ETAConfig
 from eta_guard.decision import skipped, vanilla_only_reason
 from eta_guard.decoding.selection import select_candidate, use_clip_term
@@ -178,8 +178,8 @@ class _BackendRequest:
             yield greedy.text
             yield self._result(greedy.text, verdict, greedy)
             return
-        async for item in self._align(verdict, greedy):
-            yield item
+        async for out in self._align(verdict, greedy):
+            yield out
 
     async def _pre_evaluate(self) -> SafetyVerdict:
         if not self.conv.has_images:
@@ -205,13 +205,13 @@ class _BackendRequest:
             trace = search.trace
         else:
             shallow: Completion | None = None
-            async for item in self.backend.greedy(
+            async for piece in self.backend.greedy(
                 self.conv, assistant_text=cfg.prefix, max_tokens=cfg.max_new_tokens, stop=self.stop
             ):
-                if isinstance(item, Completion):
-                    shallow = item
+                if isinstance(piece, Completion):
+                    shallow = piece
                 else:
-                    yield stop_filter.feed(item)
+                    yield stop_filter.feed(piece)
             assert shallow is not None
             tail, n_out, decoded, finish = (
                 shallow.text,
@@ -242,7 +242,7 @@ class _BackendRequest:
         *,
         output_tokens: int | None = None,
         decoded_tokens: int | None = None,
-        finish_reason: str | None = None,
+        finish_reason: FinishReason | None = None,
         vanilla_text: str | None = None,
         trace: list[SentenceTrace] | None = None,
     ) -> ETAResult:
@@ -274,7 +274,7 @@ class _RemoteSearch:
         self.text = ""
         self.tokens = 0
         self.decoded = 0
-        self.finish = "length"
+        self.finish: FinishReason = "length"
         self.trace: list[SentenceTrace] = []
 
     async def run(self) -> AsyncIterator[str]:

@@ -73,14 +73,8 @@ def eta_from_openai_compatible(
             reward_model_kwargs=reward_model_kwargs,
         )
         pre, post = local.pre, local.post
-    if clip_url is not None:
-        pre = RemoteCLIP(
-            clip_url,
-            clip,
-            prompt=config.safety_prompt,
-            api_key=api_key,
-            http=http,  # type: ignore[arg-type]
-        )
-    if reward_model_url is not None:
-        post = RemoteRewardModel(reward_model_url, reward_model, api_key=api_key, http=http)  # type: ignore[arg-type]
+    if clip_url is not None and clip is not None:
+        pre = RemoteCLIP(clip_url, clip, prompt=config.safety_prompt, api_key=api_key, http=http)
+    if reward_model_url is not None and reward_model is not None:
+        post = RemoteRewardModel(reward_model_url, reward_model, api_key=api_key, http=http)
     return BackendETA(generator, ETAEvaluator(pre, post, config), config)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def build(directory: str | Path, *, seed: int = 0) -> dict[str, str]:
@@ -39,8 +40,8 @@ def build(directory: str | Path, *, seed: int = 0) -> dict[str, str]:
         return paths
     base = LlavaForConditionalGeneration.from_pretrained(tiny.vlm)
     processor = AutoProcessor.from_pretrained(tiny.vlm)
-    config = base.config
-    text = config.text_config
+    config: Any = base.config
+    text: Any = config.text_config
     text.num_attention_heads, text.num_key_value_heads = 2, 1  # head size 64 / 2 = 32
     text.head_dim = text.hidden_size // text.num_attention_heads
     torch.manual_seed(seed)
