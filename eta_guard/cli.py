@@ -118,6 +118,18 @@ def generate(
     dtype: DtypeOpt = None,
     trust_remote_code: RemoteCodeOpt = False,
     json_out: JsonOpt = False,
+    generator_url: Annotated[
+        str | None,
+        typer.Option(
+            "--generator-url",
+            help="Run the VLM on an OpenAI-compatible engine (vLLM) at this URL; --vlm is then "
+            "optional and only supplies its tokenizer (docs/scaling.md).",
+        ),
+    ] = None,
+    generator_model: Annotated[
+        str | None,
+        typer.Option("--generator-model", help="The engine's served model name."),
+    ] = None,
 ) -> None:
     """Answer a question about image(s) with ETA; print the answer and the safety verdict."""
     out, err = _consoles()
@@ -126,8 +138,19 @@ def generate(
         if max_new_tokens is not None:
             cfg = cfg.with_overrides(max_new_tokens=max_new_tokens)
         messages = _messages(question, _load_images(image or [], cfg), system)
+        generator = _generator(generator_url, generator_model)
         eta = _load_eta(
-            err, vlm, clip, reward_model, tiny, cache_dir, cfg, device, dtype, trust_remote_code
+            err,
+            vlm,
+            clip,
+            reward_model,
+            tiny,
+            cache_dir,
+            cfg,
+            device,
+            dtype,
+            trust_remote_code,
+            generator=generator,
         )
         if json_out:
             result = eta.generate(messages)
@@ -494,12 +517,27 @@ def _load_eta(
     trust_remote_code: bool,
     *,
     note: bool = True,
+    generator: tuple[str, str] | None = None,
 ) -> Any:
-    paths = _model_paths(err, vlm, clip, reward_model, tiny, cache_dir)
+    paths = _model_paths(err, vlm, clip, reward_model, tiny, cache_dir, need_vlm=generator is None)
     if tiny and note:
         err.print(f"[yellow]{RANDOM_MODELS_LINE}[/]")
     _quiet_transformers()
     from eta_guard.pipeline import ETA
+
+    if generator is not None:
+        with _status(err, "loading CLIP and the reward model (the VLM runs on the engine)"):
+            return ETA.from_openai_compatible(
+                generator[0],
+                generator[1],
+                clip=paths["clip"],
+                reward_model=paths["reward_model"],
+                config=cfg,
+                tokenizer=paths["vlm"],
+                device=device,
+                dtype=dtype,
+                trust_remote_code=trust_remote_code,
+            )
 
     assert paths["vlm"] is not None  # _model_paths refused a missing --vlm
     with _status(err, "loading the VLM, CLIP and the reward model"):
@@ -512,6 +550,18 @@ def _load_eta(
             dtype=dtype,
             trust_remote_code=trust_remote_code,
         )
+
+
+def _generator(url: str | None, model: str | None) -> tuple[str, str] | None:
+    """``(url, served model)`` for ``--generator-url`` / ``--generator-model``, or None."""
+    if url is None and model is None:
+        return None
+    if url is None or not model:
+        raise InvalidInputError(
+            "--generator-url and --generator-model go together: the engine's URL and the name "
+            "it serves the VLM under"
+        )
+    return url, model
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:

@@ -41,23 +41,30 @@ run() {
   export PYTHONPATH=$ROOT:$ROOT/integrations HF_HUB_OFFLINE=1
   # Tiny checkpoints (head size >= 32: vLLM's CPU attention refuses smaller heads).
   "$PY" -m eta_guard.backends.vllm_fixtures "$WORK" >/dev/null
-  SERVER_LOG=$WORK/vllm.log
-  VLLM_TARGET_DEVICE=cpu VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1} \
-    "$VENV/bin/python" -m vllm.entrypoints.openai.api_server \
-      --host 127.0.0.1 --port "$PORT" --model "$WORK/lm" --served-model-name tiny-lm \
-      --dtype float32 --max-model-len 512 --max-num-seqs 16 --seed 0 \
-      --enable-prompt-tokens-details >"$SERVER_LOG" 2>&1 &
-  SERVER=$!
-  # Stop the engine whatever happens (its workers are children of this one process).
-  trap 'kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true' EXIT
-  echo "vLLM pid $SERVER, log $SERVER_LOG; waiting for /health (start-up takes minutes)"
-  for _ in $(seq 1 600); do
-    if curl -sf "http://127.0.0.1:$PORT/health" >/dev/null; then break; fi
-    if ! kill -0 $SERVER 2>/dev/null; then echo "vLLM exited:"; tail -50 "$SERVER_LOG"; exit 1; fi
-    sleep 2
+  serve() {  # serve MODEL_DIR NAME PORT LOG
+    VLLM_TARGET_DEVICE=cpu VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1} \
+      "$VENV/bin/python" -m vllm.entrypoints.openai.api_server \
+        --host 127.0.0.1 --port "$3" --model "$1" --served-model-name "$2" \
+        --dtype float32 --max-model-len 512 --max-num-seqs 16 --seed 0 >"$4" 2>&1 &
+  }
+  # The generator (the tiny LLaVA's language model) and the reward model (/classify), side by side.
+  serve "$WORK/lm" tiny-lm "$PORT" "$WORK/vllm-lm.log"; LM=$!
+  serve "$WORK/rm" tiny-rm "$((PORT + 1))" "$WORK/vllm-rm.log"; RM=$!
+  # Stop both engines whatever happens (each stops its own engine-core processes).
+  trap 'kill $LM $RM 2>/dev/null || true; wait $LM $RM 2>/dev/null || true' EXIT
+  echo "vLLM pids $LM (generator) $RM (reward model), logs in $WORK; start-up takes minutes"
+  for port in "$PORT" "$((PORT + 1))"; do
+    for _ in $(seq 1 600); do
+      if curl -sf "http://127.0.0.1:$port/health" >/dev/null; then break; fi
+      if ! kill -0 $LM 2>/dev/null || ! kill -0 $RM 2>/dev/null; then
+        echo "a vLLM engine exited:"; tail -30 "$WORK"/vllm-*.log; exit 1
+      fi
+      sleep 2
+    done
+    curl -sf "http://127.0.0.1:$port/health" >/dev/null || { echo "vLLM on :$port not healthy"; tail -30 "$WORK"/vllm-*.log; exit 1; }
   done
-  curl -sf "http://127.0.0.1:$PORT/health" >/dev/null || { echo "vLLM not healthy"; tail -50 "$SERVER_LOG"; exit 1; }
   ETA_VLLM_URL=http://127.0.0.1:$PORT ETA_VLLM_MODEL=tiny-lm ETA_VLLM_MODEL_DIR=$WORK/lm \
+    ETA_VLLM_RM_URL=http://127.0.0.1:$((PORT + 1)) ETA_VLLM_RM_MODEL=tiny-rm \
     "$PY" -m pytest -m vllm -q -p no:cacheprovider tests/test_backend_vllm.py "${@:2}"
   if [ "${ETA_VLLM_BENCH:-0}" = 1 ]; then
     "$PY" -m eta_guard.backends.bench_backends --url "http://127.0.0.1:$PORT" --model tiny-lm \

@@ -214,3 +214,28 @@ def test_local_backend_gives_the_local_pipeline_decisions(tiny_checkpoints, eval
             assert a.text == b.text and a.usage == b.usage
         else:
             assert b.text.startswith("As an AI assistant") and b.trace
+
+
+def test_cli_generate_with_generator_url(stub, tiny_checkpoints, tiny_dir, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from eta_guard.cli import app
+
+    image = tmp_path / "noise.png"
+    make_test_image("noise").save(image)
+    args = ["generate", "What is this?", "-i", str(image), "--tiny", "--cache-dir", str(tiny_dir)]
+    args += ["--set", "pre_threshold=-1.01", "--set", "post_threshold=1e9", "--json"]
+    result = CliRunner().invoke(
+        app, [*args, "--generator-url", stub.url, "--generator-model", "tiny-vlm"]
+    )
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout[result.stdout.index("{") :])
+    assert payload["aligned"] and payload["model_name"] == "tiny-vlm"
+    assert payload["vanilla_text"] == "Sure, here is how."
+    # --tiny's VLM supplies the tokenizer: token-exact sentence ends and BOS as locally.
+    sample = stub.bodies(CHAT)[1]
+    assert sample["stop_token_ids"] and sample["add_special_tokens"] is True
+    result = CliRunner().invoke(app, [*args, "--generator-url", stub.url])
+    assert result.exit_code != 0 and "--generator-model" in result.output

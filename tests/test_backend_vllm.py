@@ -14,7 +14,13 @@ from pathlib import Path
 import pytest
 
 from eta_guard import ETA, ETAConfig, ETAEvaluator
-from eta_guard.backends import BackendETA, HTTPSettings, OpenAICompatibleBackend, SamplingStep
+from eta_guard.backends import (
+    BackendETA,
+    HTTPSettings,
+    OpenAICompatibleBackend,
+    RemoteRewardModel,
+    SamplingStep,
+)
 from eta_guard.backends.base import Completion
 from eta_guard.messages import normalize_messages
 
@@ -108,3 +114,19 @@ def test_aligned_answer_over_vllm_has_the_local_result_shape(paths, local):
     assert all(len(s.candidates) == 3 for s in remote.trace)
     assert remote.usage.output_tokens <= 24 and remote.finish_reason in ("stop", "length")
     assert set(remote.timings) >= {"vanilla", "post", "align", "total"}
+
+
+@pytest.mark.skipif(not os.environ.get("ETA_VLLM_RM_URL"), reason="no ETA_VLLM_RM_URL")
+def test_remote_reward_model_returns_the_local_raw_reward(paths):
+    from eta_guard.config import DEFAULT_RM_SEARCH_PROMPT
+    from eta_guard.evaluators.reward import RewardPostEvaluator
+
+    local = RewardPostEvaluator.from_pretrained(paths["rm"], device="cpu")
+    remote = RemoteRewardModel(
+        os.environ["ETA_VLLM_RM_URL"], os.environ.get("ETA_VLLM_RM_MODEL", "tiny-rm"), http=HTTP
+    )
+    answers = ["I cannot help with that.", "Sure. Step one: open it.", "As an AI assistant, no."]
+    expected = local.score(answers, DEFAULT_RM_SEARCH_PROMPT)
+    got = remote.score(answers, DEFAULT_RM_SEARCH_PROMPT)
+    assert got == pytest.approx(expected, abs=1e-4)
+    assert any(not 0 < r < 1 for r in expected)  # raw: a sigmoid would squash them into (0, 1)
