@@ -26,6 +26,7 @@ def build(directory: str | Path, *, seed: int = 0) -> dict[str, str]:
     """Build (or reuse) the checkpoints under ``directory``; returns their paths by role."""
     import torch
     from transformers import (
+        AutoConfig,
         AutoProcessor,
         AutoTokenizer,
         LlamaForCausalLM,
@@ -66,7 +67,7 @@ def build(directory: str | Path, *, seed: int = 0) -> dict[str, str]:
     tokenizer.chat_template = _LLAVA_TEMPLATE
     tokenizer.save_pretrained(lm_dir)
 
-    rm_config: Any = LlamaForSequenceClassification.config_class.from_pretrained(tiny.reward_model)
+    rm_config: Any = AutoConfig.from_pretrained(tiny.reward_model)
     rm_config.num_attention_heads, rm_config.num_key_value_heads = 2, 1
     rm_config.head_dim = rm_config.hidden_size // 2
     torch.manual_seed(seed + 1)
