@@ -7,15 +7,19 @@ thresholds force each branch.
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
+from pathlib import Path
 
 import pytest
-from backend_stub import StubServer
 
-from eta_guard import ETA, ETAConfig, ETAEvaluator, ETAResult
-from eta_guard.backends import BackendETA, HTTPSettings, LocalBackend, RemoteRewardModel
-from eta_guard.errors import BackendError
-from eta_guard.testing import make_test_image
+sys.path.insert(0, str(Path(__file__).parent))
+from backend_stub import StubServer  # noqa: E402
+
+from eta_guard import ETA, ETAConfig, ETAEvaluator, ETAResult  # noqa: E402
+from eta_guard.backends import BackendETA, HTTPSettings, LocalBackend, RemoteRewardModel  # noqa: E402
+from eta_guard.errors import BackendError  # noqa: E402
+from eta_guard.testing import make_test_image  # noqa: E402
 
 CHAT = "/v1/chat/completions"
 FAST = HTTPSettings(timeout=5.0, connect_timeout=1.0, max_retries=1, backoff=0.01)

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sys
 import time
+from pathlib import Path
 
 import pytest
-from backend_stub import StubServer
+
+sys.path.insert(0, str(Path(__file__).parent))
+from backend_stub import StubServer  # noqa: E402
 
 from eta_guard.backends import (
     HTTPSettings,
@@ -20,10 +24,10 @@ from eta_guard.backends import (
     RemoteRewardModel,
     SamplingStep,
 )
-from eta_guard.backends.base import Completion
-from eta_guard.errors import BackendError, EvaluatorError, InvalidInputError
-from eta_guard.messages import normalize_messages
-from eta_guard.testing import make_test_image
+from eta_guard.backends.base import Completion  # noqa: E402
+from eta_guard.errors import BackendError, EvaluatorError, InvalidInputError  # noqa: E402
+from eta_guard.messages import normalize_messages  # noqa: E402
+from eta_guard.testing import make_test_image  # noqa: E402
 
 CHAT = "/v1/chat/completions"
 FAST = HTTPSettings(timeout=2.0, connect_timeout=1.0, max_retries=2, backoff=0.01)
