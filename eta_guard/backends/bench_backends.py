@@ -4,7 +4,8 @@
 
 Both arms answer the same prompts with the same weights (:mod:`eta_guard.backends.vllm_fixtures`:
 the local tiny LLaVA and the engine's copy of its language model), the same local evaluators and
-the same config, in one run, ``concurrency`` requests in flight:
+the same config, in one run, ``concurrency`` requests in flight, medians over ``repeats`` runs
+(arms alternating, so load drift on a shared machine hits both alike):
 
 - ``local``: :meth:`ETA.from_pretrained` (transformers in this process; one call at a time);
 - ``remote``: :class:`BackendETA` over the engine (requests in flight together).
@@ -65,8 +66,24 @@ async def _measure(eta: Any, overrides: dict[str, Any], n: int, concurrency: int
     }
 
 
+def _median_run(runs: list[dict]) -> dict:
+    """Per figure, the median over repeats (``requests_per_s_runs`` keeps every repeat's rate)."""
+    out = dict(runs[0])
+    for key in ("wall_s", "requests_per_s", "p50_s", "p99_s", "decoded_tokens_per_s"):
+        out[key] = round(statistics.median(r[key] for r in runs), 3)
+    out["requests_per_s_runs"] = [r["requests_per_s"] for r in runs]
+    return out
+
+
 def run(
-    url: str, model: str, fixtures: str, *, requests: int, concurrency: int, max_new_tokens: int
+    url: str,
+    model: str,
+    fixtures: str,
+    *,
+    requests: int,
+    concurrency: int,
+    max_new_tokens: int,
+    repeats: int = 3,
 ) -> dict[str, Any]:
     """Run both arms on both paths; returns the report (also printed as JSON by ``main``)."""
     import torch
@@ -90,6 +107,7 @@ def run(
     report: dict[str, Any] = {
         "max_new_tokens": max_new_tokens,
         "num_candidates": 5,
+        "repeats": repeats,
         "torch_threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
         "load_average_before": [round(x, 2) for x in os.getloadavg()],
@@ -97,14 +115,17 @@ def run(
     }
 
     async def arm(eta: Any, overrides: dict[str, Any]) -> dict:
-        await _measure(eta, overrides, 2, 1)  # warm-up: caches, lazy loads, the engine's graphs
         return await _measure(eta, overrides, requests, concurrency)
 
+    arms = {"local": local, "remote": remote}
     for name, overrides in PATHS.items():
-        report["paths"][name] = {
-            "local": asyncio.run(arm(local, overrides)),
-            "remote": asyncio.run(arm(remote, overrides)),
-        }
+        for eta in arms.values():  # warm-up: caches, lazy loads, the engine's graphs
+            asyncio.run(_measure(eta, overrides, 2, 1))
+        runs: dict[str, list[dict]] = {"local": [], "remote": []}
+        for r in range(repeats):  # alternate the order, so load drift hits both arms alike
+            for key in ("local", "remote") if r % 2 == 0 else ("remote", "local"):
+                runs[key].append(asyncio.run(arm(arms[key], overrides)))
+        report["paths"][name] = {key: _median_run(values) for key, values in runs.items()}
     report["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     return report
 
@@ -117,6 +138,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3, help="medians over this many runs")
     args = parser.parse_args()
     report = run(
         args.url,
@@ -125,6 +147,7 @@ def main() -> None:
         requests=args.requests,
         concurrency=args.concurrency,
         max_new_tokens=args.max_new_tokens,
+        repeats=args.repeats,
     )
     print(json.dumps(report, indent=2))
 
