@@ -27,7 +27,8 @@ class Stub:
     """Scripting knobs and the recorded requests."""
 
     requests: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
-    #: path -> queue of ("status", code) | ("raw", text) | ("sleep", seconds) | ("no_done", None)
+    #: path -> queue of ("ok", None) | ("status", code) | ("raw", text) | ("sleep", seconds)
+    #: | ("no_done", None), applied to that path's requests in order
     failures: dict[str, deque] = field(default_factory=lambda: defaultdict(deque))
     delay: float = 0.0
     vanilla: list[str] = field(default_factory=lambda: list(VANILLA))
@@ -55,6 +56,8 @@ def build_app(stub: Stub) -> FastAPI:
         if not queue:
             return None
         kind, value = queue.popleft()
+        if kind == "ok":
+            return None
         if kind == "status":
             return JSONResponse(
                 {"error": {"message": f"injected {value}", "type": "Stub", "code": value}},

@@ -18,7 +18,7 @@ from backend_stub import StubServer  # noqa: E402
 
 from eta_guard import ETA, ETAConfig, ETAEvaluator, ETAResult  # noqa: E402
 from eta_guard.backends import BackendETA, HTTPSettings, LocalBackend, RemoteRewardModel  # noqa: E402
-from eta_guard.errors import BackendError  # noqa: E402
+from eta_guard.errors import BackendError, EvaluatorError  # noqa: E402
 from eta_guard.testing import make_test_image  # noqa: E402
 
 CHAT = "/v1/chat/completions"
@@ -180,6 +180,24 @@ def test_remote_reward_model_with_fail_closed_policy(stub, evaluator):
     stub.failures["/classify"].extend([("status", 500)] * 2)
     result = eta.generate(_messages(), on_evaluator_error="fail_closed", deep_alignment=False)
     assert "post" in result.verdict.errors and result.verdict.output_unsafe and result.aligned
+
+
+def test_search_failure_under_fail_closed_falls_back_to_shallow_alignment(stub, evaluator):
+    rm = RemoteRewardModel(stub.url, "tiny-rm", http=FAST)
+    eta = _eta(stub, ETAEvaluator(evaluator.pre, rm), **ALIGN_ALL)
+    # the decision passes; the first search step's RM calls fail (3 candidates x 2 tries)
+    stub.failures["/classify"].extend([("ok", None)] + [("status", 500)] * 6)
+    chunks = list(eta.stream(_messages(), on_evaluator_error="fail_closed"))
+    result = chunks[-1].result
+    assert result.aligned and "search" in result.verdict.errors and result.trace == []
+    assert result.text == "As an AI assistantSure, here is how."  # prefix + greedy continuation
+    assert "".join(c.text for c in chunks) == result.text
+    fallback = stub.bodies(CHAT)[-1]
+    assert fallback["temperature"] == 0.0 and fallback["continue_final_message"]
+    assert fallback["messages"][-1]["content"] == "As an AI assistant"
+    with pytest.raises(EvaluatorError):  # the default policy raises
+        stub.failures["/classify"].extend([("ok", None)] + [("status", 500)] * 6)
+        eta.generate(_messages())
 
 
 def test_from_openai_compatible_builds_a_backend_eta(stub, tiny_checkpoints):

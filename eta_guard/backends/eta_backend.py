@@ -10,6 +10,7 @@ Synchronous methods drive the same coroutines on a background loop.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
@@ -20,11 +21,16 @@ from eta_guard.config import ETAConfig
 from eta_guard.decision import skipped, vanilla_only_reason
 from eta_guard.decoding.selection import select_candidate, use_clip_term
 from eta_guard.decoding.stopping import cut_at_stop
-from eta_guard.errors import BackendError, InvalidInputError
+from eta_guard.errors import BackendError, ETAError, EvaluatorError, InvalidInputError
 from eta_guard.evaluators.eta_evaluator import ETAEvaluator
+from eta_guard.limits import RequestLimits
 from eta_guard.messages import Conversation, normalize_messages
-from eta_guard.pipeline import ETA, Messages, _check_stop, _StopFilter
+from eta_guard.pipeline import ETA, Messages, _check_batch, _check_stop, _StopFilter, _with_error
+from eta_guard.prompting import for_vlm
+from eta_guard.remote_fetch import RemoteFetchPolicy
 from eta_guard.verdict import ETAResult, ETAStreamChunk, SafetyVerdict, SentenceTrace, TokenUsage
+
+logger = logging.getLogger(__name__)
 
 
 class BackendETA(ETA):
@@ -80,6 +86,7 @@ class BackendETA(ETA):
         self, batch: Sequence[Messages], *, stop: Sequence[str] | None = None, **overrides: Any
     ) -> list[ETAResult]:
         """Answer several conversations concurrently."""
+        _check_batch(batch)
         return list(
             await asyncio.gather(*(self.agenerate(m, stop=stop, **overrides) for m in batch))
         )
@@ -98,6 +105,7 @@ class BackendETA(ETA):
     def batch(
         self, batch: Sequence[Messages], *, stop: Sequence[str] | None = None, **overrides: Any
     ) -> list[ETAResult]:
+        _check_batch(batch)
         return run_sync(self.abatch(batch, stop=stop, **overrides))
 
     async def aclose(self) -> None:
@@ -124,10 +132,19 @@ class BackendETA(ETA):
             allow_remote_images=cfg.allow_remote_images,
             allow_local_image_files=cfg.allow_local_image_files,
             max_image_pixels=cfg.max_image_pixels,
+            limits=RequestLimits.from_config(cfg),
+            remote=RemoteFetchPolicy.from_config(cfg),
         )
         request = _BackendRequest(self, conv, cfg, stop_list, streaming)
-        async for item in request.run():
-            yield item
+        try:
+            async for item in request.run():
+                yield item
+        except ETAError:
+            raise
+        except Exception as e:
+            # As the local pipeline: a client-safe message, the cause chained and logged.
+            logger.error("ETA request failed", exc_info=e)
+            raise ETAError(f"the request failed ({type(e).__name__}; details in the log)") from e
 
 
 class _BackendRequest:
@@ -144,6 +161,8 @@ class _BackendRequest:
         self.eta, self.conv, self.cfg, self.stop, self.streaming = eta, conv, cfg, stop, streaming
         self.backend = eta.backend
         self.evaluator = eta.evaluator.with_config(cfg)
+        # What the VLM sees (system text, padded images); CLIP scores self.conv's images as given.
+        self.vlm_conv = for_vlm(conv, cfg, getattr(eta.backend, "processor", None))
         self.timings: dict[str, float] = {}
         self.start = time.perf_counter()
 
@@ -154,7 +173,7 @@ class _BackendRequest:
         greedy: Completion | None = None
         buffered: list[str] = []
         async for item in self.backend.greedy(
-            self.conv, max_tokens=self.cfg.max_new_tokens, stop=self.stop
+            self.vlm_conv, max_tokens=self.cfg.max_new_tokens, stop=self.stop
         ):
             if isinstance(item, Completion):
                 greedy = item
@@ -199,26 +218,45 @@ class _BackendRequest:
         trace: list[SentenceTrace] = []
         if cfg.deep_alignment:
             search = _RemoteSearch(self, stop_filter)
-            async for delta in search.run():
-                yield delta
-            tail, n_out, decoded, finish = search.text, search.tokens, search.decoded, search.finish
-            trace = search.trace
+            try:
+                async for delta in search.run():
+                    yield delta
+                tail, n_out, decoded = search.text, search.tokens, search.decoded
+                finish, trace = search.finish, search.trace
+            except EvaluatorError as error:
+                if cfg.on_evaluator_error == "raise":
+                    raise
+                # As the local pipeline: the answer was judged unsafe, so failing open would
+                # return it and raising would cut a stream after the prefix. Continue greedily
+                # from what was accepted (and streamed) instead, and say so in the verdict.
+                shallow = None
+                async for piece in self._continue(
+                    cfg.prefix + search.text, cfg.max_new_tokens - search.tokens
+                ):
+                    if isinstance(piece, Completion):
+                        shallow = piece
+                    else:
+                        yield stop_filter.feed(piece)
+                assert shallow is not None
+                tail = search.text + shallow.text
+                n_out = search.tokens + shallow.num_tokens
+                decoded, finish = search.decoded + shallow.num_tokens, shallow.finish_reason
+                verdict = _with_error(
+                    verdict,
+                    "search",
+                    f"deep alignment stopped ({error}); fell back to shallow alignment "
+                    "(prefix + greedy decoding)",
+                )
         else:
-            shallow: Completion | None = None
-            async for piece in self.backend.greedy(
-                self.conv, assistant_text=cfg.prefix, max_tokens=cfg.max_new_tokens, stop=self.stop
-            ):
+            shallow = None
+            async for piece in self._continue(cfg.prefix, cfg.max_new_tokens):
                 if isinstance(piece, Completion):
                     shallow = piece
                 else:
                     yield stop_filter.feed(piece)
             assert shallow is not None
-            tail, n_out, decoded, finish = (
-                shallow.text,
-                shallow.num_tokens,
-                shallow.num_tokens,
-                shallow.finish_reason,
-            )
+            tail, n_out, decoded = shallow.text, shallow.num_tokens, shallow.num_tokens
+            finish = shallow.finish_reason
         self.timings["align"] = time.perf_counter() - t0
         text, stopped = cut_at_stop(cfg.prefix + tail, self.stop)
         if len(text) > stop_filter.sent:
@@ -232,6 +270,15 @@ class _BackendRequest:
             finish_reason="stop" if stopped else finish,
             vanilla_text=greedy.text,
             trace=trace,
+        )
+
+    def _continue(self, assistant_text: str, max_tokens: int) -> AsyncIterator[str | Completion]:
+        """Greedy continuation of the assistant turn ``assistant_text``."""
+        return self.backend.greedy(
+            self.vlm_conv,
+            assistant_text=assistant_text,
+            max_tokens=max(1, max_tokens),
+            stop=self.stop,
         )
 
     def _result(
@@ -296,7 +343,7 @@ class _RemoteSearch:
                 seed=None if cfg.seed is None else cfg.seed + 1000 * index,
             )
             candidates = await req.backend.sample(
-                req.conv, assistant_text=cfg.prefix + self.text, step=step
+                req.vlm_conv, assistant_text=cfg.prefix + self.text, step=step
             )
             answers = [cfg.prefix + self.text + c.text for c in candidates]
             rewards = await asyncio.to_thread(req.evaluator.score_responses, answers, search=True)

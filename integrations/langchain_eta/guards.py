@@ -11,7 +11,7 @@ from langchain_core.runnables import RunnableConfig, RunnableSerializable
 from pydantic import ConfigDict, Field
 
 from eta_guard.config import DEFAULT_CLIP, DEFAULT_REWARD_MODEL
-from eta_guard.errors import GuardrailViolation
+from eta_guard.errors import GuardrailViolation, InvalidInputError
 from langchain_eta._loading import aresolve, lazy_evaluator, local_files, resolve
 from langchain_eta._messages import as_messages, image_sources, replace_images
 from langchain_eta._verdicts import (
@@ -348,13 +348,21 @@ def _text(value: Any) -> str:
         return value
     if isinstance(value, BaseMessage):
         return value.text
-    raise TypeError(f"ETAOutputGuard expects a message or a str, got {type(value).__name__}")
+    raise InvalidInputError(
+        f"ETAOutputGuard expects a message or a str, got {type(value).__name__}"
+    )
 
 
 def _aggregate(chunks: list[Any]) -> Any:
     total = chunks[0]
-    for chunk in chunks[1:]:
-        total = total + chunk
+    try:
+        for chunk in chunks[1:]:
+            total = total + chunk
+    except TypeError as e:  # e.g. str chunks mixed with message chunks
+        raise InvalidInputError(
+            "ETAOutputGuard expects a stream of str or of message chunks, got "
+            f"{type(chunks[0]).__name__} then {type(chunk).__name__}"
+        ) from e
     return total
 
 
