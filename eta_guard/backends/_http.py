@@ -10,7 +10,12 @@ from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import httpx
+try:
+    import httpx
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "talking to an OpenAI-compatible engine needs httpx: pip install 'eta-guard[remote]'"
+    ) from e
 
 from eta_guard.backends._loop import run_sync
 from eta_guard.errors import BackendError, InvalidInputError
