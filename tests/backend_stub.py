@@ -39,6 +39,8 @@ class Stub:
     text_embedding: list[float] = field(default_factory=lambda: [1.0, 0.0, 0.0])
     image_embedding: list[float] = field(default_factory=lambda: [0.6, 0.8, 0.0])
     choices_override: int | None = None
+    #: room left in the "context": candidates never get more tokens (vLLM clamps max_tokens)
+    context_left: int | None = None
     url: str = ""
 
     def bodies(self, path: str) -> list[dict[str, Any]]:
@@ -91,8 +93,9 @@ def build_app(stub: Stub) -> FastAPI:
             text = f" Candidate {i} of step {sentences + 1}."
             tokens = list(range(100, 100 + len(text.split()) + (1 if ends else 0)))
             finish, stop_reason = "stop", None if ends else 13
-            if len(tokens) > body["max_tokens"]:  # the budget cuts the sentence: one word a token
-                tokens = tokens[: body["max_tokens"]]
+            budget = min(body["max_tokens"], stub.context_left or body["max_tokens"])
+            if len(tokens) > budget:  # the budget cuts the sentence: one word a token
+                tokens = tokens[:budget]
                 text = "".join(" " + w for w in text.split()[: len(tokens)])
                 finish, stop_reason = "length", None
             choices.append(

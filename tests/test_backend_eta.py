@@ -38,6 +38,7 @@ def stub(server):
     server.requests.clear()
     server.failures.clear()
     server.delay, server.choices_override, server.eos_after = 0.0, None, 2
+    server.context_left = None
     return server
 
 
@@ -123,6 +124,13 @@ def test_budget_limits_the_sentence_budget(stub, evaluator):
     assert [b["max_tokens"] for b in steps] == [12, 7, 2]
     assert result.finish_reason == "length" and result.usage.output_tokens == 12
     assert result.trace[-1].candidates[0].num_tokens == 2
+
+
+def test_a_full_context_ends_the_search(stub, evaluator):
+    stub.eos_after, stub.context_left = 100, 3
+    result = _eta(stub, evaluator, **ALIGN_ALL).generate(_messages())
+    assert len(result.trace) == 1 and result.finish_reason == "length"
+    assert result.usage.output_tokens == 3 and len(stub.bodies(CHAT)) == 2
 
 
 def test_safe_answer_on_unsafe_image_is_not_aligned(stub, evaluator):

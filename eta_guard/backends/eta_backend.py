@@ -369,6 +369,10 @@ class _RemoteSearch:
             if chosen.ended or stopped or chosen.num_tokens == 0:
                 self.finish = "stop"
                 break
+            if chosen.finish_reason == "length" and chosen.num_tokens < step.max_tokens:
+                # The engine clamps max_tokens to the room left in its context: the context
+                # is full (the local search ends there too).
+                break
             delta = self.stop_filter.feed(chosen.text)
             if delta:
                 yield delta
