@@ -269,3 +269,30 @@ def test_cli_generate_with_generator_url(stub, tiny_checkpoints, tiny_dir, tmp_p
     assert sample["stop_token_ids"] and sample["add_special_tokens"] is True
     result = CliRunner().invoke(app, [*args, "--generator-url", stub.url])
     assert result.exit_code != 0 and "--generator-model" in result.output
+
+
+def test_local_backend_streams_greedy_deltas_and_samples_n(tiny_checkpoints):
+    from eta_guard.backends import SamplingStep
+    from eta_guard.backends.base import Completion
+    from eta_guard.decoding.vlm import VLMAdapter
+    from eta_guard.messages import normalize_messages
+
+    backend = LocalBackend(VLMAdapter.from_pretrained(tiny_checkpoints.vlm, device="cpu"))
+    conv = normalize_messages(_messages())
+
+    async def run():
+        items = [i async for i in backend.greedy(conv, max_tokens=12)]
+        step = SamplingStep(n=3, max_tokens=6, top_k=5, temperature=1.5, terminators=(".",))
+        return items, await backend.sample(conv, assistant_text="As an AI assistant", step=step)
+
+    items, candidates = asyncio.run(run())
+    *deltas, final = items
+    assert isinstance(final, Completion) and len(deltas) > 1  # token by token, not all at once
+    assert "".join(deltas) == final.text and len(final.token_ids) == final.num_tokens <= 12
+    assert len(candidates) == 3
+    for c in candidates:
+        assert 1 <= c.num_tokens <= 6
+        if c.finish_reason == "length":
+            assert c.num_tokens == 6 and not c.ended
+        elif not c.ended:  # ended on a sentence end
+            assert "." in c.text

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from eta_guard.backends.base import Completion, SamplingStep
 
@@ -41,23 +41,27 @@ class LocalBackend:
         max_tokens: int,
         stop: Sequence[str] | None = None,
     ) -> AsyncIterator[str | Completion]:
-        def run() -> Any:
+        from eta_guard.pipeline import _iterate_in_thread
+
+        def run() -> Iterator[str | Completion]:
             with self._lock:
                 prepared = self.adapter.prepare(conversation, assistant_prefix=assistant_text)
-                out = self.adapter.generate_greedy(prepared, max_new_tokens=max_tokens, stop=stop)
-                return prepared, out
+                stream = self.adapter.stream_greedy(prepared, max_new_tokens=max_tokens, stop=stop)
+                yield from stream  # deltas as the tokens are decoded
+                out = stream.output
+                assert out is not None
+                eos = set(self.adapter.eos_token_ids)
+                yield Completion(
+                    text=out.text,
+                    num_tokens=len(out.token_ids),
+                    finish_reason=out.finish_reason,
+                    ended=bool(out.token_ids) and out.token_ids[-1] in eos,
+                    prompt_tokens=prepared.num_prompt_tokens,
+                    token_ids=tuple(out.token_ids),
+                )
 
-        prepared, out = await asyncio.to_thread(run)
-        eos = set(self.adapter.eos_token_ids)
-        if out.text:
-            yield out.text
-        yield Completion(
-            text=out.text,
-            num_tokens=len(out.token_ids),
-            finish_reason=out.finish_reason,
-            ended=bool(out.token_ids) and out.token_ids[-1] in eos,
-            prompt_tokens=prepared.num_prompt_tokens,
-        )
+        async for item in _iterate_in_thread(run):
+            yield item
 
     async def sample(
         self, conversation: Conversation, *, assistant_text: str, step: SamplingStep
