@@ -224,6 +224,23 @@ def test_from_openai_compatible_builds_a_backend_eta(stub, tiny_checkpoints):
     assert result.aligned and len(stub.bodies("/classify")) == 1 + 2 * 2
 
 
+def test_remote_evaluators_do_not_queue_behind_one_another(stub):
+    eta = ETA.from_openai_compatible(
+        stub.url,
+        "tiny-vlm",
+        clip=None,
+        reward_model="tiny-rm",
+        reward_model_url=stub.url,
+        config=ETAConfig(text_only_policy="reward_only", post_threshold=-1e9),
+    )
+    stub.delay = 0.5  # every engine request: vanilla, then the RM
+    start = time.monotonic()
+    results = asyncio.run(eta.abatch([_messages(image=False)] * 4))
+    elapsed = time.monotonic() - start
+    assert all(r.verdict.post_score is not None and not r.aligned for r in results)
+    assert elapsed < 2.0  # ~1 s in flight together; the 4 RM calls one after another: >= 2.5 s
+
+
 def test_local_backend_gives_the_local_pipeline_decisions(tiny_checkpoints, evaluator):
     local = ETA.from_pretrained(
         tiny_checkpoints.vlm,

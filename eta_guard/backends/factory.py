@@ -77,4 +77,20 @@ def eta_from_openai_compatible(
         pre = RemoteCLIP(clip_url, clip, prompt=config.safety_prompt, api_key=api_key, http=http)
     if reward_model_url is not None and reward_model is not None:
         post = RemoteRewardModel(reward_model_url, reward_model, api_key=api_key, http=http)
-    return BackendETA(generator, ETAEvaluator(pre, post, config), config)
+    # The evaluator's lock guards local models' per-call state; HTTP calls need none, and
+    # holding it would queue every request's RM calls behind one another.
+    remote_only = (pre is None or clip_url is not None) and (
+        post is None or reward_model_url is not None
+    )
+    lock: Any = _NoLock() if remote_only else None
+    return BackendETA(generator, ETAEvaluator(pre, post, config, lock=lock), config)
+
+
+class _NoLock:
+    """A context manager that locks nothing (for evaluators that are all remote)."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
