@@ -313,3 +313,18 @@ def test_local_backend_streams_greedy_deltas_and_samples_n(tiny_checkpoints):
             assert c.num_tokens == 6 and not c.ended
         elif not c.ended:  # ended on a sentence end
             assert "." in c.text
+
+
+def test_langchain_chat_model_runs_over_the_engine(stub, evaluator):
+    from langchain_core.messages import HumanMessage
+    from langchain_eta import ETAChatModel
+
+    chat = ETAChatModel(eta=_eta(stub, evaluator, **PASS_ALL))
+    message = chat.invoke([HumanMessage("How do I do this?")])
+    assert message.content == "Sure, here is how."
+    assert message.response_metadata["model_name"] == "tiny-vlm"
+
+    async def astream():
+        return [c.content async for c in chat.astream([HumanMessage("How?")])]
+
+    assert "".join(asyncio.run(astream())) == "Sure, here is how."
