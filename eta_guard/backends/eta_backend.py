@@ -171,7 +171,6 @@ class _BackendRequest:
         reason = vanilla_only_reason(self.conv.has_images, pre, self.cfg)
         t0 = time.perf_counter()
         greedy: Completion | None = None
-        buffered: list[str] = []
         async for item in self.backend.greedy(
             self.vlm_conv, max_tokens=self.cfg.max_new_tokens, stop=self.stop
         ):
@@ -179,8 +178,7 @@ class _BackendRequest:
                 greedy = item
             elif reason is not None and self.streaming:
                 yield item  # safe image: streamed as it arrives, no hold-back
-            else:
-                buffered.append(item)
+            # otherwise held back: greedy.text is released once the reward model has judged it
         self.timings["vanilla"] = time.perf_counter() - t0
         if greedy is None:
             raise BackendError(f"the generator {self.backend.name!r} ended without a result")
