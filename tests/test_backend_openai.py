@@ -93,7 +93,7 @@ def test_vanilla_length_and_user_stop(stub):
 
 def test_sample_request_is_one_n_request_continuing_the_assistant_text(stub):
     backend = OpenAICompatibleBackend(stub.url, "m", http=FAST)
-    step = SamplingStep(n=5, max_tokens=70, top_k=5, temperature=1.5, terminators=("."), seed=7)
+    step = SamplingStep(n=5, max_tokens=70, top_k=5, temperature=1.5, terminators=(".",), seed=7)
     cands = asyncio.run(backend.sample(_conv(), assistant_text="As an AI assistant", step=step))
     (body,) = stub.bodies(CHAT)
     assert body["n"] == 5 and body["top_k"] == 5 and body["temperature"] == 1.5
@@ -107,25 +107,40 @@ def test_sample_request_is_one_n_request_continuing_the_assistant_text(stub):
     assert all(c.num_tokens == 5 and not c.ended for c in cands)  # stop_reason was a stop id
 
 
-def test_sample_with_tokenizer_sends_token_exact_sentence_ends(stub, tiny_checkpoints):
+@pytest.mark.parametrize("rule", ["exact", "contains"])
+def test_sample_with_tokenizer_sends_token_exact_sentence_ends(stub, tiny_checkpoints, rule):
     from transformers import AutoTokenizer
 
     from eta_guard.decoding.stopping import vocabulary_masks
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoints.vlm)
     backend = OpenAICompatibleBackend(stub.url, "m", tokenizer=tokenizer, http=FAST)
-    step = SamplingStep(n=2, max_tokens=9, top_k=5, temperature=1.5, terminators=(".", "!"))
+    step = SamplingStep(
+        n=2, max_tokens=9, top_k=5, temperature=1.5, terminators=(".", "!"), rule=rule
+    )
     asyncio.run(backend.sample(_conv(False), assistant_text="As", step=step))
     (body,) = stub.bodies(CHAT)
-    expected = vocabulary_masks(tokenizer, (".", "!"))[0].nonzero().flatten().tolist()
+    # the very mask the local search stops on, under the same rule
+    expected = vocabulary_masks(tokenizer, (".", "!"), rule)[0].nonzero().flatten().tolist()
     assert body["stop_token_ids"] == expected and expected
     assert "stop" not in body and body["include_stop_str_in_output"] is True
     # The tiny LLaVA template writes no BOS but its tokenizer adds one (as VLMAdapter.prepare
     # does): ask the engine for it, or the remote prompt would lack the local prompt's BOS.
     assert body["add_special_tokens"] is True
-    for i in expected[:20]:
-        text = tokenizer.decode([i])
-        assert "." in text or "!" in text
+    texts = [tokenizer.decode([i]) for i in expected]
+    if rule == "exact":
+        assert all(t.strip() in (".", "!") for t in texts)
+    else:
+        assert all("." in t or "!" in t for t in texts)
+        exact = vocabulary_masks(tokenizer, (".", "!"), "exact")[0].nonzero().flatten().tolist()
+        assert set(exact) <= set(expected)  # "contains" ends on these tokens and maybe more
+
+
+def test_a_rule_no_token_satisfies_is_refused(stub, tiny_checkpoints):
+    backend = OpenAICompatibleBackend(stub.url, "m", tokenizer=tiny_checkpoints.vlm, http=FAST)
+    step = SamplingStep(n=2, max_tokens=9, top_k=5, temperature=1.0, terminators=("\u2603",))
+    with pytest.raises(InvalidInputError, match="no token of the tokenizer ends a sentence"):
+        asyncio.run(backend.sample(_conv(False), assistant_text="As", step=step))
 
 
 def test_eos_candidates_are_marked_ended(stub):

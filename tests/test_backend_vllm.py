@@ -89,7 +89,7 @@ def test_best_of_n_step_ends_on_the_local_sentence_tokens(backend, paths):
     cands = asyncio.run(backend.sample(conv, assistant_text="As an AI assistant", step=step))
     assert len(cands) == 5 and len({c.text for c in cands}) > 1  # n distinct samples
     tokenizer = AutoTokenizer.from_pretrained(paths["lm"])
-    ends = vocabulary_masks(tokenizer, (".",))[0]
+    ends = vocabulary_masks(tokenizer, (".",), step.rule)[0]
     for c in cands:
         assert 1 <= c.num_tokens <= 30
         if c.finish_reason == "stop" and not c.ended:  # a sentence end: its last token

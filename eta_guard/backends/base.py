@@ -18,6 +18,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
+from eta_guard.config import SentenceEndRule
+
 if TYPE_CHECKING:
     from eta_guard.messages import Conversation
 
@@ -56,6 +58,9 @@ class SamplingStep:
     temperature: float
     terminators: tuple[str, ...]
     seed: int | None = None
+    #: ``ETAConfig.sentence_end_rule``: a token ends a sentence when its text is exactly a
+    #: terminator ("exact") or contains one ("contains").
+    rule: SentenceEndRule = "exact"
 
 
 @runtime_checkable

@@ -337,6 +337,7 @@ class _RemoteSearch:
                 top_k=cfg.top_k,
                 temperature=cfg.temperature,
                 terminators=tuple(cfg.sentence_terminators),
+                rule=cfg.sentence_end_rule,
                 # One seed per step (the engine derives one per candidate from it).
                 seed=None if cfg.seed is None else cfg.seed + 1000 * index,
             )

@@ -79,7 +79,9 @@ class LocalBackend:
         with self._lock, torch.inference_mode():
             prepared = adapter.prepare(conversation, assistant_prefix=assistant_text)
             start = prepared.num_prompt_tokens
-            criteria = SentenceEndCriteria(adapter.tokenizer, step.terminators, start_length=start)
+            criteria = SentenceEndCriteria(
+                adapter.tokenizer, step.terminators, start_length=start, rule=step.rule
+            )
             config = adapter.generation_config(
                 max_new_tokens=adapter.max_new_tokens_for(prepared, step.max_tokens),
                 do_sample=True,

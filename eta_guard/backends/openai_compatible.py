@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from eta_guard.backends._http import EngineClient, HTTPSettings, ReplyShapeError, field
 from eta_guard.backends.base import Completion, FinishReason, SamplingStep
+from eta_guard.config import SentenceEndRule
 from eta_guard.errors import BackendError, InvalidInputError
 
 if TYPE_CHECKING:
@@ -73,7 +74,7 @@ class OpenAICompatibleBackend:
         self.tokenizer = _load_tokenizer(tokenizer)
         self.send_image_uuids = send_image_uuids
         self.extra_body = dict(extra_body or {})
-        self._stop_ids: dict[tuple[str, ...], list[int]] = {}
+        self._stop_ids: dict[tuple[tuple[str, ...], str], list[int]] = {}
         self._add_bos = _tokenizer_adds_missing_bos(self.tokenizer)
 
     # ----- the interface -----
@@ -135,7 +136,7 @@ class OpenAICompatibleBackend:
         )
         if step.seed is not None:
             body["seed"] = step.seed
-        stop_ids = self.sentence_end_token_ids(step.terminators)
+        stop_ids = self.sentence_end_token_ids(step.terminators, step.rule)
         if stop_ids is not None:
             body["stop_token_ids"] = stop_ids
         else:
@@ -175,16 +176,26 @@ class OpenAICompatibleBackend:
         await self.client.aclose()
 
     # ----- helpers -----
-    def sentence_end_token_ids(self, terminators: tuple[str, ...]) -> list[int] | None:
-        """The ids of tokens that end a sentence, by the local rule; None without a tokenizer."""
+    def sentence_end_token_ids(
+        self, terminators: tuple[str, ...], rule: SentenceEndRule = "exact"
+    ) -> list[int] | None:
+        """The ids of tokens that end a sentence under the local rule; None without a tokenizer."""
         if self.tokenizer is None:
             return None
-        if terminators not in self._stop_ids:
+        key = (tuple(terminators), rule)
+        if key not in self._stop_ids:
             from eta_guard.decoding.stopping import vocabulary_masks
 
-            ends, _ = vocabulary_masks(self.tokenizer, terminators)
-            self._stop_ids[terminators] = ends.nonzero().flatten().tolist()
-        return self._stop_ids[terminators]
+            ends, _ = vocabulary_masks(self.tokenizer, key[0], rule)
+            ids = ends.nonzero().flatten().tolist()
+            if not ids:
+                raise InvalidInputError(
+                    f"no token of the tokenizer ends a sentence under sentence_terminators="
+                    f"{key[0]!r}, sentence_end_rule={rule!r}; sentences would run to the budget. "
+                    "Use other terminators or sentence_end_rule='contains'"
+                )
+            self._stop_ids[key] = ids
+        return self._stop_ids[key]
 
     def _body(self, conversation: Conversation, assistant_text: str) -> dict[str, Any]:
         messages = openai_messages(conversation, send_uuids=self.send_image_uuids)
