@@ -310,7 +310,7 @@ def test_settings_pass_through(monkeypatch: pytest.MonkeyPatch) -> None:
                 {"role": "user", "content": "q"},
                 user(text("x"), {"type": "image", "image": "/no/x.png"}),
             ],
-            ["messages[1]['content'][1]", "/no/x.png", "does not exist"],
+            ["messages[1]['content'][1]", "image path refused"],
             id="missing-image-file",
         ),
         pytest.param(
