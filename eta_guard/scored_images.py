@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any
 from eta_guard.errors import InvalidInputError
 from eta_guard.media import (
     DEFAULT_MAX_PIXELS,
-    PATH_REFUSED,
     ImageSource,
     _file_url_to_path,
     _is_existing_path,
@@ -109,19 +108,40 @@ def load_scored_image(
         InvalidInputError: The source is refused by :func:`~eta_guard.media.load_image`, or it
             is an animated image.
     """
-    image = load_image(
+    image = load_still_image(
         source,
         allow_remote=allow_remote,
         max_pixels=max_pixels,
         allow_local_files=allow_local_files,
     )
+    return ScoredImage(image=image, png=_png(image))
+
+
+def load_still_image(source: ImageSource, **options: Any) -> Image.Image:
+    """:func:`~eta_guard.media.load_image`, refusing animated images (see the module docstring).
+
+    Raises:
+        InvalidInputError: As ``load_image``, or the image is animated.
+    """
+    image = load_image(source, **options)
+    refuse_animated(source, allow_local_files=options.get("allow_local_files", True))
+    return image
+
+
+def refuse_animated(source: Any, *, allow_local_files: bool) -> None:
+    """Raise when ``source`` is an animated image; reads headers only, decodes no pixels.
+
+    Sources that cannot be opened here pass: decoding them (``load_image``) reports why.
+
+    Raises:
+        InvalidInputError: The image has several frames.
+    """
     frames = _animated_frames(source, allow_local_files)
     if frames:
         raise InvalidInputError(
             f"the image is animated ({frames}); animated images are refused because every frame "
             "would have to be checked: send one frame as a PNG or JPEG"
         )
-    return ScoredImage(image=image, png=_png(image))
 
 
 def load_scored_images(sources: Sequence[ImageSource], **options: Any) -> list[ScoredImage]:
@@ -160,10 +180,9 @@ def _looks_like_path(text: str) -> bool:
 
 
 def _animated_frames(source: Any, allow_local_files: bool) -> str | None:
-    """``"GIF, several frames"``-style text when ``source`` (already loaded once) is animated.
+    """``"GIF with several frames"``-style text when ``source`` is animated, else ``None``.
 
-    Called only after ``load_image`` accepted the source, so it takes the same branch that
-    ``load_image`` took and only opens the header again (no pixel data is decoded).
+    Takes the branch that ``load_image`` takes for the source, and only opens the header again.
     """
     from PIL import Image
 
@@ -172,17 +191,20 @@ def _animated_frames(source: Any, allow_local_files: bool) -> str | None:
     if isinstance(source, (bytes, bytearray, memoryview)):
         return _open_and_describe(io.BytesIO(bytes(source)))
     if isinstance(source, pathlib.Path):
-        return _open_path_and_describe(source)
+        return _open_path_and_describe(source) if allow_local_files else None
     if not isinstance(source, str):
         return None
     text = source.strip()
     lowered = text[:16].lower()
     if lowered.startswith(("http://", "https://")):
         return None  # fetched once by load_image: only its decoded first frame goes on
-    if lowered.startswith("data:"):
-        return _open_and_describe(io.BytesIO(_parse_data_url(text)))
-    if lowered.startswith("file:"):
-        return _open_path_and_describe(_file_url_to_path(text))
+    try:
+        if lowered.startswith("data:"):
+            return _open_and_describe(io.BytesIO(_parse_data_url(text)))
+        if lowered.startswith("file:"):
+            return _open_path_and_describe(_file_url_to_path(text)) if allow_local_files else None
+    except InvalidInputError:
+        return None  # malformed: load_image says why
     if allow_local_files and len(text) < 4096 and _is_existing_path(text):
         return _open_path_and_describe(pathlib.Path(text))
     data = _try_b64decode(text)
@@ -193,8 +215,8 @@ def _open_path_and_describe(path: pathlib.Path) -> str | None:
     try:
         with path.expanduser().open("rb") as stream:
             return _open_and_describe(stream)
-    except OSError as e:  # replaced or removed since load_image read it
-        raise InvalidInputError(PATH_REFUSED) from e
+    except (OSError, RuntimeError, ValueError):
+        return None  # load_image reports unreadable paths, with its neutral message
 
 
 def _open_and_describe(stream: Any) -> str | None:
@@ -205,10 +227,8 @@ def _open_and_describe(stream: Any) -> str | None:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(stream, formats=_openable_formats()) as image:
                 return _describe_animation(image)
-    except Exception as e:  # load_image decoded these bytes: failing now is not expected
-        raise InvalidInputError(
-            "the image could not be checked for animation frames; send it as PNG or JPEG"
-        ) from e
+    except Exception:  # not an image Pillow opens: load_image reports why
+        return None
 
 
 def _describe_animation(image: Image.Image) -> str | None:
