@@ -140,7 +140,7 @@ class ETASafetyEvaluator(BaseEvaluator):
     ) -> EvaluationResult:
         """Judge ``response`` and the images (``image_paths`` and/or ``images``) with ETA."""
         await asyncio.sleep(sleep_time_in_seconds)
-        sources = image_sources([*(image_paths or []), *(images or [])])
+        sources = image_sources([*_image_list(image_paths, "image_paths"), *_image_list(images)])
         if response is not None and not isinstance(response, str):
             raise InvalidInputError(f"response must be a str, got {type(response).__qualname__}")
         evaluator = await asyncio.to_thread(self._evaluator_now)
@@ -158,6 +158,11 @@ class ETASafetyEvaluator(BaseEvaluator):
     ) -> EvaluationResult:
         """As in LlamaIndex, plus the response's ``ImageNode`` sources as images (unless
         ``image_paths``/``images`` are given or ``use_source_images=False``)."""
+        if response is not None and not isinstance(response, Response):
+            raise InvalidInputError(
+                f"response must be a llama_index Response, got {type(response).__qualname__}; "
+                "use evaluate(response=<str>) for a plain answer"
+            )
         if (
             self._use_source_images
             and response is not None
@@ -173,6 +178,14 @@ class ETASafetyEvaluator(BaseEvaluator):
         from llama_index.core.async_utils import asyncio_run
 
         return asyncio_run(self.aevaluate_response(query=query, response=response, **kwargs))
+
+
+def _image_list(items: Any, name: str = "images") -> list[Any]:
+    if items is None:
+        return []
+    if not isinstance(items, (list, tuple)):
+        raise InvalidInputError(f"{name} must be a list, got {type(items).__qualname__}")
+    return list(items)
 
 
 def image_sources(items: Sequence[Any]) -> list[Any]:

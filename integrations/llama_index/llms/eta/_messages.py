@@ -261,6 +261,10 @@ def completion_messages(prompt: str, images: Iterable[Any] | None = None) -> lis
         raise InvalidInputError(f"prompt must be a str, got {type(prompt).__qualname__}")
     if isinstance(images, (str, bytes, pathlib.Path, ImageBlock, ImageNode, ImageDocument)):
         images = [images]
+    if images is not None and not isinstance(images, Iterable):
+        raise InvalidInputError(
+            f"image_documents must be a list of images, got {type(images).__qualname__}"
+        )
     blocks: list[Any] = [to_image_block(image) for image in images or []]
     return [ChatMessage(role=MessageRole.USER, blocks=[*blocks, TextBlock(text=prompt)])]
 

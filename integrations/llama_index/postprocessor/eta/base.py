@@ -137,6 +137,7 @@ class ETAImageSafetyPostprocessor(BaseNodePostprocessor):
     def _postprocess_nodes(
         self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None
     ) -> list[NodeWithScore]:
+        _check_nodes(nodes)
         positions = [i for i, n in enumerate(nodes) if is_image_node(n.node)]
         if not positions:
             return list(nodes)
@@ -163,6 +164,18 @@ class ETAImageSafetyPostprocessor(BaseNodePostprocessor):
             elif not decision[UNSAFE_KEY]:
                 out.append(NodeWithScore(node=node, score=item.score))
         return out
+
+
+def _check_nodes(nodes: Any) -> None:
+    if not isinstance(nodes, (list, tuple)):
+        raise InvalidInputError(
+            f"nodes must be a list of NodeWithScore, got {type(nodes).__qualname__}"
+        )
+    for i, item in enumerate(nodes):
+        if not isinstance(item, NodeWithScore):
+            raise InvalidInputError(
+                f"nodes[{i}] is {type(item).__qualname__}, expected a NodeWithScore"
+            )
 
 
 def judge_images(
