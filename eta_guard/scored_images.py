@@ -213,7 +213,10 @@ def _animated_frames(source: Any, allow_local_files: bool) -> str | None:
 
 def _open_path_and_describe(path: pathlib.Path) -> str | None:
     try:
-        with path.expanduser().open("rb") as stream:
+        path = path.expanduser()
+        if not path.is_file():  # opening a FIFO would block forever
+            return None  # load_image refuses it, with its neutral message
+        with path.open("rb") as stream:
             return _open_and_describe(stream)
     except (OSError, RuntimeError, ValueError):
         return None  # load_image reports unreadable paths, with its neutral message
