@@ -33,6 +33,11 @@ class ETAImageSafetyPostprocessor(BaseNodePostprocessor):
     ``config.pre_threshold``. ``mode="drop"`` removes unsafe images before synthesis;
     ``mode="flag"`` keeps them and writes ``eta_image_unsafe`` / ``eta_image_score`` into the
     node's metadata (excluded from the LLM prompt and embeddings). Text nodes pass untouched.
+    Every image node that goes on carries exactly the image that was scored: a metadata-free PNG
+    in ``node.image`` (``image_path`` / ``image_url`` cleared), so the LLM after the filter never
+    reads a file or URL that differs from, or changed after, what CLIP saw. Animated images are
+    refused (they count as invalid). Local ``image_path``s are read unless
+    ``allow_local_image_files=False`` (retrieved nodes are the application's own data).
     An image that cannot be loaded (corrupt, missing, a remote URL without
     ``allow_remote_images``) follows ``on_invalid_image``: treated as ``"unsafe"`` (default,
     fail-closed), ``"safe"``, or ``"raise"`` the engine's ``InvalidInputError``.
