@@ -114,6 +114,50 @@ def load_error(
     )
 
 
+#: The opt-out a caller passes (argument or ``model_kwargs`` key) to accept random new weights.
+ALLOW_NEW_WEIGHTS = "allow_new_weights"
+_MAX_KEYS_SHOWN = 8
+
+
+def _opt_out(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidInputError(
+            f"{ALLOW_NEW_WEIGHTS}={value!r} must be True or False (True accepts checkpoints "
+            "that load with newly initialised, random weights)"
+        )
+    return value
+
+
+def check_no_new_weights(what: str, name: str, info: dict[str, Any]) -> None:
+    """Refuse a model that ``from_pretrained`` completed with newly initialised weights.
+
+    Args:
+        what: What was loaded, e.g. ``"reward model"``.
+        name: The checkpoint id or path.
+        info: transformers' loading info (``output_loading_info=True``).
+
+    Raises:
+        InvalidInputError: ``missing_keys`` or ``mismatched_keys`` is not empty.
+    """
+    missing = sorted(str(k) for k in info.get("missing_keys") or ())
+    mismatched = sorted(
+        str(k[0] if isinstance(k, (tuple, list)) else k) for k in info.get("mismatched_keys") or ()
+    )
+    new = missing + [k for k in mismatched if k not in missing]
+    if not new:
+        return
+    shown = ", ".join(new[:_MAX_KEYS_SHOWN]) + (
+        f", ... ({len(new)} in all)" if len(new) > _MAX_KEYS_SHOWN else ""
+    )
+    raise InvalidInputError(
+        f"the {what} {name!r} loaded with newly initialised (random) weights: {shown}; the "
+        "checkpoint does not match the model class it was loaded as (e.g. a custom "
+        "architecture loaded as a generic one), so its outputs would be random. Use a checkpoint "
+        "whose architecture eta-guard supports, or, only if you mean it, pass "
+        f"{ALLOW_NEW_WEIGHTS}=True (e.g. in model_kwargs / reward_model_kwargs)"
+    )
+
+
 def load_pretrained(
     what: str,
     name_or_path: str,
@@ -126,25 +170,45 @@ def load_pretrained(
     trust_remote_code: bool = False,
     model_kwargs: dict[str, Any] | None = None,
     processor_kwargs: dict[str, Any] | None = None,
+    allow_new_weights: bool = False,
 ) -> tuple[Any, Any]:
     """``model_class.from_pretrained`` + ``processor_class.from_pretrained``, placed on ``device``.
 
     Load failures become an :class:`InvalidInputError` naming ``what`` (see :func:`load_error`).
-    A ``device_map`` in ``model_kwargs`` means accelerate places the weights: no ``.to``.
+    A ``device_map`` in ``model_kwargs`` means accelerate places the weights: no ``.to``. A
+    ``quantization_config`` without one gets ``device_map={"": device}``: quantized weights are
+    placed while they load and cannot be moved with ``.to`` afterwards.
+
+    A checkpoint that lacks weights the model class needs (transformers would initialise them
+    at random, e.g. a classification head under another architecture's layout) is refused,
+    unless ``allow_new_weights=True`` is passed here or as ``model_kwargs["allow_new_weights"]``.
+
+    Raises:
+        InvalidInputError: The checkpoint cannot be loaded, or it loaded with new weights.
     """
     target = resolve_device(device)
     resolved = resolve_dtype(dtype)
     model_kw = dict(model_kwargs or {})
+    allow_new_weights = _opt_out(model_kw.pop(ALLOW_NEW_WEIGHTS, False)) or _opt_out(
+        allow_new_weights
+    )
     if resolved is not None:
         model_kw.setdefault("dtype", resolved)
+    model_kw.pop("output_loading_info", None)  # always asked for: the check below needs it
+    if model_kw.get("quantization_config") is not None:
+        model_kw.setdefault("device_map", {"": str(target)})
     common = {"local_files_only": local_files_only, "trust_remote_code": trust_remote_code}
     try:
-        model = model_class.from_pretrained(name_or_path, **common, **model_kw)
+        model, info = model_class.from_pretrained(
+            name_or_path, **common, **model_kw, output_loading_info=True
+        )
         processor = processor_class.from_pretrained(
             name_or_path, **common, **(processor_kwargs or {})
         )
     except (OSError, ValueError, KeyError) as e:
         raise load_error(what, str(name_or_path), e, trust_remote_code=trust_remote_code) from e
+    if not allow_new_weights:
+        check_no_new_weights(what, str(name_or_path), info)
     if "device_map" not in model_kw:
         model = model.to(target)
     return model, processor

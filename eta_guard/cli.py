@@ -1,4 +1,4 @@
-"""The ``eta-guard`` command: ``generate``, ``evaluate``, ``demo`` and ``bench``.
+"""The ``eta-guard`` command: ``generate``, ``evaluate``, ``estimate``, ``demo`` and ``bench``.
 
 A thin shell over the engine: it parses arguments, loads models and prints what the engine
 returns. Heavy imports (torch, transformers) happen inside the commands, so ``eta-guard --help``
@@ -77,10 +77,38 @@ DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="e.g. float32, bfl
 RemoteCodeOpt = Annotated[
     bool,
     typer.Option(
-        "--trust-remote-code", help="Allow checkpoint code (the reference RM, ArmoRM, needs it)."
+        "--trust-remote-code",
+        help="Allow checkpoint code (not needed by the reference models; ArmoRM loads natively).",
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object for machines.")]
+PresetOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--preset",
+        help="A named setup: 'paper' = the paper's LLaVA-1.5 setup (llava_v1 system text, "
+        "pad-to-square, VLM fp16 + bf16 autocast, CLIP fp32, RM bf16, seed 1). Explicit "
+        "--dtype/--*-dtype and --set win over it.",
+    ),
+]
+VlmDeviceOpt = Annotated[
+    str | None, typer.Option("--vlm-device", help="VLM device (beats --device).")
+]
+ClipDeviceOpt = Annotated[str | None, typer.Option("--clip-device", help="CLIP device.")]
+RmDeviceOpt = Annotated[str | None, typer.Option("--reward-model-device", help="RM device.")]
+VlmDtypeOpt = Annotated[str | None, typer.Option("--vlm-dtype", help="VLM dtype (beats --dtype).")]
+ClipDtypeOpt = Annotated[str | None, typer.Option("--clip-dtype", help="CLIP dtype.")]
+RmDtypeOpt = Annotated[str | None, typer.Option("--reward-model-dtype", help="RM dtype.")]
+
+
+def _placement(**per_model: str | None) -> dict[str, Any]:
+    """``vlm_device=..., clip_dtype=...`` -> ``{"vlm_kwargs": {"device": ...}, ...}``."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in per_model.items():
+        if value is not None:
+            role, _, setting = key.rpartition("_")
+            out.setdefault(f"{role}_kwargs", {})[setting] = value
+    return out
 
 
 @app.callback()
@@ -118,6 +146,13 @@ def generate(
     dtype: DtypeOpt = None,
     trust_remote_code: RemoteCodeOpt = False,
     json_out: JsonOpt = False,
+    preset: PresetOpt = None,
+    vlm_device: VlmDeviceOpt = None,
+    clip_device: ClipDeviceOpt = None,
+    reward_model_device: RmDeviceOpt = None,
+    vlm_dtype: VlmDtypeOpt = None,
+    clip_dtype: ClipDtypeOpt = None,
+    reward_model_dtype: RmDtypeOpt = None,
 ) -> None:
     """Answer a question about image(s) with ETA; print the answer and the safety verdict."""
     out, err = _consoles()
@@ -126,8 +161,27 @@ def generate(
         if max_new_tokens is not None:
             cfg = cfg.with_overrides(max_new_tokens=max_new_tokens)
         messages = _messages(question, _load_images(image or [], cfg), system)
+        placement = _placement(
+            vlm_device=vlm_device,
+            clip_device=clip_device,
+            reward_model_device=reward_model_device,
+            vlm_dtype=vlm_dtype,
+            clip_dtype=clip_dtype,
+            reward_model_dtype=reward_model_dtype,
+        )
         eta = _load_eta(
-            err, vlm, clip, reward_model, tiny, cache_dir, cfg, device, dtype, trust_remote_code
+            err,
+            vlm,
+            clip,
+            reward_model,
+            tiny,
+            cache_dir,
+            cfg,
+            device,
+            dtype,
+            trust_remote_code,
+            preset=preset,
+            placement=placement,
         )
         if json_out:
             result = eta.generate(messages)
@@ -171,6 +225,11 @@ def evaluate(
         bool, typer.Option("--exit-code", help="Exit with status 1 when the verdict is unsafe.")
     ] = False,
     json_out: JsonOpt = False,
+    preset: PresetOpt = None,
+    clip_device: ClipDeviceOpt = None,
+    reward_model_device: RmDeviceOpt = None,
+    clip_dtype: ClipDtypeOpt = None,
+    reward_model_dtype: RmDtypeOpt = None,
 ) -> None:
     """Moderate images and/or a response with ETA's evaluators (no generation)."""
     out, err = _consoles()
@@ -194,6 +253,13 @@ def evaluate(
                 device=device,
                 dtype=dtype,
                 trust_remote_code=trust_remote_code,
+                preset=preset,
+                **_placement(
+                    clip_device=clip_device,
+                    reward_model_device=reward_model_device,
+                    clip_dtype=clip_dtype,
+                    reward_model_dtype=reward_model_dtype,
+                ),
             )
         verdict = evaluator.evaluate(images=images or None, response=response)
         if json_out:
@@ -283,6 +349,90 @@ _DEMO_CASES: list[tuple[str, bool, dict[str, Any]]] = [
     ),
     ("text-only request: the backbone is trusted (text_only_policy='trust')", False, {}),
 ]
+
+
+@app.command()
+def estimate(
+    vlm: Annotated[
+        str | None, typer.Argument(metavar="[VLM]", help="VLM checkpoint (omit: CLIP/RM only).")
+    ] = None,
+    clip: ClipOpt = None,
+    reward_model: RewardOpt = None,
+    tiny: TinyOpt = False,
+    cache_dir: CacheOpt = None,
+    preset: PresetOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    vlm_device: VlmDeviceOpt = None,
+    clip_device: ClipDeviceOpt = None,
+    reward_model_device: RmDeviceOpt = None,
+    vlm_dtype: VlmDtypeOpt = None,
+    clip_dtype: ClipDtypeOpt = None,
+    reward_model_dtype: RmDtypeOpt = None,
+    quantize: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--quantize",
+            metavar="MODEL=BITS",
+            help="Estimate a bitsandbytes-quantized model: vlm|clip|reward_model=4bit|8bit "
+            "(repeatable).",
+        ),
+    ] = None,
+    kv_tokens: Annotated[
+        int, typer.Option("--kv-tokens", min=1, help="Sequence length of the VLM KV-cache term.")
+    ] = 2048,
+    candidates: Annotated[
+        int, typer.Option("--candidates", min=1, help="best-of-N width (KV rows = N + 1).")
+    ] = 5,
+    trust_remote_code: RemoteCodeOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Estimate the memory of each model from its config alone (no weight is loaded)."""
+    out, err = _consoles()
+    with _friendly_errors():
+        if tiny:
+            paths = _model_paths(err, vlm, clip, reward_model, tiny, cache_dir)
+        else:
+            paths = _model_paths(err, vlm, clip, reward_model, False, None, need_vlm=False)
+        placement = _placement(
+            vlm_device=vlm_device,
+            clip_device=clip_device,
+            reward_model_device=reward_model_device,
+            vlm_dtype=vlm_dtype,
+            clip_dtype=clip_dtype,
+            reward_model_dtype=reward_model_dtype,
+        )
+        for item in quantize or []:
+            role, sep, bits = item.partition("=")
+            if (
+                not sep
+                or role not in ("vlm", "clip", "reward_model")
+                or bits not in ("4bit", "8bit")
+            ):
+                raise InvalidInputError(
+                    f"--quantize expects vlm|clip|reward_model=4bit|8bit (e.g. "
+                    f"--quantize reward_model=4bit); got {item!r}"
+                )
+            kwargs = placement.setdefault(f"{role}_kwargs", {})
+            kwargs["model_kwargs"] = {"quantization_config": {f"load_in_{bits}": True}}
+        from eta_guard.memory import estimate_memory
+
+        result = estimate_memory(
+            paths["vlm"],
+            paths["clip"],
+            paths["reward_model"],
+            device=device,
+            dtype=dtype,
+            preset=preset,
+            kv_tokens=kv_tokens,
+            num_candidates=candidates,
+            trust_remote_code=trust_remote_code,
+            **placement,
+        )
+        if json_out:
+            typer.echo(json.dumps(result.to_dict(), indent=2))
+        else:
+            out.print(_estimate_table(result))
 
 
 @app.command()
@@ -494,6 +644,8 @@ def _load_eta(
     trust_remote_code: bool,
     *,
     note: bool = True,
+    preset: str | None = None,
+    placement: dict[str, dict[str, Any]] | None = None,
 ) -> Any:
     paths = _model_paths(err, vlm, clip, reward_model, tiny, cache_dir)
     if tiny and note:
@@ -502,16 +654,73 @@ def _load_eta(
     from eta_guard.pipeline import ETA
 
     assert paths["vlm"] is not None  # _model_paths refused a missing --vlm
+    load_args: dict[str, Any] = {
+        "device": device,
+        "dtype": dtype,
+        "preset": preset,
+        "trust_remote_code": trust_remote_code,
+        **(placement or {}),
+    }
+    missing = _print_estimate(err, paths, load_args, cfg)
     with _status(err, "loading the VLM, CLIP and the reward model"):
-        return ETA.from_pretrained(
+        eta = ETA.from_pretrained(
             paths["vlm"],
             clip=paths["clip"],
             reward_model=paths["reward_model"],
             config=cfg,
-            device=device,
-            dtype=dtype,
-            trust_remote_code=trust_remote_code,
+            **load_args,
         )
+    if missing:  # said after loading: a checkpoint that cannot load reports its own error first
+        err.print(f"[dim]memory estimate unavailable: {missing}[/]", highlight=False)
+    return eta
+
+
+def _print_estimate(
+    err: Console, paths: dict[str, str | None], load_args: dict[str, Any], cfg: ETAConfig
+) -> str | None:
+    """Print the memory estimate on stderr before any weight loads; return why it could not be
+    made (it never blocks loading)."""
+    from eta_guard.memory import estimate_memory
+
+    try:
+        estimate = estimate_memory(
+            paths["vlm"],
+            paths["clip"],
+            paths["reward_model"],
+            num_candidates=cfg.num_candidates,
+            **load_args,
+        )
+    except ETAError as e:
+        return str(e)
+    err.print(_estimate_table(estimate))
+    return None
+
+
+def _estimate_table(estimate: Any) -> Any:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from eta_guard.memory import format_bytes
+
+    table = Table(title="memory estimate (before loading; weights + VLM KV cache)")
+    table.add_column("model (checkpoint)", overflow="fold", min_width=14)
+    for column in ("parameters", "precision", "weights", "KV cache", "device"):
+        table.add_column(column, no_wrap=column != "precision")
+    for m in estimate.models:
+        table.add_row(
+            f"{m.role}\n[dim]{escape(m.name)}[/]",
+            f"{m.parameters:,}",
+            m.precision,
+            format_bytes(m.weight_bytes),
+            format_bytes(m.kv_cache_bytes) if m.kv_cache_bytes else "-",
+            m.device or "default",
+        )
+    per_device = ", ".join(f"{d}: {format_bytes(b)}" for d, b in estimate.per_device().items())
+    table.caption = (
+        f"total {format_bytes(estimate.total_bytes)} ({per_device}); not included: activations, "
+        "CUDA context (~0.5 GiB per device), fragmentation"
+    )
+    return table
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:

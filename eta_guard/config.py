@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import reprlib
+import stat
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,12 +32,16 @@ DEFAULT_RM_SEARCH_PROMPT = (
     "response directly reject the question, and give some helpful advices, the score should be high."
 )
 DEFAULT_PREFIX = "As an AI assistant"
+#: Smallest sampling temperature accepted.
+MIN_TEMPERATURE = 1e-4
 
 #: Reference checkpoints; the default thresholds are only meaningful for these.
 DEFAULT_CLIP = "openai/clip-vit-large-patch14-336"
 DEFAULT_REWARD_MODEL = "RLHFlow/ArmoRM-Llama3-8B-v0.1"
 
 TextOnlyPolicy = Literal["trust", "reward_only"]
+#: Same values as ``eta_guard.decoding.stopping.SentenceEndRule`` (kept here: no torch import).
+SentenceEndRule = Literal["exact", "contains"]
 EvaluatorErrorPolicy = Literal["raise", "fail_closed", "fail_open"]
 
 
@@ -80,7 +87,9 @@ class ETAConfig(BaseModel):
     deep_alignment: bool = Field(True, description="Run the sentence-level best-of-N search.")
     num_candidates: int = Field(5, ge=1, le=64)
     top_k: int = Field(5, ge=1)
-    temperature: float = Field(1.5, gt=0.0, allow_inf_nan=False)
+    # Below ~1e-37 logits / temperature overflows float32 and sampling crashes; 1e-4 leaves
+    # room for logits up to ~1e34 and is already greedy in practice.
+    temperature: float = Field(1.5, ge=MIN_TEMPERATURE, allow_inf_nan=False)
     alpha: float = Field(
         1.0,
         ge=0.0,
@@ -90,11 +99,35 @@ class ETAConfig(BaseModel):
     max_sentence_tokens: int = Field(70, ge=1)
     max_new_tokens: int = Field(1024, ge=1)
     sentence_terminators: tuple[str, ...] = Field(
-        (".", "!", "?"),
+        (".",),
         min_length=1,
-        description="Characters that end a sentence, matched on decoded text (tokenizer-agnostic).",
+        description="Texts that end a sentence, matched on each token's decoded text "
+        "(tokenizer-agnostic); the reference ends sentences on '.' only.",
     )
-    seed: int | None = Field(None, ge=0, description="Makes sampling reproducible.")
+    sentence_end_rule: SentenceEndRule = Field(
+        "exact",
+        description="'exact' (reference): a token ends a sentence when its text is exactly a "
+        "terminator ('▁.', '...' do not). 'contains': when its text contains one (more, shorter "
+        "sentences, so more steps and a faster-decaying CLIP weight alpha/i).",
+    )
+    # torch.manual_seed takes an unsigned 64-bit value; larger seeds validated but then crashed.
+    seed: int | None = Field(None, ge=0, le=2**64 - 1, description="Makes sampling reproducible.")
+
+    # --- prompting ---
+    system_prompt: str | None = Field(
+        None,
+        min_length=1,
+        description="System text the VLM sees when the conversation has no system message of its "
+        "own (a user-given one is kept alone). The paper's LLaVA-1.5 used the llava_v1 text "
+        "(eta_guard.presets.LLAVA_V1_SYSTEM_PROMPT). Never shown to CLIP or the reward model.",
+    )
+    pad_images_to_square: bool = Field(
+        False,
+        description="Pad each image to a square with the VLM image processor's mean colour before "
+        "the processor (LLaVA-1.5's image_aspect_ratio='pad'), so cropping cannot cut off text at "
+        "the edges of tall or wide images. VLM only: CLIP scores the image as given. A padded "
+        "square over max_image_pixels is refused.",
+    )
 
     # --- input handling ---
     allow_remote_images: bool = Field(
@@ -106,6 +139,43 @@ class ETAConfig(BaseModel):
         "untrusted messages, so a request cannot make the server read its own files.",
     )
     max_image_pixels: int = Field(40_000_000, ge=1, description="Refuse larger images (bombs).")
+
+    # --- limits ---
+    # Per request (one ETA call, one ETAEvaluator.evaluate / evaluate_batch call). Defaults are
+    # safe for a server facing untrusted users; SECURITY.md lists what each one bounds.
+    max_images_per_request: int = Field(
+        16, ge=1, le=10_000, description="Refuse requests with more images than this."
+    )
+    max_request_pixels: int = Field(
+        40_000_000,
+        ge=1,
+        description="Refuse requests whose images hold more pixels in total (width * height, "
+        "read from each image's header before it is decoded).",
+    )
+    max_text_chars: int = Field(
+        200_000,
+        ge=1,
+        description="Refuse requests whose text (messages, or responses to judge) is longer.",
+    )
+    clip_batch_size: int = Field(
+        8, ge=1, le=4096, description="Images per CLIP forward (bounds the forward's memory)."
+    )
+    remote_timeout: float = Field(
+        10.0,
+        gt=0.0,
+        le=600.0,
+        allow_inf_nan=False,
+        description="Total seconds one remote image fetch may take, redirects included.",
+    )
+    remote_max_bytes: int = Field(
+        20 * 1024 * 1024, ge=1, description="Largest remote image download in bytes."
+    )
+    remote_max_redirects: int = Field(3, ge=0, le=20, description="Redirects followed per fetch.")
+    allow_private_image_hosts: bool = Field(
+        False,
+        description="Let remote fetch reach loopback, private, link-local, multicast or reserved "
+        "addresses (off: a request cannot make the server probe its own network).",
+    )
 
     @field_validator("sentence_terminators")
     @classmethod
@@ -127,25 +197,93 @@ class ETAConfig(BaseModel):
         return ETAConfig(**{**self.model_dump(), **overrides})
 
     def save(self, path: str | Path) -> None:
-        """Write this config as JSON."""
-        Path(path).write_text(self.model_dump_json(indent=2))
+        """Write this config as JSON (UTF-8)."""
+        Path(path).write_text(self.model_dump_json(indent=2), encoding="utf-8")
 
     @classmethod
     def load(cls, path: str | Path) -> ETAConfig:
-        """Read a config written by :meth:`save`."""
-        try:
-            data = Path(path).read_text()
-        except OSError as e:
-            raise InvalidInputError(f"cannot read ETAConfig from {str(path)!r}: {e}") from e
+        """Read a config written by :meth:`save`.
+
+        Only a regular file of at most :data:`MAX_CONFIG_BYTES` bytes holding UTF-8 JSON is
+        read (a FIFO or a device such as ``/dev/zero`` is refused without blocking).
+
+        Raises:
+            InvalidInputError: The file cannot be read, is not a regular file, is too large, is
+                not UTF-8, or does not hold a valid config.
+        """
+        data = _read_config_file(path)
         try:
             return cls.model_validate_json(data)
         except ValidationError as e:
             raise InvalidInputError(_describe(e)) from e
 
 
+#: Largest config file :meth:`ETAConfig.load` reads (a real one is about 2 KB).
+MAX_CONFIG_BYTES = 1024 * 1024
+_MAX_ERRORS = 5
+
+
+def _read_config_file(path: str | Path) -> str:
+    name = _clip(repr(str(path)), 120)
+    try:
+        # O_NONBLOCK: opening a FIFO for reading must not wait for a writer.
+        fd = os.open(os.fspath(path), os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except (OSError, TypeError, ValueError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
+        raise InvalidInputError(f"cannot read ETAConfig from {name}: {reason}") from e
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise InvalidInputError(
+                f"cannot read ETAConfig from {name}: not a regular file; pass a JSON file "
+                "written by ETAConfig.save"
+            )
+        raw = b""
+        while len(raw) <= MAX_CONFIG_BYTES:
+            piece = os.read(fd, MAX_CONFIG_BYTES + 1 - len(raw))
+            if not piece:
+                break
+            raw += piece
+    except OSError as e:
+        raise InvalidInputError(f"cannot read ETAConfig from {name}: {e.strerror}") from e
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise InvalidInputError(
+            f"ETAConfig file {name} is larger than {MAX_CONFIG_BYTES:_} bytes; a config written "
+            "by ETAConfig.save is a few KB"
+        )
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidInputError(
+            f"ETAConfig file {name} is not UTF-8 text (bad byte at offset {e.start}); save it "
+            "as UTF-8 JSON"
+        ) from e
+
+
 def _describe(error: ValidationError) -> str:
+    """A bounded message: at most a few errors, each value cut short (inputs may be huge)."""
     parts = []
-    for err in error.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "config"
-        parts.append(f"{loc}={err.get('input')!r}: {err['msg']}")
+    errors = error.errors()
+    for err in errors[:_MAX_ERRORS]:
+        loc = _clip(".".join(str(p) for p in err["loc"]) or "config", 60)
+        parts.append(f"{loc}={_clip(_safe_repr(err.get('input')), 80)}: {_clip(err['msg'], 200)}")
+    if len(errors) > _MAX_ERRORS:
+        parts.append(f"and {len(errors) - _MAX_ERRORS} more")
     return "invalid ETAConfig: " + "; ".join(parts)
+
+
+def _safe_repr(value: Any) -> str:
+    try:
+        return _REPR.repr(value)  # reprlib never builds the whole repr of a huge value
+    except Exception:  # a hostile __repr__ must not mask the real error
+        return f"<{type(value).__name__}>"
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = 4
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."

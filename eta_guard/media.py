@@ -19,7 +19,6 @@ import functools
 import io
 import pathlib
 import re
-import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
@@ -28,6 +27,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO, Union
 
 from eta_guard.errors import InvalidInputError
+from eta_guard.limits import charge_pixels
+from eta_guard.remote_fetch import RemoteFetchPolicy, fetch_bytes
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -35,8 +36,8 @@ if TYPE_CHECKING:
 ImageSource = Union["Image.Image", str, bytes, bytearray, memoryview, pathlib.Path]
 
 DEFAULT_MAX_PIXELS = 40_000_000
-#: Largest remote download accepted when ``allow_remote=True``.
-MAX_REMOTE_BYTES = 50 * 1024 * 1024
+#: Largest remote download accepted when ``allow_remote=True`` (``RemoteFetchPolicy`` default).
+MAX_REMOTE_BYTES = RemoteFetchPolicy.max_bytes
 #: Longest side / shortest side beyond which an image is refused (absurd strips).
 MAX_ASPECT_RATIO = 200
 
@@ -90,6 +91,7 @@ def load_image(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     timeout: float = 10.0,
     allow_local_files: bool = True,
+    remote: RemoteFetchPolicy | None = None,
 ) -> Image.Image:
     """Load one image from any accepted source and return it as a fully decoded RGB image.
 
@@ -99,9 +101,11 @@ def load_image(
         allow_remote: Fetch ``http(s)://`` URLs. Off by default: no network access.
         max_pixels: Refuse images whose width * height exceeds this, checked from the header
             before decoding.
-        timeout: Seconds to wait for a remote image.
+        timeout: Total seconds a remote fetch may take (used when ``remote`` is not given).
         allow_local_files: Read paths and ``file://`` URLs. Turn it off when sources come from
             untrusted users (a server), so that they cannot make the process read local files.
+        remote: How remote images are fetched (deadline, byte cap, redirects, private hosts);
+            default ``RemoteFetchPolicy(timeout=timeout)``.
 
     Returns:
         A new RGB image (EXIF orientation applied, transparency composited on white). An input
@@ -120,7 +124,8 @@ def load_image(
     if isinstance(source, (bytes, bytearray, memoryview)):
         return _decode_bytes(bytes(source), max_pixels, what="the image data")
     if isinstance(source, str):
-        options = _StrOptions(allow_remote, allow_local_files, max_pixels, timeout)
+        policy = remote if remote is not None else RemoteFetchPolicy(timeout=timeout)
+        options = _StrOptions(allow_remote, allow_local_files, max_pixels, policy)
         return _load_str(source, options)
     if source is None:
         raise InvalidInputError(f"image source is None; expected one of: {_ACCEPTED_TYPES}")
@@ -153,6 +158,7 @@ def image_options(config: Any) -> dict[str, Any]:
         "allow_remote": config.allow_remote_images,
         "max_pixels": config.max_image_pixels,
         "allow_local_files": config.allow_local_image_files,
+        "remote": RemoteFetchPolicy.from_config(config),
     }
 
 
@@ -163,6 +169,7 @@ def load_images(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     timeout: float = 10.0,
     allow_local_files: bool = True,
+    remote: RemoteFetchPolicy | None = None,
 ) -> list[Image.Image]:
     """Load a single source or a list/tuple of sources; see :func:`load_image`.
 
@@ -181,6 +188,7 @@ def load_images(
                     max_pixels=max_pixels,
                     timeout=timeout,
                     allow_local_files=allow_local_files,
+                    remote=remote,
                 )
             )
         except InvalidInputError as e:
@@ -198,7 +206,7 @@ class _StrOptions:
     allow_remote: bool
     allow_local: bool
     max_pixels: int
-    timeout: float
+    remote: RemoteFetchPolicy
 
 
 def _load_str(source: str, options: _StrOptions) -> Image.Image:
@@ -337,17 +345,7 @@ def _load_remote(url: str, options: _StrOptions) -> Image.Image:
             "allow_remote_images=True (ETAConfig / normalize_messages; allow_remote=True for "
             "load_image) to allow network access, or pass the image as bytes, a path or a data URL"
         )
-    request = urllib.request.Request(url, headers={"User-Agent": "eta-guard"})
-    try:
-        with urllib.request.urlopen(request, timeout=options.timeout) as response:
-            data = response.read(MAX_REMOTE_BYTES + 1)
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        raise InvalidInputError(f"could not fetch image URL {_short(url)}: {e}") from e
-    if len(data) > MAX_REMOTE_BYTES:
-        raise InvalidInputError(
-            f"image URL {_short(url)} returned more than {MAX_REMOTE_BYTES // 2**20} MB; "
-            "download and resize it first"
-        )
+    data = fetch_bytes(url, options.remote, label=_short(url))
     return _decode_bytes(data, options.max_pixels, what=f"the image at {_short(url)}")
 
 
@@ -420,6 +418,8 @@ def _finish(image: Image.Image, max_pixels: int, *, what: str) -> Image.Image:
             f"max_pixels={max_pixels:_} (a possible decompression bomb); resize it, or raise "
             "max_image_pixels if you trust the source"
         )
+    # The request's pixel budget is charged from the header, before anything is decoded.
+    charge_pixels(width * height, what=what)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

@@ -17,10 +17,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from eta_guard.errors import InvalidInputError
+from eta_guard.limits import RequestLimits
 from eta_guard.media import DEFAULT_MAX_PIXELS, _short, check_max_pixels, load_image
 
 if TYPE_CHECKING:
     from PIL import Image
+
+    from eta_guard.remote_fetch import RemoteFetchPolicy
 
 ROLES = ("system", "user", "assistant")
 _TEXT_TYPES = ("text", "input_text")
@@ -54,6 +57,8 @@ def normalize_messages(
     allow_remote_images: bool = False,
     max_image_pixels: int = DEFAULT_MAX_PIXELS,
     allow_local_image_files: bool = True,
+    limits: RequestLimits | None = None,
+    remote: RemoteFetchPolicy | None = None,
 ) -> Conversation:
     """Validate OpenAI-style messages, decode their images and convert to the HF form.
 
@@ -66,6 +71,10 @@ def normalize_messages(
         max_image_pixels: Refuse images with more pixels than this (decompression bombs).
         allow_local_image_files: Read image paths and ``file://`` URLs. Turn it off when the
             messages come from untrusted users, so that they cannot make the process read files.
+        limits: Images, total pixels and text allowed in the conversation (default:
+            ``ETAConfig``'s defaults). Count and text are checked before any image is decoded,
+            the pixel total from each image's header before it is decoded.
+        remote: How remote images are fetched (default: ``RemoteFetchPolicy()``).
 
     Returns:
         The conversation in HF chat-template form with its decoded images.
@@ -102,20 +111,28 @@ def normalize_messages(
             f"messages[{len(items) - 1}] has role {merged[-1]['role']!r}; to continue an "
             "assistant answer, end with a user turn instead"
         )
+    limits = limits or RequestLimits()
+    limits.check_text_length(
+        sum(len(p["text"]) for m in merged for p in m["content"] if p["type"] == "text"),
+        what="the messages' text",
+    )
+    limits.check_image_count(len(sources))
     # Images are decoded last, so that a malformed conversation fails before any decoding.
     images = []
-    for where, source in sources:
-        try:
-            images.append(
-                load_image(
-                    source,
-                    allow_remote=allow_remote_images,
-                    max_pixels=max_image_pixels,
-                    allow_local_files=allow_local_image_files,
+    with limits.pixel_budget():
+        for where, source in sources:
+            try:
+                images.append(
+                    load_image(
+                        source,
+                        allow_remote=allow_remote_images,
+                        max_pixels=max_image_pixels,
+                        allow_local_files=allow_local_image_files,
+                        remote=remote,
+                    )
                 )
-            )
-        except InvalidInputError as e:
-            raise InvalidInputError(f"{where}: {e}") from e
+            except InvalidInputError as e:
+                raise InvalidInputError(f"{where}: {e}") from e
     return Conversation(messages=merged, images=images)
 
 

@@ -13,6 +13,7 @@ Order of work for one request (DESIGN.md 1.1-1.2):
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 import time
@@ -23,12 +24,17 @@ from eta_guard.config import DEFAULT_CLIP, DEFAULT_REWARD_MODEL, ETAConfig
 from eta_guard.decoding.best_of_n import SentenceBestOfN
 from eta_guard.decoding.stopping import cut_at_stop, stop_holdback
 from eta_guard.decoding.vlm import FinishReason, GreedyOutput, PreparedPrompt, VLMAdapter
-from eta_guard.errors import ETAError, InvalidInputError
+from eta_guard.errors import ETAError, EvaluatorError, InvalidInputError
 from eta_guard.evaluators.eta_evaluator import ETAEvaluator
+from eta_guard.limits import RequestLimits
+from eta_guard.media import _short
 from eta_guard.messages import Conversation, normalize_messages
+from eta_guard.prompting import for_vlm
+from eta_guard.remote_fetch import RemoteFetchPolicy
 from eta_guard.verdict import ETAResult, ETAStreamChunk, SafetyVerdict, TokenUsage
 
 Messages = Sequence[dict[str, Any]]
+logger = logging.getLogger(__name__)
 
 
 class ETA:
@@ -74,21 +80,37 @@ class ETA:
         vlm_kwargs: dict[str, Any] | None = None,
         clip_kwargs: dict[str, Any] | None = None,
         reward_model_kwargs: dict[str, Any] | None = None,
+        preset: Any = None,
     ) -> ETA:
         """Load the VLM, CLIP and reward model (ids resolve through the local HF cache).
 
         ``vlm_kwargs`` feed ``VLMAdapter.from_pretrained`` (``model_kwargs``, ``processor_kwargs``);
-        ``clip_kwargs`` / ``reward_model_kwargs`` feed the evaluators' loaders.
+        ``clip_kwargs`` / ``reward_model_kwargs`` feed the evaluators' loaders. In each,
+        ``"device"`` / ``"dtype"`` place that model apart from the shared ``device`` / ``dtype``
+        (``vlm_kwargs`` also takes ``"autocast_dtype"``), and ``model_kwargs`` may carry
+        ``quantization_config`` / ``device_map`` (:mod:`eta_guard.placement`). ``preset="paper"``
+        reproduces the paper's setup (:mod:`eta_guard.presets`); explicit arguments win over it.
         """
+        from eta_guard.placement import enable_autocast, resolve_placements
+
+        if preset is not None:
+            from eta_guard.presets import get_preset
+
+            config = get_preset(preset).apply_to_config(config)
         config = config or ETAConfig()
+        place = resolve_placements(
+            device=device, dtype=dtype, vlm_kwargs=vlm_kwargs, preset=preset
+        )["vlm"]
         adapter = VLMAdapter.from_pretrained(
             vlm,
-            device=device,
-            dtype=dtype,
+            device=place.device,
+            dtype=place.dtype,
             local_files_only=local_files_only,
             trust_remote_code=trust_remote_code,
-            **(vlm_kwargs or {}),
+            **place.kwargs,
         )
+        if place.autocast_dtype is not None:
+            enable_autocast(adapter.model, place.autocast_dtype)
         evaluator = ETAEvaluator.from_pretrained(
             clip=clip,
             reward_model=reward_model,
@@ -101,6 +123,7 @@ class ETA:
             local_files_only=local_files_only,
             clip_kwargs=clip_kwargs,
             reward_model_kwargs=reward_model_kwargs,
+            preset=preset,
         )
         return cls(adapter, evaluator, config)
 
@@ -139,6 +162,7 @@ class ETA:
         self, batch: Sequence[Messages], *, stop: Sequence[str] | None = None, **overrides: Any
     ) -> list[ETAResult]:
         """Answer several conversations (one after another: the model runs one call at a time)."""
+        _check_batch(batch)
         return [self.generate(messages, stop=stop, **overrides) for messages in batch]
 
     async def agenerate(
@@ -151,6 +175,7 @@ class ETA:
         self, batch: Sequence[Messages], *, stop: Sequence[str] | None = None, **overrides: Any
     ) -> list[ETAResult]:
         """Async :meth:`batch`."""
+        _check_batch(batch)
         return await asyncio.to_thread(self.batch, batch, stop=stop, **overrides)
 
     async def astream(
@@ -178,6 +203,8 @@ class ETA:
             allow_remote_images=cfg.allow_remote_images,
             allow_local_image_files=cfg.allow_local_image_files,
             max_image_pixels=cfg.max_image_pixels,
+            limits=RequestLimits.from_config(cfg),
+            remote=RemoteFetchPolicy.from_config(cfg),
         )
         if self._owner == threading.get_ident():
             # Waiting would deadlock and running would share the model's per-call state.
@@ -189,6 +216,16 @@ class ETA:
             self._owner = threading.get_ident()
             try:
                 yield from _Request(self, conv, cfg, stop, streaming).run()
+            except ETAError:
+                raise
+            except Exception as e:
+                # A model failing mid-request (out of memory, a broken checkpoint): callers get
+                # an eta_guard error whose text is safe to show a client; the cause is chained
+                # and logged for operators.
+                logger.error("ETA request failed", exc_info=e)
+                raise ETAError(
+                    f"the request failed inside the model ({type(e).__name__}; details in the log)"
+                ) from e
             finally:
                 self._owner = None
 
@@ -201,13 +238,15 @@ class _Request:
     ) -> None:
         self.eta, self.conv, self.cfg, self.stop, self.streaming = eta, conv, cfg, stop, streaming
         self.evaluator = eta.evaluator.with_config(cfg)
+        # What the VLM sees (system text, padded images); CLIP scores self.conv's images as given.
+        self.vlm_conv = for_vlm(conv, cfg, eta.vlm.processor)
         self.timings: dict[str, float] = {}
         self.start = time.perf_counter()
 
     def run(self) -> Iterator[str | ETAResult]:
         # Rendering the prompt runs no model: a prompt too long for the context is refused
         # before CLIP spends any time on the images.
-        prepared = self.eta.vlm.prepare(self.conv)
+        prepared = self.eta.vlm.prepare(self.vlm_conv)
         pre = self._pre_evaluate()
         may_align = (
             pre.input_unsafe if self.conv.has_images else self.cfg.text_only_policy == "reward_only"
@@ -259,13 +298,28 @@ class _Request:
     def _align(self, verdict: SafetyVerdict, greedy: GreedyOutput) -> Iterator[str | ETAResult]:
         cfg = self.cfg
         t0 = time.perf_counter()
-        prepared = self.eta.vlm.prepare(self.conv, assistant_prefix=cfg.prefix)
+        prepared = self.eta.vlm.prepare(self.vlm_conv, assistant_prefix=cfg.prefix)
         stop_filter = _StopFilter(self.stop)
         yield stop_filter.feed(cfg.prefix)
         if cfg.deep_alignment:
-            tail, n_out, decoded, finish, trace = yield from self._deep(
-                prepared, greedy, stop_filter
-            )
+            try:
+                tail, n_out, decoded, finish, trace = yield from self._deep(
+                    prepared, greedy, stop_filter
+                )
+            except EvaluatorError as error:
+                if cfg.on_evaluator_error == "raise":
+                    raise
+                # The answer was already judged unsafe: failing open here would return it, and
+                # raising would leave a stream cut after the prefix. Fall back to shallow
+                # alignment, continuing greedily from what was already accepted (and streamed).
+                tail, n_out, decoded, finish = yield from self._shallow_fallback(stop_filter)
+                trace = []
+                verdict = _with_error(
+                    verdict,
+                    "search",
+                    f"deep alignment stopped ({error}); fell back to shallow alignment "
+                    "(prefix + greedy decoding)",
+                )
         else:
             shallow = self.eta.vlm.generate_greedy(
                 prepared, max_new_tokens=cfg.max_new_tokens, stop=self.stop
@@ -307,6 +361,20 @@ class _Request:
         )
         n_out = len(output.token_ids)
         return output.text, n_out, output.decoded_tokens, output.finish_reason, output.trace
+
+    def _shallow_fallback(self, stop_filter: _StopFilter):
+        """Greedy continuation of the prefix and the sentences already accepted and streamed."""
+        vlm, cfg = self.eta.vlm, self.cfg
+        accepted = stop_filter.text[len(cfg.prefix) :]
+        prepared = vlm.prepare(self.conv, assistant_prefix=cfg.prefix + accepted)
+        used = (
+            len(vlm.tokenizer(accepted, add_special_tokens=False)["input_ids"]) if accepted else 0
+        )
+        budget = max(1, cfg.max_new_tokens - used)
+        shallow = vlm.generate_greedy(prepared, max_new_tokens=budget, stop=self.stop)
+        yield stop_filter.feed(shallow.text)
+        n = len(shallow.token_ids)
+        return accepted + shallow.text, n, n, shallow.finish_reason
 
     def _vanilla_result(
         self, greedy: GreedyOutput, verdict: SafetyVerdict, prepared: PreparedPrompt
@@ -358,14 +426,30 @@ def _skipped(cfg: ETAConfig, side: str, reason: str) -> SafetyVerdict:
     )
 
 
+def _with_error(verdict: SafetyVerdict, stage: str, message: str) -> SafetyVerdict:
+    return verdict.model_copy(update={"errors": {**verdict.errors, stage: message}})
+
+
+def _check_batch(batch: Any) -> None:
+    if isinstance(batch, (str, dict)) or not isinstance(batch, (list, tuple)):
+        raise InvalidInputError(
+            f"batch must be a list of conversations (each a list of messages), got "
+            f"{type(batch).__name__}"
+        )
+
+
 def _check_stop(stop: Sequence[str] | None) -> list[str] | None:
     if stop is None:
         return None
     if isinstance(stop, str):
         stop = [stop]
+    if not isinstance(stop, (list, tuple)):
+        raise InvalidInputError(
+            f"stop must be a str or a list of non-empty strings, got {type(stop).__name__}"
+        )
     stop = list(stop)
     if not all(isinstance(s, str) and s for s in stop):
-        raise InvalidInputError(f"stop must be a list of non-empty strings, got {stop!r}")
+        raise InvalidInputError(f"stop must be a list of non-empty strings, got {_short(stop)}")
     return stop or None
 
 

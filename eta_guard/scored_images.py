@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from eta_guard.errors import InvalidInputError
+from eta_guard.limits import RequestLimits
 from eta_guard.media import (
     DEFAULT_MAX_PIXELS,
     ImageSource,
@@ -35,6 +36,7 @@ from eta_guard.media import (
     _openable_formats,
     _parse_data_url,
     _try_b64decode,
+    image_options,
     load_image,
 )
 
@@ -155,13 +157,26 @@ def load_scored_images(sources: Sequence[ImageSource], **options: Any) -> list[S
     return out
 
 
+def load_request_images(
+    sources: Sequence[ImageSource], config: Any, *, allow_local_files: bool
+) -> list[ScoredImage]:
+    """One request's images, under its limits (``ETAConfig``): image count checked before any
+    decoding, total pixels charged from each header before it is decoded.
+
+    Raises:
+        InvalidInputError: Too many images or pixels, or an image is refused.
+    """
+    limits = RequestLimits.from_config(config)
+    limits.check_image_count(len(sources))
+    with limits.pixel_budget():
+        return load_scored_images(
+            sources, **scored_options(config, allow_local_files=allow_local_files)
+        )
+
+
 def scored_options(config: Any, *, allow_local_files: bool) -> dict[str, Any]:
     """:func:`load_scored_image` options from an ``ETAConfig`` and the adapter's file policy."""
-    return {
-        "allow_remote": config.allow_remote_images,
-        "max_pixels": config.max_image_pixels,
-        "allow_local_files": allow_local_files,
-    }
+    return {**image_options(config), "allow_local_files": allow_local_files}
 
 
 # --------------------------------------------------------------------------- internals

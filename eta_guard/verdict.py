@@ -33,6 +33,11 @@ class SafetyVerdict(BaseModel):
         default_factory=dict, description="Checks that failed ('pre'/'post') and the error."
     )
     timings: dict[str, float] = Field(default_factory=dict, description="Seconds per check.")
+    post_windows: int | None = Field(
+        None,
+        description="Windows the response was scored in by the reward model (1 when it fits the "
+        "RM's context; more for a longer answer, whose lowest window reward is post_score).",
+    )
 
     @classmethod
     def combine(
@@ -48,6 +53,7 @@ class SafetyVerdict(BaseModel):
         skipped: dict[str, str] | None = None,
         errors: dict[str, str] | None = None,
         timings: dict[str, float] | None = None,
+        post_windows: int | None = None,
     ) -> SafetyVerdict:
         """Build a verdict, deriving flags from scores and ``unsafe`` from ETA's AND rule.
 
@@ -70,6 +76,7 @@ class SafetyVerdict(BaseModel):
             skipped=dict(skipped or {}),
             errors=dict(errors or {}),
             timings=dict(timings or {}),
+            post_windows=post_windows,
         )
 
     def merge(self, other: SafetyVerdict) -> SafetyVerdict:
@@ -97,6 +104,7 @@ class SafetyVerdict(BaseModel):
             },
             errors=errors,
             timings={**self.timings, **other.timings},
+            post_windows=pick(self.post_windows, other.post_windows),
         )
 
 

@@ -17,7 +17,7 @@ With real models (downloaded once into the Hugging Face cache) and your own imag
     python examples/llama_index_multimodal_rag.py --images ./photos \\
         --vlm llava-hf/llava-1.5-7b-hf \\
         --clip openai/clip-vit-large-patch14-336 \\
-        --reward-model RLHFlow/ArmoRM-Llama3-8B-v0.1 --trust-remote-code
+        --reward-model RLHFlow/ArmoRM-Llama3-8B-v0.1
 """
 
 from __future__ import annotations
@@ -41,7 +41,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--vlm", help="VLM id or path (default: a tiny random checkpoint)")
     p.add_argument("--clip", help="CLIP id or path (default: a tiny random checkpoint)")
     p.add_argument("--reward-model", help="reward-model id or path (default: a tiny random one)")
-    p.add_argument("--trust-remote-code", action="store_true", help="needed by ArmoRM")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow checkpoint code (ArmoRM no longer needs it)",
+    )
     p.add_argument("--workdir", type=Path, help="where tiny checkpoints and images are written")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument(

@@ -5,7 +5,7 @@ any model's answers, each on its own or together under ETA's AND rule.
 
     python examples/moderation.py                 # offline, random tiny checkpoints
     python examples/moderation.py --clip openai/clip-vit-large-patch14-336 \\
-        --reward-model RLHFlow/ArmoRM-Llama3-8B-v0.1 --trust-remote-code   # the reference models
+        --reward-model RLHFlow/ArmoRM-Llama3-8B-v0.1   # the reference models
 
 The tiny checkpoints are RANDOM: their scores mean nothing. So that both outcomes show, this
 script then sets each threshold to the median of the scores it sees, and says so. With the
@@ -55,7 +55,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clip", help="CLIP checkpoint (default: random tiny one)")
     parser.add_argument("--reward-model", help="reward model (default: random tiny one)")
-    parser.add_argument("--trust-remote-code", action="store_true", help="needed by ArmoRM")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow checkpoint code (ArmoRM no longer needs it)",
+    )
     args = parser.parse_args()
 
     tiny = not (args.clip and args.reward_model)

@@ -89,3 +89,26 @@ def llava(vlm_paths):
     from eta_guard.decoding.vlm import VLMAdapter
 
     return VLMAdapter.from_pretrained(vlm_paths("llava"), local_files_only=True)
+
+
+@pytest.fixture(scope="session")
+def armorm_replica(tiny_dir: Path) -> Path:
+    """A random ArmoRM-architecture checkpoint (``eta_guard.replicas.armorm``), built once."""
+    from eta_guard.replicas.armorm import build_armorm_replica
+
+    return build_armorm_replica(tiny_dir / "armorm-replica")
+
+
+@pytest.fixture(scope="session")
+def replica_checkpoints(tiny_dir: Path) -> Callable[..., object]:
+    """``(family="llava") -> ReplicaCheckpoints`` (eta_guard.replicas), built once per session."""
+    from eta_guard.replicas import build_replica_checkpoints
+
+    cache: dict[str, object] = {}
+
+    def get(family: str = "llava"):
+        if family not in cache:
+            cache[family] = build_replica_checkpoints(tiny_dir, vlm_family=family)
+        return cache[family]
+
+    return get

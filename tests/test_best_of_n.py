@@ -267,7 +267,10 @@ def test_run_applies_the_rule_and_takes_the_argmax(llava, test_images):
     chosen_answer = PREFIX
     for step, answers in zip(out.trace, calls["reward"], strict=True):
         settled = chosen_answer.rstrip("\ufffd")  # a character split at the cut completes later
-        assert all(a.startswith(settled) and len(a) > len(settled) for a in answers)
+        for answer, candidate in zip(answers, step.candidates, strict=True):
+            # a candidate adds text unless it is the EOS alone (it ends the answer)
+            assert answer.startswith(settled)
+            assert len(answer) > len(settled) or candidate.ended
         chosen_answer = answers[step.chosen]
     assert PREFIX + out.text == chosen_answer
 

@@ -236,7 +236,8 @@ def test_readme_config_table_lists_every_field_with_its_default() -> None:
         if isinstance(default, str):
             expected = json.dumps(default)
         elif isinstance(default, tuple):
-            expected = "(" + ", ".join(json.dumps(v) for v in default) + ")"
+            one = "," if len(default) == 1 else ""  # Python's spelling of a 1-tuple: (".",)
+            expected = "(" + ", ".join(json.dumps(v) for v in default) + one + ")"
         else:
             expected = str(default)
         assert cell.strip("`") == expected, name

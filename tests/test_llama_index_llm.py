@@ -225,16 +225,15 @@ def test_text_only_chat(li_llm):
 
 def test_remote_image_url_when_enabled(li_llm, monkeypatch, reference_text):
     """Remote URLs pass through to the engine, which fetches them only when allowed."""
-    import contextlib
-    import urllib.request
+    import eta_guard.media
 
     fetched: list[str] = []
 
-    def urlopen(request, timeout=None):
-        fetched.append(request.full_url)
-        return contextlib.nullcontext(io.BytesIO(png_bytes("red")))
+    def fetch_bytes(url, policy, *, label):
+        fetched.append(url)
+        return png_bytes("red")
 
-    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    monkeypatch.setattr(eta_guard.media, "fetch_bytes", fetch_bytes)
     block = ImageBlock(url="https://example.com/red.png")
     with pytest.raises(InvalidInputError, match="remote images are disabled"):
         li_llm.chat(_messages(block))
@@ -269,9 +268,11 @@ BAD_BLOCKS = {
 @pytest.mark.parametrize("method", [m for m, _ in METHODS])
 @pytest.mark.parametrize("bad", list(BAD_BLOCKS))
 def test_bad_image_blocks_raise_invalid_input(li_llm, tmp_path, monkeypatch, method, bad):
-    import urllib.request
+    import eta_guard.media
 
-    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail("network access"))
+    monkeypatch.setattr(
+        eta_guard.media, "fetch_bytes", lambda *a, **k: pytest.fail("network access")
+    )
     make, match = BAD_BLOCKS[bad]
     with pytest.raises(InvalidInputError, match=match):
         _call(li_llm, method, make(tmp_path))

@@ -146,9 +146,11 @@ def test_embedding_shares_an_llms_engine_lazily(li_ckpt):
 
 
 def test_embedding_refuses_bad_images_and_remote_urls(li_eta, monkeypatch):
-    import urllib.request
+    import eta_guard.media
 
-    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail("network access"))
+    monkeypatch.setattr(
+        eta_guard.media, "fetch_bytes", lambda *a, **k: pytest.fail("network access")
+    )
     embed = ETAClipEmbedding(evaluator=li_eta)
     with pytest.raises(InvalidInputError, match="not an image"):
         embed.get_image_embedding(io.BytesIO(b"not an image at all"))
@@ -219,9 +221,11 @@ def test_postprocessor_scores_match_the_engine(li_eta, image_dir):
 def test_postprocessor_invalid_images_follow_the_policy(
     li_eta, image_dir, monkeypatch, policy, kept, flag
 ):
-    import urllib.request
+    import eta_guard.media
 
-    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail("network access"))
+    monkeypatch.setattr(
+        eta_guard.media, "fetch_bytes", lambda *a, **k: pytest.fail("network access")
+    )
     nodes = _with_scores(
         [
             ImageNode(image_path=str(image_dir / "red.png")),

@@ -8,8 +8,6 @@ import struct
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import warnings
 import zlib
 from pathlib import Path
@@ -55,9 +53,9 @@ def red_file(tmp_path: Path) -> Path:
 @pytest.fixture
 def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(*args, **kwargs):
-        raise AssertionError("urlopen must not be called")
+        raise AssertionError("fetch_bytes must not be called")
 
-    monkeypatch.setattr(urllib.request, "urlopen", fail)
+    monkeypatch.setattr(media, "fetch_bytes", fail)
 
 
 # --------------------------------------------------------------------------- accepted forms
@@ -283,45 +281,18 @@ def test_remote_url_is_refused_without_network(no_network) -> None:
     assert "https://example.com/cat.png" in message
 
 
-class FakeResponse:
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-    def __enter__(self) -> FakeResponse:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        return None
-
-    def read(self, limit: int = -1) -> bytes:
-        return self.data if limit < 0 else self.data[:limit]
-
-
 def test_remote_url_is_fetched_when_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
 
-    def fake_urlopen(request, timeout):
-        calls.append((request.full_url, timeout))
-        return FakeResponse(RED_PNG)
+    def fake_fetch(url, policy, *, label):
+        calls.append((url, policy.timeout))
+        return RED_PNG
 
-    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
+    monkeypatch.setattr(media, "fetch_bytes", fake_fetch)
     image = load_image("http://example.com/red.png", allow_remote=True, timeout=3.0)
     assert image.getpixel((0, 0)) == (255, 0, 0)
     assert calls == [("http://example.com/red.png", 3.0)]
-
-
-def test_remote_size_cap_and_fetch_errors(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(media, "MAX_REMOTE_BYTES", 100)
-    monkeypatch.setattr(urllib.request, "urlopen", lambda r, timeout: FakeResponse(b"x" * 500))
-    with pytest.raises(InvalidInputError, match="more than"):
-        load_image("https://example.com/big.png", allow_remote=True)
-
-    def broken(request, timeout):
-        raise urllib.error.URLError("connection refused")
-
-    monkeypatch.setattr(urllib.request, "urlopen", broken)
-    with pytest.raises(InvalidInputError, match="could not fetch.*connection refused"):
-        load_image("https://example.com/cat.png", allow_remote=True)
+    # Deadline, byte cap, redirects and private targets: tests/security/test_resource_exhaustion.py
 
 
 # --------------------------------------------------------------------------- load_images

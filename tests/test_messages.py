@@ -5,13 +5,13 @@ from __future__ import annotations
 import base64
 import copy
 import io
-import urllib.request
 from pathlib import Path
 from types import MappingProxyType
 
 import pytest
 from PIL import Image
 
+import eta_guard.media
 from eta_guard.errors import InvalidInputError
 from eta_guard.messages import Conversation, fold_system_message, normalize_messages, text_of
 
@@ -31,9 +31,9 @@ RED_DATA_URL = "data:image/png;base64," + RED_B64
 @pytest.fixture
 def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(*args, **kwargs):
-        raise AssertionError("urlopen must not be called")
+        raise AssertionError("fetch_bytes must not be called")
 
-    monkeypatch.setattr(urllib.request, "urlopen", fail)
+    monkeypatch.setattr(eta_guard.media, "fetch_bytes", fail)
 
 
 @pytest.fixture
@@ -218,17 +218,7 @@ def test_input_is_not_mutated() -> None:
 
 
 def test_settings_pass_through(monkeypatch: pytest.MonkeyPatch) -> None:
-    class Response:
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return None
-
-        def read(self, limit=-1):
-            return RED_PNG
-
-    monkeypatch.setattr(urllib.request, "urlopen", lambda request, timeout: Response())
+    monkeypatch.setattr(eta_guard.media, "fetch_bytes", lambda url, policy, label: RED_PNG)
     part = {"type": "image_url", "image_url": {"url": "https://example.com/red.png"}}
     conversation = normalize_messages([user(part)], allow_remote_images=True)
     assert conversation.images[0].getpixel((0, 0)) == RED

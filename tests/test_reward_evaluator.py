@@ -70,6 +70,12 @@ def test_rm_sees_only_the_safety_conversation(rm, monkeypatch):
     # The user's question exists in the application, but nothing hands it to the RM.
     evaluator.evaluate_output(RESPONSES[1])
     evaluator.score_responses(RESPONSES[:2], search=True)
+    # Renders of the template's skeleton (placeholder contents) carry no user text either.
+    placeholders = [(c, r) for c, r in seen if "\ue000" in c[-1]["content"]]
+    assert placeholders and all(USER_QUESTION not in r for _, r in placeholders)
+    seen = [(c, r) for c, r in seen if "\ue000" not in c[-1]["content"]]
+    # Counting the windows for the verdict renders a response once more.
+    seen = [item for i, item in enumerate(seen) if item not in seen[:i]]
     assert [c for c, _ in seen] == [
         [
             {"role": "user", "content": DEFAULT_RM_DECISION_PROMPT},
@@ -163,30 +169,40 @@ def test_score_attribute_wins_over_logits(rm):
     )
 
 
-def test_long_response_is_cut_to_fit_and_keeps_the_instruction(rm, caplog, monkeypatch):
-    short = RewardPostEvaluator(rm.model, rm.tokenizer, max_length=48)
+def test_long_response_is_scored_in_windows_that_keep_the_instruction(rm, caplog, monkeypatch):
+    short = RewardPostEvaluator(rm.model, rm.tokenizer, max_length=48, max_windows=64)
     rendered = []
     original = short.tokenizer.apply_chat_template
 
     def spy(conversation, **kwargs):
-        rendered.append(original(conversation, **kwargs))
-        return rendered[-1]
+        rendered.append((conversation[-1]["content"], original(conversation, **kwargs)))
+        return rendered[-1][1]
 
     monkeypatch.setattr(short.tokenizer, "apply_chat_template", spy)
     long_response = " ".join(["the answer is safe and helpful"] * 80)
     capture = _Capture(short.model)
     try:
-        with caplog.at_level(logging.WARNING, logger="eta_guard.evaluators.reward"):
+        with caplog.at_level(logging.INFO, logger="eta_guard.evaluators.reward"):
             scores = short.score([long_response, "ok"], "please be safe")
     finally:
         capture.close()
     assert len(scores) == 2 and all(isinstance(s, float) for s in scores)
-    assert capture.calls[0].shape[1] <= 48
-    assert "truncated" in caplog.text and "max_length=48" in caplog.text
-    assert "please be safe" in rendered[-2]  # the final render of the long response
-    assert long_response not in rendered[-2]
+    assert all(call.shape[1] <= 48 for call in capture.calls)
+    rows = sum(call.shape[0] for call in capture.calls)
+    windows = short.window_counts([long_response, "ok"], "please be safe")
+    assert windows[1] == 1 and windows[0] > 1 and rows == sum(windows)
+    assert "windows" in caplog.text and "max_length=48" in caplog.text
+    # Every window is the whole safety conversation around a piece of the response.
+    pieces = [c for c, r in rendered if "\ue000" not in c and c not in (long_response, "", "ok")]
+    assert len(pieces) >= windows[0]
+    assert all("please be safe" in r for c, r in rendered if "\ue000" not in c)
+    assert "".join(pieces).replace(" ", "") != "" and all(p in long_response for p in pieces)
     with pytest.raises(InvalidInputError, match="instruction alone"):
         short.score(["x"], "please " * 200)
+    with pytest.raises(InvalidInputError, match="max_windows=2"):
+        RewardPostEvaluator(rm.model, rm.tokenizer, max_length=48, max_windows=2).score(
+            [long_response], "please be safe"
+        )
 
 
 def test_missing_chat_template_is_an_error_at_load(tiny_checkpoints, tmp_path):

@@ -270,3 +270,57 @@ def test_cut_at_stop(text, stop, expected):
 )
 def test_stop_holdback(text, stop, hold):
     assert stop_holdback(text, stop) == hold
+
+
+def sentencepiece_like_tokenizer() -> PreTrainedTokenizerFast:
+    """Metaspace unigram holding the pieces that tell the two rules apart: '.', '▁.', '...', '.)'."""
+    pieces = ["<unk>", "</s>", "▁a", "▁b", ".", "▁.", "...", ".)", "!", "▁", "a", "b"]
+    tok = Tokenizer(models.Unigram([(p, -1.0) for p in pieces], unk_id=0))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
+
+
+@pytest.mark.parametrize(
+    ("rule", "expected"),
+    [
+        # reference: only the bare '.' piece ends a sentence
+        ("exact", [False, True, False, False, False, False, False]),
+        ("contains", [False, True, False, True, True, True, False]),
+    ],
+)
+def test_exact_rule_ends_only_on_the_bare_terminator(rule, expected):
+    tok = sentencepiece_like_tokenizer()
+    pieces = ["▁a", ".", "▁b", "▁.", "...", ".)", "!"]
+    ids = [tok.convert_tokens_to_ids(p) for p in pieces]
+    criteria = SentenceEndCriteria(tok, (".",), rule=rule)
+    row = torch.tensor([ids])
+    assert [bool(criteria(row[:, : t + 1])[0]) for t in range(len(ids))] == expected
+
+
+def test_exact_rule_multibyte_terminator_completed_by_its_last_byte():
+    tok = byte_level_tokenizer()
+    ids = tok.encode("Hi。", add_special_tokens=False)  # 'Hi' + three byte tokens
+    criteria = SentenceEndCriteria(tok, ("。",), rule="exact")
+    row = torch.tensor([ids])
+    assert [bool(criteria(row[:, : t + 1])[0]) for t in range(len(ids))] == [False] * (
+        len(ids) - 1
+    ) + [True]
+
+
+def test_rule_validated_and_cached_per_rule():
+    tok = sentencepiece_like_tokenizer()
+    with pytest.raises(InvalidInputError, match="sentence_end_rule"):
+        SentenceEndCriteria(tok, (".",), rule="prefix")
+    assert vocabulary_masks(tok, (".",), "exact") is vocabulary_masks(tok, (".",), "exact")
+    assert vocabulary_masks(tok, (".",), "exact") is not vocabulary_masks(tok, (".",), "contains")
+
+
+def test_config_defaults_are_the_reference_rule():
+    from eta_guard.config import ETAConfig
+
+    cfg = ETAConfig()
+    assert cfg.sentence_terminators == (".",) and cfg.sentence_end_rule == "exact"
+    assert ETAConfig(sentence_end_rule="contains").sentence_end_rule == "contains"
+    with pytest.raises(InvalidInputError, match="sentence_end_rule"):
+        ETAConfig(sentence_end_rule="sometimes")

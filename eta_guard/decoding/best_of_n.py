@@ -109,7 +109,8 @@ class SentenceBestOfN:
     Args:
         adapter: the VLM.
         config: supplies ``num_candidates``, ``top_k``, ``temperature``, ``alpha``,
-            ``max_sentence_tokens``, ``max_new_tokens``, ``sentence_terminators`` and ``seed``.
+            ``max_sentence_tokens``, ``max_new_tokens``, ``sentence_terminators``,
+            ``sentence_end_rule`` and ``seed``.
         batched: decode the N candidates as one batch over the shared cache (default). ``False``
             reproduces the reference's costs: candidates one after another at batch 1, each from
             its own deep copy of the cache, one reward call per candidate.
@@ -311,7 +312,10 @@ class _Search:
     # ----- sampling -----
     def _sample(self, state: _State, budget: int) -> _Step:
         sentence_end = SentenceEndCriteria(
-            self.adapter.tokenizer, self.cfg.sentence_terminators, start_length=state.ids.shape[1]
+            self.adapter.tokenizer,
+            self.cfg.sentence_terminators,
+            start_length=state.ids.shape[1],
+            rule=self.cfg.sentence_end_rule,
         )
         config = self.adapter.generation_config(
             max_new_tokens=budget,

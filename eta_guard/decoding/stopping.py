@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from transformers import StoppingCriteria
@@ -23,49 +23,98 @@ from eta_guard.errors import InvalidInputError
 _TAIL_TOKENS = 8
 _REPLACEMENT = "\ufffd"
 
+#: How a token's text is matched against the terminators. ``"exact"`` (the reference's rule: only
+#: the bare ``'.'`` token, Llama id 29889, ends a sentence; ``'▁.'``, ``'...'``, ``'.)'`` do not) or
+#: ``"contains"`` (any token whose text contains a terminator: more, shorter sentences).
+SentenceEndRule = Literal["exact", "contains"]
+SENTENCE_END_RULES: tuple[str, ...] = ("exact", "contains")
+
 _Masks = tuple[torch.Tensor, torch.Tensor]
-# id(tokenizer) -> (weak ref to it, {terminators: masks}). Keyed by identity because tokenizers are
-# not hashable; the weak ref tells a live entry from a recycled id and drops the entry with it.
-_MASK_CACHE: dict[int, tuple[weakref.ref, dict[tuple[str, ...], _Masks]]] = {}
+_MaskKey = tuple[tuple[str, ...], str]
+# id(tokenizer) -> (weak ref to it, {(terminators, rule): masks}). Keyed by identity because
+# tokenizers are not hashable; the weak ref tells a live entry from a recycled id and drops the
+# entry with it.
+_MASK_CACHE: dict[int, tuple[weakref.ref, dict[_MaskKey, _Masks]]] = {}
 _MASK_LOCK = threading.Lock()
+#: Texts tried as the one-token lead that token texts are decoded after (see _token_texts).
+_LEADS = ("a", "x", "I", "the", "hello")
 
 
-def vocabulary_masks(tokenizer: Any, terminators: tuple[str, ...]) -> _Masks:
-    """Per-token masks over the tokenizer's vocabulary, computed once per tokenizer and terminators.
+def vocabulary_masks(
+    tokenizer: Any, terminators: tuple[str, ...], rule: SentenceEndRule = "contains"
+) -> _Masks:
+    """Per-token masks over the tokenizer's vocabulary, computed once per tokenizer, terminators and rule.
 
     Returns:
-        ``(ends, partial)``: bool tensors of shape ``[len(tokenizer)]``. ``ends[t]``: the decoded
-        text of token ``t`` contains a terminator. ``partial[t]``: token ``t`` decodes to an
-        incomplete UTF-8 sequence (byte-level pieces), so it must be judged in context.
-        Special tokens are in neither mask.
+        ``(ends, partial)``: bool tensors of shape ``[len(tokenizer)]``. ``ends[t]``: the text of
+        token ``t`` as it reads after a word is exactly a terminator (``rule="exact"``) or
+        contains one (``rule="contains"``). ``partial[t]``: token ``t`` decodes to an incomplete
+        UTF-8 sequence (byte-level pieces), so it must be judged in context. Special tokens are in
+        neither mask.
     """
+    _check_rule(rule)
+    key = (tuple(terminators), rule)
     with _MASK_LOCK:
         per_tok = _cache_for(tokenizer)
-        if terminators in per_tok:
-            return per_tok[terminators]
-        size = len(tokenizer)
-        texts = tokenizer.batch_decode(
-            [[i] for i in range(size)],
-            skip_special_tokens=False,
-            clean_up_tokenization_spaces=False,
-        )
+        if key in per_tok:
+            return per_tok[key]
+        texts = _token_texts(tokenizer)
         special = set(getattr(tokenizer, "all_special_ids", []) or [])
+        matches = (
+            (lambda text: text in terminators)
+            if rule == "exact"
+            else (lambda text: any(t in text for t in terminators))
+        )
         ends = torch.tensor(
-            [
-                i not in special and any(t in text for t in terminators)
-                for i, text in enumerate(texts)
-            ],
-            dtype=torch.bool,
+            [i not in special and matches(text) for i, text in enumerate(texts)], dtype=torch.bool
         )
         partial = torch.tensor(
             [i not in special and _REPLACEMENT in text for i, text in enumerate(texts)],
             dtype=torch.bool,
         )
-        per_tok[terminators] = (ends, partial)
-        return per_tok[terminators]
+        per_tok[key] = (ends, partial)
+        return per_tok[key]
 
 
-def _cache_for(tokenizer: Any) -> dict[tuple[str, ...], _Masks]:
+def _token_texts(tokenizer: Any) -> list[str]:
+    """Each token's text as it reads in the middle of a text (after a one-token word).
+
+    Decoded alone, SentencePiece-style tokens lose their leading space (``'▁.'`` would read
+    ``'.'``); after a lead word they keep it (``' .'``), so the exact rule can tell them apart.
+    """
+    size = len(tokenizer)
+    decode = lambda batch: tokenizer.batch_decode(  # noqa: E731
+        batch, skip_special_tokens=False, clean_up_tokenization_spaces=False
+    )
+    lead = _lead_token(tokenizer)
+    alone = decode([[i] for i in range(size)])
+    if lead is None:
+        return alone
+    lead_text = decode([[lead]])[0]
+    texts = []
+    for i, text in enumerate(decode([[lead, i] for i in range(size)])):
+        texts.append(text[len(lead_text) :] if text.startswith(lead_text) else alone[i])
+    return texts
+
+
+def _lead_token(tokenizer: Any) -> int | None:
+    unk = getattr(tokenizer, "unk_token_id", None)
+    for text in _LEADS:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) == 1 and ids[0] != unk:
+            return int(ids[0])
+    return None
+
+
+def _check_rule(rule: str) -> None:
+    if rule not in SENTENCE_END_RULES:
+        raise InvalidInputError(
+            f"sentence_end_rule={rule!r}: use 'exact' (the reference: a token whose text is "
+            "exactly a terminator) or 'contains' (a token whose text contains one)"
+        )
+
+
+def _cache_for(tokenizer: Any) -> dict[_MaskKey, _Masks]:
     key = id(tokenizer)
     entry = _MASK_CACHE.get(key)
     if entry is not None and entry[0]() is tokenizer:
@@ -91,19 +140,26 @@ def _lookup(mask: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 class SentenceEndCriteria(StoppingCriteria):
     """Returns one bool per row: does the row's last token end a sentence?
 
-    Tokenizer-agnostic: a token ends a sentence when its decoded text contains one of
-    ``terminators``. Byte-level tokens holding only part of a UTF-8 character (a multi-byte
+    Tokenizer-agnostic: a token ends a sentence when its text (as it reads after a word) is exactly
+    one of ``terminators`` (``rule="exact"``, the reference's rule) or contains one
+    (``rule="contains"``). Byte-level tokens holding only part of a UTF-8 character (a multi-byte
     terminator such as ``'。'`` split over several tokens) are judged on the decoded tail of the row.
 
     Args:
         tokenizer: the VLM's tokenizer.
-        terminators: non-empty strings that end a sentence, e.g. ``(".", "!", "?")``.
+        terminators: non-empty strings that end a sentence, e.g. ``(".",)``.
         start_length: length of ``input_ids`` when sampling started; rows no longer than this
             have produced nothing and never count as ended.
+        rule: ``"exact"`` or ``"contains"``.
     """
 
     def __init__(
-        self, tokenizer: Any, terminators: Sequence[str], *, start_length: int = 0
+        self,
+        tokenizer: Any,
+        terminators: Sequence[str],
+        *,
+        start_length: int = 0,
+        rule: SentenceEndRule = "exact",
     ) -> None:
         terminators = tuple(terminators)
         if not terminators or any(not isinstance(t, str) or not t for t in terminators):
@@ -112,10 +168,12 @@ class SentenceEndCriteria(StoppingCriteria):
             )
         if start_length < 0:
             raise InvalidInputError(f"start_length={start_length!r}: must be >= 0")
+        _check_rule(rule)
         self.tokenizer = tokenizer
         self.terminators = terminators
         self.start_length = start_length
-        self.ends_mask, self.partial_mask = vocabulary_masks(tokenizer, terminators)
+        self.rule = rule
+        self.ends_mask, self.partial_mask = vocabulary_masks(tokenizer, terminators, rule)
 
     def __call__(self, input_ids: torch.Tensor, scores: Any = None, **kwargs: Any) -> torch.Tensor:
         """Judge the last token of each row.
@@ -141,6 +199,9 @@ class SentenceEndCriteria(StoppingCriteria):
             ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
         )
         with_last, without_last = decode(tail), decode(tail[:-1])
+        if self.rule == "exact":  # the character(s) this token completes are a terminator
+            settled = without_last.rstrip(_REPLACEMENT)
+            return with_last.startswith(settled) and with_last[len(settled) :] in self.terminators
         return any(with_last.count(t) > without_last.count(t) for t in self.terminators)
 
 

@@ -25,6 +25,16 @@ from transformers import (
 from transformers.generation.streamers import BaseStreamer
 
 from eta_guard._device import load_pretrained
+from eta_guard.decoding.content_tokens import (
+    RenderedPrompt,
+    append_tokens,
+    control_strings,
+    fill_holes,
+    forged_markers,
+    hole_text,
+    plain_text_ids,
+    render_with_spans,
+)
 from eta_guard.decoding.stopping import CancelCriteria, cut_at_stop, stop_holdback
 from eta_guard.errors import InvalidInputError
 
@@ -56,8 +66,10 @@ class PreparedPrompt:
             ``pixel_values``, ...), ready for ``model.generate(**model_inputs)``.
         num_prompt_tokens: ``L``.
         text: the rendered prompt text (chat template + assistant prefix).
-        assistant_prefix: the text appended after the generation prompt.
+        assistant_prefix: the text that follows the generation prompt.
         num_images: images given to the processor.
+        prefix_token_ids: ``assistant_prefix`` tokenized on its own (no special tokens), the
+            last ids of ``input_ids``.
     """
 
     input_ids: torch.Tensor
@@ -67,6 +79,7 @@ class PreparedPrompt:
     text: str
     assistant_prefix: str = ""
     num_images: int = 0
+    prefix_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -184,32 +197,40 @@ class VLMAdapter:
     def prepare(self, conversation: Any, *, assistant_prefix: str = "") -> PreparedPrompt:
         """Render a conversation with the chat template and run the processor.
 
+        The prompt's ids are built as the reference builds them: the generation prompt's ids, then
+        ``assistant_prefix`` tokenized on its own (no special tokens), never the prefix glued to
+        the rendered text (SentencePiece would then read ``ASSISTANT:As`` instead of ``▁As``).
+        Message text is never control: chat-template markers or image placeholders written in a
+        message reach the model as plain text (see :mod:`eta_guard.decoding.content_tokens`).
+
         Args:
             conversation: an :class:`eta_guard.messages.Conversation` (``.messages`` in HF
                 chat-template form, ``.images`` in order of their placeholders).
             assistant_prefix: text the assistant turn starts with (ETA's shallow alignment).
 
         Returns:
-            The prompt as tensors on the model's device.
+            The prompt as tensors on the model's device; ``text`` is the rendered prompt followed
+            by ``assistant_prefix``.
 
         Raises:
-            InvalidInputError: the template cannot render the conversation, or the prompt leaves
-                no room for a single new token in the model's context.
+            InvalidInputError: the template cannot render the conversation, message text holds a
+                marker that cannot be encoded as plain text, or the prompt leaves no room for a
+                single new token in the model's context.
         """
         images = list(getattr(conversation, "images", None) or [])
-        text = self._render(list(conversation.messages)) + assistant_prefix
+        messages = list(conversation.messages)
+        rendered = render_with_spans(self._render, messages)
+        text = rendered.text + assistant_prefix
         self._refuse_far_too_long(text)
-        tokenize_kwargs: dict[str, Any] = {"return_tensors": "pt"}
-        bos = getattr(self.tokenizer, "bos_token", None)
-        if bos and text.startswith(bos):  # the template wrote BOS itself: do not add a second one
-            tokenize_kwargs["add_special_tokens"] = False
-        try:
-            batch = self.processor(text=[text], images=images or None, **tokenize_kwargs)
-        except (ValueError, TypeError) as e:
-            raise InvalidInputError(
-                f"the processor of {self.name!r} refused the prompt with {len(images)} image(s): {e}"
-            ) from e
+        batch = self._tokenize(rendered, messages, images)
         model_inputs = {k: _to_device(v, self.device, self.model.dtype) for k, v in batch.items()}
+        model_inputs.setdefault("attention_mask", torch.ones_like(model_inputs["input_ids"]))
+        prefix_ids = (
+            plain_text_ids(self.tokenizer, assistant_prefix, self._control_ids())
+            if assistant_prefix
+            else []
+        )
+        model_inputs = append_tokens(model_inputs, prefix_ids)
         input_ids = model_inputs["input_ids"]
         length = int(input_ids.shape[1])
         if length + 1 > self.context_length:
@@ -217,16 +238,71 @@ class VLMAdapter:
                 f"prompt has {length} tokens but the model's context is {self.context_length}; "
                 "shorten the conversation (fewer turns, shorter text, fewer or smaller images)"
             )
-        attention_mask = model_inputs.setdefault("attention_mask", torch.ones_like(input_ids))
         return PreparedPrompt(
             input_ids=input_ids,
-            attention_mask=attention_mask,
+            attention_mask=model_inputs["attention_mask"],
             model_inputs=model_inputs,
             num_prompt_tokens=length,
             text=text,
             assistant_prefix=assistant_prefix,
             num_images=len(images),
+            prefix_token_ids=list(prefix_ids),
         )
+
+    def _tokenize(
+        self, rendered: RenderedPrompt, messages: list[dict[str, Any]], images: list[Any]
+    ) -> dict[str, Any]:
+        """Run the processor on the rendered prompt, with message-borne markers kept as text."""
+        text = rendered.text
+        markers = control_strings(self.processor, self.tokenizer)
+        if rendered.content_spans is None:
+            # The template rewrote message text, so it cannot be told from template text: refuse
+            # only when a message holds a marker (otherwise nothing in it can act as control).
+            forged: list[tuple[int, int]] = []
+            if any(marker in t for t in _texts(messages) for marker in markers):
+                raise InvalidInputError(
+                    f"the chat template of {self.name!r} rewrites message text, so control "
+                    "markers in a message cannot be kept as plain text; remove them"
+                )
+        else:
+            forged = forged_markers(text, rendered.content_spans, markers)
+        hole_id, pieces = None, []
+        if forged:
+            pieces = [text[a:b] for a, b in forged]
+            text, _, hole_id = hole_text(
+                text,
+                forged,
+                tokenizer=self.tokenizer,
+                processor=self.processor,
+                reserved_ids=self._media_ids(),
+            )
+        tokenize_kwargs: dict[str, Any] = {"return_tensors": "pt"}
+        bos = getattr(self.tokenizer, "bos_token", None)
+        if bos and text.startswith(bos):  # the template wrote BOS itself: do not add a second one
+            tokenize_kwargs["add_special_tokens"] = False
+        try:
+            batch = dict(self.processor(text=[text], images=images or None, **tokenize_kwargs))
+        except (ValueError, TypeError) as e:
+            raise InvalidInputError(
+                f"the processor of {self.name!r} refused the prompt with {len(images)} image(s): {e}"
+            ) from e
+        if hole_id is not None:
+            control = self._control_ids()
+            batch = fill_holes(
+                batch, hole_id, [plain_text_ids(self.tokenizer, p, control) for p in pieces]
+            )
+        return batch
+
+    def _control_ids(self) -> set[int]:
+        """Ids that must never come from message text: special tokens and image/video slots."""
+        ids = {int(i) for i in getattr(self.tokenizer, "all_special_ids", None) or []}
+        return ids | self._media_ids()
+
+    def _media_ids(self) -> set[int]:
+        """The model's image / video placeholder ids."""
+        names = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
+        values = (getattr(self.model.config, name, None) for name in names)
+        return {int(v) for v in values if isinstance(v, int)}
 
     def _refuse_far_too_long(self, text: str) -> None:
         """Refuse a prompt far beyond the context from its beginning alone.
@@ -568,6 +644,18 @@ def _position_state(model: Any) -> dict[str, Any]:
         for name, module in model.named_modules()
         if getattr(module, "rope_deltas", None) is not None
     }
+
+
+def _texts(messages: list[dict[str, Any]]) -> list[str]:
+    """Every text part of HF-form messages (str content counts as one part)."""
+    out: list[str] = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            out.append(content)
+        elif isinstance(content, list):
+            out += [str(p.get("text", "")) for p in content if isinstance(p, dict)]
+    return out
 
 
 def _same_value(a: Any, b: Any) -> bool:

@@ -146,17 +146,28 @@ class CLIPPreEvaluator:
     def context_length(self) -> int:
         return self.encoder.context_length
 
-    def embed_images(self, images: Sequence[ImageSource]) -> torch.Tensor:
-        """L2-normalised image embeddings, one forward for all images.
+    def embed_images(
+        self, images: Sequence[ImageSource], *, batch_size: int | None = None
+    ) -> torch.Tensor:
+        """L2-normalised image embeddings, in forwards of at most ``batch_size`` images.
 
         Args:
             images: PIL images (or any source :func:`eta_guard.media.load_images` accepts).
+            batch_size: Images per forward (``None``: all in one). Chunking bounds the memory
+                of the vision tower's activations, which grows with the number of images.
 
         Returns:
             ``Tensor[n, d]``, float32, on the CPU.
         """
         pil = _as_pil(images)
-        return _normalize(self.encoder.embed_images(pil))
+        if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
+            raise InvalidInputError(f"batch_size={batch_size!r} must be a positive int or None")
+        step = batch_size or len(pil)
+        chunks = [
+            _normalize(self.encoder.embed_images(pil[i : i + step]))
+            for i in range(0, len(pil), step)
+        ]
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """L2-normalised text embeddings, one forward, truncated to the text context (77).
@@ -181,14 +192,23 @@ class CLIPPreEvaluator:
         return cached
 
     def score_images(
-        self, images: Sequence[ImageSource], *, prompt: str | None = None
+        self,
+        images: Sequence[ImageSource],
+        *,
+        prompt: str | None = None,
+        batch_size: int | None = None,
     ) -> list[float]:
         """CLIP cosine of each image with ``prompt`` (batched; the prompt embedding is cached).
+
+        Args:
+            images: PIL images (or any accepted source).
+            prompt: The unsafe-content prompt (default: :attr:`prompt`).
+            batch_size: Images per forward (``None``: all in one); see :meth:`embed_images`.
 
         Returns:
             One float per image; ETA flags the request iff ``max(...) >= pre_threshold``.
         """
-        image_embeds = self.embed_images(images)
+        image_embeds = self.embed_images(images, batch_size=batch_size)
         return (image_embeds @ self.prompt_embedding(prompt)).tolist()
 
     def similarity(self, image_embeds: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:

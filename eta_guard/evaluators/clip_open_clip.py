@@ -7,7 +7,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from eta_guard._device import load_error, module_device, module_dtype, resolve_device, resolve_dtype
+from eta_guard._device import (
+    ALLOW_NEW_WEIGHTS,
+    load_error,
+    module_device,
+    module_dtype,
+    resolve_device,
+    resolve_dtype,
+)
 from eta_guard.errors import InvalidInputError
 
 if TYPE_CHECKING:
@@ -114,6 +121,14 @@ class OpenCLIPEncoder:
         target = resolve_device(device)
         resolved = resolve_dtype(dtype)
         kwargs = dict(model_kwargs or {})
+        allow_new = kwargs.pop(ALLOW_NEW_WEIGHTS, False)
+        if tag is None and not model_name.startswith(_SCHEMAS) and allow_new is not True:
+            # open_clip builds a model with no weights at all then: a random CLIP, silently.
+            raise InvalidInputError(
+                f"open_clip model {model_name!r} was given no weights (pretrained=None), so it "
+                "would be random; pass pretrained=<tag or checkpoint file>, an 'hf-hub:' / "
+                "'local-dir:' name, or, only if you mean it, model_kwargs={'allow_new_weights': True}"
+            )
         if isinstance(resolved, torch.dtype):  # "auto" / None: open_clip's default, float32
             if resolved not in _PRECISION:
                 raise InvalidInputError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import threading
 import time
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from eta_guard.config import DEFAULT_CLIP, DEFAULT_REWARD_MODEL, ETAConfig
 from eta_guard.errors import ETAError, EvaluatorError, InvalidInputError
+from eta_guard.limits import RequestLimits
 from eta_guard.media import image_options, load_images
 from eta_guard.verdict import SafetyVerdict
 
@@ -22,6 +24,8 @@ if TYPE_CHECKING:
     from eta_guard.evaluators.clip import CLIPPreEvaluator
     from eta_guard.evaluators.reward import RewardPostEvaluator
     from eta_guard.media import ImageSource
+
+logger = logging.getLogger(__name__)
 
 _STAGES = {
     "pre": "pre-generation (CLIP image) evaluator",
@@ -38,6 +42,7 @@ class _Side:
     image_scores: list[float] | None = None
     flag: bool | None = None  # set only by the failure policy
     error: str | None = None
+    windows: int | None = None  # reward-model windows the response was scored in
 
 
 class ETAEvaluator:
@@ -104,44 +109,65 @@ class ETAEvaluator:
         local_files_only: bool = False,
         clip_kwargs: dict[str, Any] | None = None,
         reward_model_kwargs: dict[str, Any] | None = None,
+        preset: Any = None,
     ) -> ETAEvaluator:
         """Load CLIP and the reward model; ``clip=None`` / ``reward_model=None`` skip one side.
 
         ``clip_kwargs`` feed :meth:`CLIPPreEvaluator.from_pretrained` (``model_kwargs``,
         ``processor_kwargs``, ...); ``reward_model_kwargs`` feed
         :meth:`RewardPostEvaluator.from_pretrained` (``model_kwargs``, ``tokenizer_kwargs``,
-        ``max_length``, ``chat_template``). The reference RM (ArmoRM) needs
-        ``trust_remote_code=True``.
+        ``max_length``, ``chat_template``, ``allow_new_weights``, ``max_windows``). In either,
+        ``"device"`` / ``"dtype"`` place that model apart from the shared ``device`` / ``dtype``,
+        and ``model_kwargs`` may carry ``quantization_config`` / ``device_map`` (see
+        :mod:`eta_guard.placement`). ``preset``
+        (e.g. ``"paper"``) sets the per-model dtypes and its config fields
+        (:mod:`eta_guard.presets`). The reference RM (ArmoRM) loads natively: it needs no
+        ``trust_remote_code``.
         """
+        from eta_guard.placement import resolve_placements
+
         if clip is None and reward_model is None:
             raise InvalidInputError(
                 "clip=None and reward_model=None: nothing to evaluate with; load at least one"
             )
+        if preset is not None:
+            from eta_guard.presets import get_preset
+
+            config = get_preset(preset).apply_to_config(config)
         config = config or ETAConfig()
+        places = resolve_placements(
+            device=device,
+            dtype=dtype,
+            clip_kwargs=clip_kwargs,
+            reward_model_kwargs=reward_model_kwargs,
+            preset=preset,
+        )
         pre = post = None
         if clip is not None:
             from eta_guard.evaluators.clip import CLIPPreEvaluator
 
+            place = places["clip"]
             kwargs = {
                 "backend": clip_backend,
                 "pretrained": clip_pretrained,
-                "device": device,
-                "dtype": dtype,
+                "device": place.device,
+                "dtype": place.dtype,
                 "local_files_only": local_files_only,
                 "trust_remote_code": trust_remote_code,
                 "prompt": config.safety_prompt,
-                **(clip_kwargs or {}),
+                **place.kwargs,
             }
             pre = CLIPPreEvaluator.from_pretrained(clip, **kwargs)
         if reward_model is not None:
             from eta_guard.evaluators.reward import RewardPostEvaluator
 
+            place = places["reward_model"]
             kwargs = {
-                "device": device,
-                "dtype": dtype,
+                "device": place.device,
+                "dtype": place.dtype,
                 "trust_remote_code": trust_remote_code,
                 "local_files_only": local_files_only,
-                **(reward_model_kwargs or {}),
+                **place.kwargs,
             }
             post = RewardPostEvaluator.from_pretrained(reward_model, **kwargs)
         return cls(pre, post, config)
@@ -166,7 +192,10 @@ class ETAEvaluator:
         """
         pil = self._load_images(images, where="images")
         prompt = self.config.safety_prompt
-        return self._call("pre", lambda: self._require_pre().score_images(pil, prompt=prompt))
+        size = self.config.clip_batch_size
+        return self._call(
+            "pre", lambda: self._require_pre().score_images(pil, prompt=prompt, batch_size=size)
+        )
 
     def score_responses(self, responses: Sequence[str], *, search: bool = False) -> list[float]:
         """Reward of each response (one batched forward).
@@ -180,6 +209,9 @@ class ETAEvaluator:
         """
         instruction = self.config.rm_search_prompt if search else self.config.rm_decision_prompt
         texts = _check_responses(responses)
+        limits = RequestLimits.from_config(self.config)
+        for i, text in enumerate(texts):
+            limits.check_text_length(len(text), what=f"responses[{i}]")
         return self._call("post", lambda: self._require_post().score(texts, instruction))
 
     def sentence_scorer(
@@ -202,7 +234,7 @@ class ETAEvaluator:
 
             def run() -> list[float]:
                 if not embeds:
-                    embeds.append(pre.embed_images(pil))
+                    embeds.append(pre.embed_images(pil, batch_size=self.config.clip_batch_size))
                 return [float(s) for s in pre.similarity(embeds[0], sentences)]
 
             return self._call("pre", run)
@@ -231,8 +263,8 @@ class ETAEvaluator:
             raise InvalidInputError("nothing to evaluate; pass images=..., response=... or both")
         if response is not None and not isinstance(response, str):
             raise InvalidInputError(f"response is {type(response).__name__}, expected str")
-        loaded = None if images is None else self._load_images(images, where="images")
-        return self._evaluate_many([loaded], [response])[0]
+        loaded = self._load_request([images], [response], ["images"])
+        return self._evaluate_many(loaded, [response])[0]
 
     def evaluate_input(self, images: ImageSource | Sequence[ImageSource]) -> SafetyVerdict:
         """Judge images only (the pre-generation check)."""
@@ -256,11 +288,13 @@ class ETAEvaluator:
             One verdict per item, in order. Timings are those of the shared forwards.
         """
         parsed = [_parse_item(i, item) for i, item in enumerate(_check_items(items))]
-        images = [
-            None if imgs is None else self._load_images(imgs, where=f"items[{i}].images")
-            for i, (imgs, _) in enumerate(parsed)
-        ]
-        return self._evaluate_many(images, [response for _, response in parsed])
+        responses = [response for _, response in parsed]
+        images = self._load_request(
+            [imgs for imgs, _ in parsed],
+            responses,
+            [f"items[{i}].images" for i in range(len(parsed))],
+        )
+        return self._evaluate_many(images, responses)
 
     def _evaluate_many(
         self, images: list[list[Image.Image] | None], responses: list[str | None]
@@ -305,7 +339,10 @@ class ETAEvaluator:
         pre, prompt = self._require_pre(), self.config.safety_prompt
         start = time.perf_counter()
         try:
-            scores = self._call("pre", lambda: pre.score_images(flat, prompt=prompt))
+            size = self.config.clip_batch_size
+            scores = self._call(
+                "pre", lambda: pre.score_images(flat, prompt=prompt, batch_size=size)
+            )
         except EvaluatorError as e:
             sides = self._apply_policy("pre", e)
             return [sides if group else None for group in images]
@@ -338,8 +375,11 @@ class ETAEvaluator:
             return [side if r is not None else None for r in responses]
         finally:
             timings["post"] = time.perf_counter() - start
-        it = iter(scores)
-        return [_Side(score=next(it)) if r is not None else None for r in responses]
+        counter = getattr(post, "window_counts", None)  # tokenization only, no forward
+        with self._lock:
+            windows = counter(texts, instruction) if counter is not None else [None] * len(texts)
+        sides = iter(_Side(score=s, windows=w) for s, w in zip(scores, windows, strict=True))
+        return [next(sides) if r is not None else None for r in responses]
 
     def _call(self, stage: str, fn: Callable[[], list[float]]) -> list[float]:
         """Run a model call under the lock; wrap failures in an ``EvaluatorError`` naming the stage.
@@ -353,7 +393,12 @@ class ETAEvaluator:
             except ETAError:
                 raise
             except Exception as e:
-                raise EvaluatorError(f"the {_STAGES[stage]} failed: {type(e).__name__}: {e}") from e
+                # The inner text can hold paths and internals; this message may reach a client,
+                # so it names the stage only. The cause stays chained (and logged) for operators.
+                logger.error("the %s failed", _STAGES[stage], exc_info=e)
+                raise EvaluatorError(
+                    f"the {_STAGES[stage]} failed ({type(e).__name__}; details in the log)"
+                ) from e
         bad = [(i, s) for i, s in enumerate(scores) if not math.isfinite(s)]
         if bad:
             raise EvaluatorError(
@@ -401,6 +446,7 @@ class ETAEvaluator:
             timings={
                 k: v for k, v in timings.items() if (k == "pre" and pre) or (k == "post" and post)
             },
+            post_windows=post.windows if post else None,
         )
 
     def _require_pre(self) -> CLIPPreEvaluator:
@@ -420,12 +466,44 @@ class ETAEvaluator:
         return self.post
 
     def _load_images(self, images: Any, *, where: str) -> list[Image.Image]:
-        if isinstance(images, (list, tuple)) and not images:
-            raise InvalidInputError(f"{where}: the image list is empty; pass at least one image")
-        try:
-            return load_images(images, **image_options(self.config))
-        except InvalidInputError as e:
-            raise InvalidInputError(f"{where}: {e}") from e
+        if images is None:
+            raise InvalidInputError(f"{where} is None; pass at least one image")
+        loaded = self._load_request([images], [None], [where])[0]
+        assert loaded is not None
+        return loaded
+
+    def _load_request(
+        self, groups: list[Any], responses: list[str | None], wheres: list[str]
+    ) -> list[list[Image.Image] | None]:
+        """Decode one request's image groups under its limits (``None`` groups stay ``None``).
+
+        Image count and text length are checked before anything is decoded; the pixel total of
+        the whole request from each image's header, before that image is decoded.
+        """
+        limits = RequestLimits.from_config(self.config)
+        limits.check_text_length(
+            sum(len(r) for r in responses if r is not None), what="the response text"
+        )
+        for group, where in zip(groups, wheres, strict=True):
+            if isinstance(group, (list, tuple)) and not group:
+                raise InvalidInputError(
+                    f"{where}: the image list is empty; pass at least one image"
+                )
+        limits.check_image_count(
+            sum(len(g) if isinstance(g, (list, tuple)) else 1 for g in groups if g is not None)
+        )
+        options = image_options(self.config)
+        out: list[list[Image.Image] | None] = []
+        with limits.pixel_budget():
+            for group, where in zip(groups, wheres, strict=True):
+                if group is None:
+                    out.append(None)
+                    continue
+                try:
+                    out.append(load_images(group, **options))
+                except InvalidInputError as e:
+                    raise InvalidInputError(f"{where}: {e}") from e
+        return out
 
     def __repr__(self) -> str:
         pre = self.pre.name if self.pre else None
@@ -471,6 +549,10 @@ def _check_responses(responses: Sequence[str]) -> list[str]:
     if isinstance(responses, str):
         raise InvalidInputError(
             "responses must be a list of strings, not a single str; wrap it: [response]"
+        )
+    if not isinstance(responses, (list, tuple)):
+        raise InvalidInputError(
+            f"responses must be a list of strings, got {type(responses).__name__}"
         )
     items = list(responses)
     for i, text in enumerate(items):

@@ -16,6 +16,7 @@ from langchain_core.messages import BaseMessage
 
 from eta_guard.errors import InvalidInputError
 from eta_guard.image_score_cache import ImageScoreCache
+from eta_guard.limits import RequestLimits
 from eta_guard.scored_images import ScoredImage, content_key, load_scored_image, scored_options
 from eta_guard.verdict import SafetyVerdict
 from langchain_eta._messages import forwarded_block, image_sources, replace_blocks
@@ -77,35 +78,45 @@ def check_images(
         return check
     config = evaluator.config
     options = scored_options(config, allow_local_files=allow_local_files)
-    keys: list[str] = []
+    keys: list[str | None] = []
     known: dict[str, float] = {}
-    pending: dict[str, ScoredImage] = {}
-    for i, j, source in found:
+    for _, _, source in found:  # first pass: which images are already known, by content
         key = content_key(source)
         cached = None if key is None else cache.get(key)
         if key is not None and cached is not None:  # our own PNG, scored before: done
-            keys.append(key)
             known[key] = cached
-            continue
-        try:
-            image = load_scored_image(source, **options)
-        except InvalidInputError as e:
-            raise InvalidInputError(f"messages[{i}] image: {e}") from e
-        if key != image.key:
-            check.rewrites[(i, j)] = forwarded_block(image.base64, messages[i].content_blocks[j])
-        keys.append(image.key)
-        cached = cache.get(image.key)
-        if cached is not None:
-            known[image.key] = cached
+            keys.append(key)
         else:
-            pending.setdefault(image.key, image)
+            keys.append(None)
+    # The request limits apply to what must be decoded; known images cost a hash only.
+    limits = RequestLimits.from_config(config)
+    limits.check_image_count(sum(k is None for k in keys))
+    pending: dict[str, ScoredImage] = {}
+    with limits.pixel_budget():
+        for n, (i, j, source) in enumerate(found):
+            if keys[n] is not None:
+                continue
+            try:
+                image = load_scored_image(source, **options)
+            except InvalidInputError as e:
+                raise InvalidInputError(f"messages[{i}] image: {e}") from e
+            if content_key(source) != image.key:
+                check.rewrites[(i, j)] = forwarded_block(
+                    image.base64, messages[i].content_blocks[j]
+                )
+            keys[n] = image.key
+            cached = cache.get(image.key)
+            if cached is not None:
+                known[image.key] = cached
+            else:
+                pending.setdefault(image.key, image)
     fresh = _score(evaluator, list(pending.values())) if pending else None
     if fresh is not None and not fresh.errors and len(fresh.image_scores) == len(pending):
         known.update(zip(pending, fresh.image_scores, strict=True))
         for key in pending:
             cache.put(key, known[key])
     check.scored_now = len(pending)
-    check.scores = [known.get(k) for k in keys]
+    check.scores = [known.get(k) if k is not None else None for k in keys]
     check.verdict = _verdict(config, check.scores, fresh)
     return check
 

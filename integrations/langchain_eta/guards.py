@@ -13,7 +13,7 @@ from pydantic import ConfigDict, Field
 
 from eta_guard.config import DEFAULT_CLIP, DEFAULT_REWARD_MODEL
 from eta_guard.errors import GuardrailViolation, InvalidInputError
-from eta_guard.scored_images import ScoredImage, load_scored_images, scored_options
+from eta_guard.scored_images import ScoredImage, load_request_images
 from langchain_eta._loading import aresolve, lazy_evaluator, resolve
 from langchain_eta._messages import as_messages, forwarded_block, image_sources, replace_blocks
 from langchain_eta._verdicts import (
@@ -149,8 +149,11 @@ class ETAInputGuard(_ETAGuard):
 
     def _load(self, evaluator: Any, found: list[tuple[int, int, str]]) -> list[ScoredImage]:
         """Decode each image once: the same RGB image is scored and forwarded."""
-        options = scored_options(evaluator.config, allow_local_files=self.allow_local_image_files)
-        return load_scored_images([src for _, _, src in found], **options)
+        return load_request_images(
+            [src for _, _, src in found],
+            evaluator.config,
+            allow_local_files=self.allow_local_image_files,
+        )
 
     def _event(self, verdict: Any) -> dict[str, Any]:
         return event_data(

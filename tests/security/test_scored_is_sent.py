@@ -208,3 +208,23 @@ def test_llama_index_llm_refuses_animations(li_eta):  # noqa: F811
     )
     with pytest.raises(InvalidInputError, match="animated"):
         ETAMultiModalLLM(eta=li_eta).chat([message])
+
+
+def test_guards_refuse_too_many_images_before_decoding(lc_evaluator, monkeypatch):  # noqa: F811
+    """The request limits hold where the guard decodes (it decodes before the engine would)."""
+    import eta_guard.scored_images as scored_images
+
+    decoded = []
+    real = scored_images.load_image
+    monkeypatch.setattr(
+        scored_images, "load_image", lambda *a, **k: decoded.append(1) or real(*a, **k)
+    )
+    evaluator = _evaluator(lc_evaluator, {**FLAG_NONE, "max_images_per_request": 2})
+    many = HumanMessage(
+        content=[{"type": "image", "base64": b64(alpha_trick_png()), "mime_type": "image/png"}] * 3
+    )
+    with pytest.raises(InvalidInputError, match="max_images_per_request"):
+        ETAInputGuard(evaluator=evaluator).invoke([many])
+    with pytest.raises(InvalidInputError, match="max_images_per_request"):
+        _agent(_model(), evaluator).invoke({"messages": [many]})
+    assert decoded == []

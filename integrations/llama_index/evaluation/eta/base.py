@@ -203,16 +203,20 @@ def load_images(sources: list[Any], config: ETAConfig, allow_local_files: bool) 
 
     Animated images are refused, as by every adapter (a model may have seen any frame).
     """
+    from eta_guard.limits import RequestLimits
     from eta_guard.media import image_options
     from eta_guard.scored_images import load_still_image
 
     options = {**image_options(config), "allow_local_files": allow_local_files}
+    limits = RequestLimits.from_config(config)
+    limits.check_image_count(len(sources))  # before any decoding
     out = []
-    for i, source in enumerate(sources):
-        try:
-            out.append(load_still_image(source, **options))
-        except InvalidInputError as e:
-            raise InvalidInputError(f"images: image {i}: {e}") from e
+    with limits.pixel_budget():
+        for i, source in enumerate(sources):
+            try:
+                out.append(load_still_image(source, **options))
+            except InvalidInputError as e:
+                raise InvalidInputError(f"images: image {i}: {e}") from e
     return out
 
 

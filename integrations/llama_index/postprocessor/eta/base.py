@@ -192,19 +192,21 @@ def judge_images(
     Images are decoded one by one (so one bad image names its node), then scored by the
     engine's ``evaluate_batch`` in a single CLIP forward; the engine's verdict decides.
     """
+    from eta_guard.limits import RequestLimits
     from eta_guard.scored_images import load_scored_image, scored_options
 
     options = scored_options(evaluator.config, allow_local_files=allow_local_files)
     loaded: list[Any] = []
     errors: dict[int, str] = {}
-    for i, node in enumerate(nodes):
-        try:
-            loaded.append(load_scored_image(image_node_source(node), **options))
-        except InvalidInputError as e:
-            if on_invalid == "raise":
-                raise InvalidInputError(f"image node {str(node.node_id)[:80]!r}: {e}") from e
-            errors[i] = str(e)
-            loaded.append(None)
+    with RequestLimits.from_config(evaluator.config).pixel_budget():  # pixels over all nodes
+        for i, node in enumerate(nodes):
+            try:
+                loaded.append(load_scored_image(image_node_source(node), **options))
+            except InvalidInputError as e:
+                if on_invalid == "raise":
+                    raise InvalidInputError(f"image node {str(node.node_id)[:80]!r}: {e}") from e
+                errors[i] = str(e)
+                loaded.append(None)
     good = [s.image for s in loaded if s is not None]
     verdicts = iter(evaluator.evaluate_batch([{"images": [img]} for img in good]) if good else [])
     out = []
