@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any
 from eta_guard.errors import InvalidInputError
 from eta_guard.limits import RequestLimits
 from eta_guard.media import (
-    DEFAULT_MAX_PIXELS,
     ImageSource,
     _file_url_to_path,
     _is_existing_path,
@@ -95,27 +94,18 @@ def content_key(source: Any) -> str | None:
     return None
 
 
-def load_scored_image(
-    source: ImageSource,
-    *,
-    allow_remote: bool = False,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    allow_local_files: bool = False,
-) -> ScoredImage:
+def load_scored_image(source: ImageSource, **options: Any) -> ScoredImage:
     """Decode ``source`` as :func:`~eta_guard.media.load_image` does and prepare it to forward.
 
-    Local files are off by default here: guards read sources from untrusted messages.
+    ``options`` are ``load_image``'s (see :func:`scored_options`). Local files are off by
+    default here: guards read sources from untrusted messages.
 
     Raises:
         InvalidInputError: The source is refused by :func:`~eta_guard.media.load_image`, or it
             is an animated image.
     """
-    image = load_still_image(
-        source,
-        allow_remote=allow_remote,
-        max_pixels=max_pixels,
-        allow_local_files=allow_local_files,
-    )
+    options.setdefault("allow_local_files", False)
+    image = load_still_image(source, **options)
     return ScoredImage(image=image, png=_png(image))
 
 
