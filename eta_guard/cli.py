@@ -1,4 +1,5 @@
-"""The ``eta-guard`` command: ``generate``, ``evaluate``, ``estimate``, ``demo`` and ``bench``.
+"""The ``eta-guard`` command: ``generate``, ``evaluate``, ``estimate``, ``demo``, ``bench``, ``eval``
+and ``calibrate``.
 
 A thin shell over the engine: it parses arguments, loads models and prints what the engine
 returns. Heavy imports (torch, transformers) happen inside the commands, so ``eta-guard --help``
@@ -825,6 +826,13 @@ def _bench_table(report: Any) -> Any:
     table.caption = "\n".join(f"- {note}" for note in notes)
     table.caption_justify = "left"
     return table
+
+
+# The bodies live in eta_guard/eval/cli.py (typer only at import: --help stays fast).
+from eta_guard.eval.cli import calibrate_command, eval_command  # noqa: E402
+
+app.command("eval")(eval_command)
+app.command("calibrate")(calibrate_command)
 
 
 def main() -> None:  # pragma: no cover - console entry point alias

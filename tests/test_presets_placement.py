@@ -136,7 +136,8 @@ def test_quantized_model_is_placed_while_loading_not_moved():
     from eta_guard._device import load_pretrained
 
     model = mock.MagicMock()
-    model_class = mock.Mock(from_pretrained=mock.Mock(return_value=model))
+    no_new_weights = {"missing_keys": [], "mismatched_keys": []}
+    model_class = mock.Mock(from_pretrained=mock.Mock(return_value=(model, no_new_weights)))
     processor_class = mock.Mock()
     quant = {"load_in_4bit": True}
     load_pretrained(
