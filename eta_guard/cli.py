@@ -147,6 +147,18 @@ def generate(
     dtype: DtypeOpt = None,
     trust_remote_code: RemoteCodeOpt = False,
     json_out: JsonOpt = False,
+    generator_url: Annotated[
+        str | None,
+        typer.Option(
+            "--generator-url",
+            help="Run the VLM on an OpenAI-compatible engine (vLLM) at this URL; --vlm is then "
+            "optional and only supplies its tokenizer (docs/scaling.md).",
+        ),
+    ] = None,
+    generator_model: Annotated[
+        str | None,
+        typer.Option("--generator-model", help="The engine's served model name."),
+    ] = None,
     preset: PresetOpt = None,
     vlm_device: VlmDeviceOpt = None,
     clip_device: ClipDeviceOpt = None,
@@ -162,6 +174,7 @@ def generate(
         if max_new_tokens is not None:
             cfg = cfg.with_overrides(max_new_tokens=max_new_tokens)
         messages = _messages(question, _load_images(image or [], cfg), system)
+        generator = _generator(generator_url, generator_model)
         placement = _placement(
             vlm_device=vlm_device,
             clip_device=clip_device,
@@ -181,6 +194,7 @@ def generate(
             device,
             dtype,
             trust_remote_code,
+            generator=generator,
             preset=preset,
             placement=placement,
         )
@@ -645,14 +659,29 @@ def _load_eta(
     trust_remote_code: bool,
     *,
     note: bool = True,
+    generator: tuple[str, str] | None = None,
     preset: str | None = None,
     placement: dict[str, dict[str, Any]] | None = None,
 ) -> Any:
-    paths = _model_paths(err, vlm, clip, reward_model, tiny, cache_dir)
+    paths = _model_paths(err, vlm, clip, reward_model, tiny, cache_dir, need_vlm=generator is None)
     if tiny and note:
         err.print(f"[yellow]{RANDOM_MODELS_LINE}[/]")
     _quiet_transformers()
     from eta_guard.pipeline import ETA
+
+    if generator is not None:
+        with _status(err, "loading CLIP and the reward model (the VLM runs on the engine)"):
+            return ETA.from_openai_compatible(
+                generator[0],
+                generator[1],
+                clip=paths["clip"],
+                reward_model=paths["reward_model"],
+                config=cfg,
+                tokenizer=paths["vlm"],
+                device=device,
+                dtype=dtype,
+                trust_remote_code=trust_remote_code,
+            )
 
     assert paths["vlm"] is not None  # _model_paths refused a missing --vlm
     load_args: dict[str, Any] = {
@@ -722,6 +751,18 @@ def _estimate_table(estimate: Any) -> Any:
         "CUDA context (~0.5 GiB per device), fragmentation"
     )
     return table
+
+
+def _generator(url: str | None, model: str | None) -> tuple[str, str] | None:
+    """``(url, served model)`` for ``--generator-url`` / ``--generator-model``, or None."""
+    if url is None and model is None:
+        return None
+    if url is None or not model:
+        raise InvalidInputError(
+            "--generator-url and --generator-model go together: the engine's URL and the name "
+            "it serves the VLM under"
+        )
+    return url, model
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:

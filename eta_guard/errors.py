@@ -30,3 +30,16 @@ class GuardrailViolation(ETAError):
     def __init__(self, message: str, verdict: SafetyVerdict | None = None) -> None:
         super().__init__(message)
         self.verdict = verdict
+
+
+class BackendError(ETAError):
+    """A remote inference engine (an OpenAI-compatible server such as vLLM) failed a request.
+
+    Attributes:
+        status: the HTTP status it answered with, or None when it did not answer (unreachable,
+            timed out) or answered something that is not the API's shape.
+    """
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status

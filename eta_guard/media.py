@@ -76,6 +76,12 @@ _IMAGE_KINDS = {"PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "AVIF"}
 _UNSUPPORTED_IMAGE_KINDS = {"HEIC", "HEIF"}
 _EXIF_ORIENTATION = 0x0112
 _HEAD_BYTES = 4096  # enough to sniff every signature above, SVG included
+#: The one message for every image path that is refused or cannot be used (see ``_load_path``).
+PATH_REFUSED = (
+    "image path refused: local image files are read only when allowed "
+    "(allow_local_image_files=True) and only if the path names a readable image file; "
+    "send the image as bytes, base64 or a data URL instead"
+)
 
 
 def load_image(
@@ -240,17 +246,14 @@ def _load_str(source: str, options: _StrOptions) -> Image.Image:
             f"image source string {_short(text)} ({len(text)} chars) is not an existing file "
             "path, a URL, a data:image/...;base64 URL, nor valid base64"
         )
-    raise InvalidInputError(
-        f"image file {_short(text, 200)} does not exist (a str image source must be an existing "
-        "file path, a file:// URL, a data:image/...;base64 URL, an http(s) URL, or base64 image "
-        "bytes)"
-    )
+    # Not data: a path that is missing or unreadable gets the one neutral path message.
+    raise InvalidInputError(PATH_REFUSED)
 
 
 def _is_existing_path(text: str) -> bool:
     try:
         return pathlib.Path(text).expanduser().exists()
-    except (OSError, ValueError):  # name too long, embedded NUL, ...
+    except (OSError, RuntimeError, ValueError):  # name too long, embedded NUL, no home dir
         return False
 
 
@@ -265,28 +268,25 @@ def _file_url_to_path(url: str) -> pathlib.Path:
 
 
 def _load_path(path: pathlib.Path, max_pixels: int, allow_local: bool) -> Image.Image:
+    """Decode a local image file, or raise :data:`PATH_REFUSED` whatever went wrong.
+
+    Paths may come from untrusted users, so every failure (files disabled, missing, a
+    directory, a FIFO or device, unreadable, not an image, too large, corrupt) reads the same:
+    the message must not tell an attacker whether a file exists or what it is. The real reason
+    stays on the exception chain (``__cause__``) for local debugging, never in the message.
+    """
     if not allow_local:
-        raise InvalidInputError(
-            f"local image files are disabled: refusing to read {_short(str(path))}. Pass "
-            "allow_local_files=True (allow_local_image_files=True for normalize_messages), or "
-            "send the image as bytes, base64 or a data URL"
-        )
-    path = path.expanduser()
-    what = f"the file {_short(str(path), 160)}"
+        raise InvalidInputError(PATH_REFUSED)
     try:
-        if not path.exists():
-            raise InvalidInputError(f"image file {_short(str(path), 160)} does not exist")
-        if path.is_dir():
-            raise InvalidInputError(f"image path {_short(str(path))} is a directory, not a file")
-        if not path.is_file():  # a FIFO or a device such as /dev/zero would never end
-            raise InvalidInputError(f"image path {_short(str(path))} is not a regular file")
+        path = path.expanduser()
+        if not path.is_file():  # also False for directories, FIFOs and devices (/dev/zero)
+            raise InvalidInputError("not a regular file")
         with path.open("rb") as stream:
             head = stream.read(_HEAD_BYTES)
             stream.seek(0)
-            # Contents of local files are never quoted: the path may come from an untrusted user.
-            return _decode_stream(stream, head, max_pixels, what=what, quote=False)
-    except OSError as e:
-        raise InvalidInputError(f"cannot read image file {_short(str(path))}: {e}") from e
+            return _decode_stream(stream, head, max_pixels, what="the file", quote=False)
+    except (InvalidInputError, OSError, RuntimeError, ValueError) as e:
+        raise InvalidInputError(PATH_REFUSED) from e
 
 
 def _parse_data_url(url: str) -> bytes:

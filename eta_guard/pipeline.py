@@ -21,6 +21,8 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
 from eta_guard.config import DEFAULT_CLIP, DEFAULT_REWARD_MODEL, ETAConfig
+from eta_guard.decision import skipped as _skipped
+from eta_guard.decision import vanilla_only_reason
 from eta_guard.decoding.best_of_n import SentenceBestOfN
 from eta_guard.decoding.stopping import cut_at_stop, stop_holdback
 from eta_guard.decoding.vlm import FinishReason, GreedyOutput, PreparedPrompt, VLMAdapter
@@ -126,6 +128,34 @@ class ETA:
             preset=preset,
         )
         return cls(adapter, evaluator, config)
+
+    @classmethod
+    def from_openai_compatible(
+        cls,
+        base_url: str,
+        model: str,
+        clip: str | None = DEFAULT_CLIP,
+        reward_model: str | None = DEFAULT_REWARD_MODEL,
+        *,
+        api_key: str | None = None,
+        config: ETAConfig | None = None,
+        **kwargs: Any,
+    ) -> ETA:
+        """ETA with the VLM served by an OpenAI-compatible engine (vLLM, SGLang).
+
+        ``clip`` / ``reward_model`` load locally, as in :meth:`from_pretrained`; with
+        ``clip_url=`` / ``reward_model_url=`` they name models served by an engine instead (CLIP
+        through ``/v1/embeddings``, a sequence-classification RM through ``/classify``).
+        Other keyword arguments: ``tokenizer`` (the served VLM's tokenizer, for token-exact
+        sentence ends), ``http`` (:class:`eta_guard.backends.HTTPSettings`),
+        ``send_image_uuids`` and the local loaders' arguments of :meth:`from_pretrained`.
+        Returns a :class:`eta_guard.backends.BackendETA` (see docs/scaling.md).
+        """
+        from eta_guard.backends.factory import eta_from_openai_compatible
+
+        return eta_from_openai_compatible(
+            base_url, model, clip, reward_model, api_key=api_key, config=config, **kwargs
+        )
 
     @property
     def model_name(self) -> str:
@@ -270,17 +300,9 @@ class _Request:
         # before CLIP spends any time on the images.
         prepared = self.eta.vlm.prepare(self.vlm_conv)
         pre = self._pre_evaluate()
-        may_align = (
-            pre.input_unsafe if self.conv.has_images else self.cfg.text_only_policy == "reward_only"
-        )
-        if not may_align:
+        reason = vanilla_only_reason(self.conv.has_images, pre, self.cfg)
+        if reason is not None:
             greedy = yield from self._vanilla(prepared, stream_tokens=self.streaming)
-            if not self.conv.has_images:
-                reason = "text-only request and text_only_policy='trust'"
-            elif "pre" in pre.errors:
-                reason = "the CLIP check failed and on_evaluator_error='fail_open' let it pass"
-            else:
-                reason = "the image(s) passed the CLIP check"
             verdict = pre.merge(_skipped(self.cfg, "post", reason))
             yield self._vanilla_result(greedy, verdict, prepared)
             return
@@ -463,12 +485,6 @@ class _Request:
             finish_reason=finish_reason,
             model_name=self.eta.model_name,
         )
-
-
-def _skipped(cfg: ETAConfig, side: str, reason: str) -> SafetyVerdict:
-    return SafetyVerdict.combine(
-        pre_threshold=cfg.pre_threshold, post_threshold=cfg.post_threshold, skipped={side: reason}
-    )
 
 
 def _with_error(verdict: SafetyVerdict, stage: str, message: str) -> SafetyVerdict:

@@ -57,7 +57,7 @@ def li_llm(li_eta: Any) -> Any:
     """An ``ETAMultiModalLLM`` over the shared engine."""
     from llama_index.llms.eta import ETAMultiModalLLM
 
-    return ETAMultiModalLLM(eta=li_eta)
+    return ETAMultiModalLLM(eta=li_eta, allow_local_image_files=True)  # tests use paths
 
 
 @pytest.fixture(scope="session")

@@ -167,7 +167,7 @@ def test_bench_tiny_writes_figures(runner, tiny_args, tmp_path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["generate", "q", "-i", "/no/such/image.png", "--tiny"], "/no/such/image.png"),
+        (["generate", "q", "-i", "/no/such/image.png", "--tiny"], "image path refused"),
         (["generate", "q", "--tiny", "--set", "no_such_field=1"], "no_such_field"),
         (["generate", "q", "--tiny", "--set", "seed"], "FIELD=VALUE"),
         (["generate", "q", "--tiny", "--set", "num_candidates=0"], "num_candidates"),

@@ -89,7 +89,9 @@ def test_input_guard_flag_passes_through_with_the_verdict(lc_evaluator):  # noqa
 def test_input_guard_passes_safe_or_imageless_input_unchanged(lc_evaluator, mode):  # noqa: F811
     guard = ETAInputGuard(evaluator=_evaluator(lc_evaluator, FLAG_NONE), on_violation=mode)
     messages = _with_image()
-    assert guard.invoke(messages) is messages
+    out = guard.invoke(messages)
+    assert out[0].text == messages[0].text  # text untouched; the image is the scored PNG
+    assert out[0].content_blocks[1]["mime_type"] == "image/png"
     strict = ETAInputGuard(evaluator=_evaluator(lc_evaluator, FLAG_ALL), on_violation=mode)
     assert strict.invoke("no image here") == "no image here"
 

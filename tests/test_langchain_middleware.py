@@ -104,14 +104,17 @@ async def test_async_agent(lc_evaluator):  # noqa: F811
     assert out["messages"][-1].text == DEFAULT_REFUSAL
 
 
-def test_only_new_images_are_checked(lc_evaluator):  # noqa: F811
+def test_history_images_are_checked_once_then_cached(lc_evaluator):  # noqa: F811
     calls = []
     evaluator = _evaluator(lc_evaluator, FLAG_NONE)
     real = evaluator.evaluate_input
     evaluator.evaluate_input = lambda images: (calls.append(len(images)), real(images))[1]
     history = _request()["messages"] + [AIMessage("It is red."), HumanMessage("And now?")]
-    _agent(_model(), evaluator, "replace").invoke({"messages": history})
-    assert calls == []  # the image belongs to an earlier, already answered turn
+    agent = _agent(_model(), evaluator, "replace")
+    out = agent.invoke({"messages": history})
+    assert calls == [1]  # the image of an earlier turn is still in front of the model
+    agent.invoke({"messages": [*out["messages"], HumanMessage("More?")]})
+    assert calls == [1]  # the next turn finds the scored PNG in the history: no new forward
 
 
 def test_verdict_events(lc_evaluator):  # noqa: F811

@@ -163,13 +163,15 @@ def test_safe_image_skips_the_reward_model(li_llm, image_dir):
 
 
 def test_config_of_the_llm_applies_to_a_ready_engine(li_eta, image_dir):
-    llm = ETAMultiModalLLM(eta=li_eta, config=ETAConfig(**FAST, **FLAG_ALL))
+    llm = ETAMultiModalLLM(
+        eta=li_eta, config=ETAConfig(**FAST, **FLAG_ALL), allow_local_image_files=True
+    )
     assert _call(llm, "chat", IMAGE_FORMS["path"](image_dir))["kwargs"]["eta_aligned"] is True
     assert li_eta.config.pre_threshold == 0.16  # the shared engine is untouched
 
 
 def test_max_new_tokens_of_the_llm(li_eta, image_dir):
-    llm = ETAMultiModalLLM(eta=li_eta, max_new_tokens=2)
+    llm = ETAMultiModalLLM(eta=li_eta, max_new_tokens=2, allow_local_image_files=True)
     assert llm.metadata.num_output == 2
     out = _call(llm, "chat", IMAGE_FORMS["path"](image_dir))
     assert out["kwargs"]["completion_tokens"] <= 2
@@ -253,7 +255,7 @@ def _deleted_path_block(tmp_path: Path) -> ImageBlock:
 BAD_BLOCKS = {
     "garbage-bytes": (lambda t: ImageBlock(image=b"definitely not an image"), "not an image"),
     "truncated-png": (lambda t: ImageBlock(image=png_bytes()[:40]), "image"),
-    "missing-file": (_deleted_path_block, "gone.png"),
+    "missing-file": (_deleted_path_block, "image path refused"),
     "remote-url": (lambda t: ImageBlock(url="https://example.com/cat.png"), "remote"),
     "pdf-data-url": (
         lambda t: ImageBlock(url="data:application/pdf;base64,JVBERi0xLjQK"),
@@ -325,6 +327,7 @@ def test_weights_load_lazily(li_ckpt, image_dir):
         clip=li_ckpt.clip,
         reward_model=li_ckpt.reward_model,
         config=ETAConfig(**FAST),
+        allow_local_image_files=True,
     )
     assert not llm._engine.loaded
     llm.metadata, llm.to_dict()  # noqa: B018 -- neither touches the weights
@@ -351,7 +354,9 @@ def test_constructor_refuses(kwargs):
 
 def test_token_counting_callback_reads_eta_usage(li_eta, image_dir):
     counter = TokenCountingHandler()
-    llm = ETAMultiModalLLM(eta=li_eta, callback_manager=CallbackManager([counter]))
+    llm = ETAMultiModalLLM(
+        eta=li_eta, callback_manager=CallbackManager([counter]), allow_local_image_files=True
+    )
     response = llm.chat(_messages(IMAGE_FORMS["path"](image_dir)))
     assert counter.prompt_llm_token_count == response.additional_kwargs["prompt_tokens"]
     assert counter.completion_llm_token_count == response.additional_kwargs["completion_tokens"]
@@ -367,7 +372,11 @@ def test_other_vlm_families(tiny_checkpoints_by_family, image_dir, family):
     """The adapter is template-agnostic: the same ChatMessages drive other VLM families."""
     ckpt = tiny_checkpoints_by_family(family)
     llm = ETAMultiModalLLM(
-        vlm=ckpt.vlm, clip=ckpt.clip, reward_model=ckpt.reward_model, config=ETAConfig(**FAST)
+        vlm=ckpt.vlm,
+        clip=ckpt.clip,
+        reward_model=ckpt.reward_model,
+        config=ETAConfig(**FAST),
+        allow_local_image_files=True,
     )
     messages = [
         ChatMessage(role="system", content="Be brief."),

@@ -300,7 +300,7 @@ def test_settings_pass_through(monkeypatch: pytest.MonkeyPatch) -> None:
                 {"role": "user", "content": "q"},
                 user(text("x"), {"type": "image", "image": "/no/x.png"}),
             ],
-            ["messages[1]['content'][1]", "/no/x.png", "does not exist"],
+            ["messages[1]['content'][1]", "image path refused"],
             id="missing-image-file",
         ),
         pytest.param(
@@ -459,7 +459,9 @@ def test_text_of(message, expected) -> None:
 def test_local_image_files_can_be_disabled(red_path: str) -> None:
     part = {"type": "image_url", "image_url": {"url": Path(red_path).as_uri()}}
     assert len(normalize_messages([user(part)]).images) == 1
-    with pytest.raises(InvalidInputError, match=r"messages\[0\]\['content'\]\[0\].*disabled"):
+    with pytest.raises(
+        InvalidInputError, match=r"messages\[0\]\['content'\]\[0\].*image path refused"
+    ):
         normalize_messages([user(part)], allow_local_image_files=False)
     inline = {"type": "image", "base64": RED_B64, "mime_type": "image/png"}
     assert len(normalize_messages([user(inline)], allow_local_image_files=False).images) == 1

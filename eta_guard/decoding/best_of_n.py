@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from eta_guard.config import ETAConfig
+from eta_guard.decoding.selection import score_candidates, select_candidate, use_clip_term
 from eta_guard.decoding.stopping import (
     SentenceEndCriteria,
     candidate_lengths,
@@ -32,7 +33,9 @@ from eta_guard.decoding.stopping import (
 )
 from eta_guard.decoding.vlm import FinishReason, PreparedPrompt, VLMAdapter
 from eta_guard.errors import InvalidInputError
-from eta_guard.verdict import CandidateTrace, SentenceTrace
+from eta_guard.verdict import SentenceTrace
+
+__all__ = ["SearchOutput", "SentenceBestOfN", "score_candidates", "use_clip_term"]
 
 RewardFn = Callable[[list[str]], Sequence[float]]
 ClipFn = Callable[[list[str]], Sequence[float]]
@@ -68,20 +71,6 @@ class SearchOutput:
     finish_reason: FinishReason
     decoded_tokens: int
     timings: dict[str, float] = field(default_factory=dict)
-
-
-def use_clip_term(index: int, ended: Sequence[bool], has_clip: bool) -> bool:
-    """Whether step ``index`` (1-based) adds the CLIP term: not the first sentence, an image, no candidate at EOS."""
-    return has_clip and index > 1 and not any(ended)
-
-
-def score_candidates(
-    rewards: Sequence[float], clips: Sequence[float] | None, *, index: int, alpha: float
-) -> list[float]:
-    """Returns ``reward + (alpha / index) * clip`` per candidate, or the rewards when ``clips`` is None."""
-    if clips is None:
-        return [float(r) for r in rewards]
-    return [float(r) + (alpha / index) * float(c) for r, c in zip(rewards, clips, strict=True)]
 
 
 @dataclass
@@ -397,27 +386,18 @@ class _Search:
         if clip_fn is not None and use_clip_term(index, step.ended, True) and self.cfg.alpha > 0:
             with self._timed("clip"):
                 clips = _floats(clip_fn([s.strip() for s in sentences]), len(sentences), "clip_fn")
-        scores = score_candidates(step.rewards, clips, index=index, alpha=self.cfg.alpha)
-        chosen = max(range(len(scores)), key=scores.__getitem__)  # first of equal maxima
         self.decoded += sum(len(t) for t in step.tokens)
-        self.trace.append(
-            SentenceTrace(
-                index=index,
-                chosen=chosen,
-                candidates=[
-                    CandidateTrace(
-                        text=sentences[r],
-                        reward=step.rewards[r],
-                        clip=None if clips is None else clips[r],
-                        score=scores[r],
-                        ended=step.ended[r],
-                        num_tokens=len(step.tokens[r]),
-                    )
-                    for r in range(len(scores))
-                ],
-            )
+        trace = select_candidate(
+            index=index,
+            sentences=sentences,
+            rewards=step.rewards,
+            clips=clips,
+            ended=step.ended,
+            num_tokens=[len(t) for t in step.tokens],
+            alpha=self.cfg.alpha,
         )
-        return chosen
+        self.trace.append(trace)
+        return trace.chosen
 
     # ----- streaming and timing -----
     def _emit(self, text: str, *, final: bool) -> None:

@@ -180,18 +180,33 @@ def replace_images(
     messages: Sequence[BaseMessage], positions: set[tuple[int, int]], text: str
 ) -> list[BaseMessage]:
     """Copies of ``messages`` whose image blocks at ``positions`` are replaced by a text block."""
+    return replace_blocks(messages, {p: {"type": "text", "text": text} for p in positions})
+
+
+def replace_blocks(
+    messages: Sequence[BaseMessage], blocks: dict[tuple[int, int], dict[str, Any]]
+) -> list[BaseMessage]:
+    """Copies of ``messages`` whose content blocks at ``(message, block)`` are ``blocks[...]``.
+
+    Messages without a replaced block are returned as they are (same object).
+    """
     out = []
     for i, message in enumerate(messages):
-        hits = {j for (m, j) in positions if m == i}
+        hits = {j: block for (m, j), block in blocks.items() if m == i}
         if not hits:
             out.append(message)
             continue
-        blocks = [
-            {"type": "text", "text": text} if j in hits else dict(b)
-            for j, b in enumerate(message.content_blocks)
-        ]
-        out.append(message.model_copy(update={"content": blocks}))
+        content = [hits.get(j, dict(b)) for j, b in enumerate(message.content_blocks)]
+        out.append(message.model_copy(update={"content": content}))
     return out
+
+
+def forwarded_block(base64_png: str, original: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The v1 image block that carries a scored image on to the model (PNG, base64)."""
+    block: dict[str, Any] = {"type": "image", "base64": base64_png, "mime_type": "image/png"}
+    if original and original.get("id"):
+        block["id"] = original["id"]
+    return block
 
 
 def _image_part(block: dict[str, Any], allow_local_files: bool) -> dict[str, Any] | None:

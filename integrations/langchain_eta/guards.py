@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -12,8 +13,9 @@ from pydantic import ConfigDict, Field
 
 from eta_guard.config import DEFAULT_CLIP, DEFAULT_REWARD_MODEL
 from eta_guard.errors import GuardrailViolation, InvalidInputError
-from langchain_eta._loading import aresolve, lazy_evaluator, local_files, resolve
-from langchain_eta._messages import as_messages, image_sources, replace_images
+from eta_guard.scored_images import ScoredImage, load_request_images
+from langchain_eta._loading import aresolve, lazy_evaluator, resolve
+from langchain_eta._messages import as_messages, forwarded_block, image_sources, replace_blocks
 from langchain_eta._verdicts import (
     DEFAULT_IMAGE_REPLACEMENT,
     DEFAULT_REFUSAL,
@@ -71,9 +73,12 @@ class ETAInputGuard(_ETAGuard):
     - ``"flag"``: pass through; the verdict is put in the last message's
       ``response_metadata["eta_guard_verdict"]``.
 
-    Input without images passes unchanged and unchecked; otherwise, without a violation, the
-    input passes unchanged (as a message list when ``flag``). Every check also emits an
-    ``eta_verdict`` custom callback event.
+    Input without images passes unchanged and unchecked. Otherwise the guard passes on a
+    message list in which every image is the image it scored: decoded once (EXIF orientation
+    applied, transparency composited on white), scored, and forwarded as a metadata-free PNG
+    ``image`` block, so the model never gets bytes that were not scored. Animated images are
+    refused (``InvalidInputError``). Every check also emits an ``eta_verdict`` custom callback
+    event.
 
     Example (offline, on tiny random checkpoints; any chat model in place of the fake one):
         .. code-block:: python
@@ -120,10 +125,11 @@ class ETAInputGuard(_ETAGuard):
         messages, found = self._images(input)
         if not found:
             return input
-        evaluator = local_files(self._evaluator(), self.allow_local_image_files)
-        verdict = evaluator.evaluate_input([src for _, _, src in found])
+        evaluator = self._evaluator()
+        scored = self._load(evaluator, found)
+        verdict = evaluator.evaluate_input([s.image for s in scored])
         emit(self._event(verdict), config)
-        return self._apply(input, messages, found, verdict)
+        return self._apply(messages, found, scored, verdict)
 
     async def _acheck(
         self, input: Any, run_manager: AsyncCallbackManagerForChainRun, config: RunnableConfig
@@ -131,14 +137,23 @@ class ETAInputGuard(_ETAGuard):
         messages, found = self._images(input)
         if not found:
             return input
-        evaluator = local_files(await aresolve(self.evaluator), self.allow_local_image_files)
-        verdict = await evaluator.aevaluate_input([src for _, _, src in found])
+        evaluator = await aresolve(self.evaluator)
+        scored = await asyncio.to_thread(self._load, evaluator, found)  # decoding is CPU work
+        verdict = await evaluator.aevaluate_input([s.image for s in scored])
         await aemit(self._event(verdict), config)
-        return self._apply(input, messages, found, verdict)
+        return self._apply(messages, found, scored, verdict)
 
     def _images(self, input: Any) -> tuple[list[BaseMessage], list[tuple[int, int, str]]]:
         messages = as_messages(input)
         return messages, image_sources(messages, allow_local_files=self.allow_local_image_files)
+
+    def _load(self, evaluator: Any, found: list[tuple[int, int, str]]) -> list[ScoredImage]:
+        """Decode each image once: the same RGB image is scored and forwarded."""
+        return load_request_images(
+            [src for _, _, src in found],
+            evaluator.config,
+            allow_local_files=self.allow_local_image_files,
+        )
 
     def _event(self, verdict: Any) -> dict[str, Any]:
         return event_data(
@@ -146,20 +161,32 @@ class ETAInputGuard(_ETAGuard):
         )
 
     def _apply(
-        self, input: Any, messages: list[BaseMessage], found: list[Any], verdict: Any
-    ) -> Any:
-        if self.on_violation == "flag":
-            return _with_verdict(messages, verdict)
-        if not verdict.input_unsafe:
-            return input
-        if self.on_violation == "raise":
+        self,
+        messages: list[BaseMessage],
+        found: list[tuple[int, int, str]],
+        scored: list[ScoredImage],
+        verdict: Any,
+    ) -> list[BaseMessage]:
+        """The messages to pass on: every image replaced by the PNG of exactly what was scored."""
+        removed: set[tuple[int, int]] = set()
+        if verdict.input_unsafe and self.on_violation == "raise":
             raise GuardrailViolation(
                 f"ETAInputGuard: image flagged as unsafe (CLIP score {verdict.pre_score} >= "
                 f"{verdict.pre_threshold})",
                 verdict,
             )
-        flagged = _flagged_images(found, verdict)
-        return replace_images(messages, flagged, self.replacement)
+        if verdict.input_unsafe and self.on_violation == "replace":
+            removed = _flagged_images(found, verdict)
+        blocks = {
+            (i, j): (
+                {"type": "text", "text": self.replacement}
+                if (i, j) in removed
+                else forwarded_block(image.base64, messages[i].content_blocks[j])
+            )
+            for (i, j, _), image in zip(found, scored, strict=True)
+        }
+        out = replace_blocks(messages, blocks)
+        return _with_verdict(out, verdict) if self.on_violation == "flag" else out
 
 
 class ETAOutputGuard(_ETAGuard):
@@ -347,23 +374,45 @@ def _text(value: Any) -> str:
     if isinstance(value, str):
         return value
     if isinstance(value, BaseMessage):
-        return value.text
+        try:
+            return value.text
+        except Exception as e:  # e.g. content blocks of an unexpected shape
+            raise InvalidInputError(
+                f"ETAOutputGuard cannot read the text of a {type(value).__name__}: its content "
+                "is neither a str nor a list of content blocks"
+            ) from e
     raise InvalidInputError(
-        f"ETAOutputGuard expects a message or a str, got {type(value).__name__}"
+        f"ETAOutputGuard expects an AIMessage (or any message) or a str, got {_type_name(value)}"
     )
 
 
 def _aggregate(chunks: list[Any]) -> Any:
+    for chunk in chunks:
+        _text(chunk)  # each chunk must be a message or a str: a typed error otherwise
+    kinds = {isinstance(c, str) for c in chunks}
+    if len(kinds) > 1:
+        raise InvalidInputError(
+            "ETAOutputGuard got a stream that mixes str and message chunks; stream one kind"
+        )
     total = chunks[0]
     try:
         for chunk in chunks[1:]:
             total = total + chunk
-    except TypeError as e:  # e.g. str chunks mixed with message chunks
+    except Exception as e:  # e.g. AIMessage + AIMessageChunk, or chunks of different types
         raise InvalidInputError(
-            "ETAOutputGuard expects a stream of str or of message chunks, got "
-            f"{type(chunks[0]).__name__} then {type(chunk).__name__}"
+            f"ETAOutputGuard cannot join the stream's chunks ({_type_name(chunks[0])} then "
+            f"{_type_name(chunk)}); stream message chunks (AIMessageChunk) or str"
         ) from e
+    if not isinstance(total, (str, BaseMessage)):  # AIMessage + AIMessage makes a prompt
+        raise InvalidInputError(
+            f"ETAOutputGuard cannot join a stream of {_type_name(chunks[0])}s into one answer; "
+            "stream message chunks (AIMessageChunk) or str"
+        )
     return total
+
+
+def _type_name(value: Any) -> str:
+    return type(value).__qualname__[:60]
 
 
 def _with_verdict(messages: list[BaseMessage], verdict: Any) -> list[BaseMessage]:

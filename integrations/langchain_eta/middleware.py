@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -20,10 +21,13 @@ from langgraph.constants import TAG_NOSTREAM
 from langgraph.runtime import Runtime
 from langgraph.types import Command
 
-from eta_guard.errors import GuardrailViolation
-from langchain_eta._loading import Lazy, aresolve, lazy_evaluator, local_files, resolve
-from langchain_eta._messages import image_sources
+from eta_guard.errors import GuardrailViolation, InvalidInputError
+from eta_guard.image_score_cache import DEFAULT_MAX_ENTRIES, ImageScoreCache
+from langchain_eta._image_checks import ImageCheck, check_images
+from langchain_eta._loading import Lazy, aresolve, lazy_evaluator, resolve
+from langchain_eta._messages import replace_blocks
 from langchain_eta._verdicts import (
+    DEFAULT_IMAGE_REPLACEMENT,
     DEFAULT_REFUSAL,
     GUARD_VERDICT_KEY,
     OnViolation,
@@ -40,8 +44,13 @@ _CallResult = ModelResponse | ExtendedModelResponse
 class ETAGuardMiddleware(AgentMiddleware):
     """Checks images before each model call and answers before they leave it, for any chat model.
 
-    ``before_model`` scores the images of the messages added since the model last spoke (the
-    user's turn, tool results) with CLIP. ``wrap_model_call`` runs the model and scores its
+    ``before_model`` scores every image of the conversation the model is sent, history
+    included, with CLIP: each image is decoded once, scored, and replaced in the agent's state
+    by a metadata-free PNG of exactly the pixels scored (same message ids), so the model never
+    gets bytes that were not scored. Scores are cached by content hash (``image_cache_size``),
+    so images already in the history are neither decoded nor scored again; images that another
+    middleware adds later are checked in ``wrap_model_call``. Animated images are refused
+    (``InvalidInputError``). ``wrap_model_call`` runs the model and scores its
     answer with the reward model *inside the model node*, before the answer is written to the
     agent's state; while it runs, the model's tokens are kept out of
     ``stream_mode="messages"`` (the model call is tagged ``"nostream"``), so a streamed agent
@@ -60,8 +69,9 @@ class ETAGuardMiddleware(AgentMiddleware):
     - ``"each"`` (default): each check blocks on its own flag (image flagged by CLIP before
       the model; answer flagged by the reward model after it).
     - ``"eta"``: ETA's own rule. Nothing is blocked before the model; after it, the answer is
-      judged together with the images of the current turn (from the last user message on) and
-      blocked only when both are unsafe (``SafetyVerdict.unsafe``). Turns without images follow
+      judged together with every image of the conversation (history included: an image in an
+      earlier turn is still in front of the model) and blocked only when both are unsafe
+      (``SafetyVerdict.unsafe``). Conversations without images follow
       ``config.text_only_policy``: ``"trust"`` skips the check (and streams the model's tokens
       as usual), ``"reward_only"`` uses the reward model alone.
 
@@ -113,6 +123,9 @@ class ETAGuardMiddleware(AgentMiddleware):
             (off: they are refused, since messages may come from untrusted users).
         check_input: Run the image check before the model.
         check_output: Check the model's answer (and hold its tokens back until then).
+        replacement: Text that takes the place of a flagged image in the conversation when
+            ``on_violation="replace"`` (so that later turns do not carry it).
+        image_cache_size: How many image scores to remember by content hash (0: none).
         **load_kwargs: More ``ETAEvaluator.from_pretrained`` options (``device``, ``dtype``...).
     """
 
@@ -129,12 +142,14 @@ class ETAGuardMiddleware(AgentMiddleware):
         check_output: bool = True,
         rule: Literal["each", "eta"] = "each",
         allow_local_image_files: bool = False,
+        replacement: str = DEFAULT_IMAGE_REPLACEMENT,
+        image_cache_size: int = DEFAULT_MAX_ENTRIES,
         **load_kwargs: Any,
     ) -> None:
         super().__init__()
         if evaluator is None:
             if clip is None and reward_model is None:
-                raise ValueError(
+                raise InvalidInputError(
                     "ETAGuardMiddleware needs evaluator=... or clip= / reward_model= ids"
                 )
             evaluator = lazy_evaluator(
@@ -146,9 +161,11 @@ class ETAGuardMiddleware(AgentMiddleware):
         self.check_input = check_input
         self.check_output = check_output
         if rule not in ("each", "eta"):
-            raise ValueError(f"rule={rule!r} is not allowed; use 'each' or 'eta'")
+            raise InvalidInputError(f"rule={str(rule)[:40]!r} is not allowed; use 'each' or 'eta'")
         self.rule = rule
         self.allow_local_image_files = allow_local_image_files
+        self.replacement = replacement
+        self._scores = ImageScoreCache(image_cache_size)
 
     @property
     def loaded(self) -> bool:
@@ -157,95 +174,122 @@ class ETAGuardMiddleware(AgentMiddleware):
     # ---------------------------------------------------------------- hooks
     @hook_config(can_jump_to=["end"])
     def before_model(self, state: AgentState, runtime: Runtime) -> dict[str, Any] | None:
-        found = self._new_images(state)
-        if not found:
+        if not self._checks_images():
             return None
-        verdict = self._images_evaluator(resolve(self.evaluator)).evaluate_input(
-            [src for _, src in found]
-        )
-        emit(self._event("before_model", verdict, verdict.input_unsafe))
-        return self._on_input(state, found, verdict)
+        check = self._check(state["messages"], resolve(self.evaluator))
+        if check.verdict is not None and self.rule == "each":
+            emit(self._event("before_model", check.verdict, check.verdict.input_unsafe))
+        return self._on_input(state, check)
 
     @hook_config(can_jump_to=["end"])
     async def abefore_model(self, state: AgentState, runtime: Runtime) -> dict[str, Any] | None:
-        found = self._new_images(state)
-        if not found:
+        if not self._checks_images():
             return None
-        evaluator = self._images_evaluator(await aresolve(self.evaluator))
-        verdict = await evaluator.aevaluate_input([src for _, src in found])
-        await aemit(self._event("before_model", verdict, verdict.input_unsafe))
-        return self._on_input(state, found, verdict)
+        evaluator = await aresolve(self.evaluator)
+        check = await asyncio.to_thread(self._check, state["messages"], evaluator)
+        if check.verdict is not None and self.rule == "each":
+            await aemit(self._event("before_model", check.verdict, check.verdict.input_unsafe))
+        return self._on_input(state, check)
 
     def wrap_model_call(
         self, request: ModelRequest, handler: Callable[[ModelRequest], ModelResponse]
     ) -> _CallResult:
-        images = self._output_images(request)
-        if images is None:
+        request, check = self._forwarded_request(request, resolve(self.evaluator))
+        blocked = self._blocked_input(check, emit)
+        if blocked is not None:
+            return blocked
+        if not self._checks_answer(check):
             return handler(request)
         with _no_token_stream():
             response = handler(request)
         answer = _answer(response)
         if answer is None:
             return response
-        verdict = self._images_evaluator(resolve(self.evaluator)).evaluate(
-            images=images or None, response=answer.text
-        )
+        verdict = self._answer_verdict(check, resolve(self.evaluator).evaluate_output(answer.text))
         emit(self._event("after_model", verdict, self._output_violation(verdict)))
         return self._on_output(response, answer, verdict)
 
     async def awrap_model_call(
         self, request: ModelRequest, handler: Callable[[ModelRequest], Awaitable[ModelResponse]]
     ) -> _CallResult:
-        if self.check_output:
-            await aresolve(self.evaluator)  # _output_images may read its config: load off the loop
-        images = self._output_images(request)
-        if images is None:
+        evaluator = await aresolve(self.evaluator)  # a first load runs off the event loop
+        request, check = await asyncio.to_thread(self._forwarded_request, request, evaluator)
+        blocked = self._blocked_input(check, None)
+        if blocked is not None:
+            if check is not None and check.verdict is not None:
+                await aemit(self._event("before_model", check.verdict, True))
+            return blocked
+        if not self._checks_answer(check):
             return await handler(request)
         with _no_token_stream():
             response = await handler(request)
         answer = _answer(response)
         if answer is None:
             return response
-        evaluator = self._images_evaluator(await aresolve(self.evaluator))
-        verdict = await evaluator.aevaluate(images=images or None, response=answer.text)
+        verdict = self._answer_verdict(check, await evaluator.aevaluate_output(answer.text))
         await aemit(self._event("after_model", verdict, self._output_violation(verdict)))
         return self._on_output(response, answer, verdict)
 
     # ---------------------------------------------------------------- shared core
-    def _images_evaluator(self, evaluator: Any) -> Any:
-        """The evaluator, reading local image files only if ``allow_local_image_files``."""
-        return local_files(evaluator, self.allow_local_image_files)
-
-    def _new_images(self, state: AgentState) -> list[tuple[int, str]]:
-        """``(message index, source)`` of images added since the last AI message."""
-        if not self.check_input or self.rule == "eta":
-            return []
-        messages = state["messages"]
-        start = next(
-            (i + 1 for i in range(len(messages) - 1, -1, -1) if isinstance(messages[i], AIMessage)),
-            0,
+    def _checks_images(self) -> bool:
+        """Whether images are scored at all (before the model, or with the answer)."""
+        return (self.check_input and self.rule == "each") or (
+            self.check_output and self.rule == "eta"
         )
-        found = image_sources(messages[start:], allow_local_files=self.allow_local_image_files)
-        return [(start + i, src) for i, _, src in found]
 
-    def _output_images(self, request: ModelRequest) -> list[str] | None:
-        """The images the answer is judged with (``[]``: none); ``None``: no answer check.
+    def _check(self, messages: list[BaseMessage], evaluator: Any) -> ImageCheck:
+        """Every image of ``messages`` (history included) decoded, normalised and scored."""
+        return check_images(
+            messages, evaluator, self._scores, allow_local_files=self.allow_local_image_files
+        )
 
-        Decided before the model runs, so that its tokens are held back only when its answer
-        will be checked. ``rule="each"`` judges the answer alone; ``rule="eta"`` with the
-        images of the current turn of the messages the model is sent.
+    def _forwarded_request(
+        self, request: ModelRequest, evaluator: Any
+    ) -> tuple[ModelRequest, ImageCheck | None]:
+        """The request with every image as the PNG that was scored, and its image check.
+
+        ``before_model`` already put those PNGs into the state, so this is normally a cache
+        lookup per image; an image added since (e.g. by another middleware) is scored here.
         """
+        if not self._checks_images():
+            return request, None
+        check = self._check(list(request.messages), evaluator)
+        if check.rewrites:
+            request = request.override(messages=check.forwarded(list(request.messages)))
+        return request, check
+
+    def _blocked_input(self, check: ImageCheck | None, emit_now: Any) -> _CallResult | None:
+        """A refusal when images not seen by ``before_model`` are flagged (``rule="each"``)."""
+        if check is None or check.verdict is None or self.rule != "each":
+            return None
+        if not check.scored_now or not check.verdict.input_unsafe or self.on_violation == "flag":
+            return None
+        if emit_now is not None:
+            emit_now(self._event("before_model", check.verdict, True))
+        if self.on_violation == "raise":
+            raise GuardrailViolation(_input_message(check.verdict), check.verdict)
+        refusal = AIMessage(
+            content=self.refusal,
+            response_metadata={GUARD_VERDICT_KEY: verdict_dict(check.verdict)},
+        )
+        return ExtendedModelResponse(
+            model_response=ModelResponse(result=[refusal]),
+            command=Command(update={"jump_to": "end"}),
+        )
+
+    def _checks_answer(self, check: ImageCheck | None) -> bool:
+        """Whether the answer is judged (its tokens are then held back until it is)."""
         if not self.check_output:
-            return None
-        if self.rule == "each":
-            return []
-        turn = _current_turn(request.messages)
-        images = [
-            src for _, _, src in image_sources(turn, allow_local_files=self.allow_local_image_files)
-        ]
-        if not images and resolve(self.evaluator).config.text_only_policy == "trust":
-            return None
-        return images
+            return False
+        if self.rule == "each" or (check is not None and check.verdict is not None):
+            return True
+        return resolve(self.evaluator).config.text_only_policy != "trust"
+
+    def _answer_verdict(self, check: ImageCheck | None, answer: Any) -> Any:
+        """``rule="eta"``: the answer's verdict joined with that of every image forwarded."""
+        if self.rule == "eta" and check is not None and check.verdict is not None:
+            return check.verdict.merge(answer)
+        return answer
 
     def _output_violation(self, verdict: Any) -> bool:
         return bool(verdict.unsafe if self.rule == "eta" else verdict.output_unsafe)
@@ -258,24 +302,36 @@ class ETAGuardMiddleware(AgentMiddleware):
             action=self.on_violation,
         )
 
-    def _on_input(
-        self, state: AgentState, found: list[tuple[int, str]], verdict: Any
-    ) -> dict[str, Any] | None:
-        if self.on_violation == "flag":
-            last = state["messages"][found[-1][0]]
-            return {"messages": [_flagged(last, verdict)]}
-        if not verdict.input_unsafe:
+    def _on_input(self, state: AgentState, check: ImageCheck) -> dict[str, Any] | None:
+        """State updates: images as the scored PNGs; on a violation, what ``on_violation`` says.
+
+        Rewritten messages keep their ids, so they replace the originals in the state: later
+        turns then find the PNGs (and their cached scores) instead of the original bytes.
+        """
+        messages = list(state["messages"])
+        verdict = check.verdict
+        if verdict is None:
             return None
-        if self.on_violation == "raise":
-            raise GuardrailViolation(
-                f"ETAGuardMiddleware: image flagged as unsafe (CLIP score {verdict.pre_score} >= "
-                f"{verdict.pre_threshold})",
-                verdict,
+        unsafe = self.rule == "each" and verdict.input_unsafe
+        rewrites = dict(check.rewrites)
+        if unsafe and self.on_violation == "raise":
+            raise GuardrailViolation(_input_message(verdict), verdict)
+        if unsafe and self.on_violation == "replace":
+            # The flagged images leave the conversation, so that later turns are not refused.
+            rewrites.update(
+                {p: {"type": "text", "text": self.replacement} for p in check.flagged()}
             )
-        refusal = AIMessage(
-            content=self.refusal, response_metadata={GUARD_VERDICT_KEY: verdict_dict(verdict)}
-        )
-        return {"messages": [refusal], "jump_to": "end"}
+        forwarded = replace_blocks(messages, rewrites)
+        changed = [new for new, old in zip(forwarded, messages, strict=True) if new is not old]
+        if self.on_violation == "flag" and self.rule == "each":
+            last = forwarded[check.positions[-1][0]]
+            changed = [m for m in changed if m is not last] + [_flagged(last, verdict)]
+        if unsafe and self.on_violation == "replace":
+            refusal = AIMessage(
+                content=self.refusal, response_metadata={GUARD_VERDICT_KEY: verdict_dict(verdict)}
+            )
+            return {"messages": [*changed, refusal], "jump_to": "end"}
+        return {"messages": changed} if changed else None
 
     def _on_output(self, response: ModelResponse, answer: AIMessage, verdict: Any) -> _CallResult:
         if self.on_violation == "flag":
@@ -331,17 +387,11 @@ def _answer(response: ModelResponse) -> AIMessage | None:
     return answer if answer is not None and answer.text else None
 
 
-def _current_turn(messages: list[BaseMessage]) -> list[BaseMessage]:
-    """The messages from the start of the last user turn on (tool results included)."""
-    last_human = next(
-        (i for i in range(len(messages) - 1, -1, -1) if messages[i].type == "human"), None
+def _input_message(verdict: Any) -> str:
+    return (
+        f"ETAGuardMiddleware: image flagged as unsafe (CLIP score {verdict.pre_score} >= "
+        f"{verdict.pre_threshold})"
     )
-    if last_human is None:
-        return []
-    start = next(
-        (i + 1 for i in range(last_human, -1, -1) if isinstance(messages[i], AIMessage)), 0
-    )
-    return list(messages[start:])
 
 
 def _flagged(message: BaseMessage, verdict: Any) -> BaseMessage:

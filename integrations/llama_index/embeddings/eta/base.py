@@ -11,7 +11,12 @@ from llama_index.core.base.embeddings.base import Embedding
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.embeddings.multi_modal_base import MultiModalEmbedding
 from llama_index.core.schema import ImageType
-from llama_index.llms.eta._loading import Lazy, evaluator_source, lazy_evaluator
+from llama_index.llms.eta._loading import (
+    Lazy,
+    evaluator_source,
+    lazy_evaluator,
+    local_files_allowed,
+)
 
 from eta_guard.config import DEFAULT_CLIP, ETAConfig
 from eta_guard.errors import InvalidInputError
@@ -65,6 +70,12 @@ class ETAClipEmbedding(MultiModalEmbedding):
     )
     config: ETAConfig | None = Field(None, description="Image limits (max pixels, remote URLs).")
     device: str | None = Field(None, description="Torch device for CLIP.")
+    allow_local_image_files: bool | None = Field(
+        None,
+        description="Read images from local paths (default: on unless config sets it off): LlamaIndex hands image *file paths* to an "
+        "image embedding model while it builds an index from the application's own files. "
+        "Turn it off when image paths can come from users (e.g. image queries).",
+    )
     load_kwargs: dict[str, Any] = Field(
         default_factory=dict,
         description="More ETAEvaluator.from_pretrained arguments (dtype, clip_backend, ...).",
@@ -124,7 +135,8 @@ class ETAClipEmbedding(MultiModalEmbedding):
     # ------------------------------------------------------------------ images
     def _get_image_embeddings(self, img_file_paths: list[ImageType]) -> list[Embedding]:
         config = self.config or self._evaluator.get().config or ETAConfig()
-        images = load_for_clip(img_file_paths, config)
+        local = local_files_allowed(self.allow_local_image_files, config, default=True)
+        images = load_for_clip(img_file_paths, config, allow_local_files=local)
         return self.pre.embed_images(images).tolist()
 
     def _get_image_embedding(self, img_file_path: ImageType) -> Embedding:
@@ -137,7 +149,9 @@ class ETAClipEmbedding(MultiModalEmbedding):
         return (await self._aget_image_embeddings([img_file_path]))[0]
 
 
-def load_for_clip(sources: Sequence[ImageType], config: ETAConfig) -> list[Any]:
+def load_for_clip(
+    sources: Sequence[ImageType], config: ETAConfig, *, allow_local_files: bool = True
+) -> list[Any]:
     """Decode LlamaIndex image inputs (paths or ``BytesIO``) with the engine's checks."""
     from eta_guard.media import image_options, load_image
 
@@ -146,7 +160,8 @@ def load_for_clip(sources: Sequence[ImageType], config: ETAConfig) -> list[Any]:
         if isinstance(source, BytesIO):
             source = source.getvalue()
         try:
-            out.append(load_image(source, **image_options(config)))
+            options = {**image_options(config), "allow_local_files": allow_local_files}
+            out.append(load_image(source, **options))
         except InvalidInputError as e:
             raise InvalidInputError(f"image {i} of {len(sources)}: {e}") from e
     return out

@@ -11,7 +11,12 @@ from llama_index.core.bridge.pydantic import Field
 from llama_index.core.evaluation.base import BaseEvaluator, EvaluationResult
 from llama_index.core.prompts.mixin import PromptDictType
 from llama_index.core.schema import ImageDocument, ImageNode
-from llama_index.llms.eta._loading import Lazy, evaluator_source, lazy_evaluator
+from llama_index.llms.eta._loading import (
+    Lazy,
+    evaluator_source,
+    lazy_evaluator,
+    local_files_allowed,
+)
 from llama_index.llms.eta._messages import image_node_source, is_image_node
 
 from eta_guard.config import DEFAULT_CLIP, DEFAULT_REWARD_MODEL, ETAConfig
@@ -86,11 +91,14 @@ class ETASafetyEvaluator(BaseEvaluator):
         config: ETAConfig | None = None,
         device: str | None = None,
         use_source_images: bool = True,
+        allow_local_image_files: bool | None = None,
         **load_kwargs: Any,
     ) -> None:
         """Pass model ids/paths (``clip``, ``reward_model``) or a ready ``evaluator``
         (ETAEvaluator / ETA / ETAMultiModalLLM); ``config`` overrides its thresholds.
-        ``clip=None`` or ``reward_model=None`` loads one side only."""
+        ``clip=None`` or ``reward_model=None`` loads one side only. ``allow_local_image_files``
+        (default: on, as ``image_paths`` are the developer's files, unless ``config`` sets it
+        off) reads local paths; turn it off when the images to judge come from users."""
         defaults = clip == DEFAULT_CLIP and reward_model == DEFAULT_REWARD_MODEL
         if evaluator is not None and (not defaults or load_kwargs or device is not None):
             raise InvalidInputError(
@@ -98,6 +106,7 @@ class ETASafetyEvaluator(BaseEvaluator):
             )
         self._config = config
         self._use_source_images = use_source_images
+        self._allow_local_image_files = allow_local_image_files
         if evaluator is not None:
             self._evaluator = evaluator_source(evaluator, where="ETASafetyEvaluator(evaluator=...)")
         else:
@@ -131,11 +140,17 @@ class ETASafetyEvaluator(BaseEvaluator):
     ) -> EvaluationResult:
         """Judge ``response`` and the images (``image_paths`` and/or ``images``) with ETA."""
         await asyncio.sleep(sleep_time_in_seconds)
-        sources = image_sources([*(image_paths or []), *(images or [])])
+        sources = image_sources([*_image_list(image_paths, "image_paths"), *_image_list(images)])
         if response is not None and not isinstance(response, str):
             raise InvalidInputError(f"response must be a str, got {type(response).__qualname__}")
         evaluator = await asyncio.to_thread(self._evaluator_now)
-        verdict = await evaluator.aevaluate(images=sources or None, response=response)
+        loaded = None
+        if sources:
+            local = local_files_allowed(
+                self._allow_local_image_files, evaluator.config, default=True
+            )
+            loaded = await asyncio.to_thread(load_images, sources, evaluator.config, local)
+        verdict = await evaluator.aevaluate(images=loaded, response=response)
         return to_evaluation_result(verdict, query=query, response=response, contexts=contexts)
 
     async def aevaluate_response(
@@ -143,6 +158,11 @@ class ETASafetyEvaluator(BaseEvaluator):
     ) -> EvaluationResult:
         """As in LlamaIndex, plus the response's ``ImageNode`` sources as images (unless
         ``image_paths``/``images`` are given or ``use_source_images=False``)."""
+        if response is not None and not isinstance(response, Response):
+            raise InvalidInputError(
+                f"response must be a llama_index Response, got {type(response).__qualname__}; "
+                "use evaluate(response=<str>) for a plain answer"
+            )
         if (
             self._use_source_images
             and response is not None
@@ -160,6 +180,14 @@ class ETASafetyEvaluator(BaseEvaluator):
         return asyncio_run(self.aevaluate_response(query=query, response=response, **kwargs))
 
 
+def _image_list(items: Any, name: str = "images") -> list[Any]:
+    if items is None:
+        return []
+    if not isinstance(items, (list, tuple)):
+        raise InvalidInputError(f"{name} must be a list, got {type(items).__qualname__}")
+    return list(items)
+
+
 def image_sources(items: Sequence[Any]) -> list[Any]:
     """Engine image sources for ``items`` (ImageNodes/ImageBlocks converted, others as is)."""
     from llama_index.core.base.llms.types import ImageBlock
@@ -168,6 +196,28 @@ def image_sources(items: Sequence[Any]) -> list[Any]:
         image_node_source(i) if isinstance(i, (ImageNode, ImageDocument, ImageBlock)) else i
         for i in items
     ]
+
+
+def load_images(sources: list[Any], config: ETAConfig, allow_local_files: bool) -> list[Any]:
+    """Decode ``sources`` with the engine's checks and this evaluator's local-file policy.
+
+    Animated images are refused, as by every adapter (a model may have seen any frame).
+    """
+    from eta_guard.limits import RequestLimits
+    from eta_guard.media import image_options
+    from eta_guard.scored_images import load_still_image
+
+    options = {**image_options(config), "allow_local_files": allow_local_files}
+    limits = RequestLimits.from_config(config)
+    limits.check_image_count(len(sources))  # before any decoding
+    out = []
+    with limits.pixel_budget():
+        for i, source in enumerate(sources):
+            try:
+                out.append(load_still_image(source, **options))
+            except InvalidInputError as e:
+                raise InvalidInputError(f"images: image {i}: {e}") from e
+    return out
 
 
 def to_evaluation_result(

@@ -11,7 +11,7 @@ from typing import Any
 from eta_guard.errors import InvalidInputError
 from eta_guard.lazy import Lazy, lazy_engine, lazy_evaluator
 
-__all__ = ["Lazy", "evaluator_source", "lazy_engine", "lazy_evaluator"]
+__all__ = ["Lazy", "evaluator_source", "lazy_engine", "lazy_evaluator", "local_files_allowed"]
 
 
 def evaluator_source(source: Any, *, where: str) -> Lazy[Any]:
@@ -35,3 +35,18 @@ def evaluator_source(source: Any, *, where: str) -> Lazy[Any]:
         f"{where}: expected an ETAEvaluator, an ETA or an ETAMultiModalLLM, got "
         f"{type(source).__module__}.{type(source).__qualname__}"
     )
+
+
+def local_files_allowed(explicit: bool | None, config: Any, *, default: bool) -> bool:
+    """The local-file policy of one adapter call: ``explicit`` if set, else an ``ETAConfig``
+    whose ``allow_local_image_files`` was set explicitly, else the adapter's ``default``.
+
+    Defaults: off where messages come from users (``ETAMultiModalLLM``); on where images
+    come from the application's own index or from the developer (embeddings, postprocessor,
+    evaluator). The engine's default for the field never decides for an adapter.
+    """
+    if explicit is not None:
+        return bool(explicit)
+    if config is not None and "allow_local_image_files" in config.model_fields_set:
+        return bool(config.allow_local_image_files)
+    return default

@@ -113,7 +113,7 @@ def to_image_block(image: Any) -> ImageBlock:
             return _make_block(url=image.image_url, image_mimetype=mimetype)
         return to_image_block(image_node_source(image))  # raises: the node holds no image
     if isinstance(image, pathlib.Path):
-        return _make_block(path=image)
+        return _path_block(image)
     if isinstance(image, (bytes, bytearray)):
         return _make_block(image=bytes(image))
     if isinstance(image, str):
@@ -126,13 +126,22 @@ def to_image_block(image: Any) -> ImageBlock:
 
 def _make_block(**fields: Any) -> ImageBlock:
     """An ``ImageBlock``, with LlamaIndex's validation errors turned into ``InvalidInputError``."""
-    path = fields.get("path")
-    if path is not None and not pathlib.Path(path).is_file():
-        raise InvalidInputError(f"image path {str(path)!r} does not exist or is not a file")
+    if fields.get("path") is not None:
+        return _path_block(fields.pop("path"), **fields)
     try:
         return ImageBlock(**fields)
     except ValidationError as e:
         raise InvalidInputError(f"cannot make an ImageBlock from {_short(fields)}: {e}") from e
+
+
+def _path_block(path: Any, **fields: Any) -> ImageBlock:
+    """An ``ImageBlock`` naming a local file, without touching the file system.
+
+    ``ImageBlock(path=...)`` validates that the file exists, and its error would tell a caller
+    that it does not: the engine reads the file later, under the adapter's local-file policy,
+    with one neutral message for every refused or unreadable path.
+    """
+    return ImageBlock.model_construct(path=pathlib.Path(path), **fields)
 
 
 def _short(fields: dict[str, Any]) -> str:
@@ -142,11 +151,9 @@ def _short(fields: dict[str, Any]) -> str:
 def _block_of(text: str) -> ImageBlock:
     if text.startswith(("data:", "http://", "https://", "file://")):
         return _make_block(url=text)
-    if pathlib.Path(text).is_file():
-        return _make_block(path=text)
     if _looks_like_base64(text):
         return _make_block(image=text.encode("ascii"))
-    raise InvalidInputError(f"image {text[:80]!r} is neither an existing file, a URL nor base64")
+    return _path_block(text)  # no existence check here (see _path_block)
 
 
 def _looks_like_base64(text: str) -> bool:
@@ -223,6 +230,24 @@ def to_engine_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
     return out
 
 
+def refuse_animated_images(messages: list[dict[str, Any]], *, allow_local_files: bool) -> None:
+    """Raise ``InvalidInputError`` when an image of engine ``messages`` is animated.
+
+    The engine decodes one frame, the same for CLIP and the VLM; refusing animations keeps the
+    rule of every adapter: each frame a model could see is scored, or the image is refused.
+    """
+    from eta_guard.scored_images import refuse_animated
+
+    for i, message in enumerate(messages):
+        content = message["content"]
+        for j, part in enumerate(content if isinstance(content, list) else []):
+            if part["type"] == "image":
+                try:
+                    refuse_animated(part["image"], allow_local_files=allow_local_files)
+                except InvalidInputError as e:
+                    raise InvalidInputError(f"messages[{i}] image {j}: {e}") from e
+
+
 def _simplify(parts: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
     """A plain string when the message is text only (joined like ``ChatMessage.content``)."""
     if all(p["type"] == "text" for p in parts):
@@ -236,6 +261,10 @@ def completion_messages(prompt: str, images: Iterable[Any] | None = None) -> lis
         raise InvalidInputError(f"prompt must be a str, got {type(prompt).__qualname__}")
     if isinstance(images, (str, bytes, pathlib.Path, ImageBlock, ImageNode, ImageDocument)):
         images = [images]
+    if images is not None and not isinstance(images, Iterable):
+        raise InvalidInputError(
+            f"image_documents must be a list of images, got {type(images).__qualname__}"
+        )
     blocks: list[Any] = [to_image_block(image) for image in images or []]
     return [ChatMessage(role=MessageRole.USER, blocks=[*blocks, TextBlock(text=prompt)])]
 

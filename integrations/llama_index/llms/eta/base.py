@@ -19,12 +19,13 @@ from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.constants import DEFAULT_CONTEXT_WINDOW
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.llm import LLM
-from llama_index.llms.eta._loading import Lazy, lazy_engine
+from llama_index.llms.eta._loading import Lazy, lazy_engine, local_files_allowed
 from llama_index.llms.eta._messages import (
     StreamAccumulator,
     completion_messages,
     config_overrides,
     final_chat,
+    refuse_animated_images,
     split_call_kwargs,
     to_completion,
     to_engine_messages,
@@ -39,8 +40,11 @@ class ETAMultiModalLLM(LLM):
 
     Each call runs ETA (Ding et al., ICLR 2025): CLIP judges the images, the VLM answers, a
     reward model judges the answer, and only when both are unsafe is the answer re-decoded with
-    ETA's alignment. Images travel as ``ImageBlock``s in ``ChatMessage.blocks`` (by path, bytes,
-    base64 or data URL; remote URLs only with ``ETAConfig(allow_remote_images=True)``).
+    ETA's alignment. Images travel as ``ImageBlock``s in ``ChatMessage.blocks`` (bytes, base64 or
+    data URL; local paths only with ``allow_local_image_files=True``; remote URLs only with
+    ``ETAConfig(allow_remote_images=True)``). CLIP scores the very decoded image the VLM gets
+    (one decode per image), so what is scored is what the model sees; animated images are
+    refused.
     ``response.additional_kwargs["eta_verdict"]`` holds the verdict, ``["eta_aligned"]`` whether
     the answer was aligned, and ``response.raw`` the whole ``ETAResult`` as a dict.
 
@@ -60,6 +64,7 @@ class ETAMultiModalLLM(LLM):
             llm = ETAMultiModalLLM(
                 vlm=ckpt.vlm, clip=ckpt.clip, reward_model=ckpt.reward_model,
                 config=ETAConfig(num_candidates=2, seed=0), max_new_tokens=16,
+                allow_local_image_files=True,  # the examples read local files (off by default)
             )  # nothing is loaded until the first call
 
     Chat with an image:
@@ -112,6 +117,12 @@ class ETAMultiModalLLM(LLM):
         DEFAULT_CONTEXT_WINDOW, gt=0, description="Context size LlamaIndex packs prompts for."
     )
     device: str | None = Field(None, description="Torch device for all three models.")
+    allow_local_image_files: bool | None = Field(
+        None,
+        description="Read images from local paths (ImageBlock.path, file:// URLs). Off unless "
+        "set here (or set explicitly in config): chat messages may come from untrusted users, "
+        "who must not make the process read its own files.",
+    )
     load_kwargs: dict[str, Any] = Field(
         default_factory=dict,
         description="More ETA.from_pretrained arguments (dtype, local_files_only, "
@@ -175,6 +186,12 @@ class ETAMultiModalLLM(LLM):
     ) -> tuple[list[dict[str, Any]], list[str] | None, dict[str, Any]]:
         engine_messages = to_engine_messages(messages)
         stop, overrides = split_call_kwargs(kwargs, max_new_tokens=self.max_new_tokens)
+        # The adapter's policy, not the engine config's default, decides about local files.
+        engine = self._engine.get() if self._engine.loaded else None
+        config = self.config or (engine.config if engine is not None else None)
+        policy = local_files_allowed(self.allow_local_image_files, config, default=False)
+        local = overrides.setdefault("allow_local_image_files", policy)
+        refuse_animated_images(engine_messages, allow_local_files=local)
         return engine_messages, stop, overrides
 
     def _with_config(self, eta: Any, overrides: dict[str, Any]) -> dict[str, Any]:

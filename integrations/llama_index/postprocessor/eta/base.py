@@ -7,7 +7,12 @@ from typing import Any, Literal
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import ImageNode, NodeWithScore, QueryBundle
-from llama_index.llms.eta._loading import Lazy, evaluator_source, lazy_evaluator
+from llama_index.llms.eta._loading import (
+    Lazy,
+    evaluator_source,
+    lazy_evaluator,
+    local_files_allowed,
+)
 from llama_index.llms.eta._messages import image_node_source, is_image_node
 
 from eta_guard.config import DEFAULT_CLIP, ETAConfig
@@ -28,6 +33,11 @@ class ETAImageSafetyPostprocessor(BaseNodePostprocessor):
     ``config.pre_threshold``. ``mode="drop"`` removes unsafe images before synthesis;
     ``mode="flag"`` keeps them and writes ``eta_image_unsafe`` / ``eta_image_score`` into the
     node's metadata (excluded from the LLM prompt and embeddings). Text nodes pass untouched.
+    Every image node that goes on carries exactly the image that was scored: a metadata-free PNG
+    in ``node.image`` (``image_path`` / ``image_url`` cleared), so the LLM after the filter never
+    reads a file or URL that differs from, or changed after, what CLIP saw. Animated images are
+    refused (they count as invalid). Local ``image_path``s are read unless
+    ``allow_local_image_files=False`` (retrieved nodes are the application's own data).
     An image that cannot be loaded (corrupt, missing, a remote URL without
     ``allow_remote_images``) follows ``on_invalid_image``: treated as ``"unsafe"`` (default,
     fail-closed), ``"safe"``, or ``"raise"`` the engine's ``InvalidInputError``.
@@ -91,6 +101,11 @@ class ETAImageSafetyPostprocessor(BaseNodePostprocessor):
         "unsafe", description="What an image that cannot be loaded counts as."
     )
     device: str | None = Field(None, description="Torch device for CLIP.")
+    allow_local_image_files: bool | None = Field(
+        None,
+        description="Read image nodes' image_path (default: on unless config sets it off): retrieved nodes come from the application's "
+        "own index, not from users. Turn it off when users can put paths into nodes.",
+    )
     load_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="More ETAEvaluator.from_pretrained arguments."
     )
@@ -127,44 +142,72 @@ class ETAImageSafetyPostprocessor(BaseNodePostprocessor):
     def _postprocess_nodes(
         self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None
     ) -> list[NodeWithScore]:
+        _check_nodes(nodes)
         positions = [i for i, n in enumerate(nodes) if is_image_node(n.node)]
         if not positions:
             return list(nodes)
         evaluator = self._evaluator_now()
-        judged = judge_images([nodes[i].node for i in positions], evaluator, self.on_invalid_image)
+        judged, scored = judge_images(
+            [nodes[i].node for i in positions],
+            evaluator,
+            self.on_invalid_image,
+            allow_local_files=local_files_allowed(
+                self.allow_local_image_files, evaluator.config, default=True
+            ),
+        )
         decisions = dict(zip(positions, judged, strict=True))
+        images = dict(zip(positions, scored, strict=True))
         out = []
         for i, item in enumerate(nodes):
             decision = decisions.get(i)
             if decision is None:
                 out.append(item)
-            elif self.mode == "flag":
-                out.append(NodeWithScore(node=flagged(item.node, decision), score=item.score))
+                continue
+            node = forwarded(item.node, images[i])
+            if self.mode == "flag":
+                out.append(NodeWithScore(node=flagged(node, decision), score=item.score))
             elif not decision[UNSAFE_KEY]:
-                out.append(item)
+                out.append(NodeWithScore(node=node, score=item.score))
         return out
 
 
-def judge_images(nodes: list[ImageNode], evaluator: Any, on_invalid: str) -> list[dict[str, Any]]:
-    """One metadata dict per node: ``eta_image_unsafe``, ``eta_image_score`` (and the load error).
+def _check_nodes(nodes: Any) -> None:
+    if not isinstance(nodes, (list, tuple)):
+        raise InvalidInputError(
+            f"nodes must be a list of NodeWithScore, got {type(nodes).__qualname__}"
+        )
+    for i, item in enumerate(nodes):
+        if not isinstance(item, NodeWithScore):
+            raise InvalidInputError(
+                f"nodes[{i}] is {type(item).__qualname__}, expected a NodeWithScore"
+            )
+
+
+def judge_images(
+    nodes: list[ImageNode], evaluator: Any, on_invalid: str, *, allow_local_files: bool = True
+) -> tuple[list[dict[str, Any]], list[Any]]:
+    """Per node: a metadata dict (``eta_image_unsafe``, ``eta_image_score``, the load error)
+    and the ``ScoredImage`` that was scored (``None`` when it could not be loaded).
 
     Images are decoded one by one (so one bad image names its node), then scored by the
     engine's ``evaluate_batch`` in a single CLIP forward; the engine's verdict decides.
     """
-    from eta_guard.media import image_options, load_image
+    from eta_guard.limits import RequestLimits
+    from eta_guard.scored_images import load_scored_image, scored_options
 
-    config = evaluator.config
+    options = scored_options(evaluator.config, allow_local_files=allow_local_files)
     loaded: list[Any] = []
     errors: dict[int, str] = {}
-    for i, node in enumerate(nodes):
-        try:
-            loaded.append(load_image(image_node_source(node), **image_options(config)))
-        except InvalidInputError as e:
-            if on_invalid == "raise":
-                raise InvalidInputError(f"image node {node.node_id!r}: {e}") from e
-            errors[i] = str(e)
-            loaded.append(None)
-    good = [img for img in loaded if img is not None]
+    with RequestLimits.from_config(evaluator.config).pixel_budget():  # pixels over all nodes
+        for i, node in enumerate(nodes):
+            try:
+                loaded.append(load_scored_image(image_node_source(node), **options))
+            except InvalidInputError as e:
+                if on_invalid == "raise":
+                    raise InvalidInputError(f"image node {str(node.node_id)[:80]!r}: {e}") from e
+                errors[i] = str(e)
+                loaded.append(None)
+    good = [s.image for s in loaded if s is not None]
     verdicts = iter(evaluator.evaluate_batch([{"images": [img]} for img in good]) if good else [])
     out = []
     for i, image in enumerate(loaded):
@@ -173,7 +216,22 @@ def judge_images(nodes: list[ImageNode], evaluator: Any, on_invalid: str) -> lis
         else:
             verdict = next(verdicts)
             out.append({UNSAFE_KEY: bool(verdict.input_unsafe), SCORE_KEY: verdict.pre_score})
-    return out
+    return out, loaded
+
+
+def forwarded(node: ImageNode, image: Any) -> ImageNode:
+    """A copy of ``node`` that carries exactly the scored image (inline PNG), or ``node`` as is
+    when it could not be loaded (it is then dropped or flagged per ``on_invalid_image``).
+
+    The original ``image_path`` / ``image_url`` are cleared, so that the LLM after the filter
+    gets the pixels that were scored, not a file or URL that may differ or change.
+    """
+    if image is None:
+        return node
+    copy = node.model_copy()
+    copy.image, copy.image_path, copy.image_url = image.base64, None, None
+    copy.image_mimetype = "image/png"
+    return copy
 
 
 def flagged(node: ImageNode, decision: dict[str, Any]) -> ImageNode:

@@ -1,0 +1,290 @@
+"""The generator behind an OpenAI-compatible engine (vLLM first; SGLang where the API matches).
+
+Requests ETA sends (``POST /v1/chat/completions``):
+
+- vanilla answer: ``temperature=0``, streamed (``stream_options.include_usage``), the caller's
+  stop strings as ``stop``;
+- one best-of-N step: ``n=N``, ``top_k``, ``temperature``, ``seed``, ``max_tokens`` = the
+  sentence budget, and the sentence rule as stops: ``stop_token_ids`` (token-exact, the same
+  tokens that end a sentence locally) when a tokenizer is given, else the terminators as
+  ``stop`` strings; ``include_stop_str_in_output`` keeps the terminator in the text;
+- a continuation (prefix + accepted text): the assistant turn is the last message, with
+  ``continue_final_message=true`` and ``add_generation_prompt=false``.
+
+Images travel once per request as PNG data URLs with a content-hash ``uuid`` (vLLM keys its
+multimodal cache on it, so successive steps of one answer do not re-encode the image).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from eta_guard.backends._http import EngineClient, HTTPSettings, ReplyShapeError, field
+from eta_guard.backends.base import Completion, FinishReason, SamplingStep
+from eta_guard.config import SentenceEndRule
+from eta_guard.errors import BackendError, InvalidInputError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from eta_guard.messages import Conversation
+
+_CHAT = "/v1/chat/completions"
+
+
+class OpenAICompatibleBackend:
+    """A :class:`~eta_guard.backends.base.GeneratorBackend` over an OpenAI-compatible HTTP API.
+
+    Args:
+        base_url: the engine's URL (``http://host:port`` or ``http://host:port/v1``).
+        model: the served model name (``--served-model-name``).
+        api_key: bearer token, if the engine wants one.
+        tokenizer: the served model's tokenizer (a ``transformers`` tokenizer, or a path / id
+            loaded with ``AutoTokenizer``). With it, sentence ends are sent as token ids, so a
+            candidate ends on exactly the tokens it ends on locally; without it, as stop strings
+            (a token *containing* a terminator, e.g. ``'3.'``, may then end a sentence mid-token).
+        http: timeouts, retries and pool size.
+        send_image_uuids: send each image's content hash as ``uuid`` (vLLM >= 0.11 caches on it;
+            turn off for engines that reject unknown fields).
+        extra_body: more fields merged into every request (e.g. ``{"priority": 1}``).
+
+    Example (needs a running engine; see docs/scaling.md):
+        >>> backend = OpenAICompatibleBackend("http://127.0.0.1:8000", "llava-1.5-7b")  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        api_key: str | None = None,
+        tokenizer: Any = None,
+        http: HTTPSettings | None = None,
+        send_image_uuids: bool = True,
+        extra_body: dict[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(model, str) or not model.strip():
+            raise InvalidInputError(f"model={model!r}: give the engine's served model name")
+        self.client = EngineClient(base_url, api_key=api_key, settings=http)
+        self.name = model
+        self.tokenizer = _load_tokenizer(tokenizer)
+        self.send_image_uuids = send_image_uuids
+        self.extra_body = dict(extra_body or {})
+        self._stop_ids: dict[tuple[tuple[str, ...], str], list[int]] = {}
+        self._add_bos = _tokenizer_adds_missing_bos(self.tokenizer)
+
+    # ----- the interface -----
+    async def greedy(
+        self,
+        conversation: Conversation,
+        *,
+        assistant_text: str = "",
+        max_tokens: int,
+        stop: Sequence[str] | None = None,
+    ) -> AsyncIterator[str | Completion]:
+        body = self._body(conversation, assistant_text)
+        body.update(
+            max_tokens=max_tokens,
+            temperature=0.0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        if stop:
+            body["stop"] = list(stop)
+        parts: list[str] = []
+        finish: str | None = None
+        stop_reason: Any = None
+        usage: dict[str, Any] | None = None
+        async for event in self.client.stream_sse(_CHAT, body):
+            if event.get("usage"):
+                usage = event["usage"]
+            for choice in event.get("choices") or []:
+                delta = (choice.get("delta") or {}).get("content")
+                if isinstance(delta, str) and delta:
+                    parts.append(delta)
+                    yield delta
+                if choice.get("finish_reason"):
+                    finish, stop_reason = choice["finish_reason"], choice.get("stop_reason")
+        if finish is None:
+            raise ReplyShapeError(f"malformed stream from {_CHAT}: no choice had a finish_reason")
+        if usage is None:
+            raise ReplyShapeError(
+                f"malformed stream from {_CHAT}: no usage chunk (stream_options.include_usage)"
+            )
+        yield Completion(
+            text="".join(parts),
+            num_tokens=int(field(usage, "completion_tokens", kind=int, what=_CHAT)),
+            finish_reason=_finish(finish),
+            ended=finish == "stop" and stop_reason is None,
+            prompt_tokens=int(field(usage, "prompt_tokens", kind=int, what=_CHAT)),
+        )
+
+    async def sample(
+        self, conversation: Conversation, *, assistant_text: str, step: SamplingStep
+    ) -> list[Completion]:
+        body = self._body(conversation, assistant_text)
+        body.update(
+            n=step.n,
+            max_tokens=step.max_tokens,
+            temperature=step.temperature,
+            top_k=step.top_k,
+            return_token_ids=True,
+        )
+        if step.seed is not None:
+            body["seed"] = step.seed
+        stop_ids = self.sentence_end_token_ids(step.terminators, step.rule)
+        if stop_ids is not None:
+            body["stop_token_ids"] = stop_ids
+        else:
+            body["stop"] = list(step.terminators)
+        # The sentence's last token belongs to the candidate: vLLM drops the text of a stop
+        # token id, as of a stop string, unless asked to keep it.
+        body["include_stop_str_in_output"] = True
+        reply = await self.client.post_json(_CHAT, body)
+        choices = field(reply, "choices", kind=list, what=_CHAT)
+        usage = field(reply, "usage", kind=dict, what=_CHAT)
+        prompt_tokens = int(field(usage, "prompt_tokens", kind=int, what=_CHAT))
+        if len(choices) != step.n:
+            raise ReplyShapeError(
+                f"malformed reply to {_CHAT}: {len(choices)} choices for n={step.n}"
+            )
+        share = max(1, round(int(usage.get("completion_tokens") or 0) / step.n))
+        out: list[Completion | None] = [None] * step.n
+        for i, choice in enumerate(choices):
+            index = choice.get("index", i) if isinstance(choice, dict) else i
+            if not isinstance(index, int) or not 0 <= index < step.n or out[index] is not None:
+                raise ReplyShapeError(f"malformed reply to {_CHAT}: bad choice index {index!r}")
+            text = field(choice, "message", "content", kind=(str, type(None)), what=_CHAT) or ""
+            finish = field(choice, "finish_reason", kind=str, what=_CHAT)
+            ids = choice.get("token_ids")
+            out[index] = Completion(
+                text=text,
+                # vLLM returns the ids; other engines only the total, shared out evenly.
+                num_tokens=len(ids) if isinstance(ids, list) else share,
+                finish_reason=_finish(finish),
+                ended=finish == "stop" and choice.get("stop_reason") is None,
+                prompt_tokens=prompt_tokens,
+                token_ids=tuple(int(i) for i in ids) if isinstance(ids, list) else None,
+            )
+        return [c for c in out if c is not None]
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    # ----- helpers -----
+    def sentence_end_token_ids(
+        self, terminators: tuple[str, ...], rule: SentenceEndRule = "exact"
+    ) -> list[int] | None:
+        """The ids of tokens that end a sentence under the local rule; None without a tokenizer."""
+        if self.tokenizer is None:
+            return None
+        key = (tuple(terminators), rule)
+        if key not in self._stop_ids:
+            from eta_guard.decoding.stopping import vocabulary_masks
+
+            ends, _ = vocabulary_masks(self.tokenizer, key[0], rule)
+            ids = ends.nonzero().flatten().tolist()
+            if not ids:
+                raise InvalidInputError(
+                    f"no token of the tokenizer ends a sentence under sentence_terminators="
+                    f"{key[0]!r}, sentence_end_rule={rule!r}; sentences would run to the budget. "
+                    "Use other terminators or sentence_end_rule='contains'"
+                )
+            self._stop_ids[key] = ids
+        return self._stop_ids[key]
+
+    def _body(self, conversation: Conversation, assistant_text: str) -> dict[str, Any]:
+        messages = openai_messages(conversation, send_uuids=self.send_image_uuids)
+        body: dict[str, Any] = {**self.extra_body, "model": self.name, "messages": messages}
+        if self._add_bos:
+            # The template writes no BOS but the tokenizer adds one: the local adapter's prompt
+            # has it, and vLLM's chat API leaves special tokens to the template unless told.
+            body.setdefault("add_special_tokens", True)
+        if assistant_text:
+            messages.append({"role": "assistant", "content": assistant_text})
+            body.update(continue_final_message=True, add_generation_prompt=False)
+        return body
+
+
+def openai_messages(conversation: Conversation, *, send_uuids: bool = True) -> list[dict[str, Any]]:
+    """The conversation as OpenAI chat messages, each image a PNG data URL (with its hash as uuid)."""
+    images = iter(_encoded_images(conversation))
+    messages = []
+    for message in conversation.messages:
+        content = message["content"]
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if part.get("type") == "image":
+                    url, digest = next(images)
+                    item: dict[str, Any] = {"type": "image_url", "image_url": {"url": url}}
+                    if send_uuids:
+                        item["uuid"] = digest
+                    parts.append(item)
+                else:
+                    parts.append({"type": "text", "text": part.get("text", "")})
+            content = parts
+        messages.append({"role": message["role"], "content": content})
+    return messages
+
+
+def _encoded_images(conversation: Conversation) -> list[tuple[str, str]]:
+    """``(data URL, sha256)`` per image, computed once per conversation object."""
+    cached = getattr(conversation, "_eta_encoded_images", None)
+    if cached is None:
+        cached = [_encode(image) for image in conversation.images]
+        conversation._eta_encoded_images = cached  # type: ignore[attr-defined]
+    return cached
+
+
+def _encode(image: Image.Image) -> tuple[str, str]:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    data = buffer.getvalue()
+    url = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+    return url, "sha256-" + hashlib.sha256(data).hexdigest()
+
+
+def _finish(reason: str) -> FinishReason:
+    if reason in ("stop", "eos", "stop_sequence"):
+        return "stop"
+    if reason in ("abort", "error"):
+        raise BackendError(f"the engine gave up on the request (finish_reason={reason!r})")
+    if reason == "length":
+        return "length"
+    raise ReplyShapeError(f"malformed reply to {_CHAT}: unknown finish_reason {reason!r}")
+
+
+def _tokenizer_adds_missing_bos(tokenizer: Any) -> bool:
+    """Whether the local rule (``VLMAdapter.prepare``) puts a BOS the chat template does not write."""
+    bos = getattr(tokenizer, "bos_token", None)
+    if tokenizer is None or not bos or not getattr(tokenizer, "chat_template", None):
+        return False
+    probe = [{"role": "user", "content": "hi"}]
+    try:
+        text = tokenizer.apply_chat_template(probe, add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(text)["input_ids"]
+    except Exception:  # noqa: BLE001 - a template that cannot render a probe: keep the engine's way
+        return False
+    return not text.startswith(bos) and bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
+def _load_tokenizer(tokenizer: Any) -> Any:
+    if tokenizer is None or not isinstance(tokenizer, str):
+        return tokenizer
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(tokenizer)
+    except (OSError, ValueError) as e:
+        raise InvalidInputError(
+            f"tokenizer={tokenizer!r} cannot be loaded ({e}); pass the served model's tokenizer "
+            "folder or HF id, or tokenizer=None to send sentence ends as stop strings"
+        ) from e
+
+
+__all__ = ["OpenAICompatibleBackend", "openai_messages"]

