@@ -248,3 +248,31 @@ def test_seed_makes_the_aligned_answer_reproducible(flagged_url, image_url):
     assert answer(3) == first and first.startswith("As an AI assistant")
     # The request's seed is used (the server's config has seed=0): other seeds, other samples.
     assert len({first, *(answer(s) for s in (4, 5, 6))}) > 1
+
+
+def test_serves_a_backend_eta_over_an_openai_compatible_engine(tiny_eta, image_url):
+    """eta-guard serve in front of ETA.from_openai_compatible's BackendETA (a stub engine here)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from backend_stub import StubServer
+
+    from eta_guard import ETAConfig
+    from eta_guard.backends import BackendETA, HTTPSettings, OpenAICompatibleBackend
+    from eta_guard.server import ServerSettings, create_app
+    from eta_guard.server.runner import serve_in_thread
+
+    with StubServer() as stub:
+        backend = OpenAICompatibleBackend(stub.url, "tiny-vlm", http=HTTPSettings(timeout=5.0))
+        eta = BackendETA(backend, tiny_eta.evaluator, ETAConfig(pre_threshold=2.0, seed=0))
+        app = create_app(eta, settings=ServerSettings(api_keys={KEY}))
+        with serve_in_thread(app) as url:
+            client = _client(url)
+            kwargs = {"model": "eta-guard", "messages": _messages(image_url), "max_tokens": 16}
+            plain = client.chat.completions.create(**kwargs)
+            assert plain.choices[0].message.content == "Sure, here is how."
+            assert plain.model_extra["eta"]["input_unsafe"] is False
+            streamed = client.chat.completions.create(**kwargs, stream=True)
+            text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+            assert text == "Sure, here is how."
