@@ -276,3 +276,50 @@ def test_serves_a_backend_eta_over_an_openai_compatible_engine(tiny_eta, image_u
             streamed = client.chat.completions.create(**kwargs, stream=True)
             text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
             assert text == "Sure, here is how."
+
+
+def test_backend_eta_calls_run_concurrently_when_allowed(tiny_eta, image_url):
+    """max_concurrent_calls > 1 lets a batching engine see several calls at once."""
+    import sys
+    import threading
+    import time
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from backend_stub import StubServer
+
+    from eta_guard import ETAConfig
+    from eta_guard.backends import BackendETA, HTTPSettings, OpenAICompatibleBackend
+    from eta_guard.server import ServerSettings, create_app
+    from eta_guard.server.runner import serve_in_thread
+
+    with StubServer() as stub:
+        stub.delay = 1.0  # every engine request takes a second: calls overlap if allowed to
+        backend = OpenAICompatibleBackend(stub.url, "tiny-vlm", http=HTTPSettings(timeout=10.0))
+        eta = BackendETA(backend, tiny_eta.evaluator, ETAConfig(pre_threshold=2.0))
+        settings = ServerSettings(api_keys={KEY}, max_concurrent_calls=4)
+        with serve_in_thread(create_app(eta, settings=settings)) as url:
+            body = {"model": "eta-guard", "messages": [{"role": "user", "content": "Hi"}]}
+            threads = [
+                threading.Thread(
+                    target=httpx.post,
+                    args=(url + "/v1/chat/completions",),
+                    kwargs={
+                        "json": body,
+                        "headers": {"Authorization": f"Bearer {KEY}"},
+                        "timeout": 30,
+                    },
+                )
+                for _ in range(4)
+            ]
+            for t in threads:
+                t.start()
+            deadline, busiest = time.monotonic() + 10, 0.0
+            while time.monotonic() < deadline and busiest < 4:
+                metrics = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {KEY}"})
+                line = next(x for x in metrics.text.splitlines() if x.startswith("eta_model_busy "))
+                busiest = max(busiest, float(line.split()[1]))
+                time.sleep(0.02)
+            for t in threads:
+                t.join(timeout=30)
+            assert busiest == 4

@@ -44,7 +44,7 @@ class Metrics:
             registry=r,
         )
         self.queue_depth = Gauge("eta_queue_depth", "Requests waiting for the model.", registry=r)
-        self.running = Gauge("eta_model_busy", "1 while a call holds the model.", registry=r)
+        self.running = Gauge("eta_model_busy", "Calls holding the model now.", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,4 +1,4 @@
-"""A bounded queue in front of the model, which runs one call at a time.
+"""A bounded queue in front of the model, which runs one call at a time (or ``concurrency``).
 
 ``Scheduler.submit`` admits a call or raises 429 at once (queue full); an admitted :class:`Job`
 waits for the model, then runs its blocking iterator in a thread of its own and hands the items
@@ -29,11 +29,12 @@ MakeIter = Callable[[threading.Event], Iterator[Any]]
 
 
 class Scheduler:
-    """Admission (at most ``max_queue`` waiting) and one model call at a time."""
+    """Admission (at most ``max_queue`` waiting) and ``concurrency`` model calls at a time."""
 
-    def __init__(self, max_queue: int, metrics: Metrics) -> None:
+    def __init__(self, max_queue: int, metrics: Metrics, concurrency: int = 1) -> None:
         self.max_queue = max_queue
         self.metrics = metrics
+        self.concurrency = concurrency
         self.waiting = 0
         self._slot: asyncio.Semaphore | None = None
 
@@ -42,7 +43,7 @@ class Scheduler:
         if self.waiting >= self.max_queue + (0 if self._busy() else 1):
             raise queue_full()
         if self._slot is None:
-            self._slot = asyncio.Semaphore(1)
+            self._slot = asyncio.Semaphore(self.concurrency)
         job = Job(self, make_iter, timeout_s=timeout_s, route=route)
         job.start()
         return job
@@ -125,7 +126,7 @@ class Job:
         if self.cancel_event.is_set():
             slot.release()
             return
-        self.scheduler.metrics.running.set(1)
+        self.scheduler.metrics.running.inc()
         thread = threading.Thread(target=self._work, daemon=True, name="eta-guard-model")
         thread.start()
 
@@ -153,7 +154,7 @@ class Job:
             self._call(self._release)
 
     def _release(self) -> None:
-        self.scheduler.metrics.running.set(0)
+        self.scheduler.metrics.running.dec()
         assert self.scheduler._slot is not None
         self.scheduler._slot.release()
 

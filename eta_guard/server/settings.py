@@ -46,6 +46,14 @@ class ServerSettings(BaseModel):
     max_tokens_limit: int | None = Field(
         None, ge=1, description="Largest max_tokens a request may ask (None: ETAConfig's)."
     )
+    max_concurrent_calls: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="Model calls run at once. A local ETA runs one at a time whatever this says "
+        "(its models hold per-call state); raise it for a BackendETA, whose engine (vLLM) "
+        "batches concurrent requests.",
+    )
     max_concurrent_requests: int = Field(
         64,
         ge=1,

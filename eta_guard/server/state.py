@@ -36,7 +36,9 @@ class ServerState:
     _ready: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
-        self.scheduler = Scheduler(self.settings.max_queue, self.metrics)
+        self.scheduler = Scheduler(
+            self.settings.max_queue, self.metrics, self.settings.max_concurrent_calls
+        )
 
     @property
     def ready(self) -> bool:
