@@ -21,6 +21,7 @@ _LAZY = {
     "InvalidInputError": "eta_guard.errors",
     "EvaluatorError": "eta_guard.errors",
     "GuardrailViolation": "eta_guard.errors",
+    "RequestCancelled": "eta_guard.errors",
 }
 
 __all__ = [
@@ -33,13 +34,20 @@ __all__ = [
     "EvaluatorError",
     "GuardrailViolation",
     "InvalidInputError",
+    "RequestCancelled",
     "SafetyVerdict",
     "__version__",
 ]
 
 if TYPE_CHECKING:
     from eta_guard.config import ETAConfig
-    from eta_guard.errors import ETAError, EvaluatorError, GuardrailViolation, InvalidInputError
+    from eta_guard.errors import (
+        ETAError,
+        EvaluatorError,
+        GuardrailViolation,
+        InvalidInputError,
+        RequestCancelled,
+    )
     from eta_guard.evaluators.eta_evaluator import ETAEvaluator
     from eta_guard.pipeline import ETA
     from eta_guard.verdict import ETAResult, ETAStreamChunk, SafetyVerdict

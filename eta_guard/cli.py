@@ -1,5 +1,5 @@
-"""The ``eta-guard`` command: ``generate``, ``evaluate``, ``estimate``, ``demo``, ``bench``, ``eval``
-and ``calibrate``.
+"""The ``eta-guard`` command: ``generate``, ``evaluate``, ``estimate``, ``demo``, ``bench``, ``eval``,
+``calibrate`` and ``serve``.
 
 A thin shell over the engine: it parses arguments, loads models and prints what the engine
 returns. Heavy imports (torch, transformers) happen inside the commands, so ``eta-guard --help``
@@ -874,6 +874,11 @@ from eta_guard.eval.cli import calibrate_command, eval_command  # noqa: E402
 
 app.command("eval")(eval_command)
 app.command("calibrate")(calibrate_command)
+
+# The server's command lives with the server (typer only at import, like eval's).
+from eta_guard.server.cli import serve  # noqa: E402
+
+app.command()(serve)
 
 
 def main() -> None:  # pragma: no cover - console entry point alias

@@ -20,6 +20,10 @@ class EvaluatorError(ETAError):
     """A safety evaluator (CLIP or reward model) could not produce a score."""
 
 
+class RequestCancelled(ETAError):
+    """A call was cancelled (its ``cancel`` event was set) before it finished."""
+
+
 class GuardrailViolation(ETAError):
     """A guard blocked a request or a response; ``verdict`` says why."""
 

@@ -26,7 +26,7 @@ from eta_guard.decision import vanilla_only_reason
 from eta_guard.decoding.best_of_n import SentenceBestOfN
 from eta_guard.decoding.stopping import cut_at_stop, stop_holdback
 from eta_guard.decoding.vlm import FinishReason, GreedyOutput, PreparedPrompt, VLMAdapter
-from eta_guard.errors import ETAError, EvaluatorError, InvalidInputError
+from eta_guard.errors import ETAError, EvaluatorError, InvalidInputError, RequestCancelled
 from eta_guard.evaluators.eta_evaluator import ETAEvaluator
 from eta_guard.limits import RequestLimits
 from eta_guard.media import _short
@@ -174,15 +174,24 @@ class ETA:
         return result
 
     def stream(
-        self, messages: Messages, *, stop: Sequence[str] | None = None, **overrides: Any
+        self,
+        messages: Messages,
+        *,
+        stop: Sequence[str] | None = None,
+        cancel: threading.Event | None = None,
+        **overrides: Any,
     ) -> Iterator[ETAStreamChunk]:
         """Yield the answer's text as it becomes final; the last chunk carries the ``ETAResult``.
 
         On an image that passes the CLIP check (or a trusted text-only request) tokens stream as
         they are decoded. Otherwise the greedy answer is held back until the reward model has
         judged it; an aligned answer then streams sentence by sentence.
+
+        ``cancel``: setting this event from another thread stops a held-back generation at its
+        next token (a server whose client went away); the stream then raises
+        :class:`~eta_guard.errors.RequestCancelled`. Closing the iterator stops streamed work.
         """
-        for item in self._run(messages, stop, overrides, streaming=True):
+        for item in self._run(messages, stop, overrides, streaming=True, cancel=cancel):
             if isinstance(item, ETAResult):
                 yield ETAStreamChunk(text="", result=item)
             elif item:
@@ -209,11 +218,16 @@ class ETA:
         return await asyncio.to_thread(self.batch, batch, stop=stop, **overrides)
 
     async def astream(
-        self, messages: Messages, *, stop: Sequence[str] | None = None, **overrides: Any
+        self,
+        messages: Messages,
+        *,
+        stop: Sequence[str] | None = None,
+        cancel: threading.Event | None = None,
+        **overrides: Any,
     ) -> AsyncIterator[ETAStreamChunk]:
         """Async :meth:`stream`: the same chunks, produced in a worker thread."""
         async for chunk in _iterate_in_thread(
-            lambda: self.stream(messages, stop=stop, **overrides)
+            lambda: self.stream(messages, stop=stop, cancel=cancel, **overrides)
         ):
             yield chunk
 
@@ -225,6 +239,7 @@ class ETA:
         overrides: dict[str, Any],
         *,
         streaming: bool,
+        cancel: threading.Event | None = None,
     ) -> Iterator[str | ETAResult]:
         cfg = self.config.with_overrides(**overrides)
         stop = _check_stop(stop)
@@ -245,7 +260,7 @@ class ETA:
         with self._lock:
             self._owner = threading.get_ident()
             try:
-                yield from _Request(self, conv, cfg, stop, streaming).run()
+                yield from _Request(self, conv, cfg, stop, streaming, cancel).run()
             except ETAError:
                 raise
             except Exception as e:
@@ -264,9 +279,16 @@ class _Request:
     """One ETA call: holds the per-call state so each stage stays a small method."""
 
     def __init__(
-        self, eta: ETA, conv: Conversation, cfg: ETAConfig, stop: list[str] | None, streaming: bool
+        self,
+        eta: ETA,
+        conv: Conversation,
+        cfg: ETAConfig,
+        stop: list[str] | None,
+        streaming: bool,
+        cancel: threading.Event | None = None,
     ) -> None:
         self.eta, self.conv, self.cfg, self.stop, self.streaming = eta, conv, cfg, stop, streaming
+        self.cancel = cancel
         self.evaluator = eta.evaluator.with_config(cfg)
         # What the VLM sees (system text, padded images); CLIP scores self.conv's images as given.
         self.vlm_conv = for_vlm(conv, cfg, eta.vlm.processor)
@@ -286,6 +308,7 @@ class _Request:
             return
 
         greedy = yield from self._vanilla(prepared, stream_tokens=False)
+        self._check_cancelled()  # a cut-short answer must never be judged or returned
         t0 = time.perf_counter()
         post = self.evaluator.evaluate_output(greedy.text)
         self.timings["post"] = time.perf_counter() - t0
@@ -294,7 +317,21 @@ class _Request:
             yield greedy.text
             yield self._vanilla_result(greedy, verdict, prepared)
             return
+        self._check_cancelled()
         yield from self._align(verdict, greedy)
+
+    def _cancellable(self, feed: Callable[[str], str]) -> Callable[[str], str]:
+        """``feed`` that first checks the cancel event (the search stops at its next sentence)."""
+
+        def checked(text: str) -> str:
+            self._check_cancelled()
+            return feed(text)
+
+        return checked
+
+    def _check_cancelled(self) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise RequestCancelled("the call was cancelled before it finished")
 
     def _pre_evaluate(self) -> SafetyVerdict:
         if not self.conv.has_images:
@@ -310,10 +347,17 @@ class _Request:
         vlm, max_new = self.eta.vlm, self.cfg.max_new_tokens
         if stream_tokens:
             stream = vlm.stream_greedy(prepared, max_new_tokens=max_new, stop=self.stop)
-            yield from stream
+            try:
+                for delta in stream:
+                    yield delta
+                    self._check_cancelled()
+            finally:
+                stream.close()  # stops the decoding thread when we leave early
             greedy = stream.output
         else:
-            greedy = vlm.generate_greedy(prepared, max_new_tokens=max_new, stop=self.stop)
+            greedy = vlm.generate_greedy(
+                prepared, max_new_tokens=max_new, stop=self.stop, cancel=self.cancel
+            )
         self.timings["vanilla"] = time.perf_counter() - t0
         return greedy
 
@@ -344,8 +388,9 @@ class _Request:
                 )
         else:
             shallow = self.eta.vlm.generate_greedy(
-                prepared, max_new_tokens=cfg.max_new_tokens, stop=self.stop
+                prepared, max_new_tokens=cfg.max_new_tokens, stop=self.stop, cancel=self.cancel
             )
+            self._check_cancelled()
             yield stop_filter.feed(shallow.text)
             tail, n_out, trace = shallow.text, len(shallow.token_ids), []
             decoded, finish = n_out, shallow.finish_reason
@@ -379,7 +424,7 @@ class _Request:
                 on_sentence=on_sentence,
                 stop=self.stop,  # ends the search early; the filter below still guards the prefix
             ),
-            stop_filter.feed,
+            self._cancellable(stop_filter.feed),
         )
         n_out = len(output.token_ids)
         return output.text, n_out, output.decoded_tokens, output.finish_reason, output.trace

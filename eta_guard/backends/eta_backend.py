@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
@@ -21,7 +22,13 @@ from eta_guard.config import ETAConfig
 from eta_guard.decision import skipped, vanilla_only_reason
 from eta_guard.decoding.selection import select_candidate, use_clip_term
 from eta_guard.decoding.stopping import cut_at_stop
-from eta_guard.errors import BackendError, ETAError, EvaluatorError, InvalidInputError
+from eta_guard.errors import (
+    BackendError,
+    ETAError,
+    EvaluatorError,
+    InvalidInputError,
+    RequestCancelled,
+)
 from eta_guard.evaluators.eta_evaluator import ETAEvaluator
 from eta_guard.limits import RequestLimits
 from eta_guard.messages import Conversation, normalize_messages
@@ -74,9 +81,16 @@ class BackendETA(ETA):
         return result
 
     async def astream(
-        self, messages: Messages, *, stop: Sequence[str] | None = None, **overrides: Any
+        self,
+        messages: Messages,
+        *,
+        stop: Sequence[str] | None = None,
+        cancel: threading.Event | None = None,
+        **overrides: Any,
     ) -> AsyncIterator[ETAStreamChunk]:
         async for item in self._arun(messages, stop, overrides, streaming=True):
+            if cancel is not None and cancel.is_set():  # as ETA.stream(cancel=): stop, say so
+                raise RequestCancelled("the call was cancelled before it finished")
             if isinstance(item, ETAResult):
                 yield ETAStreamChunk(text="", result=item)
             elif item:
@@ -98,9 +112,14 @@ class BackendETA(ETA):
         return run_sync(self.agenerate(messages, stop=stop, **overrides))
 
     def stream(
-        self, messages: Messages, *, stop: Sequence[str] | None = None, **overrides: Any
+        self,
+        messages: Messages,
+        *,
+        stop: Sequence[str] | None = None,
+        cancel: threading.Event | None = None,
+        **overrides: Any,
     ) -> Iterator[ETAStreamChunk]:
-        return iterate_sync(self.astream(messages, stop=stop, **overrides))
+        return iterate_sync(self.astream(messages, stop=stop, cancel=cancel, **overrides))
 
     def batch(
         self, batch: Sequence[Messages], *, stop: Sequence[str] | None = None, **overrides: Any

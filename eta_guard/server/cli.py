@@ -1,0 +1,203 @@
+"""The ``eta-guard serve`` command (registered in :mod:`eta_guard.cli`; the body lives here).
+
+Imports stay light at module level (typer only), so ``eta-guard --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from eta_guard.errors import InvalidInputError
+
+# The shared options of eta_guard.cli, restated: importing them would make `python -m
+# eta_guard.cli` import itself twice (it imports this module to register the command).
+ClipOpt = Annotated[str | None, typer.Option("--clip", help="CLIP checkpoint.")]
+RewardOpt = Annotated[str | None, typer.Option("--reward-model", help="Reward model.")]
+TinyOpt = Annotated[bool, typer.Option("--tiny", help="Random tiny checkpoints (mechanics only).")]
+CacheOpt = Annotated[Path | None, typer.Option("--cache-dir", help="Where --tiny builds them.")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="An ETAConfig JSON file.")]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="Override an ETAConfig field: FIELD=VALUE.")
+]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="e.g. cpu, cuda, cuda:1.")]
+DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="e.g. float32, bfloat16.")]
+RemoteCodeOpt = Annotated[
+    bool, typer.Option("--trust-remote-code", help="Allow checkpoint code (not needed by ArmoRM).")
+]
+PresetOpt = Annotated[
+    str | None,
+    typer.Option("--preset", help="A named setup: 'paper' = the paper's LLaVA-1.5 setup."),
+]
+VlmDeviceOpt = Annotated[str | None, typer.Option("--vlm-device", help="VLM device.")]
+ClipDeviceOpt = Annotated[str | None, typer.Option("--clip-device", help="CLIP device.")]
+RmDeviceOpt = Annotated[str | None, typer.Option("--reward-model-device", help="RM device.")]
+VlmDtypeOpt = Annotated[str | None, typer.Option("--vlm-dtype", help="VLM dtype.")]
+ClipDtypeOpt = Annotated[str | None, typer.Option("--clip-dtype", help="CLIP dtype.")]
+RmDtypeOpt = Annotated[str | None, typer.Option("--reward-model-dtype", help="RM dtype.")]
+
+
+def serve(
+    vlm: Annotated[
+        str | None,
+        typer.Argument(metavar="[VLM]", help="VLM checkpoint (omit with --moderation-only)."),
+    ] = None,
+    clip: ClipOpt = None,
+    reward_model: RewardOpt = None,
+    host: Annotated[str, typer.Option("--host", help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8000,
+    api_key_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--api-key-file",
+            help="Bearer keys, one per line (also read: $ETA_GUARD_API_KEYS). Keys are never "
+            "taken from the command line.",
+        ),
+    ] = None,
+    no_auth: Annotated[
+        bool, typer.Option("--no-auth", help="Allow serving without keys on a non-loopback host.")
+    ] = False,
+    moderation_only: Annotated[
+        bool,
+        typer.Option("--moderation-only", help="Serve /v1/moderations with CLIP and the RM only."),
+    ] = False,
+    served_model_name: Annotated[
+        str, typer.Option("--served-model-name", help="Model id clients send.")
+    ] = "eta-guard",
+    max_queue: Annotated[int, typer.Option("--max-queue", min=0, help="Waiting requests.")] = 16,
+    timeout: Annotated[
+        float, typer.Option("--timeout", min=0.001, help="Per-request deadline, seconds.")
+    ] = 300.0,
+    max_request_bytes: Annotated[
+        int, typer.Option("--max-request-bytes", min=1024, help="Largest request body.")
+    ] = 20 * 1024 * 1024,
+    max_tokens: Annotated[
+        int | None, typer.Option("--max-tokens", min=1, help="Largest max_tokens a client may ask.")
+    ] = None,
+    public_metrics: Annotated[
+        bool, typer.Option("--public-metrics", help="Serve /metrics without a key.")
+    ] = False,
+    tiny: TinyOpt = False,
+    cache_dir: CacheOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    trust_remote_code: RemoteCodeOpt = False,
+    preset: PresetOpt = None,
+    vlm_device: VlmDeviceOpt = None,
+    clip_device: ClipDeviceOpt = None,
+    reward_model_device: RmDeviceOpt = None,
+    vlm_dtype: VlmDtypeOpt = None,
+    clip_dtype: ClipDtypeOpt = None,
+    reward_model_dtype: RmDtypeOpt = None,
+    log_level: Annotated[str, typer.Option("--log-level")] = "info",
+) -> None:
+    """Serve ETA as an OpenAI-compatible API (chat/completions, moderations, models, health, metrics)."""
+    from eta_guard.cli import (
+        RANDOM_MODELS_LINE,
+        _consoles,
+        _friendly_errors,
+        _load_config,
+        _model_paths,
+        _placement,
+        _print_estimate,
+        _quiet_transformers,
+    )
+
+    _, err = _consoles()
+    with _friendly_errors():
+        try:
+            import uvicorn
+
+            from eta_guard.server.app import create_app
+            from eta_guard.server.settings import ServerSettings, load_api_keys
+        except ImportError as e:
+            raise InvalidInputError(
+                f"the server needs its extra: pip install 'eta-guard[server]' ({e.name} missing)"
+            ) from e
+        if moderation_only and vlm is not None:
+            raise InvalidInputError("--moderation-only loads no VLM: drop the VLM argument")
+        keys = load_api_keys(api_key_file)
+        if not keys and not no_auth and not _is_loopback(host):
+            raise InvalidInputError(
+                f"--host {host} is reachable from other machines: give --api-key-file (or "
+                "$ETA_GUARD_API_KEYS), or pass --no-auth to serve without keys"
+            )
+        settings = ServerSettings(
+            served_model_name=served_model_name,
+            api_keys=keys,
+            max_queue=max_queue,
+            request_timeout_s=timeout,
+            max_request_bytes=max_request_bytes,
+            max_tokens_limit=max_tokens,
+            public_metrics=public_metrics,
+        )
+        cfg = _load_config(config, set_)
+        paths = _model_paths(
+            err, vlm, clip, reward_model, tiny, cache_dir, need_vlm=not moderation_only
+        )
+        if tiny:
+            err.print(f"[yellow]{RANDOM_MODELS_LINE}[/]")
+
+        load_args = {
+            "device": device,
+            "dtype": dtype,
+            "trust_remote_code": trust_remote_code,
+            "preset": preset,
+            **_placement(
+                clip_device=clip_device,
+                reward_model_device=reward_model_device,
+                clip_dtype=clip_dtype,
+                reward_model_dtype=reward_model_dtype,
+            ),
+        }
+
+        def load():  # runs in the background: /health says 503 until it returns
+            _quiet_transformers()
+            if moderation_only:
+                from eta_guard.evaluators.eta_evaluator import ETAEvaluator
+
+                evaluator = ETAEvaluator.from_pretrained(
+                    clip=paths["clip"], reward_model=paths["reward_model"], config=cfg, **load_args
+                )
+                return None, evaluator
+            from eta_guard.pipeline import ETA
+
+            assert paths["vlm"] is not None  # _model_paths refused a missing VLM
+            eta = ETA.from_pretrained(
+                paths["vlm"],
+                clip=paths["clip"],
+                reward_model=paths["reward_model"],
+                config=cfg,
+                **load_args,
+                **vlm_placement,
+            )
+            return eta, eta.evaluator
+
+        vlm_placement = _placement(vlm_device=vlm_device, vlm_dtype=vlm_dtype)
+        if not moderation_only:  # the memory the three models will take, before any loads
+            missing = _print_estimate(err, paths, {**load_args, **vlm_placement}, cfg)
+            if missing:
+                err.print(f"[dim]memory estimate unavailable: {missing}[/]", highlight=False)
+        logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+        app = create_app(loader=load, settings=settings, moderation_only=moderation_only)
+        if not keys:
+            err.print("[yellow]no API keys: every local client is accepted[/]")
+        err.print(
+            f"serving on http://{host}:{port}/v1 (GET /health says when the models are ready)"
+        )
+        uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
