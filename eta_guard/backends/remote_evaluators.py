@@ -15,7 +15,8 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from eta_guard.backends._http import EngineClient, HTTPSettings, ReplyShapeError, field
-from eta_guard.backends.openai_compatible import _encode
+from eta_guard.backends.control_markers import control_strings_of, find_control_string
+from eta_guard.backends.openai_compatible import _encode, _load_tokenizer
 from eta_guard.errors import BackendError, EvaluatorError, InvalidInputError
 
 if TYPE_CHECKING:
@@ -41,6 +42,11 @@ class RemoteRewardModel:
         model: its served name.
         api_key: bearer token, if needed.
         http: timeouts, retries, pool size.
+        tokenizer: the served RM's tokenizer (object, folder or HF id). The engine parses special
+            tokens in the answer it renders, so an answer holding one of this tokenizer's control
+            tokens (``<|eot_id|>``...) could forge turns of the safety conversation; with the
+            tokenizer such an answer is not sent and raises :class:`EvaluatorError` (ETA's
+            ``on_evaluator_error`` policy decides). Without it answers are not checked.
     """
 
     def __init__(
@@ -50,11 +56,13 @@ class RemoteRewardModel:
         *,
         api_key: str | None = None,
         http: HTTPSettings | None = None,
+        tokenizer: Any = None,
     ) -> None:
         if not isinstance(model, str) or not model.strip():
             raise InvalidInputError(f"reward model={model!r}: give the engine's served model name")
         self.client = EngineClient(base_url, api_key=api_key, settings=http)
         self.name = model
+        self._markers = control_strings_of(_load_tokenizer(tokenizer))
 
     def score(self, responses: Sequence[str], instruction: str) -> list[float]:
         """Raw reward of each response under ``instruction`` (blocking).
@@ -71,6 +79,13 @@ class RemoteRewardModel:
         return list(await asyncio.gather(*(self._one(r, instruction) for r in responses)))
 
     async def _one(self, response: str, instruction: str) -> float:
+        marker = find_control_string([response], self._markers)
+        if marker is not None:
+            # The local RM splits such markers into text; the engine would parse them.
+            raise EvaluatorError(
+                f"remote reward model: the answer holds {marker[:40]!r}, a control token of the "
+                "RM's tokenizer; it was not scored"
+            )
         body = {
             "model": self.name,
             "messages": [

@@ -107,7 +107,7 @@ def control_strings(processor: Any, tokenizer: Any) -> list[str]:
         for token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values()
     }
     found.update(str(t) for t in getattr(tokenizer, "all_special_tokens", None) or [])
-    for name, value in vars(processor).items():
+    for name, value in (vars(processor) if processor is not None else {}).items():
         if name.endswith("token") and isinstance(value, str) and value:
             found.add(value)
     found.discard("")
