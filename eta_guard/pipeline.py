@@ -434,7 +434,8 @@ class _Request:
         """Greedy continuation of the prefix and the sentences already accepted and streamed."""
         vlm, cfg = self.eta.vlm, self.cfg
         accepted = stop_filter.text[len(cfg.prefix) :]
-        prepared = vlm.prepare(self.conv, assistant_prefix=cfg.prefix + accepted)
+        # The VLM's view (system text, padded images), as every other decoding of this request.
+        prepared = vlm.prepare(self.vlm_conv, assistant_prefix=cfg.prefix + accepted)
         used = (
             len(vlm.tokenizer(accepted, add_special_tokens=False)["input_ids"]) if accepted else 0
         )
