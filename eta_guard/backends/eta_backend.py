@@ -330,6 +330,16 @@ class _BackendRequest:
         )
 
 
+#: vLLM takes seeds in torch.long's range (signed 64-bit) and adds the candidate's index;
+#: ETAConfig allows any unsigned 64-bit seed (the local RNG's range). Steps wrap below 2**62.
+_ENGINE_SEED_SPAN = 2**62
+
+
+def _step_seed(seed: int, index: int) -> int:
+    """The engine seed of search step ``index``: ``seed + 1000 * index``, wrapped into its range."""
+    return (seed + 1000 * index) % _ENGINE_SEED_SPAN
+
+
 class _RemoteSearch:
     """Sentence-level best-of-N where each step is one ``sample`` call (N candidates at once)."""
 
@@ -358,7 +368,7 @@ class _RemoteSearch:
                 terminators=tuple(cfg.sentence_terminators),
                 rule=cfg.sentence_end_rule,
                 # One seed per step (the engine derives one per candidate from it).
-                seed=None if cfg.seed is None else cfg.seed + 1000 * index,
+                seed=None if cfg.seed is None else _step_seed(cfg.seed, index),
             )
             candidates = await req.backend.sample(
                 req.vlm_conv, assistant_text=cfg.prefix + self.text, step=step
