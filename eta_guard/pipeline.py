@@ -28,7 +28,7 @@ from eta_guard.decoding.stopping import cut_at_stop, stop_holdback
 from eta_guard.decoding.vlm import FinishReason, GreedyOutput, PreparedPrompt, VLMAdapter
 from eta_guard.errors import ETAError, EvaluatorError, InvalidInputError, RequestCancelled
 from eta_guard.evaluators.eta_evaluator import ETAEvaluator
-from eta_guard.limits import RequestLimits
+from eta_guard.limits import RequestLimits, check_stop_strings
 from eta_guard.media import _short
 from eta_guard.messages import Conversation, normalize_messages
 from eta_guard.prompting import for_vlm
@@ -513,6 +513,7 @@ def _check_stop(stop: Sequence[str] | None) -> list[str] | None:
     stop = list(stop)
     if not all(isinstance(s, str) and s for s in stop):
         raise InvalidInputError(f"stop must be a list of non-empty strings, got {_short(stop)}")
+    check_stop_strings(stop)
     return stop or None
 
 

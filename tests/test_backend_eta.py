@@ -340,3 +340,12 @@ def test_any_config_seed_reaches_the_engine_in_its_range(stub, evaluator):
     stub.requests.clear()
     _eta(stub, evaluator, seed=5, **ALIGN_ALL).generate(_messages())  # small seeds: unchanged
     assert [b["seed"] for b in stub.bodies(CHAT) if "seed" in b][0] == 5 + 1000
+
+
+def test_backend_eta_bounds_stop_strings_like_eta(stub, evaluator):
+    from eta_guard.errors import InvalidInputError
+    from eta_guard.limits import MAX_STOP_CHARS
+
+    with pytest.raises(InvalidInputError, match=rf"at most {MAX_STOP_CHARS}"):
+        _eta(stub, evaluator).generate(_messages(), stop=["x" * (MAX_STOP_CHARS + 1)])
+    assert stub.bodies(CHAT) == []  # nothing reached the engine
