@@ -21,8 +21,8 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
 from eta_guard.config import DEFAULT_CLIP, DEFAULT_REWARD_MODEL, ETAConfig
+from eta_guard.decision import request_result, vanilla_only_reason
 from eta_guard.decision import skipped as _skipped
-from eta_guard.decision import vanilla_only_reason
 from eta_guard.decoding.best_of_n import SentenceBestOfN
 from eta_guard.decoding.stopping import cut_at_stop, stop_holdback
 from eta_guard.decoding.vlm import FinishReason, GreedyOutput, PreparedPrompt, VLMAdapter
@@ -33,7 +33,7 @@ from eta_guard.media import _short
 from eta_guard.messages import Conversation, normalize_messages
 from eta_guard.prompting import for_vlm
 from eta_guard.remote_fetch import RemoteFetchPolicy
-from eta_guard.verdict import ETAResult, ETAStreamChunk, SafetyVerdict, TokenUsage
+from eta_guard.verdict import ETAResult, ETAStreamChunk, SafetyVerdict
 
 Messages = Sequence[dict[str, Any]]
 logger = logging.getLogger(__name__)
@@ -470,22 +470,18 @@ class _Request:
         vanilla_text: str | None = None,
         trace: list | None = None,
     ) -> ETAResult:
-        self.timings["total"] = time.perf_counter() - self.start
-        return ETAResult(
+        return request_result(
             text=text,
             verdict=verdict,
-            aligned=vanilla_text is not None,
-            vanilla_text=vanilla_text,
-            trace=trace or [],
-            usage=TokenUsage(
-                input_tokens=prepared.num_prompt_tokens,
-                output_tokens=output_tokens,
-                total_tokens=prepared.num_prompt_tokens + output_tokens,
-                decoded_tokens=decoded_tokens,
-            ),
-            timings=self.timings,
+            prompt_tokens=prepared.num_prompt_tokens,
+            output_tokens=output_tokens,
+            decoded_tokens=decoded_tokens,
             finish_reason=finish_reason,
+            timings=self.timings,
+            start=self.start,
             model_name=self.eta.model_name,
+            vanilla_text=vanilla_text,
+            trace=trace,
         )
 
 

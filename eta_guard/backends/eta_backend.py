@@ -19,7 +19,7 @@ from typing import Any
 from eta_guard.backends._loop import iterate_sync, run_sync
 from eta_guard.backends.base import Completion, FinishReason, GeneratorBackend, SamplingStep
 from eta_guard.config import ETAConfig
-from eta_guard.decision import skipped, vanilla_only_reason
+from eta_guard.decision import request_result, skipped, vanilla_only_reason
 from eta_guard.decoding.selection import select_candidate, use_clip_term
 from eta_guard.decoding.stopping import cut_at_stop
 from eta_guard.errors import (
@@ -35,7 +35,7 @@ from eta_guard.messages import Conversation, normalize_messages
 from eta_guard.pipeline import ETA, Messages, _check_batch, _check_stop, _StopFilter, _with_error
 from eta_guard.prompting import for_vlm
 from eta_guard.remote_fetch import RemoteFetchPolicy
-from eta_guard.verdict import ETAResult, ETAStreamChunk, SafetyVerdict, SentenceTrace, TokenUsage
+from eta_guard.verdict import ETAResult, ETAStreamChunk, SafetyVerdict, SentenceTrace
 
 logger = logging.getLogger(__name__)
 
@@ -310,23 +310,19 @@ class _BackendRequest:
         vanilla_text: str | None = None,
         trace: list[SentenceTrace] | None = None,
     ) -> ETAResult:
-        self.timings["total"] = time.perf_counter() - self.start
         n_out = greedy.num_tokens if output_tokens is None else output_tokens
-        return ETAResult(
+        return request_result(
             text=text,
             verdict=verdict,
-            aligned=vanilla_text is not None,
-            vanilla_text=vanilla_text,
-            trace=trace or [],
-            usage=TokenUsage(
-                input_tokens=greedy.prompt_tokens,
-                output_tokens=n_out,
-                total_tokens=greedy.prompt_tokens + n_out,
-                decoded_tokens=n_out if decoded_tokens is None else decoded_tokens,
-            ),
-            timings=self.timings,
+            prompt_tokens=greedy.prompt_tokens,
+            output_tokens=n_out,
+            decoded_tokens=n_out if decoded_tokens is None else decoded_tokens,
             finish_reason=finish_reason or greedy.finish_reason,
+            timings=self.timings,
+            start=self.start,
             model_name=self.eta.model_name,
+            vanilla_text=vanilla_text,
+            trace=trace,
         )
 
 
