@@ -140,13 +140,24 @@ class RemoteCLIP:
         self._text_cache: dict[str, list[float]] = {}
 
     # The CLIPPreEvaluator surface used by ETAEvaluator (blocking).
-    def score_images(self, images: list[Image.Image], *, prompt: str | None = None) -> list[float]:
-        """CLIP cosine of each image with ``prompt``."""
-        return _as_evaluator_error(self.client.run_sync, self.ascore_images(images, prompt=prompt))
+    def score_images(
+        self,
+        images: list[Image.Image],
+        *,
+        prompt: str | None = None,
+        batch_size: int | None = None,
+    ) -> list[float]:
+        """CLIP cosine of each image with ``prompt`` (at most ``batch_size`` requests at once)."""
+        return _as_evaluator_error(
+            self.client.run_sync,
+            self.ascore_images(images, prompt=prompt, batch_size=batch_size),
+        )
 
-    def embed_images(self, images: list[Image.Image]) -> list[list[float]]:
-        """One embedding per image."""
-        return _as_evaluator_error(self.client.run_sync, self._embed_images(images))
+    def embed_images(
+        self, images: list[Image.Image], *, batch_size: int | None = None
+    ) -> list[list[float]]:
+        """One embedding per image (at most ``batch_size`` requests at once)."""
+        return _as_evaluator_error(self.client.run_sync, self._embed_images(images, batch_size))
 
     def similarity(self, image_embeds: list[list[float]], texts: list[str]) -> list[float]:
         """Per text, its largest cosine over ``image_embeds``."""
@@ -154,12 +165,16 @@ class RemoteCLIP:
 
     # Async versions.
     async def ascore_images(
-        self, images: list[Image.Image], *, prompt: str | None = None
+        self,
+        images: list[Image.Image],
+        *,
+        prompt: str | None = None,
+        batch_size: int | None = None,
     ) -> list[float]:
         text = prompt or self.prompt
         if text not in self._text_cache:
             (self._text_cache[text],) = await self._embed_texts([text])
-        embeds = await self._embed_images(images)
+        embeds = await self._embed_images(images, batch_size)
         return [_cosine(e, self._text_cache[text]) for e in embeds]
 
     async def asimilarity(self, image_embeds: list[list[float]], texts: list[str]) -> list[float]:
@@ -174,7 +189,9 @@ class RemoteCLIP:
         reply = await self.client.post_json(_EMBED, body)
         return _embeddings(reply, len(texts))
 
-    async def _embed_images(self, images: list[Image.Image]) -> list[list[float]]:
+    async def _embed_images(
+        self, images: list[Image.Image], batch_size: int | None = None
+    ) -> list[list[float]]:
         async def one(image: Image.Image) -> list[float]:
             url, _ = _encode(image)
             body = {
@@ -186,7 +203,13 @@ class RemoteCLIP:
             (embedding,) = _embeddings(await self.client.post_json(_EMBED, body), 1)
             return embedding
 
-        return list(await asyncio.gather(*(one(image) for image in images)))
+        # ETAConfig.clip_batch_size bounds how many images are in flight, as it bounds a local
+        # forward's batch.
+        size = batch_size or len(images) or 1
+        out: list[list[float]] = []
+        for start in range(0, len(images), size):
+            out += await asyncio.gather(*(one(image) for image in images[start : start + size]))
+        return out
 
     def close(self) -> None:
         self.client.close()
