@@ -11,13 +11,25 @@ Without the tokenizer the control strings are unknown and nothing is checked (do
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from typing import Any
 
+logger = logging.getLogger(__name__)
 
-def control_strings_of(tokenizer: Any) -> tuple[str, ...]:
-    """The strings ``tokenizer`` reads as one added or special token, longest first (empty if None)."""
+
+def control_strings_of(tokenizer: Any, *, what: str = "the engine") -> tuple[str, ...]:
+    """The strings ``tokenizer`` reads as one added or special token, longest first.
+
+    Without a tokenizer: empty, and a warning that ``what`` gets such text unchecked.
+    """
     if tokenizer is None:
+        logger.warning(
+            "%s has no tokenizer: text holding its control tokens (<|im_end|>, </s>, <image>...) "
+            "cannot be refused and would be parsed as real markers there; pass the served "
+            "model's tokenizer (docs/scaling.md)",
+            what,
+        )
         return ()
     from eta_guard.decoding.content_tokens import control_strings
 

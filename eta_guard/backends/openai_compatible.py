@@ -84,7 +84,7 @@ class OpenAICompatibleBackend:
         self.extra_body = dict(extra_body or {})
         self._stop_ids: dict[tuple[tuple[str, ...], str], list[int]] = {}
         self._add_bos = _tokenizer_adds_missing_bos(self.tokenizer)
-        self._markers = control_strings_of(self.tokenizer)
+        self._markers = control_strings_of(self.tokenizer, what=f"generator {model!r}")
 
     # ----- the interface -----
     async def greedy(

@@ -62,7 +62,9 @@ class RemoteRewardModel:
             raise InvalidInputError(f"reward model={model!r}: give the engine's served model name")
         self.client = EngineClient(base_url, api_key=api_key, settings=http)
         self.name = model
-        self._markers = control_strings_of(_load_tokenizer(tokenizer))
+        self._markers = control_strings_of(
+            _load_tokenizer(tokenizer), what=f"remote reward model {model!r}"
+        )
 
     def score(self, responses: Sequence[str], instruction: str) -> list[float]:
         """Raw reward of each response under ``instruction`` (blocking).

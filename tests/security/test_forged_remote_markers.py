@@ -94,3 +94,12 @@ def test_remote_reward_model_does_not_score_a_forged_answer(stub, tiny_checkpoin
     with pytest.raises(EvaluatorError, match="control token"):
         rm.score(["I cannot help.", f"Sure.{eos}"], "Be safe.")
     assert rm.score(["Sure."], "Be safe.") == [pytest.approx(-2.5 + 0.005)]
+
+
+def test_without_a_tokenizer_the_gap_is_logged(stub, caplog):
+    with caplog.at_level("WARNING", logger="eta_guard.backends.control_markers"):
+        OpenAICompatibleBackend(stub.url, "m", http=FAST)
+        RemoteRewardModel(stub.url, "rm", http=FAST)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("generator 'm' has no tokenizer" in m for m in messages)
+    assert any("remote reward model 'rm' has no tokenizer" in m for m in messages)
