@@ -90,7 +90,8 @@ def render_with_spans(
     if [int(m.group(1)) for m in found] != list(range(len(contents))):
         return RenderedPrompt(text, None)
     spans: list[Span] = []
-    rebuilt, cursor, length = [], 0, 0
+    rebuilt: list[str] = []
+    cursor = length = 0
     for match, content in zip(found, contents, strict=True):
         before = skeleton[cursor : match.start()]
         rebuilt += (before, content)
