@@ -147,7 +147,7 @@ class ETA:
         ``clip_url=`` / ``reward_model_url=`` they name models served by an engine instead (CLIP
         through ``/v1/embeddings``, a sequence-classification RM through ``/classify``).
         Other keyword arguments: ``tokenizer`` (the served VLM's tokenizer, for token-exact
-        sentence ends and refusing forged control tokens), ``reward_model_tokenizer`` (the served
+        sentence ends and breaking forged control tokens), ``reward_model_tokenizer`` (the served
         RM's, to the same end), ``http`` (:class:`eta_guard.backends.HTTPSettings`),
         ``send_image_uuids`` and the local loaders' arguments of :meth:`from_pretrained`.
         Returns a :class:`eta_guard.backends.BackendETA` (see docs/scaling.md).

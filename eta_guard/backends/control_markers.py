@@ -1,21 +1,25 @@
-"""Refuse text that an inference engine would read as control tokens.
+"""Keep text from acting as control tokens on an inference engine.
 
 An OpenAI-compatible engine (vLLM) renders chat messages with the model's template and tokenizes
 the result with special tokens *parsed*: a user message, or a model answer sent back to a remote
 reward model, that holds ``<|im_end|>``, ``<|eot_id|>``, ``</s>`` or a literal image placeholder
-becomes real turn markers or image slots there. The local path splits such markers into plain
+becomes real turn markers or image slots there. The local path tokenizes such markers as plain
 text (:mod:`eta_guard.decoding.content_tokens`); over HTTP the text cannot be tokenized for the
-engine, so a request holding one of the served tokenizer's control strings is refused instead.
-Without the tokenizer the control strings are unknown and nothing is checked (docs/scaling.md).
+engine, so :func:`neutralize` breaks each of the served tokenizer's control strings with a
+zero-width space before it is sent: the model reads it as text (one invisible character more), as
+locally. The text ETA returns is never changed. Without the tokenizer the control strings are
+unknown and nothing is done; a warning says so (docs/scaling.md).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 from typing import Any
 
 logger = logging.getLogger(__name__)
+
+#: Inserted after a control string's first character (markers holding it are left out).
+_BREAK = "\u200b"
 
 
 def control_strings_of(tokenizer: Any, *, what: str = "the engine") -> tuple[str, ...]:
@@ -33,27 +37,32 @@ def control_strings_of(tokenizer: Any, *, what: str = "the engine") -> tuple[str
         return ()
     from eta_guard.decoding.content_tokens import control_strings
 
-    return tuple(control_strings(None, tokenizer))
+    # A one-character token cannot be broken (none of the known templates' markers is one).
+    return tuple(m for m in control_strings(None, tokenizer) if len(m) > 1 and _BREAK not in m)
 
 
-def find_control_string(texts: Iterable[str], markers: tuple[str, ...]) -> str | None:
-    """The first control string found in any of ``texts``, or None."""
-    if not markers:
-        return None
-    for text in texts:
-        for marker in markers:
+def neutralize(text: str, markers: tuple[str, ...]) -> str:
+    """``text`` with every control string of ``markers`` broken by a zero-width space.
+
+    Markers are handled longest first; the loop repeats until none is left (a break never
+    creates a marker, so each round only removes occurrences).
+    """
+    while markers and any(m in text for m in markers):
+        for marker in markers:  # longest first (control_strings_of's order)
             if marker in text:
-                return marker
-    return None
+                text = text.replace(marker, marker[0] + _BREAK + marker[1:])
+    return text
 
 
-def message_texts(messages: Iterable[dict[str, Any]]) -> Iterable[str]:
-    """Every text of OpenAI-style chat messages (str content or ``text`` parts)."""
+def neutralize_messages(messages: list[dict[str, Any]], markers: tuple[str, ...]) -> None:
+    """Neutralize every text of OpenAI-style chat ``messages`` in place (str content or parts)."""
+    if not markers:
+        return
     for message in messages:
         content = message.get("content")
         if isinstance(content, str):
-            yield content
+            message["content"] = neutralize(content, markers)
         elif isinstance(content, list):
             for part in content:
                 if isinstance(part, dict) and part.get("type") == "text":
-                    yield str(part.get("text", ""))
+                    part["text"] = neutralize(str(part.get("text", "")), markers)

@@ -27,8 +27,8 @@ from eta_guard.backends._http import EngineClient, HTTPSettings, ReplyShapeError
 from eta_guard.backends.base import Completion, FinishReason, SamplingStep
 from eta_guard.backends.control_markers import (
     control_strings_of,
-    find_control_string,
-    message_texts,
+    neutralize,
+    neutralize_messages,
 )
 from eta_guard.config import SentenceEndRule
 from eta_guard.errors import BackendError, InvalidInputError
@@ -52,9 +52,9 @@ class OpenAICompatibleBackend:
             loaded with ``AutoTokenizer``). With it, sentence ends are sent as token ids, so a
             candidate ends on exactly the tokens it ends on locally; without it, as stop strings
             (a token *containing* a terminator, e.g. ``'3.'``, may then end a sentence mid-token).
-            With it too, message text holding one of its control tokens (``<|im_end|>``,
-            ``<image>``...) is refused: the engine would parse it as a real marker. Without it
-            such text is not checked.
+            With it too, its control tokens in message text (``<|im_end|>``, ``<image>``...)
+            are broken with a zero-width space before sending, as the engine would parse them as
+            real markers. Without it such text goes as it is (a warning says so).
         http: timeouts, retries and pool size.
         send_image_uuids: send each image's content hash as ``uuid`` (vLLM >= 0.11 caches on it;
             turn off for engines that reject unknown fields).
@@ -207,21 +207,11 @@ class OpenAICompatibleBackend:
         return self._stop_ids[key]
 
     def _body(self, conversation: Conversation, assistant_text: str) -> dict[str, Any]:
-        # The engine parses special tokens in message text (unlike the local adapter, which
-        # splits them): a forged turn or image marker is refused before anything is sent.
-        marker = find_control_string(message_texts(conversation.messages), self._markers)
-        if marker is not None:
-            raise InvalidInputError(
-                f"message text holds {marker[:40]!r}, a control token of the served model's "
-                "tokenizer; the engine would read it as a real turn or image marker. Remove it"
-            )
-        marker = find_control_string([assistant_text], self._markers)
-        if marker is not None:
-            raise BackendError(
-                f"the answer so far holds {marker[:40]!r}, a control token of the served model's "
-                "tokenizer; continuing it on the engine would read it as a real marker"
-            )
         messages = openai_messages(conversation, send_uuids=self.send_image_uuids)
+        # The engine parses special tokens in message text (the local adapter keeps them text):
+        # forged turn or image markers are broken before anything is sent.
+        neutralize_messages(messages, self._markers)
+        assistant_text = neutralize(assistant_text, self._markers)
         body: dict[str, Any] = {**self.extra_body, "model": self.name, "messages": messages}
         if self._add_bos:
             # The template writes no BOS but the tokenizer adds one: the local adapter's prompt

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from eta_guard.backends._http import EngineClient, HTTPSettings, ReplyShapeError, field
-from eta_guard.backends.control_markers import control_strings_of, find_control_string
+from eta_guard.backends.control_markers import control_strings_of, neutralize
 from eta_guard.backends.openai_compatible import _encode, _load_tokenizer
 from eta_guard.errors import BackendError, EvaluatorError, InvalidInputError
 
@@ -45,8 +45,8 @@ class RemoteRewardModel:
         tokenizer: the served RM's tokenizer (object, folder or HF id). The engine parses special
             tokens in the answer it renders, so an answer holding one of this tokenizer's control
             tokens (``<|eot_id|>``...) could forge turns of the safety conversation; with the
-            tokenizer such an answer is not sent and raises :class:`EvaluatorError` (ETA's
-            ``on_evaluator_error`` policy decides). Without it answers are not checked.
+            tokenizer they are broken with a zero-width space before sending (scored as text, as
+            locally). Without it answers go as they are (a warning says so).
     """
 
     def __init__(
@@ -81,13 +81,8 @@ class RemoteRewardModel:
         return list(await asyncio.gather(*(self._one(r, instruction) for r in responses)))
 
     async def _one(self, response: str, instruction: str) -> float:
-        marker = find_control_string([response], self._markers)
-        if marker is not None:
-            # The local RM splits such markers into text; the engine would parse them.
-            raise EvaluatorError(
-                f"remote reward model: the answer holds {marker[:40]!r}, a control token of the "
-                "RM's tokenizer; it was not scored"
-            )
+        # The local RM tokenizes markers in the answer as text; the engine would parse them.
+        response = neutralize(response, self._markers)
         body = {
             "model": self.name,
             "messages": [
