@@ -134,11 +134,13 @@ def run(
     max_new_tokens: int,
     repeats: int = 3,
     via: str = "direct",
+    server_threads: int = 1,
 ) -> dict[str, Any]:
     """Run both arms on both paths; returns the report (also printed as JSON by ``main``).
 
     ``via``: ``direct`` (ETA in this process: ``report["paths"]``), ``server`` (``eta-guard
-    serve`` processes: ``report["server_paths"]``) or ``both``.
+    serve`` processes: ``report["server_paths"]``, each with ``server_threads`` torch threads)
+    or ``both``.
     """
     import torch
 
@@ -162,8 +164,9 @@ def run(
             url, model, paths, requests, concurrency, max_new_tokens, repeats
         )
     if via in ("server", "both"):
+        report["server_torch_threads"] = server_threads
         report["server_paths"] = _run_server(
-            url, model, paths, requests, concurrency, max_new_tokens, repeats
+            url, model, paths, requests, concurrency, max_new_tokens, repeats, server_threads
         )
     report["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     return report
@@ -218,9 +221,9 @@ def _run_server(
     concurrency: int,
     max_new_tokens: int,
     repeats: int,
+    threads: int,
 ) -> dict[str, Any]:
     """Both arms as ``eta-guard serve`` processes, same models, config and prompts as direct."""
-    import torch
 
     from eta_guard.server.bench import serve_process
 
@@ -231,7 +234,6 @@ def _run_server(
         "remote": [paths["lm"], "--generator-url", url, "--generator-model", model]
         + ["--max-concurrent-calls", str(concurrency)],
     }
-    threads = torch.get_num_threads()
     out: dict[str, Any] = {}
     for name, overrides in PATHS.items():
         sets: list[str] = []
@@ -273,6 +275,13 @@ def main() -> None:
         default="direct",
         help="ETA in this process, behind `eta-guard serve`, or both in one run",
     )
+    parser.add_argument(
+        "--server-threads",
+        type=int,
+        default=1,
+        help="torch threads of each server process (one: OpenMP threads spinning beside the "
+        "clients and the engine on a small machine slow the local arm several-fold)",
+    )
     args = parser.parse_args()
     report = run(
         args.url,
@@ -283,6 +292,7 @@ def main() -> None:
         max_new_tokens=args.max_new_tokens,
         repeats=args.repeats,
         via=args.via,
+        server_threads=args.server_threads,
     )
     print(json.dumps(report, indent=2))
 
