@@ -704,6 +704,10 @@ def _load_eta(
     return eta
 
 
+#: Environment variable holding the bearer key of the engine behind ``--generator-url``.
+GENERATOR_API_KEY_ENV = "ETA_GUARD_GENERATOR_API_KEY"
+
+
 def _engine_eta(
     generator: tuple[str, str],
     paths: dict[str, str | None],
@@ -719,8 +723,11 @@ def _engine_eta(
 
     ``paths["vlm"]`` (optional) only supplies the served VLM's tokenizer; CLIP and the RM load
     here. Options that place or configure the VLM cannot apply to a model served elsewhere, so
-    they are refused rather than ignored.
+    they are refused rather than ignored. The engine's key, if it wants one, comes from
+    :data:`GENERATOR_API_KEY_ENV`, never from the command line (``ps`` shows that).
     """
+    import os
+
     from eta_guard.pipeline import ETA
 
     placement = placement or {}
@@ -728,6 +735,7 @@ def _engine_eta(
     return ETA.from_openai_compatible(
         generator[0],
         generator[1],
+        api_key=os.environ.get(GENERATOR_API_KEY_ENV) or None,
         clip=paths["clip"],
         reward_model=paths["reward_model"],
         config=cfg,

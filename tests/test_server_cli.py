@@ -198,6 +198,7 @@ def test_serve_generator_url_wires_the_engine_and_concurrency(monkeypatch):
     monkeypatch.setattr(eta_guard.server.app, "create_app", lambda **kw: kw)
     monkeypatch.setattr("eta_guard.cli._print_estimate", lambda *a, **k: None)
     base = ["--generator-url", "http://127.0.0.1:9/v1", "--generator-model", "served-vlm"]
+    monkeypatch.setenv("ETA_GUARD_GENERATOR_API_KEY", "engine-key")
     result, seen = _invoke_serve(
         monkeypatch, ["tok/dir", *base, "--clip-dtype", "float16", "--set", "seed=3"]
     )
@@ -207,7 +208,7 @@ def test_serve_generator_url_wires_the_engine_and_concurrency(monkeypatch):
     assert made["loader"]()[1] == "the evaluator"
     assert loaded["url"] == "http://127.0.0.1:9/v1" and loaded["model"] == "served-vlm"
     assert loaded["tokenizer"] == "tok/dir" and loaded["config"].seed == 3
-    assert loaded["clip_kwargs"] == {"dtype": "float16"}
+    assert loaded["clip_kwargs"] == {"dtype": "float16"} and loaded["api_key"] == "engine-key"
     # no VLM argument: no tokenizer (sentence ends as stop strings), still served
     result, seen = _invoke_serve(monkeypatch, [*base, "--max-concurrent-calls", "32"])
     assert result.exit_code == 0, result.output
