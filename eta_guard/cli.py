@@ -671,16 +671,15 @@ def _load_eta(
 
     if generator is not None:
         with _status(err, "loading CLIP and the reward model (the VLM runs on the engine)"):
-            return ETA.from_openai_compatible(
-                generator[0],
-                generator[1],
-                clip=paths["clip"],
-                reward_model=paths["reward_model"],
-                config=cfg,
-                tokenizer=paths["vlm"],
+            return _engine_eta(
+                generator,
+                paths,
+                cfg,
                 device=device,
                 dtype=dtype,
                 trust_remote_code=trust_remote_code,
+                preset=preset,
+                placement=placement,
             )
 
     assert paths["vlm"] is not None  # _model_paths refused a missing --vlm
@@ -703,6 +702,63 @@ def _load_eta(
     if missing:  # said after loading: a checkpoint that cannot load reports its own error first
         err.print(f"[dim]memory estimate unavailable: {missing}[/]", highlight=False)
     return eta
+
+
+#: Environment variable holding the bearer key of the engine behind ``--generator-url``.
+GENERATOR_API_KEY_ENV = "ETA_GUARD_GENERATOR_API_KEY"
+
+
+def _engine_eta(
+    generator: tuple[str, str],
+    paths: dict[str, str | None],
+    cfg: ETAConfig,
+    *,
+    device: str | None,
+    dtype: str | None,
+    trust_remote_code: bool,
+    preset: str | None = None,
+    placement: dict[str, dict[str, Any]] | None = None,
+) -> Any:
+    """ETA with the VLM on an OpenAI-compatible engine (``generate`` and ``serve`` share it).
+
+    ``paths["vlm"]`` (optional) only supplies the served VLM's tokenizer; CLIP and the RM load
+    here. Options that place or configure the VLM cannot apply to a model served elsewhere, so
+    they are refused rather than ignored. The engine's key, if it wants one, comes from
+    :data:`GENERATOR_API_KEY_ENV`, never from the command line (``ps`` shows that).
+    """
+    import os
+
+    from eta_guard.pipeline import ETA
+
+    placement = placement or {}
+    _check_engine_options(preset, placement)
+    return ETA.from_openai_compatible(
+        generator[0],
+        generator[1],
+        api_key=os.environ.get(GENERATOR_API_KEY_ENV) or None,
+        clip=paths["clip"],
+        reward_model=paths["reward_model"],
+        config=cfg,
+        tokenizer=paths["vlm"],
+        device=device,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        clip_kwargs=placement.get("clip_kwargs"),
+        reward_model_kwargs=placement.get("reward_model_kwargs"),
+    )
+
+
+def _check_engine_options(preset: str | None, placement: dict[str, dict[str, Any]]) -> None:
+    """Refuse options for a local VLM when the VLM runs on an engine (never ignore them)."""
+    refused = [f"--vlm-{k}" for k in placement.get("vlm_kwargs", {})]
+    if preset is not None:
+        refused.append("--preset")  # it sets the VLM's dtype and prompt format
+    if refused:
+        raise InvalidInputError(
+            f"{', '.join(refused)}: with --generator-url the VLM runs on the engine, so options "
+            "for a local VLM cannot apply; configure the engine (and CLIP / the RM with "
+            "--clip-dtype, --reward-model-device...), or drop --generator-url"
+        )
 
 
 def _print_estimate(

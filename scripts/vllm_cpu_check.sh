@@ -8,7 +8,8 @@
 # HTTP only.
 #
 # Usage: scripts/vllm_cpu_check.sh [build|run|all] [pytest args...]   (default: all)
-#        ETA_VLLM_BENCH=1 also runs the local-vs-remote benchmark (eta_guard.backends.bench_backends)
+#        ETA_VLLM_BENCH=1 also runs the local-vs-remote benchmark (eta_guard.backends.bench_backends),
+#        in-process and through `eta-guard serve` (ETA_BENCH_VIA=direct|server|both, default both)
 # Env:   ETA_VLLM_VENV  venv path (default ~/.cache/eta-guard/vllm-venv)
 #        ETA_PY         the project's python (default /work/main/.venv/bin/python or python3)
 #        ETA_VLLM_PORT  port (default 8765)
@@ -69,7 +70,7 @@ run() {
   if [ "${ETA_VLLM_BENCH:-0}" = 1 ]; then
     "$PY" -m eta_guard.backends.bench_backends --url "http://127.0.0.1:$PORT" --model tiny-lm \
       --fixtures "$WORK" --requests "${ETA_BENCH_REQUESTS:-16}" \
-      --concurrency "${ETA_BENCH_CONCURRENCY:-8}" 2>/dev/null
+      --concurrency "${ETA_BENCH_CONCURRENCY:-8}" --via "${ETA_BENCH_VIA:-both}" 2>/dev/null
   fi
 }
 

@@ -241,3 +241,27 @@ def test_readme_config_table_lists_every_field_with_its_default() -> None:
         else:
             expected = str(default)
         assert cell.strip("`") == expected, name
+
+
+def test_generate_over_an_engine_and_its_refusals(runner, tiny_args, image_path) -> None:
+    """--generator-url: the VLM runs on the stub engine (tests/backend_stub.py); the helper
+    `serve` shares refuses local-VLM options instead of ignoring them."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from backend_stub import StubServer
+
+    with StubServer() as stub:
+        engine = ["--generator-url", stub.url, "--generator-model", "tiny-vlm"]
+        args = ["generate", "What is in this picture?", "-i", image_path, *tiny_args, *engine]
+        result = runner.invoke(app, [*args, "--set", "pre_threshold=1.01", "--json"])
+        _ok(result)
+        data = json.loads(result.stdout)
+        assert data["text"] == "Sure, here is how." and data["model_name"] == "tiny-vlm"
+        assert stub.bodies("/v1/chat/completions")[0]["model"] == "tiny-vlm"
+        sent = len(stub.requests)
+        for extra, flag in (
+            (["--preset", "paper"], "--preset"),
+            (["--vlm-device", "cpu"], "--vlm-device"),
+        ):
+            refused = runner.invoke(app, [*args, *extra])
+            assert refused.exit_code == 2 and flag in refused.stderr, refused.output
+        assert len(stub.requests) == sent  # refused before any request

@@ -167,3 +167,137 @@ def test_serve_wires_options_to_the_loader_and_uvicorn(monkeypatch, tmp_path):
     assert vlm == "some/vlm" and kwargs["preset"] == "paper"
     assert kwargs["reward_model_kwargs"] == {"device": "cuda:1"}
     assert kwargs["config"].seed == 5
+
+
+def _invoke_serve(monkeypatch, args, *, run=None):
+    """Run ``eta-guard serve ARGS`` in-process with uvicorn.run replaced; returns (result, seen)."""
+    import uvicorn
+    from typer.testing import CliRunner
+
+    from eta_guard.cli import app
+
+    seen: dict = {}
+    monkeypatch.setattr(uvicorn, "run", run or (lambda app, **kw: seen.update(app=app, uvicorn=kw)))
+    monkeypatch.delenv("ETA_GUARD_API_KEYS", raising=False)
+    return CliRunner().invoke(app, ["serve", *args]), seen
+
+
+def test_serve_generator_url_wires_the_engine_and_concurrency(monkeypatch):
+    """--generator-url: the VLM argument is the tokenizer, the engine ETA is built by the helper
+    `generate` uses, and max_concurrent_calls defaults to 8 (the engine batches)."""
+    import eta_guard.pipeline
+    import eta_guard.server.app
+
+    loaded: dict = {}
+
+    def fake_engine(cls, url, model, **kw):
+        loaded.update(url=url, model=model, **kw)
+        return mock.Mock(evaluator="the evaluator")
+
+    monkeypatch.setattr(eta_guard.pipeline.ETA, "from_openai_compatible", classmethod(fake_engine))
+    monkeypatch.setattr(eta_guard.server.app, "create_app", lambda **kw: kw)
+    monkeypatch.setattr("eta_guard.cli._print_estimate", lambda *a, **k: None)
+    base = ["--generator-url", "http://127.0.0.1:9/v1", "--generator-model", "served-vlm"]
+    monkeypatch.setenv("ETA_GUARD_GENERATOR_API_KEY", "engine-key")
+    result, seen = _invoke_serve(
+        monkeypatch, ["tok/dir", *base, "--clip-dtype", "float16", "--set", "seed=3"]
+    )
+    assert result.exit_code == 0, result.output
+    made = seen["app"]
+    assert made["settings"].max_concurrent_calls == 8 and made["moderation_only"] is False
+    assert made["loader"]()[1] == "the evaluator"
+    assert loaded["url"] == "http://127.0.0.1:9/v1" and loaded["model"] == "served-vlm"
+    assert loaded["tokenizer"] == "tok/dir" and loaded["config"].seed == 3
+    assert loaded["clip_kwargs"] == {"dtype": "float16"} and loaded["api_key"] == "engine-key"
+    # no VLM argument: no tokenizer (sentence ends as stop strings), still served
+    result, seen = _invoke_serve(monkeypatch, [*base, "--max-concurrent-calls", "32"])
+    assert result.exit_code == 0, result.output
+    assert seen["app"]["settings"].max_concurrent_calls == 32
+    seen["app"]["loader"]()
+    assert loaded["tokenizer"] is None
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["some/vlm", "--max-concurrent-calls", "2"], "one call at a time"),
+        (["--generator-url", "http://127.0.0.1:9"], "go together"),
+        (["--generator-model", "m"], "go together"),
+        (
+            ["--generator-url", "http://x", "--generator-model", "m", "--preset", "paper"],
+            "--preset",
+        ),
+        (
+            ["--generator-url", "http://x", "--generator-model", "m", "--vlm-dtype", "float16"],
+            "--vlm-dtype",
+        ),
+        (
+            ["--moderation-only", "--generator-url", "http://x", "--generator-model", "m"],
+            "drop --generator-url",
+        ),
+    ],
+)
+def test_serve_refuses_options_that_cannot_apply(monkeypatch, args, message):
+    result, seen = _invoke_serve(monkeypatch, args)
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert "uvicorn" not in seen  # refused before serving anything
+
+
+def test_serve_generator_url_end_to_end_over_the_stub_engine(
+    monkeypatch, tiny_checkpoints, tiny_dir
+):
+    """The real command, app and HTTP path in front of the stub engine (tests/backend_stub.py):
+    a flagged image's answer is aligned by best-of-N requests (n=2) sent to the engine.
+    Random local CLIP / RM: mechanics only."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import base64
+    import io
+
+    from backend_stub import StubServer
+
+    from eta_guard.server.runner import serve_in_thread
+    from eta_guard.testing import make_test_image
+
+    buf = io.BytesIO()
+    make_test_image("gradient").save(buf, format="PNG")
+    image = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    got: dict = {}
+
+    def run_for_real(app, host, port, **kw):
+        with serve_in_thread(app) as url:
+            deadline = time.monotonic() + 60
+            while httpx.get(url + "/health").status_code != 200:
+                assert time.monotonic() < deadline, httpx.get(url + "/health").text
+                time.sleep(0.05)
+            body = {
+                "model": "eta-guard",
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "text", "text": "What is in this picture?"},
+                            {"type": "image_url", "image_url": {"url": image}},
+                        ],
+                    }
+                ],
+                "max_tokens": 32,
+            }
+            got["reply"] = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
+
+    with StubServer() as stub:
+        args = ["--tiny", "--cache-dir", str(tiny_dir), "--generator-url", stub.url]
+        args += ["--generator-model", "tiny-vlm", "--set", "pre_threshold=-1.01"]
+        args += ["--set", "post_threshold=1e9", "--set", "num_candidates=2"]
+        result, _ = _invoke_serve(monkeypatch, args, run=run_for_real)
+        assert result.exit_code == 0, result.output
+        reply = got["reply"]
+        assert reply.status_code == 200, reply.text
+        answer = reply.json()
+        text = answer["choices"][0]["message"]["content"]
+        assert answer["eta"]["aligned"] is True and answer["eta"]["input_unsafe"] is True
+        assert text.startswith("As an AI assistant") and "Candidate" in text
+        chats = stub.bodies("/v1/chat/completions")
+        assert chats[0]["stream"] is True and chats[0]["model"] == "tiny-vlm"
+        assert [b["n"] for b in chats[1:]] == [2] * (len(chats) - 1) and len(chats) >= 2
+        # --tiny's VLM folder supplied the tokenizer: sentence ends as token ids
+        assert all(b.get("stop_token_ids") for b in chats[1:])

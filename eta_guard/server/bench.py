@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import resource
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -240,12 +242,6 @@ def main(
     json_path: Path | None = None,
 ) -> None:
     """Serve random checkpoints with ``eta-guard serve`` (its own process) and load it."""
-    import os
-    import subprocess
-    import sys
-    import tempfile
-
-    import httpx
     import torch
 
     from eta_guard.bench import default_cache_dir
@@ -261,41 +257,16 @@ def main(
     )
     baseline = engine_baseline(eta, max_tokens=max_tokens)
     del eta
-    port = _free_port()
-    cmd = [sys.executable, "-m", "eta_guard.cli", "serve", ckpt.vlm, "--clip", ckpt.clip]
-    cmd += ["--reward-model", ckpt.reward_model, "--port", str(port), "--log-level", "warning"]
-    cmd += ["--max-queue", str(max(64, clients * 2))]
+    args = [ckpt.vlm, "--clip", ckpt.clip, "--reward-model", ckpt.reward_model]
+    args += ["--max-queue", str(max(64, clients * 2))]
     for name, value in sets.items():
-        cmd += ["--set", f"{name}={value}"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "ETA_GUARD_API_KEYS": ""}
-    log = tempfile.TemporaryFile()  # a file, not a pipe: a chatty server never blocks on it
-    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while server.poll() is None and time.monotonic() < deadline:
-            try:
-                if httpx.get(base_url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        else:
-            log.seek(0)
-            raise RuntimeError(f"the server did not become ready: {log.read()[-2000:]!r}")
+        args += ["--set", f"{name}={value}"]
+    with serve_process(args, threads=threads) as (base_url, pid):
         report = asyncio.run(
             run_load(
-                base_url,
-                clients=clients,
-                requests=requests,
-                max_tokens=max_tokens,
-                server_pid=server.pid,
+                base_url, clients=clients, requests=requests, max_tokens=max_tokens, server_pid=pid
             )
         )
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
-        log.close()
     summary = report.summary()
     summary["setup"] = {"size": size, "max_tokens": max_tokens, "torch_threads": threads}
     # The same mix of good requests run one after another on the engine, without HTTP.
@@ -320,6 +291,45 @@ def main(
     )
     if json_path is not None:
         json_path.write_text(json.dumps(summary, indent=2))
+
+
+@contextlib.contextmanager
+def serve_process(
+    args: list[str], *, threads: int = 1, startup_timeout_s: float = 300.0
+) -> Iterator[tuple[str, int]]:
+    """Run ``eta-guard serve ARGS`` (keyless, on 127.0.0.1 and a free port) as a process of its
+    own; yield ``(base_url, pid)`` once ``/health`` says ready; stop it on exit."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    import httpx
+
+    port = _free_port()
+    cmd = [sys.executable, "-m", "eta_guard.cli", "serve", *args]
+    cmd += ["--port", str(port), "--log-level", "warning"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "ETA_GUARD_API_KEYS": ""}
+    log = tempfile.TemporaryFile()  # a file, not a pipe: a chatty server never blocks on it
+    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + startup_timeout_s
+        while server.poll() is None and time.monotonic() < deadline:
+            try:
+                if httpx.get(base_url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        else:
+            log.seek(0)
+            raise RuntimeError(f"the server did not become ready: {log.read()[-2000:]!r}")
+        yield base_url, server.pid
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        log.close()
 
 
 def _free_port() -> int:

@@ -44,7 +44,11 @@ RmDtypeOpt = Annotated[str | None, typer.Option("--reward-model-dtype", help="RM
 def serve(
     vlm: Annotated[
         str | None,
-        typer.Argument(metavar="[VLM]", help="VLM checkpoint (omit with --moderation-only)."),
+        typer.Argument(
+            metavar="[VLM]",
+            help="VLM checkpoint (omit with --moderation-only; with --generator-url optional: "
+            "only its tokenizer is loaded).",
+        ),
     ] = None,
     clip: ClipOpt = None,
     reward_model: RewardOpt = None,
@@ -96,12 +100,36 @@ def serve(
     clip_dtype: ClipDtypeOpt = None,
     reward_model_dtype: RmDtypeOpt = None,
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
+    generator_url: Annotated[
+        str | None,
+        typer.Option(
+            "--generator-url",
+            help="Run the VLM on an OpenAI-compatible engine (vLLM) at this URL; CLIP and the "
+            "RM load here (docs/scaling.md).",
+        ),
+    ] = None,
+    generator_model: Annotated[
+        str | None, typer.Option("--generator-model", help="The engine's served model name.")
+    ] = None,
+    max_concurrent_calls: Annotated[
+        int | None,
+        typer.Option(
+            "--max-concurrent-calls",
+            min=1,
+            max=1024,
+            help="Model calls in flight at once [default: 1; 8 with --generator-url, whose "
+            "engine batches them]. A local VLM runs one call at a time: more is refused.",
+        ),
+    ] = None,
 ) -> None:
     """Serve ETA as an OpenAI-compatible API (chat/completions, moderations, models, health, metrics)."""
     from eta_guard.cli import (
         RANDOM_MODELS_LINE,
+        _check_engine_options,
         _consoles,
+        _engine_eta,
         _friendly_errors,
+        _generator,
         _load_config,
         _model_paths,
         _placement,
@@ -122,6 +150,10 @@ def serve(
             ) from e
         if moderation_only and vlm is not None:
             raise InvalidInputError("--moderation-only loads no VLM: drop the VLM argument")
+        generator = _generator(generator_url, generator_model)
+        if moderation_only and generator is not None:
+            raise InvalidInputError("--moderation-only generates nothing: drop --generator-url")
+        calls = _concurrent_calls(max_concurrent_calls, remote=generator is not None)
         keys = load_api_keys(api_key_file)
         if not keys and not no_auth and not _is_loopback(host):
             raise InvalidInputError(
@@ -136,25 +168,33 @@ def serve(
             max_request_bytes=max_request_bytes,
             max_tokens_limit=max_tokens,
             public_metrics=public_metrics,
+            max_concurrent_calls=calls,
         )
         cfg = _load_config(config, set_)
         paths = _model_paths(
-            err, vlm, clip, reward_model, tiny, cache_dir, need_vlm=not moderation_only
+            err,
+            vlm,
+            clip,
+            reward_model,
+            tiny,
+            cache_dir,
+            need_vlm=not moderation_only and generator is None,
         )
         if tiny:
             err.print(f"[yellow]{RANDOM_MODELS_LINE}[/]")
 
+        evaluator_placement = _placement(
+            clip_device=clip_device,
+            reward_model_device=reward_model_device,
+            clip_dtype=clip_dtype,
+            reward_model_dtype=reward_model_dtype,
+        )
         load_args = {
             "device": device,
             "dtype": dtype,
             "trust_remote_code": trust_remote_code,
             "preset": preset,
-            **_placement(
-                clip_device=clip_device,
-                reward_model_device=reward_model_device,
-                clip_dtype=clip_dtype,
-                reward_model_dtype=reward_model_dtype,
-            ),
+            **evaluator_placement,
         }
 
         def load():  # runs in the background: /health says 503 until it returns
@@ -166,6 +206,18 @@ def serve(
                     clip=paths["clip"], reward_model=paths["reward_model"], config=cfg, **load_args
                 )
                 return None, evaluator
+            if generator is not None:
+                eta = _engine_eta(
+                    generator,
+                    paths,
+                    cfg,
+                    device=device,
+                    dtype=dtype,
+                    trust_remote_code=trust_remote_code,
+                    preset=preset,
+                    placement=evaluator_placement,
+                )
+                return eta, eta.evaluator
             from eta_guard.pipeline import ETA
 
             assert paths["vlm"] is not None  # _model_paths refused a missing VLM
@@ -180,8 +232,11 @@ def serve(
             return eta, eta.evaluator
 
         vlm_placement = _placement(vlm_device=vlm_device, vlm_dtype=vlm_dtype)
-        if not moderation_only:  # the memory the three models will take, before any loads
-            missing = _print_estimate(err, paths, {**load_args, **vlm_placement}, cfg)
+        if generator is not None:  # refuse local-VLM options now, not in the background load
+            _check_engine_options(preset, vlm_placement)
+        if not moderation_only:  # the memory the local models will take, before any loads
+            local = {**paths, "vlm": None} if generator is not None else paths
+            missing = _print_estimate(err, local, {**load_args, **vlm_placement}, cfg)
             if missing:
                 err.print(f"[dim]memory estimate unavailable: {missing}[/]", highlight=False)
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
@@ -192,6 +247,19 @@ def serve(
             f"serving on http://{host}:{port}/v1 (GET /health says when the models are ready)"
         )
         uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+
+
+def _concurrent_calls(asked: int | None, *, remote: bool) -> int:
+    """``--max-concurrent-calls``: 1 for a local VLM (it holds per-call state, so more would
+    only queue inside ETA), 8 by default for an engine, which batches the calls in flight."""
+    if asked is None:
+        return 8 if remote else 1
+    if asked > 1 and not remote:
+        raise InvalidInputError(
+            f"--max-concurrent-calls {asked}: a local VLM runs one call at a time; use 1, or "
+            "serve the VLM on an engine with --generator-url"
+        )
+    return asked
 
 
 def _is_loopback(host: str) -> bool:
