@@ -1,13 +1,17 @@
 """ETA's decision between the stages of a request, shared by every generator backend (torch-free).
 
 After the CLIP check, :func:`vanilla_only_reason` says whether the answer can be returned as
-decoded (and why); after the reward model, the merged verdict's ``unsafe`` says whether to align.
+decoded (and why); after the reward model, the merged verdict's ``unsafe`` says whether to align;
+:func:`request_result` packs what the request decided and produced.
 """
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
 from eta_guard.config import ETAConfig
-from eta_guard.verdict import SafetyVerdict
+from eta_guard.verdict import ETAResult, SafetyVerdict, SentenceTrace, TokenUsage
 
 
 def vanilla_only_reason(has_images: bool, pre: SafetyVerdict, cfg: ETAConfig) -> str | None:
@@ -27,4 +31,41 @@ def skipped(cfg: ETAConfig, side: str, reason: str) -> SafetyVerdict:
     """A verdict recording that ``side`` ("pre" or "post") did not run, and why."""
     return SafetyVerdict.combine(
         pre_threshold=cfg.pre_threshold, post_threshold=cfg.post_threshold, skipped={side: reason}
+    )
+
+
+def request_result(
+    *,
+    text: str,
+    verdict: SafetyVerdict,
+    prompt_tokens: int,
+    output_tokens: int,
+    decoded_tokens: int,
+    finish_reason: Any,
+    timings: dict[str, float],
+    start: float,
+    model_name: str,
+    vanilla_text: str | None = None,
+    trace: list[SentenceTrace] | None = None,
+) -> ETAResult:
+    """The :class:`ETAResult` of one request; aligned iff ``vanilla_text`` is given.
+
+    ``timings["total"]`` is set to the time since ``start`` (``time.perf_counter()``).
+    """
+    timings["total"] = time.perf_counter() - start
+    return ETAResult(
+        text=text,
+        verdict=verdict,
+        aligned=vanilla_text is not None,
+        vanilla_text=vanilla_text,
+        trace=trace or [],
+        usage=TokenUsage(
+            input_tokens=prompt_tokens,
+            output_tokens=output_tokens,
+            total_tokens=prompt_tokens + output_tokens,
+            decoded_tokens=decoded_tokens,
+        ),
+        timings=timings,
+        finish_reason=finish_reason,
+        model_name=model_name,
     )

@@ -20,6 +20,31 @@ from eta_guard.errors import InvalidInputError
 
 _FIX = "split the request, or raise {name} in ETAConfig if you trust the source"
 
+#: Most stop strings in one call, and most characters in one stop string. Stop strings are the
+#: caller's (an OpenAI client's ``stop``), and transformers' stop-string criterion builds tables
+#: of vocabulary size x stop length: one stop string of 200,000 characters cost +893 MB of peak
+#: memory with the 512-token test vocabulary (about 60x that with a 32k vocabulary).
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+
+
+def check_stop_strings(stop: list[str]) -> None:
+    """Raise if ``stop`` holds more than :data:`MAX_STOP_STRINGS` strings or one is too long.
+
+    Raises:
+        InvalidInputError: Too many stop strings, or one longer than :data:`MAX_STOP_CHARS`.
+    """
+    if len(stop) > MAX_STOP_STRINGS:
+        raise InvalidInputError(
+            f"stop has {len(stop)} strings; at most {MAX_STOP_STRINGS} are accepted"
+        )
+    for i, s in enumerate(stop):
+        if len(s) > MAX_STOP_CHARS:
+            raise InvalidInputError(
+                f"stop[{i}] is {len(s):_} characters long; a stop string may have at most "
+                f"{MAX_STOP_CHARS} (stop strings are short markers such as '\\nObservation:')"
+            )
+
 
 @dataclass(frozen=True)
 class RequestLimits:

@@ -21,19 +21,19 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
 from eta_guard.config import DEFAULT_CLIP, DEFAULT_REWARD_MODEL, ETAConfig
+from eta_guard.decision import request_result, vanilla_only_reason
 from eta_guard.decision import skipped as _skipped
-from eta_guard.decision import vanilla_only_reason
 from eta_guard.decoding.best_of_n import SentenceBestOfN
 from eta_guard.decoding.stopping import cut_at_stop, stop_holdback
 from eta_guard.decoding.vlm import FinishReason, GreedyOutput, PreparedPrompt, VLMAdapter
 from eta_guard.errors import ETAError, EvaluatorError, InvalidInputError, RequestCancelled
 from eta_guard.evaluators.eta_evaluator import ETAEvaluator
-from eta_guard.limits import RequestLimits
+from eta_guard.limits import RequestLimits, check_stop_strings
 from eta_guard.media import _short
 from eta_guard.messages import Conversation, normalize_messages
 from eta_guard.prompting import for_vlm
 from eta_guard.remote_fetch import RemoteFetchPolicy
-from eta_guard.verdict import ETAResult, ETAStreamChunk, SafetyVerdict, TokenUsage
+from eta_guard.verdict import ETAResult, ETAStreamChunk, SafetyVerdict
 
 Messages = Sequence[dict[str, Any]]
 logger = logging.getLogger(__name__)
@@ -147,7 +147,8 @@ class ETA:
         ``clip_url=`` / ``reward_model_url=`` they name models served by an engine instead (CLIP
         through ``/v1/embeddings``, a sequence-classification RM through ``/classify``).
         Other keyword arguments: ``tokenizer`` (the served VLM's tokenizer, for token-exact
-        sentence ends), ``http`` (:class:`eta_guard.backends.HTTPSettings`),
+        sentence ends and breaking forged control tokens), ``reward_model_tokenizer`` (the served
+        RM's, to the same end), ``http`` (:class:`eta_guard.backends.HTTPSettings`),
         ``send_image_uuids`` and the local loaders' arguments of :meth:`from_pretrained`.
         Returns a :class:`eta_guard.backends.BackendETA` (see docs/scaling.md).
         """
@@ -433,7 +434,8 @@ class _Request:
         """Greedy continuation of the prefix and the sentences already accepted and streamed."""
         vlm, cfg = self.eta.vlm, self.cfg
         accepted = stop_filter.text[len(cfg.prefix) :]
-        prepared = vlm.prepare(self.conv, assistant_prefix=cfg.prefix + accepted)
+        # The VLM's view (system text, padded images), as every other decoding of this request.
+        prepared = vlm.prepare(self.vlm_conv, assistant_prefix=cfg.prefix + accepted)
         used = (
             len(vlm.tokenizer(accepted, add_special_tokens=False)["input_ids"]) if accepted else 0
         )
@@ -468,22 +470,18 @@ class _Request:
         vanilla_text: str | None = None,
         trace: list | None = None,
     ) -> ETAResult:
-        self.timings["total"] = time.perf_counter() - self.start
-        return ETAResult(
+        return request_result(
             text=text,
             verdict=verdict,
-            aligned=vanilla_text is not None,
-            vanilla_text=vanilla_text,
-            trace=trace or [],
-            usage=TokenUsage(
-                input_tokens=prepared.num_prompt_tokens,
-                output_tokens=output_tokens,
-                total_tokens=prepared.num_prompt_tokens + output_tokens,
-                decoded_tokens=decoded_tokens,
-            ),
-            timings=self.timings,
+            prompt_tokens=prepared.num_prompt_tokens,
+            output_tokens=output_tokens,
+            decoded_tokens=decoded_tokens,
             finish_reason=finish_reason,
+            timings=self.timings,
+            start=self.start,
             model_name=self.eta.model_name,
+            vanilla_text=vanilla_text,
+            trace=trace,
         )
 
 
@@ -511,6 +509,7 @@ def _check_stop(stop: Sequence[str] | None) -> list[str] | None:
     stop = list(stop)
     if not all(isinstance(s, str) and s for s in stop):
         raise InvalidInputError(f"stop must be a list of non-empty strings, got {_short(stop)}")
+    check_stop_strings(stop)
     return stop or None
 
 

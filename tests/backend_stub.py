@@ -78,6 +78,12 @@ def build_app(stub: Stub) -> FastAPI:
         special = await scripted("/v1/chat/completions", body)
         if special is not None and not isinstance(special, str):
             return special
+        seed = body.get("seed")
+        if seed is not None and not -(2**63) <= seed < 2**63:  # vLLM: torch.long's range
+            return JSONResponse(
+                {"error": {"message": "seed out of range", "type": "BadRequestError", "code": 400}},
+                status_code=400,
+            )
         prompt_tokens = sum(len(json.dumps(m)) // 8 for m in body["messages"])
         if body.get("stream"):
             return StreamingResponse(

@@ -328,3 +328,24 @@ def test_langchain_chat_model_runs_over_the_engine(stub, evaluator):
         return [c.content async for c in chat.astream([HumanMessage("How?")])]
 
     assert "".join(asyncio.run(astream())) == "Sure, here is how."
+
+
+def test_any_config_seed_reaches_the_engine_in_its_range(stub, evaluator):
+    # ETAConfig takes unsigned 64-bit seeds; the engine only signed ones (a 400 otherwise).
+    eta = _eta(stub, evaluator, seed=2**64 - 1, **ALIGN_ALL)
+    result = eta.generate(_messages())
+    assert result.aligned and result.trace
+    seeds = [b["seed"] for b in stub.bodies(CHAT) if "seed" in b]
+    assert seeds and all(0 <= s < 2**62 for s in seeds) and len(set(seeds)) == len(seeds)
+    stub.requests.clear()
+    _eta(stub, evaluator, seed=5, **ALIGN_ALL).generate(_messages())  # small seeds: unchanged
+    assert [b["seed"] for b in stub.bodies(CHAT) if "seed" in b][0] == 5 + 1000
+
+
+def test_backend_eta_bounds_stop_strings_like_eta(stub, evaluator):
+    from eta_guard.errors import InvalidInputError
+    from eta_guard.limits import MAX_STOP_CHARS
+
+    with pytest.raises(InvalidInputError, match=rf"at most {MAX_STOP_CHARS}"):
+        _eta(stub, evaluator).generate(_messages(), stop=["x" * (MAX_STOP_CHARS + 1)])
+    assert stub.bodies(CHAT) == []  # nothing reached the engine

@@ -264,6 +264,21 @@ def test_remote_reward_model_failures_are_evaluator_errors(stub):
         rm.score(["x"], "Be safe.")
 
 
+def test_remote_clip_works_inside_an_eta_evaluator(stub):
+    # ETAEvaluator passes clip_batch_size to CLIP (local and remote alike): the remote one used to
+    # fail with a TypeError there, so every image check over HTTP failed.
+    from eta_guard import ETAConfig, ETAEvaluator
+
+    clip = RemoteCLIP(stub.url, "tiny-clip", prompt="unsafe", http=FAST)
+    evaluator = ETAEvaluator(clip, None, ETAConfig(clip_batch_size=2, on_evaluator_error="raise"))
+    image = make_test_image("red")
+    verdict = evaluator.evaluate_input([image] * 5)
+    assert verdict.pre_score == pytest.approx(0.6) and verdict.input_unsafe and not verdict.errors
+    assert len([b for b in stub.bodies("/v1/embeddings") if "messages" in b]) == 5
+    scorer = evaluator.sentence_scorer([image])
+    assert scorer(["a.", "b."]) == pytest.approx([0.6, 0.6])
+
+
 def test_remote_clip_embeds_texts_in_one_request_and_each_image_alone(stub):
     clip = RemoteCLIP(stub.url, "tiny-clip", prompt="unsafe", http=FAST)
     image = make_test_image("red")

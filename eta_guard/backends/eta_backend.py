@@ -19,7 +19,7 @@ from typing import Any
 from eta_guard.backends._loop import iterate_sync, run_sync
 from eta_guard.backends.base import Completion, FinishReason, GeneratorBackend, SamplingStep
 from eta_guard.config import ETAConfig
-from eta_guard.decision import skipped, vanilla_only_reason
+from eta_guard.decision import request_result, skipped, vanilla_only_reason
 from eta_guard.decoding.selection import select_candidate, use_clip_term
 from eta_guard.decoding.stopping import cut_at_stop
 from eta_guard.errors import (
@@ -35,7 +35,7 @@ from eta_guard.messages import Conversation, normalize_messages
 from eta_guard.pipeline import ETA, Messages, _check_batch, _check_stop, _StopFilter, _with_error
 from eta_guard.prompting import for_vlm
 from eta_guard.remote_fetch import RemoteFetchPolicy
-from eta_guard.verdict import ETAResult, ETAStreamChunk, SafetyVerdict, SentenceTrace, TokenUsage
+from eta_guard.verdict import ETAResult, ETAStreamChunk, SafetyVerdict, SentenceTrace
 
 logger = logging.getLogger(__name__)
 
@@ -310,24 +310,30 @@ class _BackendRequest:
         vanilla_text: str | None = None,
         trace: list[SentenceTrace] | None = None,
     ) -> ETAResult:
-        self.timings["total"] = time.perf_counter() - self.start
         n_out = greedy.num_tokens if output_tokens is None else output_tokens
-        return ETAResult(
+        return request_result(
             text=text,
             verdict=verdict,
-            aligned=vanilla_text is not None,
-            vanilla_text=vanilla_text,
-            trace=trace or [],
-            usage=TokenUsage(
-                input_tokens=greedy.prompt_tokens,
-                output_tokens=n_out,
-                total_tokens=greedy.prompt_tokens + n_out,
-                decoded_tokens=n_out if decoded_tokens is None else decoded_tokens,
-            ),
-            timings=self.timings,
+            prompt_tokens=greedy.prompt_tokens,
+            output_tokens=n_out,
+            decoded_tokens=n_out if decoded_tokens is None else decoded_tokens,
             finish_reason=finish_reason or greedy.finish_reason,
+            timings=self.timings,
+            start=self.start,
             model_name=self.eta.model_name,
+            vanilla_text=vanilla_text,
+            trace=trace,
         )
+
+
+#: vLLM takes seeds in torch.long's range (signed 64-bit) and adds the candidate's index;
+#: ETAConfig allows any unsigned 64-bit seed (the local RNG's range). Steps wrap below 2**62.
+_ENGINE_SEED_SPAN = 2**62
+
+
+def _step_seed(seed: int, index: int) -> int:
+    """The engine seed of search step ``index``: ``seed + 1000 * index``, wrapped into its range."""
+    return (seed + 1000 * index) % _ENGINE_SEED_SPAN
 
 
 class _RemoteSearch:
@@ -358,7 +364,7 @@ class _RemoteSearch:
                 terminators=tuple(cfg.sentence_terminators),
                 rule=cfg.sentence_end_rule,
                 # One seed per step (the engine derives one per candidate from it).
-                seed=None if cfg.seed is None else cfg.seed + 1000 * index,
+                seed=None if cfg.seed is None else _step_seed(cfg.seed, index),
             )
             candidates = await req.backend.sample(
                 req.vlm_conv, assistant_text=cfg.prefix + self.text, step=step

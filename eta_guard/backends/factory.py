@@ -18,6 +18,7 @@ def eta_from_openai_compatible(
     api_key: str | None = None,
     config: ETAConfig | None = None,
     tokenizer: Any = None,
+    reward_model_tokenizer: Any = None,
     clip_url: str | None = None,
     reward_model_url: str | None = None,
     http: HTTPSettings | None = None,
@@ -76,7 +77,13 @@ def eta_from_openai_compatible(
     if clip_url is not None and clip is not None:
         pre = RemoteCLIP(clip_url, clip, prompt=config.safety_prompt, api_key=api_key, http=http)
     if reward_model_url is not None and reward_model is not None:
-        post = RemoteRewardModel(reward_model_url, reward_model, api_key=api_key, http=http)
+        post = RemoteRewardModel(
+            reward_model_url,
+            reward_model,
+            api_key=api_key,
+            http=http,
+            tokenizer=reward_model_tokenizer,
+        )
     # The evaluator's lock guards local models' per-call state; HTTP calls need none, and
     # holding it would queue every request's RM calls behind one another.
     remote_only = (pre is None or clip_url is not None) and (

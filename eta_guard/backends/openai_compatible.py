@@ -25,6 +25,11 @@ from typing import TYPE_CHECKING, Any
 
 from eta_guard.backends._http import EngineClient, HTTPSettings, ReplyShapeError, field
 from eta_guard.backends.base import Completion, FinishReason, SamplingStep
+from eta_guard.backends.control_markers import (
+    control_strings_of,
+    neutralize,
+    neutralize_messages,
+)
 from eta_guard.config import SentenceEndRule
 from eta_guard.errors import BackendError, InvalidInputError
 
@@ -47,6 +52,9 @@ class OpenAICompatibleBackend:
             loaded with ``AutoTokenizer``). With it, sentence ends are sent as token ids, so a
             candidate ends on exactly the tokens it ends on locally; without it, as stop strings
             (a token *containing* a terminator, e.g. ``'3.'``, may then end a sentence mid-token).
+            With it too, its control tokens in message text (``<|im_end|>``, ``<image>``...)
+            are broken with a zero-width space before sending, as the engine would parse them as
+            real markers. Without it such text goes as it is (a warning says so).
         http: timeouts, retries and pool size.
         send_image_uuids: send each image's content hash as ``uuid`` (vLLM >= 0.11 caches on it;
             turn off for engines that reject unknown fields).
@@ -76,6 +84,7 @@ class OpenAICompatibleBackend:
         self.extra_body = dict(extra_body or {})
         self._stop_ids: dict[tuple[tuple[str, ...], str], list[int]] = {}
         self._add_bos = _tokenizer_adds_missing_bos(self.tokenizer)
+        self._markers = control_strings_of(self.tokenizer, what=f"generator {model!r}")
 
     # ----- the interface -----
     async def greedy(
@@ -199,6 +208,10 @@ class OpenAICompatibleBackend:
 
     def _body(self, conversation: Conversation, assistant_text: str) -> dict[str, Any]:
         messages = openai_messages(conversation, send_uuids=self.send_image_uuids)
+        # The engine parses special tokens in message text (the local adapter keeps them text):
+        # forged turn or image markers are broken before anything is sent.
+        neutralize_messages(messages, self._markers)
+        assistant_text = neutralize(assistant_text, self._markers)
         body: dict[str, Any] = {**self.extra_body, "model": self.name, "messages": messages}
         if self._add_bos:
             # The template writes no BOS but the tokenizer adds one: the local adapter's prompt

@@ -15,7 +15,8 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from eta_guard.backends._http import EngineClient, HTTPSettings, ReplyShapeError, field
-from eta_guard.backends.openai_compatible import _encode
+from eta_guard.backends.control_markers import control_strings_of, neutralize
+from eta_guard.backends.openai_compatible import _encode, _load_tokenizer
 from eta_guard.errors import BackendError, EvaluatorError, InvalidInputError
 
 if TYPE_CHECKING:
@@ -41,6 +42,11 @@ class RemoteRewardModel:
         model: its served name.
         api_key: bearer token, if needed.
         http: timeouts, retries, pool size.
+        tokenizer: the served RM's tokenizer (object, folder or HF id). The engine parses special
+            tokens in the answer it renders, so an answer holding one of this tokenizer's control
+            tokens (``<|eot_id|>``...) could forge turns of the safety conversation; with the
+            tokenizer they are broken with a zero-width space before sending (scored as text, as
+            locally). Without it answers go as they are (a warning says so).
     """
 
     def __init__(
@@ -50,11 +56,15 @@ class RemoteRewardModel:
         *,
         api_key: str | None = None,
         http: HTTPSettings | None = None,
+        tokenizer: Any = None,
     ) -> None:
         if not isinstance(model, str) or not model.strip():
             raise InvalidInputError(f"reward model={model!r}: give the engine's served model name")
         self.client = EngineClient(base_url, api_key=api_key, settings=http)
         self.name = model
+        self._markers = control_strings_of(
+            _load_tokenizer(tokenizer), what=f"remote reward model {model!r}"
+        )
 
     def score(self, responses: Sequence[str], instruction: str) -> list[float]:
         """Raw reward of each response under ``instruction`` (blocking).
@@ -71,6 +81,8 @@ class RemoteRewardModel:
         return list(await asyncio.gather(*(self._one(r, instruction) for r in responses)))
 
     async def _one(self, response: str, instruction: str) -> float:
+        # The local RM tokenizes markers in the answer as text; the engine would parse them.
+        response = neutralize(response, self._markers)
         body = {
             "model": self.name,
             "messages": [
@@ -125,13 +137,24 @@ class RemoteCLIP:
         self._text_cache: dict[str, list[float]] = {}
 
     # The CLIPPreEvaluator surface used by ETAEvaluator (blocking).
-    def score_images(self, images: list[Image.Image], *, prompt: str | None = None) -> list[float]:
-        """CLIP cosine of each image with ``prompt``."""
-        return _as_evaluator_error(self.client.run_sync, self.ascore_images(images, prompt=prompt))
+    def score_images(
+        self,
+        images: list[Image.Image],
+        *,
+        prompt: str | None = None,
+        batch_size: int | None = None,
+    ) -> list[float]:
+        """CLIP cosine of each image with ``prompt`` (at most ``batch_size`` requests at once)."""
+        return _as_evaluator_error(
+            self.client.run_sync,
+            self.ascore_images(images, prompt=prompt, batch_size=batch_size),
+        )
 
-    def embed_images(self, images: list[Image.Image]) -> list[list[float]]:
-        """One embedding per image."""
-        return _as_evaluator_error(self.client.run_sync, self._embed_images(images))
+    def embed_images(
+        self, images: list[Image.Image], *, batch_size: int | None = None
+    ) -> list[list[float]]:
+        """One embedding per image (at most ``batch_size`` requests at once)."""
+        return _as_evaluator_error(self.client.run_sync, self._embed_images(images, batch_size))
 
     def similarity(self, image_embeds: list[list[float]], texts: list[str]) -> list[float]:
         """Per text, its largest cosine over ``image_embeds``."""
@@ -139,12 +162,16 @@ class RemoteCLIP:
 
     # Async versions.
     async def ascore_images(
-        self, images: list[Image.Image], *, prompt: str | None = None
+        self,
+        images: list[Image.Image],
+        *,
+        prompt: str | None = None,
+        batch_size: int | None = None,
     ) -> list[float]:
         text = prompt or self.prompt
         if text not in self._text_cache:
             (self._text_cache[text],) = await self._embed_texts([text])
-        embeds = await self._embed_images(images)
+        embeds = await self._embed_images(images, batch_size)
         return [_cosine(e, self._text_cache[text]) for e in embeds]
 
     async def asimilarity(self, image_embeds: list[list[float]], texts: list[str]) -> list[float]:
@@ -159,7 +186,9 @@ class RemoteCLIP:
         reply = await self.client.post_json(_EMBED, body)
         return _embeddings(reply, len(texts))
 
-    async def _embed_images(self, images: list[Image.Image]) -> list[list[float]]:
+    async def _embed_images(
+        self, images: list[Image.Image], batch_size: int | None = None
+    ) -> list[list[float]]:
         async def one(image: Image.Image) -> list[float]:
             url, _ = _encode(image)
             body = {
@@ -171,7 +200,13 @@ class RemoteCLIP:
             (embedding,) = _embeddings(await self.client.post_json(_EMBED, body), 1)
             return embedding
 
-        return list(await asyncio.gather(*(one(image) for image in images)))
+        # ETAConfig.clip_batch_size bounds how many images are in flight, as it bounds a local
+        # forward's batch.
+        size = batch_size or len(images) or 1
+        out: list[list[float]] = []
+        for start in range(0, len(images), size):
+            out += await asyncio.gather(*(one(image) for image in images[start : start + size]))
+        return out
 
     def close(self) -> None:
         self.client.close()

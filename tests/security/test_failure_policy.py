@@ -66,6 +66,35 @@ def test_fail_closed_falls_back_to_shallow_alignment_when_the_rm_breaks(eta, mon
     assert SECRET not in repr(result.verdict.errors)
 
 
+def test_shallow_fallback_decodes_what_the_vlm_sees(eta, monkeypatch):
+    # The fallback continues the VLM's view of the conversation (config system text, padded
+    # images), as the rest of the answer was decoded: not the raw conversation CLIP scored.
+    seen = {"system_prompt": "You are a pirate. Answer in rhymes.", "pad_images_to_square": True}
+    wide = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": make_test_image("noise", size=(64, 24))},
+                {"type": "text", "text": "Hi"},
+            ],
+        }
+    ]
+    flag_all = {"pre_threshold": -1.0, "post_threshold": 1e9, **seen}
+    shallow = eta.generate(wide, **flag_all, deep_alignment=False)
+    prepared = []
+    original = eta.vlm.prepare
+    monkeypatch.setattr(
+        eta.vlm, "prepare", lambda conv, **kw: prepared.append(conv) or original(conv, **kw)
+    )
+    _break_rm(monkeypatch, eta, when=lambda instruction, call: instruction != "never")
+    result = eta.generate(wide, **flag_all, on_evaluator_error="fail_closed")
+    assert "shallow alignment" in result.verdict.errors["search"]
+    assert result.text == shallow.text
+    for conv in prepared:  # every prompt of the request: the system text and the square image
+        assert conv.messages[0]["role"] == "system"
+        assert [image.size for image in conv.images] == [(64, 64)]
+
+
 def test_fail_closed_stream_is_whole_and_ends_with_the_result(eta, monkeypatch):
     _break_rm(monkeypatch, eta)
     chunks = list(eta.stream(MESSAGES, pre_threshold=-1.0, on_evaluator_error="fail_closed"))

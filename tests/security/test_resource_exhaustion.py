@@ -152,6 +152,30 @@ def test_eta_enforces_the_limits_of_its_config(tiny_checkpoints):
         eta.generate([{"role": "user", "content": "x" * 11}], max_text_chars=10)
 
 
+def test_stop_strings_are_bounded_before_any_model_runs(tiny_checkpoints, monkeypatch):
+    # transformers' stop-string tables grow with vocabulary x stop length: a 200,000-character
+    # stop string cost +893 MB with the 512-token test vocabulary; it is refused up front.
+    from eta_guard.limits import MAX_STOP_CHARS, MAX_STOP_STRINGS
+
+    eta = ETA.from_pretrained(
+        tiny_checkpoints.vlm,
+        clip=tiny_checkpoints.clip,
+        reward_model=tiny_checkpoints.reward_model,
+        config=ETAConfig(**FAST),
+    )
+    calls = []
+    monkeypatch.setattr(eta.vlm, "prepare", lambda *a, **k: calls.append(a))
+    text = [{"role": "user", "content": "hi"}]
+    with pytest.raises(InvalidInputError, match=rf"at most {MAX_STOP_CHARS}"):
+        eta.generate(text, stop=["ab" * 100_000])
+    with pytest.raises(InvalidInputError, match=rf"at most {MAX_STOP_STRINGS}"):
+        list(eta.stream(text, stop=["x"] * (MAX_STOP_STRINGS + 1)))
+    assert calls == []  # refused before the prompt was even rendered
+    monkeypatch.undo()
+    ok = eta.generate(text, stop=["y" * MAX_STOP_CHARS] * MAX_STOP_STRINGS)
+    assert ok.text is not None
+
+
 # --------------------------------------------------------------------------- remote fetch
 
 PNG = image_to_bytes(make_test_image("red", (8, 8)))
