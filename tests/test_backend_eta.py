@@ -7,6 +7,7 @@ thresholds force each branch.
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 import time
 from pathlib import Path
@@ -221,7 +222,9 @@ def test_from_openai_compatible_builds_a_backend_eta(stub, tiny_checkpoints):
     assert isinstance(eta, BackendETA) and isinstance(eta, ETA)
     assert isinstance(eta.evaluator.post, RemoteRewardModel) and eta.evaluator.pre is not None
     result = eta.generate(_messages())
-    assert result.aligned and len(stub.bodies("/classify")) == 1 + 2 * 2
+    # Distinct bodies: a request the HTTP client retried (seen once under heavy load) is one call.
+    classify = {json.dumps(body, sort_keys=True) for body in stub.bodies("/classify")}
+    assert result.aligned and len(classify) == 1 + 2 * 2
 
 
 def test_remote_evaluators_do_not_queue_behind_one_another(stub):
