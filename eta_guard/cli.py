@@ -721,7 +721,7 @@ def _engine_eta(
 ) -> Any:
     """ETA with the VLM on an OpenAI-compatible engine (``generate`` and ``serve`` share it).
 
-    ``paths["vlm"]`` (optional) only supplies the served VLM's tokenizer; CLIP and the RM load
+    ``paths["vlm"]`` (required) supplies the served VLM's tokenizer; CLIP and the RM load
     here. Options that place or configure the VLM cannot apply to a model served elsewhere, so
     they are refused rather than ignored. The engine's key, if it wants one, comes from
     :data:`GENERATOR_API_KEY_ENV`, never from the command line (``ps`` shows that).
@@ -731,7 +731,7 @@ def _engine_eta(
     from eta_guard.pipeline import ETA
 
     placement = placement or {}
-    _check_engine_options(preset, placement)
+    _check_engine_options(preset, placement, paths["vlm"])
     return ETA.from_openai_compatible(
         generator[0],
         generator[1],
@@ -748,8 +748,11 @@ def _engine_eta(
     )
 
 
-def _check_engine_options(preset: str | None, placement: dict[str, dict[str, Any]]) -> None:
-    """Refuse options for a local VLM when the VLM runs on an engine (never ignore them)."""
+def _check_engine_options(
+    preset: str | None, placement: dict[str, dict[str, Any]], tokenizer: str | None
+) -> None:
+    """Refuse options for a local VLM when the VLM runs on an engine (never ignore them), and a
+    missing tokenizer (the VLM argument)."""
     refused = [f"--vlm-{k}" for k in placement.get("vlm_kwargs", {})]
     if preset is not None:
         refused.append("--preset")  # it sets the VLM's dtype and prompt format
@@ -758,6 +761,14 @@ def _check_engine_options(preset: str | None, placement: dict[str, dict[str, Any
             f"{', '.join(refused)}: with --generator-url the VLM runs on the engine, so options "
             "for a local VLM cannot apply; configure the engine (and CLIP / the RM with "
             "--clip-dtype, --reward-model-device...), or drop --generator-url"
+        )
+    if tokenizer is None:
+        # Without the served model's tokenizer, control markers in message text (e.g.
+        # "<|im_end|>") would reach the engine as control tokens: refuse rather than serve so.
+        raise InvalidInputError(
+            "--generator-url needs the VLM argument: the served model's id or local path, whose "
+            "tokenizer keeps chat-template markers in message text from acting as control "
+            "tokens and ends sentences on the same token as a local run"
         )
 
 

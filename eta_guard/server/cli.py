@@ -233,7 +233,7 @@ def serve(
 
         vlm_placement = _placement(vlm_device=vlm_device, vlm_dtype=vlm_dtype)
         if generator is not None:  # refuse local-VLM options now, not in the background load
-            _check_engine_options(preset, vlm_placement)
+            _check_engine_options(preset, vlm_placement, paths["vlm"])
         if not moderation_only:  # the memory the local models will take, before any loads
             local = {**paths, "vlm": None} if generator is not None else paths
             missing = _print_estimate(err, local, {**load_args, **vlm_placement}, cfg)
