@@ -418,3 +418,33 @@ def test_blocked_tool_call_answer_ends_the_run_without_running_the_tool(lc_evalu
     assert [m.type for m in out["messages"]] == ["human", "ai"] and out["messages"][
         -1
     ].tool_calls == []
+
+
+@pytest.mark.parametrize("mode", ["flag", "replace"])
+def test_tool_call_only_answer_records_that_it_was_not_judged(lc_evaluator, mode):  # noqa: F811
+    """An answer with no text (tool calls only) has nothing for the RM: the skip is on the
+    message's guard verdict, never silent; the answer that follows the tool is judged."""
+    from langchain_core.tools import tool
+
+    @tool
+    def lookup(query: str) -> str:
+        """Look something up."""
+        return "found"
+
+    class _ToolModel(GenericFakeChatModel):
+        def bind_tools(self, tools: Any, **kwargs: Any) -> Any:
+            return self
+
+    call = {"name": "lookup", "args": {"query": "x"}, "id": "call-1"}
+    model = _ToolModel(messages=iter([AIMessage("", tool_calls=[call]), AIMessage(ANSWER)]))
+    guard = ETAGuardMiddleware(
+        _evaluator(lc_evaluator, FLAG_NONE), on_violation=mode, check_input=False
+    )
+    out = create_agent(model=model, tools=[lookup], middleware=[guard]).invoke(
+        _request(image=False)
+    )
+    kinds = [m.type for m in out["messages"]]
+    assert kinds == ["human", "ai", "tool", "ai"]
+    unjudged = out["messages"][1].response_metadata["eta_guard_verdict"]
+    assert "tool calls only" in unjudged["skipped"]["post"] and unjudged["post_score"] is None
+    assert out["messages"][-1].text == ANSWER

@@ -21,6 +21,7 @@ from langgraph.constants import TAG_NOSTREAM
 from langgraph.runtime import Runtime
 from langgraph.types import Command
 
+from eta_guard.decision import skipped
 from eta_guard.errors import GuardrailViolation, InvalidInputError
 from eta_guard.image_score_cache import DEFAULT_MAX_ENTRIES, ImageScoreCache
 from langchain_eta._image_checks import ImageCheck, check_images
@@ -204,7 +205,7 @@ class ETAGuardMiddleware(AgentMiddleware):
             response = handler(request)
         answer = _answer(response)
         if answer is None:
-            return response
+            return self._unjudged(response, check, resolve(self.evaluator))
         verdict = self._answer_verdict(check, resolve(self.evaluator).evaluate_output(answer.text))
         emit(self._event("after_model", verdict, self._output_violation(verdict)))
         return self._on_output(response, answer, verdict)
@@ -225,7 +226,7 @@ class ETAGuardMiddleware(AgentMiddleware):
             response = await handler(request)
         answer = _answer(response)
         if answer is None:
-            return response
+            return self._unjudged(response, check, evaluator)
         verdict = self._answer_verdict(check, await evaluator.aevaluate_output(answer.text))
         await aemit(self._event("after_model", verdict, self._output_violation(verdict)))
         return self._on_output(response, answer, verdict)
@@ -332,6 +333,16 @@ class ETAGuardMiddleware(AgentMiddleware):
             )
             return {"messages": [*changed, refusal], "jump_to": "end"}
         return {"messages": changed} if changed else None
+
+    def _unjudged(self, response: ModelResponse, check: ImageCheck | None, evaluator: Any) -> Any:
+        """An answer with no text (tool calls only) is not judged: say so on it, never silently."""
+        message = next((m for m in response.result if isinstance(m, AIMessage)), None)
+        if message is None:
+            return response
+        reason = "the answer has no text to judge (tool calls only)"
+        verdict = self._answer_verdict(check, skipped(evaluator.config, "post", reason))
+        result = [_flagged(m, verdict) if m is message else m for m in response.result]
+        return ModelResponse(result=result, structured_response=response.structured_response)
 
     def _on_output(self, response: ModelResponse, answer: AIMessage, verdict: Any) -> _CallResult:
         if self.on_violation == "flag":
