@@ -11,48 +11,29 @@ from typing import Annotated, Any
 
 import typer
 
-_Vlm = Annotated[
-    str | None,
-    typer.Option("--vlm", help="VLM checkpoint (Hub id in the local cache, or a folder)."),
-]
-_Clip = Annotated[
-    str | None,
-    typer.Option("--clip", help="CLIP checkpoint [default: openai/clip-vit-large-patch14-336]."),
-]
-_Rm = Annotated[
-    str | None,
-    typer.Option("--reward-model", help="Reward model [default: RLHFlow/ArmoRM-Llama3-8B-v0.1]."),
-]
-_Tiny = Annotated[
-    bool, typer.Option("--tiny", help="Random tiny checkpoints built offline (mechanics only).")
-]
-_Cache = Annotated[
-    Path | None, typer.Option("--cache-dir", help="Where random checkpoints are built.")
-]
-_Config = Annotated[
-    Path | None, typer.Option("--config", help="An ETAConfig JSON file (ETAConfig.save).")
-]
-_Set = Annotated[
-    list[str] | None,
-    typer.Option("--set", help="Override an ETAConfig field: FIELD=VALUE (repeatable)."),
-]
-_Device = Annotated[str | None, typer.Option("--device", help="e.g. cpu, cuda, cuda:1.")]
-_Dtype = Annotated[str | None, typer.Option("--dtype", help="e.g. float32, bfloat16.")]
+from eta_guard.cli_options import (
+    CacheOpt,
+    ClipDeviceOpt,
+    ClipDtypeOpt,
+    ClipOpt,
+    ConfigOpt,
+    DeviceOpt,
+    DtypeOpt,
+    PresetOpt,
+    RewardOpt,
+    RmDeviceOpt,
+    RmDtypeOpt,
+    SetOpt,
+    TinyOpt,
+    VlmDeviceOpt,
+    VlmDtypeOpt,
+    VlmOpt,
+)
+
+# eval's own: the judges it loads may ship code of their own
 _Remote = Annotated[
     bool, typer.Option("--trust-remote-code", help="Allow checkpoint code (judges may need it).")
 ]
-_Preset = Annotated[
-    str | None,
-    typer.Option("--preset", help="A named setup, e.g. 'paper' (see eta-guard generate --help)."),
-]
-_VlmDevice = Annotated[
-    str | None, typer.Option("--vlm-device", help="VLM device (beats --device).")
-]
-_ClipDevice = Annotated[str | None, typer.Option("--clip-device", help="CLIP device.")]
-_RmDevice = Annotated[str | None, typer.Option("--reward-model-device", help="RM device.")]
-_VlmDtype = Annotated[str | None, typer.Option("--vlm-dtype", help="VLM dtype (beats --dtype).")]
-_ClipDtype = Annotated[str | None, typer.Option("--clip-dtype", help="CLIP dtype.")]
-_RmDtype = Annotated[str | None, typer.Option("--reward-model-dtype", help="RM dtype.")]
 
 
 def eval_command(
@@ -118,23 +99,23 @@ def eval_command(
     bootstrap: Annotated[
         int, typer.Option("--bootstrap", min=100, help="Bootstrap resamples for the intervals.")
     ] = 1000,
-    vlm: _Vlm = None,
-    clip: _Clip = None,
-    reward_model: _Rm = None,
-    tiny: _Tiny = False,
-    cache_dir: _Cache = None,
-    config: _Config = None,
-    set_: _Set = None,
-    device: _Device = None,
-    dtype: _Dtype = None,
+    vlm: VlmOpt = None,
+    clip: ClipOpt = None,
+    reward_model: RewardOpt = None,
+    tiny: TinyOpt = False,
+    cache_dir: CacheOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
     trust_remote_code: _Remote = False,
-    preset: _Preset = None,
-    vlm_device: _VlmDevice = None,
-    clip_device: _ClipDevice = None,
-    reward_model_device: _RmDevice = None,
-    vlm_dtype: _VlmDtype = None,
-    clip_dtype: _ClipDtype = None,
-    reward_model_dtype: _RmDtype = None,
+    preset: PresetOpt = None,
+    vlm_device: VlmDeviceOpt = None,
+    clip_device: ClipDeviceOpt = None,
+    reward_model_device: RmDeviceOpt = None,
+    vlm_dtype: VlmDtypeOpt = None,
+    clip_dtype: ClipDtypeOpt = None,
+    reward_model_dtype: RmDtypeOpt = None,
 ) -> None:
     """Run a VLM with and without ETA over a safety benchmark; write results and a report."""
     from eta_guard.cli import _consoles, _friendly_errors
@@ -386,14 +367,14 @@ def calibrate_command(
     out: Annotated[
         Path, typer.Option("--out", help="Folder for eta_config.json and the report.")
     ] = Path("eta-calibration"),
-    clip: _Clip = None,
-    reward_model: _Rm = None,
-    tiny: _Tiny = False,
-    cache_dir: _Cache = None,
-    config: _Config = None,
-    set_: _Set = None,
-    device: _Device = None,
-    dtype: _Dtype = None,
+    clip: ClipOpt = None,
+    reward_model: RewardOpt = None,
+    tiny: TinyOpt = False,
+    cache_dir: CacheOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
     trust_remote_code: _Remote = False,
 ) -> None:
     """Pick pre/post thresholds for a CLIP / reward-model pair from labelled examples."""

@@ -12,33 +12,25 @@ from typing import Annotated
 
 import typer
 
+from eta_guard.cli_options import (
+    CacheOpt,
+    ClipDeviceOpt,
+    ClipDtypeOpt,
+    ClipOpt,
+    ConfigOpt,
+    DeviceOpt,
+    DtypeOpt,
+    PresetOpt,
+    RemoteCodeOpt,
+    RewardOpt,
+    RmDeviceOpt,
+    RmDtypeOpt,
+    SetOpt,
+    TinyOpt,
+    VlmDeviceOpt,
+    VlmDtypeOpt,
+)
 from eta_guard.errors import InvalidInputError
-
-# The shared options of eta_guard.cli, restated: importing them would make `python -m
-# eta_guard.cli` import itself twice (it imports this module to register the command).
-ClipOpt = Annotated[str | None, typer.Option("--clip", help="CLIP checkpoint.")]
-RewardOpt = Annotated[str | None, typer.Option("--reward-model", help="Reward model.")]
-TinyOpt = Annotated[bool, typer.Option("--tiny", help="Random tiny checkpoints (mechanics only).")]
-CacheOpt = Annotated[Path | None, typer.Option("--cache-dir", help="Where --tiny builds them.")]
-ConfigOpt = Annotated[Path | None, typer.Option("--config", help="An ETAConfig JSON file.")]
-SetOpt = Annotated[
-    list[str] | None, typer.Option("--set", help="Override an ETAConfig field: FIELD=VALUE.")
-]
-DeviceOpt = Annotated[str | None, typer.Option("--device", help="e.g. cpu, cuda, cuda:1.")]
-DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="e.g. float32, bfloat16.")]
-RemoteCodeOpt = Annotated[
-    bool, typer.Option("--trust-remote-code", help="Allow checkpoint code (not needed by ArmoRM).")
-]
-PresetOpt = Annotated[
-    str | None,
-    typer.Option("--preset", help="A named setup: 'paper' = the paper's LLaVA-1.5 setup."),
-]
-VlmDeviceOpt = Annotated[str | None, typer.Option("--vlm-device", help="VLM device.")]
-ClipDeviceOpt = Annotated[str | None, typer.Option("--clip-device", help="CLIP device.")]
-RmDeviceOpt = Annotated[str | None, typer.Option("--reward-model-device", help="RM device.")]
-VlmDtypeOpt = Annotated[str | None, typer.Option("--vlm-dtype", help="VLM dtype.")]
-ClipDtypeOpt = Annotated[str | None, typer.Option("--clip-dtype", help="CLIP dtype.")]
-RmDtypeOpt = Annotated[str | None, typer.Option("--reward-model-dtype", help="RM dtype.")]
 
 
 def serve(
