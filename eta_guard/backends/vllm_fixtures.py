@@ -17,7 +17,7 @@
   49407 there; vLLM's CLIP uses id 0 as its image placeholder and refuses a tokenizer whose id 0
   is special); the embedding rows are permuted with the ids, and the attention is regrouped
   into one head of 32 (vLLM's CPU attention refuses heads of 16; the projections keep their
-  shapes, so the weights load unchanged);
+  shapes, so the weights load unchanged), and ``projection_dim`` the same in the sub-configs;
 - the tiny CLIP and reward model of :func:`eta_guard.testing.build_tiny_checkpoints`.
 
 Random weights: mechanics and cost, never safety.
@@ -130,6 +130,9 @@ def _clip(out: Path, *, seed: int) -> None:
     config: Any = replica.config
     for part in (config.text_config, config.vision_config):
         part.num_attention_heads = part.hidden_size // 32
+        # As in the real config (768 in all three); vLLM sizes its input buffer from the text
+        # config's, which the replica leaves at transformers' default (512).
+        part.projection_dim = config.projection_dim
     model = CLIPModel(config).eval()
     model.load_state_dict(replica.state_dict())
     processor = CLIPProcessor.from_pretrained(source)
