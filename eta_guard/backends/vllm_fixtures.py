@@ -144,7 +144,8 @@ def _clip(out: Path, *, seed: int) -> None:
         specials, key=old.__getitem__
     )
     vocab = {token: i for i, token in enumerate(order)}
-    merges = [
+    # Pairs, as the tokenizers backend takes them (the class's annotation says list[str]).
+    merges: Any = [
         tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["model"]["merges"]
     ]
     new_tokenizer = CLIPTokenizer(vocab=vocab, merges=merges)
