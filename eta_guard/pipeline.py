@@ -311,7 +311,7 @@ class _Request:
         greedy = yield from self._vanilla(prepared, stream_tokens=False)
         self._check_cancelled()  # a cut-short answer must never be judged or returned
         t0 = time.perf_counter()
-        post = self.evaluator.evaluate_output(greedy.text)
+        post = self.evaluator.evaluate_output(greedy.text, conversation=self.conv)
         self.timings["post"] = time.perf_counter() - t0
         verdict = pre.merge(post)
         if not verdict.unsafe:
@@ -338,7 +338,7 @@ class _Request:
         if not self.conv.has_images:
             return _skipped(self.cfg, "pre", "no image in the request")
         t0 = time.perf_counter()
-        verdict = self.evaluator.evaluate_input(self.conv.images)
+        verdict = self.evaluator.evaluate_input(self.conv.images, conversation=self.conv)
         self.timings["pre"] = time.perf_counter() - t0
         return verdict
 

@@ -207,7 +207,9 @@ class _BackendRequest:
             yield self._result(greedy.text, pre.merge(skipped(self.cfg, "post", reason)), greedy)
             return
         t0 = time.perf_counter()
-        post = await asyncio.to_thread(self.evaluator.evaluate_output, greedy.text)
+        post = await asyncio.to_thread(
+            self.evaluator.evaluate_output, greedy.text, conversation=self.conv
+        )
         self.timings["post"] = time.perf_counter() - t0
         verdict = pre.merge(post)
         if not verdict.unsafe:
@@ -221,7 +223,9 @@ class _BackendRequest:
         if not self.conv.has_images:
             return skipped(self.cfg, "pre", "no image in the request")
         t0 = time.perf_counter()
-        verdict = await asyncio.to_thread(self.evaluator.evaluate_input, self.conv.images)
+        verdict = await asyncio.to_thread(
+            self.evaluator.evaluate_input, self.conv.images, conversation=self.conv
+        )
         self.timings["pre"] = time.perf_counter() - t0
         return verdict
 
