@@ -26,7 +26,7 @@ from eta_guard.evaluators.eta_evaluator import ETAEvaluator
 from eta_guard.limits import RequestLimits
 from eta_guard.messages import normalize_messages
 from eta_guard.remote_fetch import RemoteFetchPolicy
-from eta_guard.sync_bridge import iterate_sync, run_sync
+from eta_guard.sync_bridge import aclosing, iterate_sync, run_sync
 from eta_guard.verdict import ETAResult, ETAStreamChunk
 
 Messages = Sequence[dict[str, Any]]
@@ -188,8 +188,9 @@ class ETA:
         **overrides: Any,
     ) -> AsyncIterator[ETAStreamChunk]:
         """Async :meth:`stream`: the same chunks."""
-        async for chunk in self._chunks(messages, stop, overrides, cancel):
-            yield chunk
+        async with aclosing(self._chunks(messages, stop, overrides, cancel)) as items:
+            async for chunk in items:
+                yield chunk
 
     async def abatch(
         self, batch: Sequence[Messages], *, stop: Sequence[str] | None = None, **overrides: Any
@@ -241,9 +242,12 @@ class ETA:
         self, messages: Messages, stop: Sequence[str] | None, overrides: dict[str, Any]
     ) -> ETAResult:
         result = None
-        async for item in self._arun(messages, stop, overrides, streaming=False, cancel=None):
-            if isinstance(item, ETAResult):
-                result = item
+        async with aclosing(
+            self._arun(messages, stop, overrides, streaming=False, cancel=None)
+        ) as items:
+            async for item in items:
+                if isinstance(item, ETAResult):
+                    result = item
         assert result is not None
         return result
 
@@ -259,11 +263,14 @@ class ETA:
         overrides: dict[str, Any],
         cancel: threading.Event | None,
     ) -> AsyncIterator[ETAStreamChunk]:
-        async for item in self._arun(messages, stop, overrides, streaming=True, cancel=cancel):
-            if isinstance(item, ETAResult):
-                yield ETAStreamChunk(text="", result=item)
-            elif item:
-                yield ETAStreamChunk(text=item)
+        async with aclosing(
+            self._arun(messages, stop, overrides, streaming=True, cancel=cancel)
+        ) as items:
+            async for item in items:
+                if isinstance(item, ETAResult):
+                    yield ETAStreamChunk(text="", result=item)
+                elif item:
+                    yield ETAStreamChunk(text=item)
 
     async def _arun(
         self,
@@ -296,8 +303,9 @@ class ETA:
             model_name=self.model_name,
         )
         try:
-            async for item in request.run():
-                yield item
+            async with aclosing(request.run()) as items:
+                async for item in items:
+                    yield item
         except ETAError:
             raise
         except Exception as e:

@@ -8,6 +8,7 @@ blocking iterator driven in a worker thread, its items yielded on the event loop
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
@@ -95,3 +96,18 @@ async def aiter_in_thread(make_iter: Callable[[], Iterator[T]]) -> AsyncIterator
     finally:
         stopped.set()
         await asyncio.shield(worker)
+
+
+@contextlib.asynccontextmanager
+async def aclosing(items: Any) -> AsyncIterator[Any]:
+    """``contextlib.aclosing`` for any async iterator: ``aclose()`` it on exit when it has one.
+
+    Leaving an ``async for`` early does not close the generator it iterates (that is left to the
+    garbage collector); every stage that holds a model, a cache or a request closes it here.
+    """
+    try:
+        yield items
+    finally:
+        close = getattr(items, "aclose", None)
+        if close is not None:
+            await close()

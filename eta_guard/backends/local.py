@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from eta_guard.decoding.best_of_n import LocalSearch
 from eta_guard.decoding.protocol import Completion, SamplingStep
-from eta_guard.sync_bridge import aiter_in_thread
+from eta_guard.sync_bridge import aclosing, aiter_in_thread
 
 if TYPE_CHECKING:
     from eta_guard.decoding.vlm import PreparedPrompt, VLMAdapter
@@ -58,10 +58,11 @@ class LocalBackend:
     ) -> AsyncIterator[str | Completion]:
         session = await self.session(conversation)
         try:
-            async for item in session.greedy(
-                assistant_text=assistant_text, max_tokens=max_tokens, stop=stop
-            ):
-                yield item
+            async with aclosing(
+                session.greedy(assistant_text=assistant_text, max_tokens=max_tokens, stop=stop)
+            ) as items:
+                async for item in items:
+                    yield item
         finally:
             await session.aclose()
 
@@ -141,8 +142,9 @@ class LocalSession:
                 )
 
         try:
-            async for item in aiter_in_thread(run):
-                yield item
+            async with aclosing(aiter_in_thread(run)) as items:
+                async for item in items:
+                    yield item
         finally:
             if future is not None:
                 _resolve(future, None)  # no snapshot (failed or cancelled before the prefill)

@@ -35,7 +35,7 @@ from eta_guard.decoding.stopping import (
 )
 from eta_guard.decoding.vlm import FinishReason, PreparedPrompt, VLMAdapter
 from eta_guard.errors import InvalidInputError, RequestCancelled
-from eta_guard.sync_bridge import run_sync
+from eta_guard.sync_bridge import aclosing, run_sync
 from eta_guard.verdict import SentenceTrace
 
 __all__ = ["LocalSearch", "SearchOutput", "SentenceBestOfN", "score_candidates", "use_clip_term"]
@@ -184,9 +184,10 @@ class SentenceBestOfN:
 
         async def drive() -> None:
             try:
-                async for delta in search.run():
-                    if on_sentence is not None:
-                        on_sentence(delta)
+                async with aclosing(search.run()) as items:
+                    async for delta in items:
+                        if on_sentence is not None:
+                            on_sentence(delta)
             finally:
                 await handle.aclose()
 

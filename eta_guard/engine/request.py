@@ -36,6 +36,7 @@ from eta_guard.errors import BackendError, EvaluatorError, RequestCancelled
 from eta_guard.evaluators.eta_evaluator import ETAEvaluator
 from eta_guard.messages import Conversation
 from eta_guard.prompting import for_vlm
+from eta_guard.sync_bridge import aclosing
 from eta_guard.verdict import ETAResult, SafetyVerdict, SentenceTrace
 
 
@@ -82,8 +83,9 @@ class Request:
         # before the pre-check spends any time on the images.
         self.session = await open_session(self.backend, self.vlm_conv)
         try:
-            async for item in self._stages():
-                yield item
+            async with aclosing(self._stages()) as items:
+                async for item in items:
+                    yield item
         finally:
             if self.search is not None:
                 await self.search.cancel()
@@ -94,11 +96,14 @@ class Request:
         reason = vanilla_only_reason(self.conv.has_images, pre, self.cfg)
         if reason is not None:
             greedy = None
-            async for item in self._vanilla(stream_tokens=self.streaming, keep_prompt=False):
-                if isinstance(item, Completion):
-                    greedy = item
-                else:
-                    yield item
+            async with aclosing(
+                self._vanilla(stream_tokens=self.streaming, keep_prompt=False)
+            ) as items:
+                async for item in items:
+                    if isinstance(item, Completion):
+                        greedy = item
+                    else:
+                        yield item
             assert greedy is not None
             if not self.streaming:
                 yield greedy.text
@@ -108,9 +113,10 @@ class Request:
         if self.cfg.deep_alignment and self.cfg.schedule == "speculative":
             self.search = _SearchRun(self)  # alongside the vanilla decode
         greedy = None
-        async for item in self._vanilla(stream_tokens=False, keep_prompt=True):
-            if isinstance(item, Completion):
-                greedy = item
+        async with aclosing(self._vanilla(stream_tokens=False, keep_prompt=True)) as items:
+            async for item in items:
+                if isinstance(item, Completion):
+                    greedy = item
         assert greedy is not None
         self._check_cancelled()  # a cut-short answer must never be judged or returned
         t0 = time.perf_counter()
@@ -125,8 +131,9 @@ class Request:
             yield self._result(greedy.text, verdict, greedy)
             return
         self._check_cancelled()
-        async for out in self._align(verdict, greedy):
-            yield out
+        async with aclosing(self._align(verdict, greedy)) as items:
+            async for out in items:
+                yield out
 
     def _check_cancelled(self) -> None:
         if self.cancel is not None and self.cancel.is_set():
@@ -146,17 +153,20 @@ class Request:
         """The greedy answer: its deltas when ``stream_tokens``, then its :class:`Completion`."""
         t0 = time.perf_counter()
         greedy = None
-        async for item in self.session.greedy(
-            max_tokens=self.cfg.max_new_tokens,
-            stop=self.stop,
-            cancel=self.cancel,
-            keep_prompt=keep_prompt,
-        ):
-            self._check_cancelled()
-            if isinstance(item, Completion):
-                greedy = item
-            elif stream_tokens:
-                yield item  # otherwise held back until the reward model has judged it
+        async with aclosing(
+            self.session.greedy(
+                max_tokens=self.cfg.max_new_tokens,
+                stop=self.stop,
+                cancel=self.cancel,
+                keep_prompt=keep_prompt,
+            )
+        ) as items:
+            async for item in items:
+                self._check_cancelled()
+                if isinstance(item, Completion):
+                    greedy = item
+                elif stream_tokens:
+                    yield item  # otherwise held back until the reward model has judged it
         self._check_cancelled()
         if greedy is None:
             raise BackendError(f"the generator {self.model_name!r} ended without a result")
@@ -175,9 +185,10 @@ class Request:
             search = self.search or _SearchRun(self)
             self.search = search
             try:
-                async for delta in search.deltas():
-                    self._check_cancelled()
-                    yield stop_filter.feed(delta)
+                async with aclosing(search.deltas()) as items:
+                    async for delta in items:
+                        self._check_cancelled()
+                        yield stop_filter.feed(delta)
                 tail, n_out, decoded = search.text, search.tokens, search.decoded
                 finish, trace = search.finish_reason, search.trace
             except EvaluatorError as error:
@@ -187,13 +198,14 @@ class Request:
                 # raising would cut a stream after the prefix. Continue greedily from what was
                 # accepted (and streamed) instead, and say so in the verdict.
                 shallow = None
-                async for piece in self._continue(
-                    cfg.prefix + search.text, cfg.max_new_tokens - search.tokens
-                ):
-                    if isinstance(piece, Completion):
-                        shallow = piece
-                    else:
-                        yield stop_filter.feed(piece)
+                async with aclosing(
+                    self._continue(cfg.prefix + search.text, cfg.max_new_tokens - search.tokens)
+                ) as items:
+                    async for piece in items:
+                        if isinstance(piece, Completion):
+                            shallow = piece
+                        else:
+                            yield stop_filter.feed(piece)
                 assert shallow is not None
                 tail = search.text + shallow.text
                 n_out = search.tokens + shallow.num_tokens
@@ -206,11 +218,12 @@ class Request:
                 )
         else:
             shallow = None
-            async for piece in self._continue(cfg.prefix, cfg.max_new_tokens):
-                if isinstance(piece, Completion):
-                    shallow = piece
-                else:
-                    yield stop_filter.feed(piece)
+            async with aclosing(self._continue(cfg.prefix, cfg.max_new_tokens)) as items:
+                async for piece in items:
+                    if isinstance(piece, Completion):
+                        shallow = piece
+                    else:
+                        yield stop_filter.feed(piece)
             assert shallow is not None
             tail, n_out, decoded = shallow.text, shallow.num_tokens, shallow.num_tokens
             finish = shallow.finish_reason
@@ -231,14 +244,17 @@ class Request:
 
     async def _continue(self, assistant_text: str, max_tokens: int) -> AsyncIterator[Any]:
         """Greedy continuation of the assistant turn ``assistant_text``."""
-        async for piece in self.session.greedy(
-            assistant_text=assistant_text,
-            max_tokens=max(1, max_tokens),
-            stop=self.stop,
-            cancel=self.cancel,
-        ):
-            self._check_cancelled()
-            yield piece
+        async with aclosing(
+            self.session.greedy(
+                assistant_text=assistant_text,
+                max_tokens=max(1, max_tokens),
+                stop=self.stop,
+                cancel=self.cancel,
+            )
+        ) as items:
+            async for piece in items:
+                self._check_cancelled()
+                yield piece
 
     def _result(
         self,
@@ -306,8 +322,9 @@ class _SearchRun:
                 clip=clip,
                 stop=req.stop,
             )
-            async for delta in search.run():
-                self._queue.put_nowait(("delta", delta))
+            async with aclosing(search.run()) as items:
+                async for delta in items:
+                    self._queue.put_nowait(("delta", delta))
             self._queue.put_nowait(("done", None))
         except BaseException as e:  # handed to the reader (cancellation included)
             self._queue.put_nowait(("error", e))
