@@ -345,3 +345,61 @@ def test_patch_scan_options_are_validated(base):
         PatchCLIPGate(base.evaluator.pre, grid=0)
     with pytest.raises(InvalidInputError, match="scores nothing"):
         PatchCLIPGate(base.evaluator.pre, grid=1, include_whole=False)
+
+
+# ---------------------------------------------------------------- ShieldGemma 2
+@pytest.fixture(scope="module")
+def shield(tmp_path_factory):
+    from eta_guard.evaluators.shieldgemma2 import ShieldGemma2Gate
+    from eta_guard.replicas.shieldgemma2 import build_shieldgemma2_replica
+
+    path = build_shieldgemma2_replica(tmp_path_factory.mktemp("sg2"))
+    return ShieldGemma2Gate.from_pretrained(str(path), device="cpu")
+
+
+def test_shieldgemma2_prompt_is_the_published_instruction(shield):
+    """The processor renders the checkpoint's template around each policy (model card text)."""
+    from eta_guard.replicas.shieldgemma2 import SHIELDGEMMA2_POLICIES
+
+    inputs = shield.processor(images=[make_test_image()], policies=["dangerous"])
+    text = shield.processor.tokenizer.decode(inputs["input_ids"][0])
+    squashed = " ".join(text.split())
+    card = (
+        "You are a policy expert trying to help determine whether a generated or real image is "
+        "in violation of the safety policy below. Your decision must very clearly follow the "
+        "specific language used in the safety policy and should not include any interpretation "
+        "outside of the safety policy. <BEGIN_SAFETY_POLICY> "
+        + SHIELDGEMMA2_POLICIES["dangerous"]
+        + " </END_SAFETY_POLICY> Does the image violate the above policy? Your Answer must "
+        "start with 'Yes' or 'No'."
+    )
+    assert card in squashed
+    assert text.rstrip().endswith("<start_of_turn>model")
+    assert text.count("<start_of_image>") == 1
+
+
+def test_shieldgemma2_score_is_p_yes_recomputed_by_hand(shield):
+    a, b = make_test_image("noise", seed=2), make_test_image("gradient")
+    [score] = shield.check([GuardRequest(user_messages(None, 2), [a, b])])
+    m, tok = shield.model, shield.processor.tokenizer
+    yes, no = (tok.encode(w, add_special_tokens=False)[0] for w in ("Yes", "No"))
+    plain = []
+    for image in (a, b):
+        for policy in shield.policies:  # one unpadded prompt at a time
+            inputs = shield.processor(images=[image], policies=[policy], return_tensors="pt")
+            with torch.no_grad():
+                logits = m.model(**inputs).logits[0, -1]
+            plain.append(float(torch.softmax(logits[[yes, no]].float(), -1)[0]))
+    assert score.score == pytest.approx(max(plain), abs=1e-5)
+    shield_all = type(shield)(shield.model, shield.processor, threshold=0.0)
+    [flagged] = shield_all.check([GuardRequest(user_messages(None, 1), [a])])
+    assert flagged.categories == ("dangerous", "sexual", "violence")
+
+
+def test_shieldgemma2_policies_are_validated(shield):
+    with pytest.raises(InvalidInputError, match="unknown"):
+        type(shield)(shield.model, shield.processor, policies=["nope"])
+    custom = type(shield)(
+        shield.model, shield.processor, policies=["cbrne"], custom_policies={"cbrne": "No CBRNE."}
+    )
+    assert len(custom.check([GuardRequest(user_messages(None, 1), [make_test_image()])])) == 1

@@ -22,6 +22,7 @@ _LAZY = {
     "GuardScore": "eta_guard.evaluators.base",
     "LlamaGuardEvaluator": "eta_guard.evaluators.llama_guard",
     "PatchCLIPGate": "eta_guard.evaluators.patch_clip",
+    "ShieldGemma2Gate": "eta_guard.evaluators.shieldgemma2",
 }
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "OpenCLIPEncoder",
     "PatchCLIPGate",
     "RewardPostEvaluator",
+    "ShieldGemma2Gate",
     "TransformersCLIPEncoder",
 ]
 
@@ -48,6 +50,7 @@ if TYPE_CHECKING:
     from eta_guard.evaluators.llama_guard import LlamaGuardEvaluator
     from eta_guard.evaluators.patch_clip import PatchCLIPGate
     from eta_guard.evaluators.reward import RewardPostEvaluator
+    from eta_guard.evaluators.shieldgemma2 import ShieldGemma2Gate
 
 
 def __getattr__(name: str) -> Any:

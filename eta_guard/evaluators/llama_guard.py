@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -24,11 +24,11 @@ from eta_guard._device import load_pretrained, module_device
 from eta_guard.errors import EvaluatorError, InvalidInputError
 from eta_guard.evaluators.base import GuardRequest, GuardScore
 from eta_guard.evaluators.guard_answers import llama_guard_categories
+from eta_guard.evaluators.guard_turns import GuardMode, llama_guard_turns
 
 if TYPE_CHECKING:
     from PIL import Image
 
-GuardMode = Literal["prompt", "response"]
 _BREAK = "\u200b"
 
 
@@ -116,44 +116,9 @@ class LlamaGuardEvaluator:
 
     # ------------------------------------------------------------------ prompt
     def guard_messages(self, request: GuardRequest, num_images: int) -> list[dict[str, Any]]:
-        """The conversation the guard classifies, markers broken, ``num_images`` placeholders.
-
-        System text is left out (the guard's template has no system role); other roles count
-        as the user's. In ``"response"`` mode the answer is the last (``Agent``) turn.
-        """
-        turns: list[dict[str, Any]] = []
-        for message in request.messages:
-            role = message.get("role")
-            if role == "system":
-                continue
-            role = "assistant" if role == "assistant" else "user"
-            texts = [
-                {"type": "text", "text": self._safe(str(part.get("text", "")))}
-                for part in message.get("content", [])
-                if isinstance(part, dict) and part.get("type") == "text"
-            ]
-            if turns and turns[-1]["role"] == role:
-                turns[-1]["content"].extend(texts)
-            else:
-                turns.append({"role": role, "content": texts})
-        if not turns or turns[0]["role"] != "user":
-            turns.insert(0, {"role": "user", "content": []})
-        if self.mode == "response":
-            if request.response is None:
-                raise InvalidInputError("a response-mode guard needs the response to judge")
-            if turns[-1]["role"] == "assistant":
-                turns.append({"role": "user", "content": []})
-            turns.append(
-                {
-                    "role": "assistant",
-                    "content": [{"type": "text", "text": self._safe(request.response)}],
-                }
-            )
-        elif turns[-1]["role"] != "user":
-            turns.append({"role": "user", "content": []})
-        first_user = turns[0]["content"]
-        first_user[:0] = [{"type": "image"} for _ in range(num_images)]
-        return turns
+        """The conversation the guard classifies (:func:`llama_guard_turns`), markers broken."""
+        parts = [{"type": "image"} for _ in range(num_images)]
+        return llama_guard_turns(request, self.mode, clean=self._safe, image_parts=parts)
 
     def render(self, request: GuardRequest, num_images: int) -> str:
         """The prompt string the guard receives (its chat template, not tokenized)."""
