@@ -195,3 +195,22 @@ def test_remote_cleared_answer_cancels_the_search_request(stub, evaluator):
     assert not result.aligned and result.text == "Sure, here is how."
     assert time.monotonic() - start < 10  # the hanging request was dropped, not awaited
     assert "speculation" in result.timings
+
+
+@pytest.mark.parametrize("schedule", ["sequential", "speculative"])
+def test_the_image_is_encoded_once_per_request(local, schedule):
+    # The search continues from the vanilla decode's prompt KV (a copy taken after its prefill
+    # when speculating): the images are never encoded a second time.
+    model = local.vlm.model
+    seen = []
+
+    def hook(module, args, kwargs):
+        seen.append(kwargs.get("pixel_values") is not None)
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        result = local.generate(_messages(), schedule=schedule, **ALIGN_ALL)
+    finally:
+        handle.remove()
+    assert result.aligned and len(seen) > 1
+    assert sum(seen) == 1
