@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from eta_guard.config import DEFAULT_CLIP, DEFAULT_REWARD_MODEL, ETAConfig
 from eta_guard.errors import ETAError, EvaluatorError, InvalidInputError
-from eta_guard.limits import RequestLimits
+from eta_guard.limits import RequestLimits, check_encodable
 from eta_guard.media import image_options, load_images
 from eta_guard.verdict import SafetyVerdict
 
@@ -212,6 +212,7 @@ class ETAEvaluator:
         limits = RequestLimits.from_config(self.config)
         for i, text in enumerate(texts):
             limits.check_text_length(len(text), what=f"responses[{i}]")
+            check_encodable(text, what=f"responses[{i}]")
         return self._call("post", lambda: self._require_post().score(texts, instruction))
 
     def sentence_scorer(
@@ -484,6 +485,11 @@ class ETAEvaluator:
         limits.check_text_length(
             sum(len(r) for r in responses if r is not None), what="the response text"
         )
+        for i, response in enumerate(responses):  # the client's bad text, not an RM failure
+            if response is not None:
+                check_encodable(
+                    response, what=f"responses[{i}]" if len(responses) > 1 else "response"
+                )
         for group, where in zip(groups, wheres, strict=True):
             if isinstance(group, (list, tuple)) and not group:
                 raise InvalidInputError(
