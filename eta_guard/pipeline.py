@@ -414,19 +414,21 @@ class _Request:
         """Sentence-level best-of-N; yields accepted sentences, returns the search's figures."""
         search = SentenceBestOfN(self.eta.vlm, self.cfg)
         clip_fn = self.evaluator.sentence_scorer(self.conv.images) if self.conv.has_images else None
-        output = yield from _iterate_callback(
-            lambda on_sentence: search.run(
-                prepared,
-                reward_fn=lambda answers: self.evaluator.score_responses(answers, search=True),
-                clip_fn=clip_fn,
-                # The vanilla answer's cache already holds the prompt (and the image): reuse it.
-                cache=greedy.cache,
-                cache_ids=greedy.sequence_ids,
-                on_sentence=on_sentence,
-                stop=self.stop,  # ends the search early; the filter below still guards the prefix
-            ),
-            self._cancellable(stop_filter.feed),
-        )
+        # The RM keeps its cache of the instruction and the accepted text from step to step.
+        with self.evaluator.reward_session(search=True) as rewards:
+            output = yield from _iterate_callback(
+                lambda on_sentence: search.run(
+                    prepared,
+                    reward_fn=rewards.score,
+                    clip_fn=clip_fn,
+                    # The vanilla answer's cache already holds the prompt (and the image): reuse it.
+                    cache=greedy.cache,
+                    cache_ids=greedy.sequence_ids,
+                    on_sentence=on_sentence,
+                    stop=self.stop,  # ends the search early; the filter still guards the prefix
+                ),
+                self._cancellable(stop_filter.feed),
+            )
         n_out = len(output.token_ids)
         return output.text, n_out, output.decoded_tokens, output.finish_reason, output.trace
 

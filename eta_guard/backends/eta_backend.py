@@ -29,7 +29,7 @@ from eta_guard.errors import (
     InvalidInputError,
     RequestCancelled,
 )
-from eta_guard.evaluators.eta_evaluator import ETAEvaluator
+from eta_guard.evaluators.eta_evaluator import ETAEvaluator, RewardSession
 from eta_guard.limits import RequestLimits
 from eta_guard.messages import Conversation, normalize_messages
 from eta_guard.pipeline import ETA, Messages, _check_batch, _check_stop, _StopFilter, _with_error
@@ -348,12 +348,19 @@ class _RemoteSearch:
         self.trace: list[SentenceTrace] = []
 
     async def run(self) -> AsyncIterator[str]:
-        req, cfg = self.request, self.cfg
+        req = self.request
         clip_fn = (
             await asyncio.to_thread(req.evaluator.sentence_scorer, req.conv.images)
             if req.conv.has_images
             else None
         )
+        # The RM keeps its cache of the instruction and the accepted text from step to step.
+        with req.evaluator.reward_session(search=True) as session:
+            async for delta in self._steps(session, clip_fn):
+                yield delta
+
+    async def _steps(self, session: RewardSession, clip_fn: Any) -> AsyncIterator[str]:
+        req, cfg = self.request, self.cfg
         while self.tokens < cfg.max_new_tokens:
             index = len(self.trace) + 1
             step = SamplingStep(
@@ -370,7 +377,7 @@ class _RemoteSearch:
                 req.vlm_conv, assistant_text=cfg.prefix + self.text, step=step
             )
             answers = [cfg.prefix + self.text + c.text for c in candidates]
-            rewards = await asyncio.to_thread(req.evaluator.score_responses, answers, search=True)
+            rewards = await asyncio.to_thread(session.score, answers)
             ended = [c.ended for c in candidates]
             clips = None
             if clip_fn is not None and use_clip_term(index, ended, True) and cfg.alpha > 0:

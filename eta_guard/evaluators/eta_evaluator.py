@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
     from eta_guard.evaluators.clip import CLIPPreEvaluator
     from eta_guard.evaluators.reward import RewardPostEvaluator
+    from eta_guard.evaluators.reward_session import IncrementalRewardScorer, SessionStats
     from eta_guard.media import ImageSource
 
 logger = logging.getLogger(__name__)
@@ -213,6 +214,29 @@ class ETAEvaluator:
         for i, text in enumerate(texts):
             limits.check_text_length(len(text), what=f"responses[{i}]")
         return self._call("post", lambda: self._require_post().score(texts, instruction))
+
+    def reward_session(self, *, search: bool = True) -> RewardSession:
+        """A stateful scorer for one best-of-N search: :meth:`score_responses` made incremental.
+
+        A local reward model keeps its KV cache of what the calls' conversations share
+        (instruction + accepted text, compared as tokens) from call to call, and runs only each
+        answer's new tokens (:mod:`eta_guard.evaluators.reward_session`); scores equal
+        :meth:`score_responses`'. A remote reward model gets a session that calls
+        :meth:`score_responses`' scoring as it is (the engine's prefix cache does the rest).
+        Close it (or use it as a context manager) to free the cache.
+
+        Raises:
+            EvaluatorError: (from ``score``) the reward model is not loaded or failed.
+        """
+        from eta_guard.evaluators.reward import RewardPostEvaluator
+
+        instruction = self.config.rm_search_prompt if search else self.config.rm_decision_prompt
+        post = self.post
+        if isinstance(post, RewardPostEvaluator):
+            from eta_guard.evaluators.reward_session import IncrementalRewardScorer
+
+            return RewardSession(self, IncrementalRewardScorer(post, instruction))
+        return RewardSession(self, None, search=search)
 
     def sentence_scorer(
         self, images: ImageSource | Sequence[ImageSource]
@@ -509,6 +533,50 @@ class ETAEvaluator:
         pre = self.pre.name if self.pre else None
         post = self.post.name if self.post else None
         return f"ETAEvaluator(clip={pre!r}, reward_model={post!r})"
+
+
+class RewardSession:
+    """The search's reward scorer from :meth:`ETAEvaluator.reward_session` (a context manager).
+
+    ``score(answers)`` checks and scores like :meth:`ETAEvaluator.score_responses` (same limits,
+    same failure wrapping); ``stats`` holds the incremental scorer's token counts (``None`` when
+    the reward model is remote).
+    """
+
+    def __init__(
+        self,
+        evaluator: ETAEvaluator,
+        scorer: IncrementalRewardScorer | None,
+        *,
+        search: bool = True,
+    ) -> None:
+        self._evaluator, self._scorer, self._search = evaluator, scorer, search
+
+    @property
+    def stats(self) -> SessionStats | None:
+        return self._scorer.stats if self._scorer is not None else None
+
+    def score(self, answers: Sequence[str]) -> list[float]:
+        """Reward of each answer (prefix + accepted text + candidate), in order."""
+        scorer = self._scorer
+        if scorer is None:
+            return self._evaluator.score_responses(answers, search=self._search)
+        texts = _check_responses(answers)
+        limits = RequestLimits.from_config(self._evaluator.config)
+        for i, text in enumerate(texts):
+            limits.check_text_length(len(text), what=f"responses[{i}]")
+        return self._evaluator._call("post", lambda: scorer.score(texts))
+
+    def close(self) -> None:
+        """Free the kept cache (idempotent)."""
+        if self._scorer is not None:
+            self._scorer.close()
+
+    def __enter__(self) -> RewardSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _check_items(items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -236,17 +236,18 @@ class RewardPostEvaluator:
 
     def _forward(self, sequences: list[list[int]]) -> list[float]:
         """Rewards of token sequences, in one forward (prefix shared when it pays)."""
-        shared = _shared_prefix_length(sequences, self.pad_token_id)
+        shared = shared_prefix_length(sequences, self.pad_token_id)
         with torch.inference_mode():
-            if len(sequences) > 1 and shared >= _MIN_SHARED_PREFIX and self._prefix_sharing:
+            if len(sequences) > 1 and shared >= _MIN_SHARED_PREFIX and self.prefix_sharing:
                 output = self._forward_shared_prefix(sequences, shared)
             else:
-                input_ids, attention_mask = self._batch(sequences)
+                input_ids, attention_mask = self.pad_batch(sequences)
                 output = self.model(input_ids=input_ids, attention_mask=attention_mask)
-        return _scalar(output, len(sequences)).float().cpu().tolist()
+        return reward_scalar(output, len(sequences)).float().cpu().tolist()
 
     @property
-    def _prefix_sharing(self) -> bool:
+    def prefix_sharing(self) -> bool:
+        """Whether the model scores a suffix run after a cached prefix as the whole row."""
         # transformers' generic head pools correctly from a suffix; ArmoRM has its own shared-
         # prefix forward (its gate may read a position inside the prefix). Other custom heads
         # need the whole sequence.
@@ -270,13 +271,13 @@ class RewardPostEvaluator:
 
         prefix = torch.tensor([sequences[0][:shared]], dtype=torch.long, device=self.device)
         if isinstance(self.model, LlamaForRewardModelWithGating):
-            suffix_ids, suffix_mask = self._batch([s[shared:] for s in sequences])
+            suffix_ids, suffix_mask = self.pad_batch([s[shared:] for s in sequences])
             return self.model.forward_shared_prefix(prefix, suffix_ids, suffix_mask)
         cache = DynamicCache(config=self.model.config)
         base = getattr(self.model, self.model.base_model_prefix)
         base(input_ids=prefix, cache=cache, use_cache=True)
         cache.batch_repeat_interleave(len(sequences))
-        input_ids, suffix_mask = self._batch([s[shared:] for s in sequences])
+        input_ids, suffix_mask = self.pad_batch([s[shared:] for s in sequences])
         prefix_mask = torch.ones(
             (len(sequences), shared), dtype=suffix_mask.dtype, device=self.device
         )
@@ -441,7 +442,7 @@ class RewardPostEvaluator:
         )
         return windows
 
-    def _batch(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def pad_batch(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-pad to ``Tensor[B, L]`` ids and mask (the model pools at the last non-pad token)."""
         length = max(len(s) for s in sequences)
         input_ids = torch.full((len(sequences), length), self.pad_token_id, dtype=torch.long)
@@ -452,7 +453,7 @@ class RewardPostEvaluator:
         return input_ids.to(self.device), attention_mask.to(self.device)
 
 
-def _shared_prefix_length(sequences: list[list[int]], pad_token_id: int | None = None) -> int:
+def shared_prefix_length(sequences: list[list[int]], pad_token_id: int | None = None) -> int:
     """Length of the common token prefix of all rows that leaves each row's pooled token in its suffix.
 
     The head pools at the last token that is not ``pad_token_id``. When the chat template ends
@@ -509,7 +510,7 @@ def _added_special_ids(tokenizer: Any) -> tuple[list[int], list[int]]:
     return [], []
 
 
-def _scalar(output: Any, batch_size: int) -> torch.Tensor:
+def reward_scalar(output: Any, batch_size: int) -> torch.Tensor:
     """``Tensor[B]``: ``output.score`` (ArmoRM, ``[B, 1]`` or ``[B]``) else ``logits[:, 0]``."""
     score = getattr(output, "score", None)
     if score is None:
