@@ -306,6 +306,8 @@ class _SearchRun:
         req, cfg = self.request, self.request.cfg
         handle = None
         search = None
+        # The RM keeps its cache of the instruction and the accepted text from step to step.
+        rewards = req.evaluator.reward_session(search=True)
         try:
             handle = await req.session.search(
                 assistant_text=cfg.prefix, seed=cfg.seed, cancel=AnyEvent(self._stop, req.cancel)
@@ -318,7 +320,7 @@ class _SearchRun:
                 handle,
                 cfg,
                 prefix=cfg.prefix,
-                reward=_in_thread(req.evaluator.score_responses, search=True),
+                reward=_in_thread(rewards.score),
                 clip=clip,
                 stop=req.stop,
             )
@@ -344,6 +346,7 @@ class _SearchRun:
                 self.text = handle.text
             if handle is not None:
                 await handle.aclose()
+            rewards.close()
 
     async def deltas(self) -> AsyncIterator[str]:
         """The search's text as it settles (what was buffered first); raises what the search raised."""
