@@ -99,6 +99,44 @@ def reward_step_costs(
     return out
 
 
+def concurrent_decisions(
+    rm: Any, *, clients: int = 8, rounds: int = 3, batching: bool = True, wait_ms: float = 2.0
+) -> dict[str, Any]:
+    """``clients`` threads each scoring one answer (decision prompt) ``rounds`` times at once.
+
+    Returns the RM forwards run and the median wall clock of a round, with cross-request
+    batching on or off (:mod:`eta_guard.evaluators.batching`).
+    """
+    import statistics
+    from concurrent.futures import ThreadPoolExecutor
+
+    from eta_guard.config import ETAConfig
+    from eta_guard.evaluators.eta_evaluator import ETAEvaluator
+
+    config = ETAConfig(evaluator_batching=batching, evaluator_batch_wait_ms=wait_ms)
+    evaluator = ETAEvaluator(None, rm, config)
+    answers = [_PREFIX + _SENTENCES[i % len(_SENTENCES)][: 30 + 5 * i] for i in range(clients)]
+    forwards = [0]
+    handle = rm.model.register_forward_pre_hook(lambda *a: forwards.__setitem__(0, forwards[0] + 1))
+    seconds = []
+    try:
+        evaluator.score_responses(answers[:1])  # warm-up
+        forwards[0] = 0
+        with ThreadPoolExecutor(clients) as pool:
+            for _ in range(rounds):
+                start = time.perf_counter()
+                list(pool.map(lambda a: evaluator.score_responses([a]), answers))
+                seconds.append(time.perf_counter() - start)
+    finally:
+        handle.remove()
+    return {
+        "clients": clients,
+        "batching": batching,
+        "forwards_per_round": forwards[0] / rounds,
+        "median_round_s": statistics.median(seconds),
+    }
+
+
 def main() -> None:  # pragma: no cover - manual measurement
     import argparse
     import json

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from eta_guard._device import load_pretrained, module_device, resolve_device
+from eta_guard.config import RewardNumerics
 from eta_guard.errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
@@ -185,7 +186,9 @@ class RewardPostEvaluator:
         ]
         return self.tokenizer.apply_chat_template(conversation, tokenize=False)
 
-    def score(self, responses: Sequence[str], instruction: str) -> list[float]:
+    def score(
+        self, responses: Sequence[str], instruction: str, *, numerics: RewardNumerics = "fast"
+    ) -> list[float]:
         """Reward of each response under ``instruction``, in one padded forward.
 
         A response too long for ``max_length`` is scored in overlapping windows (forwards of
@@ -194,6 +197,10 @@ class RewardPostEvaluator:
         Args:
             responses: Response texts (never the user's question).
             instruction: The safety instruction shown as the user turn.
+            numerics: ``"fast"``: the model's dtype, rows batched, their common prefix run once.
+                ``"reference"``: the reference's numerics (exactness over speed): each
+                conversation (window) alone, under bfloat16 autocast, with the math SDPA kernel
+                only (the reference turns the flash and memory-efficient kernels off).
 
         Returns:
             One float per response; ETA flags a response iff its reward ``<= post_threshold``.
@@ -207,7 +214,11 @@ class RewardPostEvaluator:
             raise InvalidInputError(f"instruction={instruction!r} must be a non-empty str")
         if not items:
             return []
+        if numerics not in ("fast", "reference"):
+            raise InvalidInputError(f"numerics={numerics!r} must be 'fast' or 'reference'")
         plans = [self._windows(instruction, r) for r in items]
+        if numerics == "reference":
+            return [min(self._forward_reference(seq) for seq in plan) for plan in plans]
         if all(len(p) == 1 for p in plans):
             return self._forward([p[0] for p in plans])
         rows = [seq for plan in plans for seq in plan]
@@ -244,6 +255,20 @@ class RewardPostEvaluator:
                 input_ids, attention_mask = self.pad_batch(sequences)
                 output = self.model(input_ids=input_ids, attention_mask=attention_mask)
         return reward_scalar(output, len(sequences)).float().cpu().tolist()
+
+    def _forward_reference(self, sequence: list[int]) -> float:
+        """One conversation alone, as the reference scores it (see :meth:`score`)."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        device = self.device
+        ids = torch.tensor([sequence], dtype=torch.long, device=device)
+        with (
+            torch.inference_mode(),
+            torch.autocast(device_type=device.type, dtype=torch.bfloat16),
+            sdpa_kernel(SDPBackend.MATH),
+        ):
+            output = self.model(input_ids=ids)
+        return float(reward_scalar(output, 1).float().cpu()[0])
 
     @property
     def prefix_sharing(self) -> bool:

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from eta_guard.config import RewardNumerics
 from eta_guard.evaluators.armorm import LlamaForRewardModelWithGating, last_attended
 from eta_guard.evaluators.reward import (
     RewardPostEvaluator,
@@ -54,12 +55,16 @@ class IncrementalRewardScorer:
     Not thread-safe: one per search, used under the evaluator's lock. :meth:`close` frees the
     cache. Scores equal :meth:`RewardPostEvaluator.score` of the same answers up to float
     rounding (tested within 1e-5 in float32). Calls that need windows (an answer longer than
-    ``max_length``) or models whose head cannot pool from a suffix are scored from scratch.
+    ``max_length``), models whose head cannot pool from a suffix, and ``numerics="reference"``
+    (each conversation alone, by definition) are scored from scratch.
     """
 
-    def __init__(self, rm: RewardPostEvaluator, instruction: str) -> None:
+    def __init__(
+        self, rm: RewardPostEvaluator, instruction: str, *, numerics: RewardNumerics = "fast"
+    ) -> None:
         self.rm = rm
         self.instruction = instruction
+        self.numerics = numerics
         self.stats = SessionStats()
         self._ids: list[int] = []  # the kept prefix's tokens
         self._cache: Any = None  # its DynamicCache at batch 1 (None when empty)
@@ -77,10 +82,14 @@ class IncrementalRewardScorer:
         self.stats.calls += 1
         rows = [self.rm.encode(self.instruction, t) for t in texts]
         self.stats.scratch_tokens += sum(len(r) for r in rows)
-        if not self.rm.prefix_sharing or any(len(r) > self.rm.max_length for r in rows):
+        if (
+            self.numerics != "fast"
+            or not self.rm.prefix_sharing
+            or any(len(r) > self.rm.max_length for r in rows)
+        ):
             self.stats.fallbacks += 1
             self.stats.encoded_tokens += sum(len(r) for r in rows)
-            return self.rm.score(texts, self.instruction)
+            return self.rm.score(texts, self.instruction, numerics=self.numerics)
         shared = shared_prefix_length(rows, self.rm.pad_token_id)
         with torch.inference_mode():
             self._keep(rows[0][:shared])
