@@ -170,27 +170,3 @@ def test_concurrent_verdicts_and_clip_scorings_share_forwards(evaluators):
         alone = plain.evaluate(images=[images[i]], response=TEXTS[i])
         assert verdict.pre_score == pytest.approx(alone.pre_score, abs=1e-5)
         assert verdict.post_score == pytest.approx(alone.post_score, abs=1e-5)
-
-
-def test_concurrent_search_clip_terms_share_the_text_forward(evaluators):
-    batched, plain = evaluators
-    scorers = [batched.sentence_scorer([make_test_image()]) for _ in range(3)]
-    for s in scorers:
-        s(["warm up"])  # embeds the image once per scorer
-    sentences = [["A cat."], ["A much longer sentence about a dog in a park.", "Hi."], ["No."]]
-    text_model = _Counting(batched.pre.encoder.model.text_model)
-    try:
-        got = _concurrently(
-            batched._lock,
-            list(range(3)),
-            lambda i: scorers[i](sentences[i]),
-            expected_calls=3 + 3,
-            stats=batched._batchers.texts.stats,
-        )
-        forwards = text_model.calls
-    finally:
-        text_model.close()
-    assert forwards == 1
-    reference = plain.sentence_scorer([make_test_image()])
-    for group, scores in zip(sentences, got, strict=True):
-        assert scores == pytest.approx([reference([s])[0] for s in group], abs=1e-5)

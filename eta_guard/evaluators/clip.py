@@ -229,14 +229,7 @@ class CLIPPreEvaluator:
         items = _as_texts(texts)
         if not items:
             return torch.empty(0)
-        return self.max_cosine(image_embeds, self.embed_texts(items))
-
-    @staticmethod
-    def max_cosine(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
-        """``Tensor[n]``: max over the ``m`` images of the cosine with each of ``n`` texts
-        (both normalised, from :meth:`embed_images` / :meth:`embed_texts`)."""
-        if text_embeds.shape[0] == 0:
-            return torch.empty(0)
+        text_embeds = self.embed_texts(items)
         sims = image_embeds.to(text_embeds) @ text_embeds.T  # [m, n]
         return sims.max(dim=0).values
 

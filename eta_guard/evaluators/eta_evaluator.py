@@ -258,27 +258,16 @@ class ETAEvaluator:
         """
         pil = self._load_images(images, where="images")
         embeds: list[Any] = []
-        batchers = self._batchers
-        batched = batchers is not None and hasattr(self.pre, "embed_texts")
-
-        def texts(sentences: list[str]) -> Any:
-            import torch
-
-            assert batchers is not None
-            return torch.stack(batchers.texts(None, sentences))
 
         def score(sentences: list[str]) -> list[float]:
             pre = self._require_pre()
 
             def run() -> list[float]:
                 if not embeds:
-                    with self._lock:
-                        embeds.append(pre.embed_images(pil, batch_size=self.config.clip_batch_size))
-                if batched:  # the sentences' text forward is shared with concurrent searches
-                    return [float(s) for s in pre.max_cosine(embeds[0], texts(sentences))]
+                    embeds.append(pre.embed_images(pil, batch_size=self.config.clip_batch_size))
                 return [float(s) for s in pre.similarity(embeds[0], sentences)]
 
-            return self._call("pre", run, locked=not batched)
+            return self._call("pre", run)
 
         return score
 
@@ -617,10 +606,11 @@ class RewardSession:
 class EvaluatorBatchers:
     """The cross-request batchers of an evaluator and its views (:mod:`.batching`).
 
-    ``images``: CLIP image scores, keyed by (prompt, chunk size); ``texts``: CLIP text
-    embeddings for the search's sentence term; ``rewards``: reward-model scores keyed by
-    instruction (the decision and the remote-RM search; a local search's incremental session
-    runs on its own cache). Each run holds the evaluator's model lock.
+    ``images``: CLIP image scores, keyed by (prompt, chunk size); ``rewards``: reward-model
+    scores keyed by (instruction, numerics): the decision, and searches whose session is not
+    incremental (a remote RM). A local search's incremental session runs on its own cache, and
+    the search's CLIP sentence term (a few short texts) is not grouped. Each run holds the
+    evaluator's model lock.
     """
 
     def __init__(self, evaluator: ETAEvaluator, config: ETAConfig) -> None:
@@ -637,16 +627,11 @@ class EvaluatorBatchers:
             assert pre is not None
             return pre.score_images(items, prompt=key[0], batch_size=key[1])
 
-        def texts(_key: None, items: list[str]) -> list[Any]:
-            assert pre is not None
-            return list(pre.embed_texts(items))
-
         def rewards(key: tuple[str, str], items: list[str]) -> list[float]:
             assert post is not None
             return _score_with(post, items, key)
 
         self.images: MicroBatcher[Any, float] = MicroBatcher(images, **options)
-        self.texts: MicroBatcher[str, Any] = MicroBatcher(texts, **options)
         self.rewards: MicroBatcher[str, float] = MicroBatcher(rewards, **options)
 
 
