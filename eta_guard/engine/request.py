@@ -77,6 +77,7 @@ class Request:
         self.start = time.perf_counter()
         self.session: Any = None
         self.search: _SearchRun | None = None
+        self._vanilla_started = asyncio.Event()
 
     async def run(self) -> AsyncIterator[str | ETAResult]:
         # Rendering the prompt runs no model: a prompt too long for the context is refused
@@ -111,7 +112,9 @@ class Request:
             return
 
         if self.cfg.deep_alignment and self.cfg.schedule == "speculative":
-            self.search = _SearchRun(self)  # alongside the vanilla decode
+            # Alongside the vanilla decode, opened once the vanilla's decoding has been asked
+            # for (a local session then hands the search the vanilla's prompt KV).
+            self.search = _SearchRun(self, after=self._vanilla_started)
         greedy = None
         async with aclosing(self._vanilla(stream_tokens=False, keep_prompt=True)) as items:
             async for item in items:
@@ -153,14 +156,14 @@ class Request:
         """The greedy answer: its deltas when ``stream_tokens``, then its :class:`Completion`."""
         t0 = time.perf_counter()
         greedy = None
-        async with aclosing(
-            self.session.greedy(
-                max_tokens=self.cfg.max_new_tokens,
-                stop=self.stop,
-                cancel=self.cancel,
-                keep_prompt=keep_prompt,
-            )
-        ) as items:
+        stream = self.session.greedy(
+            max_tokens=self.cfg.max_new_tokens,
+            stop=self.stop,
+            cancel=self.cancel,
+            keep_prompt=keep_prompt,
+        )
+        self._vanilla_started.set()
+        async with aclosing(stream) as items:
             async for item in items:
                 self._check_cancelled()
                 if isinstance(item, Completion):
@@ -292,8 +295,8 @@ class _SearchRun:
     frees the handle. The figures of :class:`BestOfNSearch` are copied once it ends.
     """
 
-    def __init__(self, request: Request) -> None:
-        self.request = request
+    def __init__(self, request: Request, *, after: asyncio.Event | None = None) -> None:
+        self.request, self._after = request, after
         self.text, self.tokens, self.decoded = "", 0, 0
         self.finish_reason: FinishReason = "length"
         self.trace: list[SentenceTrace] = []
@@ -309,6 +312,8 @@ class _SearchRun:
         # The RM keeps its cache of the instruction and the accepted text from step to step.
         rewards = req.evaluator.reward_session(search=True)
         try:
+            if self._after is not None:
+                await self._after.wait()
             handle = await req.session.search(
                 assistant_text=cfg.prefix, seed=cfg.seed, cancel=AnyEvent(self._stop, req.cancel)
             )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import math
@@ -17,6 +16,7 @@ from eta_guard.config import DEFAULT_CLIP, DEFAULT_REWARD_MODEL, ETAConfig
 from eta_guard.errors import ETAError, EvaluatorError, InvalidInputError
 from eta_guard.limits import RequestLimits
 from eta_guard.media import image_options, load_images
+from eta_guard.model_thread import model_thread
 from eta_guard.verdict import SafetyVerdict
 
 if TYPE_CHECKING:
@@ -343,20 +343,20 @@ class ETAEvaluator:
         images: ImageSource | Sequence[ImageSource] | None = None,
         response: str | None = None,
     ) -> SafetyVerdict:
-        """Async :meth:`evaluate` (runs in a worker thread)."""
-        return await asyncio.to_thread(self.evaluate, images, response)
+        """Async :meth:`evaluate` (runs on the model thread, :mod:`eta_guard.model_thread`)."""
+        return await model_thread().acall(self.evaluate, images, response)
 
     async def aevaluate_input(self, images: ImageSource | Sequence[ImageSource]) -> SafetyVerdict:
         """Async :meth:`evaluate_input`."""
-        return await asyncio.to_thread(self.evaluate_input, images)
+        return await model_thread().acall(self.evaluate_input, images)
 
     async def aevaluate_output(self, response: str) -> SafetyVerdict:
         """Async :meth:`evaluate_output`."""
-        return await asyncio.to_thread(self.evaluate_output, response)
+        return await model_thread().acall(self.evaluate_output, response)
 
     async def aevaluate_batch(self, items: Sequence[dict[str, Any]]) -> list[SafetyVerdict]:
         """Async :meth:`evaluate_batch`."""
-        return await asyncio.to_thread(self.evaluate_batch, items)
+        return await model_thread().acall(self.evaluate_batch, items)
 
     # ------------------------------------------------------------------ core
     def _run_pre(
