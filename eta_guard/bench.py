@@ -292,7 +292,7 @@ def _run(
         "size": size,
         "vlm_family": vlm_family,
         "parameters": runner.parameter_counts(),
-        "device": str(eta.vlm.device),
+        "device": str(eta.backend.adapter.device),
         "cpu": _cpu_name(),
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),

@@ -39,6 +39,7 @@ MIN_TEMPERATURE = 1e-4
 DEFAULT_CLIP = "openai/clip-vit-large-patch14-336"
 DEFAULT_REWARD_MODEL = "RLHFlow/ArmoRM-Llama3-8B-v0.1"
 
+Schedule = Literal["speculative", "sequential"]
 TextOnlyPolicy = Literal["trust", "reward_only"]
 #: Same values as ``eta_guard.decoding.stopping.SentenceEndRule`` (kept here: no torch import).
 SentenceEndRule = Literal["exact", "contains"]
@@ -85,6 +86,15 @@ class ETAConfig(BaseModel):
     # --- aligning ---
     prefix: str = Field(DEFAULT_PREFIX, description="Shallow-alignment interference prefix.")
     deep_alignment: bool = Field(True, description="Run the sentence-level best-of-N search.")
+    schedule: Schedule = Field(
+        "speculative",
+        description=(
+            "When the aligned search starts: 'speculative' starts it as soon as the pre-check "
+            "flags the input, alongside the vanilla decode, and drops it if the reward model "
+            "clears the vanilla answer; 'sequential' starts it only after the reward model "
+            "flagged the answer. Both give the same result for a fixed seed."
+        ),
+    )
     num_candidates: int = Field(5, ge=1, le=64)
     top_k: int = Field(5, ge=1)
     # Below ~1e-37 logits / temperature overflows float32 and sampling crashes; 1e-4 leaves

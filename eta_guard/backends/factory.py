@@ -1,4 +1,4 @@
-"""Building a :class:`BackendETA` over an OpenAI-compatible engine, each evaluator local or remote."""
+"""The parts of an ETA over an OpenAI-compatible engine: the generator and the evaluators, each local or remote."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from eta_guard.config import ETAConfig
 from eta_guard.errors import InvalidInputError
 
 
-def eta_from_openai_compatible(
+def openai_compatible_parts(
     base_url: str,
     model: str,
     clip: str | None,
@@ -31,9 +31,8 @@ def eta_from_openai_compatible(
     local_files_only: bool = False,
     clip_kwargs: dict[str, Any] | None = None,
     reward_model_kwargs: dict[str, Any] | None = None,
-) -> Any:
-    """See :meth:`eta_guard.pipeline.ETA.from_openai_compatible`."""
-    from eta_guard.backends.eta_backend import BackendETA
+) -> tuple[Any, Any]:
+    """``(generator, evaluator)`` for :meth:`eta_guard.pipeline.ETA.from_openai_compatible`."""
     from eta_guard.backends.openai_compatible import OpenAICompatibleBackend
     from eta_guard.backends.remote_evaluators import RemoteCLIP, RemoteRewardModel
     from eta_guard.evaluators.eta_evaluator import ETAEvaluator
@@ -90,7 +89,7 @@ def eta_from_openai_compatible(
         post is None or reward_model_url is not None
     )
     lock: Any = _NoLock() if remote_only else None
-    return BackendETA(generator, ETAEvaluator(pre, post, config, lock=lock), config)
+    return generator, ETAEvaluator(pre, post, config, lock=lock)
 
 
 class _NoLock:

@@ -7,10 +7,11 @@ The sentence-level search (:mod:`eta_guard.decoding.best_of_n`) builds on the sa
 
 from __future__ import annotations
 
+import copy
 import queue
 import threading
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -35,7 +36,13 @@ from eta_guard.decoding.content_tokens import (
     plain_text_ids,
     render_with_spans,
 )
-from eta_guard.decoding.stopping import CancelCriteria, cut_at_stop, stop_holdback
+from eta_guard.decoding.stopping import (
+    AnyEvent,
+    CancelCriteria,
+    PromptSnapshot,
+    cut_at_stop,
+    stop_holdback,
+)
 from eta_guard.errors import InvalidInputError
 from eta_guard.tools.specs import tool_strings
 
@@ -137,6 +144,9 @@ class VLMAdapter:
         self.model = model.eval()
         self.processor = processor
         self.name = name or str(getattr(model.config, "name_or_path", "") or type(model).__name__)
+        #: Held around every use of the model: it keeps per-call state (KV caches, Qwen2-VL's
+        #: rope deltas), so every ETA built on this adapter shares this one lock.
+        self.lock = threading.RLock()
         self.eos_token_ids = _eos_token_ids(model, self.tokenizer)
         self.pad_token_id = _pad_token_id(model, self.tokenizer, self.eos_token_ids)
         self.context_length = _context_length(model)
@@ -442,7 +452,8 @@ class VLMAdapter:
         max_new_tokens: int,
         stop: Sequence[str] | None = None,
         streamer: BaseStreamer | None = None,
-        cancel: threading.Event | None = None,
+        cancel: threading.Event | AnyEvent | None = None,
+        on_prompt_cached: Callable[[Any], None] | None = None,
     ) -> GreedyOutput:
         """Greedy decoding of the answer, whatever the checkpoint's generation config says.
 
@@ -452,6 +463,8 @@ class VLMAdapter:
             stop: strings that end the answer (excluded from ``text``).
             streamer: receives token ids as they are produced (transformers streamer protocol).
             cancel: when set, generation stops at the next token.
+            on_prompt_cached: called once, right after the prompt's prefill, with a copy of the
+                KV cache that covers exactly the prompt (e.g. for a search started alongside).
         """
         max_new = self.max_new_tokens_for(prepared, max_new_tokens)
         stop = [s for s in (stop or []) if s]
@@ -462,6 +475,11 @@ class VLMAdapter:
             if prepared.response_format
             else None
         )
+        cache: Any = self.new_cache()
+        if on_prompt_cached is not None:
+            criteria.append(
+                PromptSnapshot(lambda: self._copy_cache(cache, prepared), on_prompt_cached)
+            )
         with torch.inference_mode():
             out = self.model.generate(
                 **prepared.model_inputs,
@@ -470,7 +488,7 @@ class VLMAdapter:
                 stopping_criteria=criteria,
                 streamer=streamer,
                 tokenizer=self.tokenizer,
-                cache=self.new_cache(),
+                cache=cache,
             )
         new_ids = out.sequences[0, prepared.num_prompt_tokens :].tolist()
         cache = getattr(out, "cache", None)
@@ -501,6 +519,12 @@ class VLMAdapter:
             constraint = JSONConstraint(self.tokenizer, vocab, self.eos_token_ids)
             self._json_constraint = constraint
         return constraint
+
+    def _copy_cache(self, cache: Any, prepared: PreparedPrompt) -> Any:
+        """An independent copy of ``cache`` that remembers ``prepared``'s inputs."""
+        copied = copy.deepcopy(cache)
+        self.remember_inputs(copied, prepared)
+        return copied
 
     def remember_inputs(self, cache: Any, prepared: PreparedPrompt) -> None:
         """Record what ``cache`` encoded: the prompt's images and the model's position state."""
@@ -535,14 +559,20 @@ class VLMAdapter:
             return None
 
     def stream_greedy(
-        self, prepared: PreparedPrompt, *, max_new_tokens: int, stop: Sequence[str] | None = None
+        self,
+        prepared: PreparedPrompt,
+        *,
+        max_new_tokens: int,
+        stop: Sequence[str] | None = None,
+        **kwargs: Any,
     ) -> GreedyStream:
         """Greedy decoding that yields text deltas as tokens are produced.
 
         The deltas concatenate to exactly ``generate_greedy(...).text``; after the iterator is
-        exhausted, ``.output`` holds the :class:`GreedyOutput`.
+        exhausted, ``.output`` holds the :class:`GreedyOutput`. ``kwargs``: ``cancel`` and
+        ``on_prompt_cached`` of :meth:`generate_greedy`.
         """
-        return GreedyStream(self, prepared, max_new_tokens=max_new_tokens, stop=stop)
+        return GreedyStream(self, prepared, max_new_tokens=max_new_tokens, stop=stop, **kwargs)
 
     def decode_continuation(
         self, context_ids: Sequence[int] | torch.Tensor, new_ids: Sequence[int]
@@ -611,12 +641,15 @@ class GreedyStream:
         *,
         max_new_tokens: int,
         stop: Sequence[str] | None,
+        cancel: threading.Event | None = None,
+        on_prompt_cached: Callable[[Any], None] | None = None,
     ) -> None:
         self.adapter, self.prepared = adapter, prepared
         self.stop = [s for s in (stop or []) if s]
         self.output: GreedyOutput | None = None
         self._queue: queue.Queue = queue.Queue()
         self._cancel = threading.Event()
+        self._outer_cancel, self._on_prompt_cached = cancel, on_prompt_cached
         self._thread = threading.Thread(target=self._work, args=(max_new_tokens,), daemon=True)
         self._started = False
 
@@ -627,7 +660,8 @@ class GreedyStream:
                 max_new_tokens=max_new_tokens,
                 stop=self.stop,
                 streamer=_QueueStreamer(self._queue),
-                cancel=self._cancel,
+                cancel=AnyEvent(self._cancel, self._outer_cancel),
+                on_prompt_cached=self._on_prompt_cached,
             )
             self._queue.put(("done", output))
         except BaseException as e:  # noqa: BLE001 - re-raised in the consumer thread
