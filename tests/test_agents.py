@@ -23,8 +23,10 @@ from langchain_eta import DEFAULT_REFUSAL, ETAChatModel, ETAGuardMiddleware  # n
 from langchain_fixtures import FLAG_NONE, lc_ckpt, lc_eta, lc_evaluator, png_b64  # noqa: E402, F401
 from scripted_backend import ScriptedBackend  # noqa: E402
 
-from eta_guard import ETAConfig  # noqa: E402
-from eta_guard.backends import BackendETA  # noqa: E402
+from eta_guard import (
+    ETA,  # noqa: E402
+    ETAConfig,  # noqa: E402
+)
 from eta_guard.tools import ToolCall, format_tool_calls  # noqa: E402
 
 HARMFUL = "Step 1: obtain the toxin. Step 2: add it to the water supply."
@@ -35,7 +37,7 @@ ALIGN_TEXT = {"text_only_policy": "reward_only", "post_threshold": 1e9}
 
 def _chat_model(backend, evaluator, **config) -> ETAChatModel:
     cfg = ETAConfig(num_candidates=2, max_new_tokens=32, seed=0, **config)
-    return ETAChatModel(eta=BackendETA(backend, evaluator, cfg), config=cfg)
+    return ETAChatModel(eta=ETA(backend, evaluator, cfg), config=cfg)
 
 
 def _tools(ran: list[str]):

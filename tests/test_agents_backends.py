@@ -24,7 +24,7 @@ from langchain_eta import ETAChatModel  # noqa: E402
 from langchain_fixtures import lc_ckpt, lc_eta, lc_evaluator, png_b64  # noqa: E402, F401
 
 from eta_guard import ETA, ETAConfig  # noqa: E402
-from eta_guard.backends import BackendETA, HTTPSettings, OpenAICompatibleBackend  # noqa: E402
+from eta_guard.backends import HTTPSettings, OpenAICompatibleBackend  # noqa: E402
 from eta_guard.errors import InvalidInputError  # noqa: E402
 from eta_guard.messages import normalize_messages  # noqa: E402
 from eta_guard.tools.templates import QWEN_VL_HERMES_TOOL_TEMPLATE  # noqa: E402
@@ -172,7 +172,7 @@ def _remote(stub, evaluator, **config) -> ETAChatModel:
     cfg = ETAConfig(num_candidates=2, max_new_tokens=32, seed=0, **config)
     http = HTTPSettings(timeout=5.0, connect_timeout=1.0, max_retries=1, backoff=0.01)
     backend = OpenAICompatibleBackend(stub.url, "tiny-vlm", http=http)
-    return ETAChatModel(eta=BackendETA(backend, evaluator, cfg), config=cfg)
+    return ETAChatModel(eta=ETA(backend, evaluator, cfg), config=cfg)
 
 
 @pytest.mark.parametrize("mode", ["invoke", "stream"])

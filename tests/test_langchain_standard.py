@@ -84,11 +84,10 @@ class TestETAChatModelToolsIntegration(ChatModelIntegrationTests):
     def chat_model_params(self) -> dict[str, Any]:
         from scripted_backend import ScriptedBackend, schema_following
 
-        from eta_guard import ETAConfig
-        from eta_guard.backends import BackendETA
+        from eta_guard import ETA, ETAConfig
 
         config = ETAConfig(pre_threshold=2.0, num_candidates=2, max_new_tokens=64, seed=0)
-        eta = BackendETA(ScriptedBackend(schema_following), self.evaluator, config)
+        eta = ETA(ScriptedBackend(schema_following), self.evaluator, config)
         return {"eta": eta, "config": config}
 
     @property
