@@ -27,7 +27,7 @@ from eta_guard import (
     ETA,  # noqa: E402
     ETAConfig,  # noqa: E402
 )
-from eta_guard.tools import ToolCall, format_tool_calls  # noqa: E402
+from eta_guard.tools import ToolCall, format_tool_calls, judged_text  # noqa: E402
 
 HARMFUL = "Step 1: obtain the toxin. Step 2: add it to the water supply."
 SEND = ToolCall("send_message", {"to": "all", "body": HARMFUL})
@@ -225,3 +225,17 @@ def test_an_aligned_answer_is_a_parsing_error_not_a_schema_value(lc_evaluator): 
     out = llm.with_structured_output(schema, include_raw=True).invoke("Paris?")
     assert out["parsed"] is None and out["parsing_error"] is not None
     assert out["raw"].response_metadata["eta_aligned"] is True
+
+
+def test_output_guard_judges_a_tool_call_only_answer(lc_evaluator):  # noqa: F811
+    from langchain_eta import ETAOutputGuard
+
+    flag_all = lc_evaluator.with_config(lc_evaluator.config.with_overrides(post_threshold=1e9))
+    call = {"name": "send_message", "args": {"to": "all", "body": HARMFUL}, "id": "c1"}
+    out = ETAOutputGuard(evaluator=flag_all, on_violation="replace").invoke(
+        AIMessage("", tool_calls=[call])
+    )
+    assert out.tool_calls == [] and out.text == DEFAULT_REFUSAL
+    verdict = out.response_metadata["eta_guard_verdict"]
+    expected = lc_evaluator.evaluate_output(judged_text("", [call])).post_score
+    assert verdict["post_score"] == pytest.approx(expected, abs=1e-5)
