@@ -195,3 +195,18 @@ def test_remote_cleared_answer_cancels_the_search_request(stub, evaluator):
     assert not result.aligned and result.text == "Sure, here is how."
     assert time.monotonic() - start < 10  # the hanging request was dropped, not awaited
     assert "speculation" in result.timings
+
+
+@pytest.mark.parametrize("schedule", ["sequential", "speculative"])
+def test_the_image_is_encoded_once_per_request(local, schedule):
+    # The search continues from the vanilla decode's prompt KV (a copy taken after its prefill
+    # when speculating): the images are never encoded a second time.
+    towers = [m for name, m in local.vlm.model.named_modules() if name.endswith("vision_tower")]
+    calls = []
+    handle = towers[0].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        result = local.generate(_messages(), schedule=schedule, **ALIGN_ALL)
+    finally:
+        handle.remove()
+    assert result.aligned and result.trace
+    assert len(calls) == 1

@@ -89,13 +89,12 @@ class LocalSession:
     ) -> None:
         self.backend, self.adapter = backend, backend.adapter
         self.conversation, self.prepared = conversation, prepared
-        self._loop: asyncio.AbstractEventLoop | None = None
         # The prompt's KV for the search: a copy taken after the vanilla's prefill, or the
         # vanilla's own cache once it finished; None until either exists.
         self._prompt_cache: asyncio.Future[Any] | None = None
         self._searches: list[LocalSearch] = []
 
-    async def greedy(
+    def greedy(
         self,
         *,
         assistant_text: str = "",
@@ -104,11 +103,24 @@ class LocalSession:
         cancel: threading.Event | None = None,
         keep_prompt: bool = False,
     ) -> AsyncIterator[str | Completion]:
+        # Not a generator itself: the promise of the prompt's KV exists from this call on, so a
+        # search opened right after (speculation) waits for it instead of prefilling its own.
         loop = asyncio.get_running_loop()
         vanilla = keep_prompt and not assistant_text and self._prompt_cache is None
         if vanilla:
             self._prompt_cache = loop.create_future()
         future = self._prompt_cache if vanilla else None
+        return self._greedy(loop, future, assistant_text, max_tokens, stop, cancel)
+
+    async def _greedy(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        future: asyncio.Future | None,
+        assistant_text: str,
+        max_tokens: int,
+        stop: Sequence[str] | None,
+        cancel: threading.Event | None,
+    ) -> AsyncIterator[str | Completion]:
 
         def offer(cache: Any) -> None:  # called in the decoding thread
             loop.call_soon_threadsafe(_resolve, future, cache)

@@ -7,6 +7,7 @@ The sentence-level search (:mod:`eta_guard.decoding.best_of_n`) builds on the sa
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import queue
 import threading
@@ -44,6 +45,7 @@ from eta_guard.decoding.stopping import (
     stop_holdback,
 )
 from eta_guard.errors import InvalidInputError
+from eta_guard.model_thread import model_thread
 from eta_guard.tools.specs import tool_strings
 
 FinishReason = Literal["stop", "length"]
@@ -629,7 +631,9 @@ class _QueueStreamer(BaseStreamer):
 class GreedyStream:
     """Iterate to receive text deltas of a greedy answer; ``.output`` is set once exhausted.
 
-    Generation runs in a worker thread; an error there is re-raised in the consumer. Text past a
+    Generation runs on the model thread (:mod:`eta_guard.model_thread`: no second-thread OpenMP
+    penalty), or in a worker thread when the consumer is the model thread itself; an error there
+    is re-raised in the consumer. Text past a
     stop string is never yielded: only the shortest tail that could still start a stop string
     (or that ends mid-character) is held back until the next token settles it.
     """
@@ -650,7 +654,8 @@ class GreedyStream:
         self._queue: queue.Queue = queue.Queue()
         self._cancel = threading.Event()
         self._outer_cancel, self._on_prompt_cached = cancel, on_prompt_cached
-        self._thread = threading.Thread(target=self._work, args=(max_new_tokens,), daemon=True)
+        self._max_new_tokens = max_new_tokens
+        self._worker: threading.Thread | concurrent.futures.Future | None = None
         self._started = False
 
     def _work(self, max_new_tokens: int) -> None:
@@ -671,7 +676,14 @@ class GreedyStream:
         if self._started:
             raise RuntimeError("a GreedyStream can be iterated only once")
         self._started = True
-        self._thread.start()
+        runner = model_thread(self.adapter.device)
+        if runner.is_current():  # waiting on our own queue would deadlock
+            self._worker = threading.Thread(
+                target=self._work, args=(self._max_new_tokens,), daemon=True
+            )
+            self._worker.start()
+        else:
+            self._worker = runner.submit(self._work, self._max_new_tokens)
         context = self.prepared.input_ids[0]
         ids: list[int] = []
         emitted = ""
@@ -696,11 +708,20 @@ class GreedyStream:
         finally:
             self.close()
 
+    @property
+    def running(self) -> bool:
+        """Whether generation is still running (or queued) for this stream."""
+        if isinstance(self._worker, threading.Thread):
+            return self._worker.is_alive()
+        return self._worker is not None and not self._worker.done()
+
     def close(self) -> None:
         """Stop generation early (if still running) and wait for the worker."""
         self._cancel.set()
-        if self._started:
-            self._thread.join()
+        if isinstance(self._worker, threading.Thread):
+            self._worker.join()
+        elif self._worker is not None and not self._worker.cancel():  # started: wait for it
+            concurrent.futures.wait([self._worker])
 
 
 #: A prompt longer than this many characters per context token is first checked on its beginning.

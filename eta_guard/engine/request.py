@@ -77,6 +77,7 @@ class Request:
         self.start = time.perf_counter()
         self.session: Any = None
         self.search: _SearchRun | None = None
+        self._vanilla_started = asyncio.Event()
 
     async def run(self) -> AsyncIterator[str | ETAResult]:
         # Rendering the prompt runs no model: a prompt too long for the context is refused
@@ -111,7 +112,9 @@ class Request:
             return
 
         if self.cfg.deep_alignment and self.cfg.schedule == "speculative":
-            self.search = _SearchRun(self)  # alongside the vanilla decode
+            # Alongside the vanilla decode, opened once the vanilla's decoding has been asked
+            # for (a local session then hands the search the vanilla's prompt KV).
+            self.search = _SearchRun(self, after=self._vanilla_started)
         greedy = None
         async with aclosing(self._vanilla(stream_tokens=False, keep_prompt=True)) as items:
             async for item in items:
@@ -120,7 +123,9 @@ class Request:
         assert greedy is not None
         self._check_cancelled()  # a cut-short answer must never be judged or returned
         t0 = time.perf_counter()
-        post = await asyncio.to_thread(self.evaluator.evaluate_output, greedy.text)
+        post = await asyncio.to_thread(
+            self.evaluator.evaluate_output, greedy.text, conversation=self.conv
+        )
         self.timings["post"] = time.perf_counter() - t0
         verdict = pre.merge(post)
         if not verdict.unsafe:
@@ -143,7 +148,9 @@ class Request:
         if not self.conv.has_images:
             return skipped(self.cfg, "pre", "no image in the request")
         t0 = time.perf_counter()
-        verdict = await asyncio.to_thread(self.evaluator.evaluate_input, self.conv.images)
+        verdict = await asyncio.to_thread(
+            self.evaluator.evaluate_input, self.conv.images, conversation=self.conv
+        )
         self.timings["pre"] = time.perf_counter() - t0
         return verdict
 
@@ -153,14 +160,14 @@ class Request:
         """The greedy answer: its deltas when ``stream_tokens``, then its :class:`Completion`."""
         t0 = time.perf_counter()
         greedy = None
-        async with aclosing(
-            self.session.greedy(
-                max_tokens=self.cfg.max_new_tokens,
-                stop=self.stop,
-                cancel=self.cancel,
-                keep_prompt=keep_prompt,
-            )
-        ) as items:
+        stream = self.session.greedy(
+            max_tokens=self.cfg.max_new_tokens,
+            stop=self.stop,
+            cancel=self.cancel,
+            keep_prompt=keep_prompt,
+        )
+        self._vanilla_started.set()
+        async with aclosing(stream) as items:
             async for item in items:
                 self._check_cancelled()
                 if isinstance(item, Completion):
@@ -292,8 +299,8 @@ class _SearchRun:
     frees the handle. The figures of :class:`BestOfNSearch` are copied once it ends.
     """
 
-    def __init__(self, request: Request) -> None:
-        self.request = request
+    def __init__(self, request: Request, *, after: asyncio.Event | None = None) -> None:
+        self.request, self._after = request, after
         self.text, self.tokens, self.decoded = "", 0, 0
         self.finish_reason: FinishReason = "length"
         self.trace: list[SentenceTrace] = []
@@ -307,6 +314,8 @@ class _SearchRun:
         handle = None
         search = None
         try:
+            if self._after is not None:
+                await self._after.wait()
             handle = await req.session.search(
                 assistant_text=cfg.prefix, seed=cfg.seed, cancel=AnyEvent(self._stop, req.cancel)
             )
