@@ -104,47 +104,32 @@ def normalize_messages(
         InvalidInputError: The messages are malformed; the message says which one and why.
     """
     check_max_pixels(max_image_pixels, name="max_image_pixels")
-<<<<<<< HEAD
-    items = _check_list(messages)
-    limits = limits or RequestLimits()
-    converted = []
-=======
     request = _request_fields(messages)
     items = _check_list(request.pop("messages"))
-    merged: list[dict[str, Any]] = []
->>>>>>> main
+    limits = limits or RequestLimits()
+    converted = []
     sources: list[tuple[str, Any]] = []  # (where, source) of each image, in order
     for index, message in enumerate(items):
         role, parts, message_sources = _convert_message(index, message)
-        converted.append((index, role, parts))
         sources.extend(message_sources)
-<<<<<<< HEAD
-    # Limits first, on the raw parts (linear), so that no later step runs on an oversized request.
-    text_chars = sum(len(p["text"]) for _, _, parts in converted for p in parts if "text" in p)
-    limits.check_text_length(text_chars, what="the messages' text")
-    limits.check_image_count(len(sources))
-    merged = _merge_turns(converted)
-    if not sources and not any(
-        p["type"] == "text" and p["text"].strip() for m in merged for p in m["content"]
-=======
         extra = _tool_fields(index, message, role)
         if role == "assistant" and parts and not any(_has_content(p) for p in parts):
             parts = [] if extra.get("tool_calls") else parts
-        if (
-            merged
-            and merged[-1]["role"] == role
-            and role != "tool"
-            and not extra
-            and ("tool_calls" not in merged[-1])
-        ):
-            _append_parts(merged[-1]["content"], parts)
-        else:
-            merged.append({"role": role, "content": parts, **extra})
+        converted.append((index, role, parts, extra))
+    # Limits first, on the raw parts (linear), so that no later step runs on an oversized request.
+    tools_chars = len(json.dumps(request["tools"])) if request["tools"] else 0
+    limits.check_text_length(
+        sum(len(p["text"]) for *_, parts, _ in converted for p in parts if "text" in p)
+        + sum(len(json.dumps(extra.get("tool_calls", []))) for *_, extra in converted)
+        + tools_chars,
+        what="the messages' text",
+    )
+    limits.check_image_count(len(sources))
+    merged = _merge_turns(converted)
     if (
         not sources
         and not any(p["type"] == "text" and p["text"].strip() for m in merged for p in m["content"])
         and not any("tool_calls" in m for m in merged)
->>>>>>> main
     ):
         raise InvalidInputError(
             "the conversation is empty: no message holds any text or image; "
@@ -156,19 +141,14 @@ def normalize_messages(
             f"answers), but messages[{len(items) - 1}] has role {merged[-1]['role']!r}; to "
             "continue an assistant answer, end with a user turn instead"
         )
-<<<<<<< HEAD
-    # Merging adds blank lines at the seams: the merged text is what the model gets.
-=======
     _check_tool_turns(merged)
-    limits = limits or RequestLimits()
->>>>>>> main
+    # Merging adds blank lines at the seams: the merged text is what the model gets.
     limits.check_text_length(
         sum(len(p["text"]) for m in merged for p in m["content"] if p["type"] == "text")
         + sum(len(json.dumps(m.get("tool_calls", []))) for m in merged)
-        + (len(json.dumps(request["tools"])) if request["tools"] else 0),
+        + tools_chars,
         what="the messages' text",
     )
-    limits.check_image_count(len(sources))
     # Images are decoded last, so that a malformed conversation fails before any decoding.
     images = []
     with limits.pixel_budget():
@@ -480,7 +460,9 @@ def _image_source(where: str, part: Mapping[str, Any]) -> Any:
     )
 
 
-def _merge_turns(converted: list[tuple[int, str, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
+def _merge_turns(
+    converted: list[tuple[int, str, list[dict[str, Any]], dict[str, Any]]],
+) -> list[dict[str, Any]]:
     """Merge consecutive same-role messages, joining text that meets at a seam by a blank line.
 
     Linear in the number of parts: the text pieces of a seam are collected and joined once
@@ -493,15 +475,23 @@ def _merge_turns(converted: list[tuple[int, str, list[dict[str, Any]]]]) -> list
         if pieces is not None and len(pieces) > 1:
             merged[-1]["content"][-1] = {"type": "text", "text": _join_texts(pieces)}
 
-    for index, role, parts in converted:
+    for index, role, parts, extra in converted:
         if role == "system" and merged and merged[-1]["role"] != "system":
             raise InvalidInputError(
                 f"messages[{index}] is a system message after other turns; many chat templates "
                 "accept a system message only at the start: move it to messages[0]"
             )
-        if not merged or merged[-1]["role"] != role:
+        # Tool results, and turns carrying tool calls, stay their own turns.
+        joins = (
+            merged
+            and merged[-1]["role"] == role
+            and role != "tool"
+            and not extra
+            and "tool_calls" not in merged[-1]
+        )
+        if not joins:
             close()
-            merged.append({"role": role, "content": []})
+            merged.append({"role": role, "content": [], **extra})
             pieces = None
         target = merged[-1]["content"]
         for j, part in enumerate(parts):

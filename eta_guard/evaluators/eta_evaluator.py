@@ -246,10 +246,7 @@ class ETAEvaluator:
         limits = RequestLimits.from_config(self.config)
         for i, text in enumerate(texts):
             limits.check_text_length(len(text), what=f"responses[{i}]")
-<<<<<<< HEAD
             check_encodable(text, what=f"responses[{i}]")
-        return self._call("post", lambda: self._require_post().score(texts, instruction))
-=======
         return self._reward_scores(texts, instruction)
 
     def reward_session(self, *, search: bool = True) -> RewardSession:
@@ -277,7 +274,6 @@ class ETAEvaluator:
             )
             return RewardSession(self, scorer)
         return RewardSession(self, None, search=search)
->>>>>>> main
 
     def sentence_scorer(
         self, images: ImageSource | Sequence[ImageSource]
