@@ -44,6 +44,8 @@ TextOnlyPolicy = Literal["trust", "reward_only"]
 #: Same values as ``eta_guard.decoding.stopping.SentenceEndRule`` (kept here: no torch import).
 SentenceEndRule = Literal["exact", "contains"]
 EvaluatorErrorPolicy = Literal["raise", "fail_closed", "fail_open"]
+#: How the two sides' flags decide alignment (same values as ``eta_guard.verdict.DecisionRule``).
+DecisionRule = Literal["and", "or", "pre_only", "post_only"]
 
 
 class ETAConfig(BaseModel):
@@ -76,6 +78,12 @@ class ETAConfig(BaseModel):
         "trust",
         description="Requests without images: 'trust' the backbone (never align) or align on the "
         "reward model alone ('reward_only').",
+    )
+    decision_rule: DecisionRule = Field(
+        "and",
+        description="Align iff: 'and' (paper) the input side AND the output side flag the request; "
+        "'or' either side does; 'pre_only' the input side does; 'post_only' the output side does. "
+        "A side is flagged when any of its evaluators (CLIP, extra gates / RM, extra judges) is.",
     )
     on_evaluator_error: EvaluatorErrorPolicy = Field(
         "raise",

@@ -123,7 +123,9 @@ class Request:
         assert greedy is not None
         self._check_cancelled()  # a cut-short answer must never be judged or returned
         t0 = time.perf_counter()
-        post = await asyncio.to_thread(self.evaluator.evaluate_output, greedy.text)
+        post = await asyncio.to_thread(
+            self.evaluator.evaluate_output, greedy.text, conversation=self.conv
+        )
         self.timings["post"] = time.perf_counter() - t0
         verdict = pre.merge(post)
         if not verdict.unsafe:
@@ -146,7 +148,9 @@ class Request:
         if not self.conv.has_images:
             return skipped(self.cfg, "pre", "no image in the request")
         t0 = time.perf_counter()
-        verdict = await asyncio.to_thread(self.evaluator.evaluate_input, self.conv.images)
+        verdict = await asyncio.to_thread(
+            self.evaluator.evaluate_input, self.conv.images, conversation=self.conv
+        )
         self.timings["pre"] = time.perf_counter() - t0
         return verdict
 
