@@ -403,3 +403,38 @@ def test_shieldgemma2_policies_are_validated(shield):
         shield.model, shield.processor, policies=["cbrne"], custom_policies={"cbrne": "No CBRNE."}
     )
     assert len(custom.check([GuardRequest(user_messages(None, 1), [make_test_image()])])) == 1
+
+
+def test_verdict_entries_survive_merge_and_json():
+    from eta_guard.verdict import EvaluatorScore
+
+    pre = SafetyVerdict.combine(
+        pre_threshold=0.16,
+        post_threshold=0.06,
+        pre_score=0.1,
+        evaluators=[
+            EvaluatorScore(name="clip", side="pre", score=0.1, threshold=0.16, unsafe=False),
+            EvaluatorScore(
+                name="lg", side="pre", score=0.9, threshold=0.5, unsafe=True, categories=["S11"]
+            ),
+        ],
+    )
+    post = SafetyVerdict.combine(
+        pre_threshold=0.16,
+        post_threshold=0.06,
+        post_score=0.0,
+        evaluators=[
+            EvaluatorScore(
+                name="reward_model",
+                side="post",
+                score=0.0,
+                threshold=0.06,
+                unsafe_when="<=",
+                unsafe=True,
+            )
+        ],
+    )
+    merged = pre.merge(post)
+    assert [e.name for e in merged.evaluators] == ["clip", "lg", "reward_model"]
+    assert merged.fired == ["lg", "reward_model"] and merged.unsafe
+    assert SafetyVerdict.model_validate_json(merged.model_dump_json()) == merged

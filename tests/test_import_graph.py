@@ -9,8 +9,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1] / "eta_guard"
 
 
@@ -92,9 +90,6 @@ def test_the_checker_finds_a_cycle() -> None:
     assert _cycles({"a": {"b"}, "b": set()}) == []
 
 
-@pytest.mark.xfail(
-    strict=True, reason="eta_guard.cli <-> eval.cli <-> server.cli: the CLI package of issue 17"
-)
 def test_eta_guard_has_no_import_cycle() -> None:
     assert _cycles(_graph()) == []
 
