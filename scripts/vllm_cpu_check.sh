@@ -78,7 +78,7 @@ run() {
   if [ "${ETA_VLLM_CLIP:-0}" = 1 ]; then
     # CLIP embeddings (/v1/embeddings, text or image), on the torch build that has a torchvision.
     PYTHONPATH=$CLIP_TORCH serve "$WORK/clip" tiny-clip "$((PORT + 3))" "$WORK/vllm-clip.log" \
-      --runner pooling; PIDS="$PIDS $!"; PORTS="$PORTS $((PORT + 3))"
+      --runner pooling --max-model-len 77; PIDS="$PIDS $!"; PORTS="$PORTS $((PORT + 3))"
     TESTS="$TESTS tests/test_vllm_clip.py"
     export ETA_VLLM_CLIP_URL=http://127.0.0.1:$((PORT + 3)) ETA_VLLM_CLIP_MODEL=tiny-clip
   fi
@@ -89,8 +89,8 @@ run() {
   for port in $PORTS; do
     for _ in $(seq 1 600); do
       if curl -sf "http://127.0.0.1:$port/health" >/dev/null; then break; fi
-      # shellcheck disable=SC2086
-      if ! kill -0 $PIDS 2>/dev/null; then
+      dead=0; for pid in $PIDS; do kill -0 "$pid" 2>/dev/null || dead=1; done
+      if [ "$dead" = 1 ]; then
         echo "a vLLM engine exited:"; tail -30 "$WORK"/vllm-*.log; exit 1
       fi
       sleep 2
