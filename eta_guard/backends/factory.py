@@ -7,6 +7,7 @@ from typing import Any
 from eta_guard.backends._http import HTTPSettings
 from eta_guard.config import ETAConfig
 from eta_guard.errors import InvalidInputError
+from eta_guard.prompting import ImageMean
 
 
 def eta_from_openai_compatible(
@@ -18,6 +19,8 @@ def eta_from_openai_compatible(
     api_key: str | None = None,
     config: ETAConfig | None = None,
     tokenizer: Any = None,
+    image_mean: Any = None,
+    preset: Any = None,
     reward_model_tokenizer: Any = None,
     clip_url: str | None = None,
     reward_model_url: str | None = None,
@@ -38,6 +41,11 @@ def eta_from_openai_compatible(
     from eta_guard.backends.remote_evaluators import RemoteCLIP, RemoteRewardModel
     from eta_guard.evaluators.eta_evaluator import ETAEvaluator
 
+    if preset is not None:
+        from eta_guard.presets import get_preset
+
+        preset = get_preset(preset)
+        config = preset.apply_to_config(config)
     config = config or ETAConfig()
     if clip is None and reward_model is None:
         raise InvalidInputError("clip=None and reward_model=None: ETA needs at least one evaluator")
@@ -53,8 +61,12 @@ def eta_from_openai_compatible(
         api_key=api_key,
         tokenizer=tokenizer,
         http=http,
+        image_mean=image_mean,
         send_image_uuids=send_image_uuids,
     )
+    if generator.processor is None and preset is not None and preset.vlm_image_mean:
+        # The served model's processor config is not at hand: the preset's model's mean.
+        generator.processor = ImageMean.of(preset.vlm_image_mean)
     local_clip = clip if clip_url is None else None
     local_rm = reward_model if reward_model_url is None else None
     pre: Any = None
@@ -72,6 +84,7 @@ def eta_from_openai_compatible(
             local_files_only=local_files_only,
             clip_kwargs=clip_kwargs,
             reward_model_kwargs=reward_model_kwargs,
+            preset=preset,
         )
         pre, post = local.pre, local.post
     if clip_url is not None and clip is not None:
