@@ -7,6 +7,7 @@ from typing import Any, Literal
 import torch
 
 from eta_guard.errors import InvalidInputError
+from eta_guard.model_thread import model_thread
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -188,6 +189,38 @@ def load_pretrained(
     """
     target = resolve_device(device)
     resolved = resolve_dtype(dtype)
+    # Loading is usually the process's first torch work: it runs on the model thread so that
+    # thread owns torch's OpenMP pool (see eta_guard.model_thread).
+    return model_thread(target).call(
+        _load,
+        what,
+        name_or_path,
+        model_class,
+        processor_class,
+        target=target,
+        resolved=resolved,
+        local_files_only=local_files_only,
+        trust_remote_code=trust_remote_code,
+        model_kwargs=model_kwargs,
+        processor_kwargs=processor_kwargs,
+        allow_new_weights=allow_new_weights,
+    )
+
+
+def _load(
+    what: str,
+    name_or_path: str,
+    model_class: Any,
+    processor_class: Any,
+    *,
+    target: torch.device,
+    resolved: Any,
+    local_files_only: bool,
+    trust_remote_code: bool,
+    model_kwargs: dict[str, Any] | None,
+    processor_kwargs: dict[str, Any] | None,
+    allow_new_weights: bool,
+) -> tuple[Any, Any]:
     model_kw = dict(model_kwargs or {})
     allow_new_weights = _opt_out(model_kw.pop(ALLOW_NEW_WEIGHTS, False)) or _opt_out(
         allow_new_weights

@@ -12,8 +12,14 @@ with warm-up repetitions first and medians reported:
   Sampling makes the two arms decode different candidates, hence different token counts, so
   ``batched_speedup`` compares seconds per decoded candidate token; raw seconds are reported too.
 - **unsafe path**: the whole :meth:`ETA.generate` with every check forced to flag (CLIP, vanilla
-  answer, RM, prefix + best-of-N) vs plain ``model.generate`` with the same token budget.
-  Figure: ``unsafe_path_ratio`` = ETA / plain.
+  answer, RM, prefix + best-of-N) vs plain ``model.generate`` with the same token budget, with
+  the default ``schedule="speculative"`` (the search starts alongside the vanilla decode) and with
+  ``"sequential"``. Figures: ``unsafe_path_ratio`` and ``unsafe_sequential_ratio`` = ETA / plain.
+- **forward passes** (one extra, unmeasured run of each path): model forwards of the VLM, the RM
+  and CLIP, and the *critical path*: forwards that overlap in time count once (a hardware-
+  independent proxy for a memory-bound GPU, where concurrent rows share one read of the
+  weights); ``critical_path_ratio`` = unsafe path / plain generate. Also the tokens the RM
+  encodes at each best-of-N step (they grow with the answer unless the RM reuses its cache).
 
 The checkpoints are random (:mod:`eta_guard.testing`): the figures measure cost, never safety.
 Paths are forced with thresholds (a CLIP cosine is never >= 1.01 or <= -1.01).
@@ -125,24 +131,33 @@ class BenchReport:
     unsafe: Comparison
     setup: dict[str, Any]
     notes: list[str]
+    unsafe_sequential_ratio: float | None = None
+    unsafe_sequential: Comparison | None = None
+    #: per arm ("plain", "unsafe_speculative", "unsafe_sequential"): forwards per model and
+    #: ``critical_path``; plus ``critical_path_ratio`` per unsafe arm and ``rm_tokens_per_call``.
+    forwards: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data (``eta-guard bench --json`` writes this)."""
         data = asdict(self)
-        for name in ("safe", "aligned", "unsafe"):
-            data[name]["raw_ratio"] = getattr(self, name).raw_ratio
-            data[name]["best_ratio"] = getattr(self, name).best_ratio
+        for name in ("safe", "aligned", "unsafe", "unsafe_sequential"):
+            if getattr(self, name) is not None:
+                data[name]["raw_ratio"] = getattr(self, name).raw_ratio
+                data[name]["best_ratio"] = getattr(self, name).best_ratio
         data["best_figures"] = self.best_figures
         return data
 
     @property
     def best_figures(self) -> dict[str, float]:
         """The three headline figures from each arm's fastest repetition instead of the median."""
-        return {
+        figures = {
             "safe_path_ratio": self.safe.best_ratio,
             "batched_speedup": 1.0 / self.aligned.best_ratio,
             "unsafe_path_ratio": self.unsafe.best_ratio,
         }
+        if self.unsafe_sequential is not None:
+            figures["unsafe_sequential_ratio"] = self.unsafe_sequential.best_ratio
+        return figures
 
 
 def run_benchmark(
@@ -238,7 +253,7 @@ def _run(
     from eta_guard.pipeline import ETA
     from eta_guard.testing import build_tiny_checkpoints, make_test_image
 
-    steps = (warmup + reps) * 6
+    steps = (warmup + reps) * len(_ARMS)
     report_progress = progress or (lambda done, total, label: None)
     report_progress(0, steps, f"building {size} checkpoints")
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -283,6 +298,10 @@ def _run(
 
     safe = _compare("safe", arms["safe_eta"], arms["safe_plain"])
     unsafe = _compare("unsafe", arms["unsafe_eta"], arms["unsafe_plain"])
+    unsafe_sequential = _compare(
+        "unsafe_sequential", arms["unsafe_eta_sequential"], arms["unsafe_plain"]
+    )
+    forwards = runner.count_forwards(seed)
     aligned = _compare("aligned", arms["aligned_batched"], arms["aligned_sequential"])
     per_token = statistics.median(s / max(t, 1) for s, t in arms["aligned_sequential"]) / (
         statistics.median(s / max(t, 1) for s, t in arms["aligned_batched"])
@@ -292,7 +311,7 @@ def _run(
         "size": size,
         "vlm_family": vlm_family,
         "parameters": runner.parameter_counts(),
-        "device": str(eta.vlm.device),
+        "device": str(eta.backend.adapter.device),
         "cpu": _cpu_name(),
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
@@ -317,6 +336,9 @@ def _run(
         "batched_speedup compares median seconds per decoded candidate token, raw seconds too.",
         f"Medians of {reps} repetition(s) after {warmup} warm-up(s), arms interleaved; "
         "the JSON also has every repetition's time and ratios from each arm's fastest one.",
+        "Forward passes: one unmeasured run per path; forwards that overlap in time count once "
+        "on the critical path. A local model runs one forward at a time (its lock), so there "
+        "only the reward model's and CLIP's forwards can overlap the VLM's.",
     ]
     return BenchReport(
         safe_path_ratio=safe.ratio,
@@ -329,6 +351,9 @@ def _run(
         unsafe=unsafe,
         setup=setup,
         notes=notes,
+        unsafe_sequential_ratio=unsafe_sequential.ratio,
+        unsafe_sequential=unsafe_sequential,
+        forwards=forwards,
     )
 
 
@@ -337,14 +362,16 @@ _ARMS = {
     "safe_plain": "safe path, plain generate",
     "aligned_batched": "best-of-N, batched",
     "aligned_sequential": "best-of-N, sequential (reference costs)",
-    "unsafe_eta": "unsafe path, ETA.generate",
+    "unsafe_eta": "unsafe path, ETA.generate (speculative)",
+    "unsafe_eta_sequential": "unsafe path, ETA.generate (sequential)",
     "unsafe_plain": "unsafe path, plain generate",
 }
 
 _LABELS = {
     "safe": ("ETA, image passes CLIP", "plain generate"),
     "aligned": ("best-of-N batched", "sequential (reference)"),
-    "unsafe": ("ETA, every check flags", "plain generate"),
+    "unsafe": ("ETA, every check flags (speculative)", "plain generate"),
+    "unsafe_sequential": ("ETA, every check flags (sequential)", "plain generate"),
 }
 
 
@@ -410,13 +437,20 @@ class _Runner:
             raise RuntimeError("the safe-path arm did not take the safe path")
         return result.usage.decoded_tokens, result.text
 
-    def _unsafe_eta(self, seed: int) -> tuple[int, None]:
+    def _unsafe_eta(self, seed: int, schedule: str = "speculative") -> tuple[int, None]:
         result = self.eta.generate(
-            self.messages, pre_threshold=FLAG_CLIP, post_threshold=FLAG_REWARD, seed=seed
+            self.messages,
+            pre_threshold=FLAG_CLIP,
+            post_threshold=FLAG_REWARD,
+            seed=seed,
+            schedule=schedule,
         )
         if not result.aligned:
             raise RuntimeError("the unsafe-path arm did not align")
         return result.usage.decoded_tokens, None
+
+    def _unsafe_eta_sequential(self, seed: int) -> tuple[int, None]:
+        return self._unsafe_eta(seed, "sequential")
 
     def _safe_plain(self, seed: int) -> tuple[int, str]:
         return self._plain()
@@ -462,6 +496,33 @@ class _Runner:
         output = search.run(self.prepared, reward_fn=reward_fn, clip_fn=clip_fn)
         return output.decoded_tokens
 
+    def count_forwards(self, seed: int) -> dict[str, Any]:
+        """Forward passes of one run of each path (see the module docstring)."""
+        out: dict[str, Any] = {}
+        runs = {
+            "plain": lambda: self._plain(),
+            "unsafe_speculative": lambda: self._unsafe_eta(seed, "speculative"),
+            "unsafe_sequential": lambda: self._unsafe_eta(seed, "sequential"),
+        }
+        for name, run in runs.items():
+            with _ForwardCounter(self._counted_modules()) as counter:
+                run()
+            out[name] = counter.summary()
+        plain = max(out["plain"]["critical_path"], 1)
+        for name in ("unsafe_speculative", "unsafe_sequential"):
+            out[name]["critical_path_ratio"] = out[name]["critical_path"] / plain
+        return out
+
+    def _counted_modules(self) -> dict[str, Any]:
+        evaluator = self.eta.evaluator
+        modules = {"vlm": self.eta.vlm.model, "reward_model": evaluator.post.model}
+        clip = evaluator.pre.encoder.model
+        # CLIP's feature calls run its towers, not its own forward.
+        for tower in ("vision_model", "text_model"):
+            if hasattr(clip, tower):
+                modules[f"clip_{tower.split('_')[0]}"] = getattr(clip, tower)
+        return modules
+
     def parameter_counts(self) -> dict[str, int]:
         count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
         evaluator = self.eta.evaluator
@@ -470,3 +531,55 @@ class _Runner:
             "clip": count(evaluator.pre.encoder.model),
             "reward_model": count(evaluator.post.model),
         }
+
+
+class _ForwardCounter:
+    """Counts forwards of named modules with their times (hooks removed on exit)."""
+
+    def __init__(self, modules: dict[str, Any]) -> None:
+        self.modules = modules
+        self.calls: list[tuple[str, float, float, int]] = []  # (name, start, end, tokens)
+        self._handles: list[Any] = []
+        self._open: dict[int, tuple[float, int]] = {}
+
+    def __enter__(self) -> _ForwardCounter:
+        for name, module in self.modules.items():
+            self._handles.append(
+                module.register_forward_pre_hook(self._pre(name), with_kwargs=True)
+            )
+            self._handles.append(module.register_forward_hook(self._post(name)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def _pre(self, name: str) -> Any:
+        def hook(module: Any, args: Any, kwargs: Any) -> None:
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            tokens = int(ids.numel()) if hasattr(ids, "numel") else 0
+            self._open[id(module)] = (time.perf_counter(), tokens)
+
+        return hook
+
+    def _post(self, name: str) -> Any:
+        def hook(module: Any, args: Any, output: Any) -> None:
+            start, tokens = self._open.pop(id(module), (time.perf_counter(), 0))
+            self.calls.append((name, start, time.perf_counter(), tokens))
+
+        return hook
+
+    def summary(self) -> dict[str, Any]:
+        counts: dict[str, Any] = {name: 0 for name in self.modules}
+        for name, *_ in self.calls:
+            counts[name] += 1
+        slots, end = 0, float("-inf")
+        for _, start, stop, _ in sorted(self.calls, key=lambda c: c[1]):
+            if start >= end:
+                slots += 1
+            end = max(end, stop) if start < end else stop
+        counts["critical_path"] = slots
+        rm = [tokens for name, _, _, tokens in self.calls if name == "reward_model"]
+        # The first RM forward judges the vanilla answer; the later ones score search steps.
+        counts["rm_tokens_per_call"] = rm[1:]
+        return counts

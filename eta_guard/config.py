@@ -39,10 +39,13 @@ MIN_TEMPERATURE = 1e-4
 DEFAULT_CLIP = "openai/clip-vit-large-patch14-336"
 DEFAULT_REWARD_MODEL = "RLHFlow/ArmoRM-Llama3-8B-v0.1"
 
+Schedule = Literal["speculative", "sequential"]
 TextOnlyPolicy = Literal["trust", "reward_only"]
 #: Same values as ``eta_guard.decoding.stopping.SentenceEndRule`` (kept here: no torch import).
 SentenceEndRule = Literal["exact", "contains"]
 EvaluatorErrorPolicy = Literal["raise", "fail_closed", "fail_open"]
+#: How the two sides' flags decide alignment (same values as ``eta_guard.verdict.DecisionRule``).
+DecisionRule = Literal["and", "or", "pre_only", "post_only"]
 
 
 class ETAConfig(BaseModel):
@@ -76,6 +79,12 @@ class ETAConfig(BaseModel):
         description="Requests without images: 'trust' the backbone (never align) or align on the "
         "reward model alone ('reward_only').",
     )
+    decision_rule: DecisionRule = Field(
+        "and",
+        description="Align iff: 'and' (paper) the input side AND the output side flag the request; "
+        "'or' either side does; 'pre_only' the input side does; 'post_only' the output side does. "
+        "A side is flagged when any of its evaluators (CLIP, extra gates / RM, extra judges) is.",
+    )
     on_evaluator_error: EvaluatorErrorPolicy = Field(
         "raise",
         description="When an evaluator fails: 'raise' an EvaluatorError, 'fail_closed' (treat as "
@@ -85,6 +94,15 @@ class ETAConfig(BaseModel):
     # --- aligning ---
     prefix: str = Field(DEFAULT_PREFIX, description="Shallow-alignment interference prefix.")
     deep_alignment: bool = Field(True, description="Run the sentence-level best-of-N search.")
+    schedule: Schedule = Field(
+        "speculative",
+        description=(
+            "When the aligned search starts: 'speculative' starts it as soon as the pre-check "
+            "flags the input, alongside the vanilla decode, and drops it if the reward model "
+            "clears the vanilla answer; 'sequential' starts it only after the reward model "
+            "flagged the answer. Both give the same result for a fixed seed."
+        ),
+    )
     num_candidates: int = Field(5, ge=1, le=64)
     top_k: int = Field(5, ge=1)
     # Below ~1e-37 logits / temperature overflows float32 and sampling crashes; 1e-4 leaves

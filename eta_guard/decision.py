@@ -1,8 +1,10 @@
 """ETA's decision between the stages of a request, shared by every generator backend (torch-free).
 
-After the CLIP check, :func:`vanilla_only_reason` says whether the answer can be returned as
-decoded (and why); after the reward model, the merged verdict's ``unsafe`` says whether to align;
-:func:`request_result` packs what the request decided and produced.
+After the pre-generation check (CLIP, plus any gate), :func:`vanilla_only_reason` says whether
+the answer can be returned as decoded (and why); after the post-generation check (the reward
+model, plus any judge), the merged verdict's ``unsafe`` says whether to align, by
+``ETAConfig.decision_rule`` (:func:`eta_guard.verdict.decide`); :func:`request_result` packs what
+the request decided and produced.
 """
 
 from __future__ import annotations
@@ -20,17 +22,28 @@ def vanilla_only_reason(has_images: bool, pre: SafetyVerdict, cfg: ETAConfig) ->
         if cfg.text_only_policy == "reward_only":
             return None
         return "text-only request and text_only_policy='trust'"
+    if cfg.decision_rule in ("or", "post_only"):
+        return None  # the output side decides even when the input passed
     if pre.input_unsafe:
         return None
     if "pre" in pre.errors:
-        return "the CLIP check failed and on_evaluator_error='fail_open' let it pass"
+        return "the pre-generation check failed and on_evaluator_error='fail_open' let it pass"
+    if any(e.side == "pre" and e.name != "clip" for e in pre.evaluators):
+        return (
+            "the request passed the pre-generation checks ("
+            + ", ".join(e.name for e in pre.evaluators if e.side == "pre")
+            + ")"
+        )
     return "the image(s) passed the CLIP check"
 
 
 def skipped(cfg: ETAConfig, side: str, reason: str) -> SafetyVerdict:
     """A verdict recording that ``side`` ("pre" or "post") did not run, and why."""
     return SafetyVerdict.combine(
-        pre_threshold=cfg.pre_threshold, post_threshold=cfg.post_threshold, skipped={side: reason}
+        pre_threshold=cfg.pre_threshold,
+        post_threshold=cfg.post_threshold,
+        skipped={side: reason},
+        rule=cfg.decision_rule,
     )
 
 

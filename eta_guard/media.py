@@ -503,3 +503,7 @@ def _short(value: Any, limit: int = 80) -> str:
         return text
     tail = limit // 3
     return f"{text[: limit - tail - 3]}...{text[-tail:]}"
+
+
+#: Public name of :func:`_short`, for other modules' error messages.
+short_repr = _short

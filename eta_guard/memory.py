@@ -407,3 +407,14 @@ def _device_label(device: Any, device_map: Any) -> str | None:
     if device_map is not None:
         return f"device_map={device_map}" if isinstance(device_map, str) else "device_map"
     return None if device is None else str(device)
+
+
+def kv_bytes_per_token(config: Any, dtype: Any = None) -> int:
+    """KV-cache bytes one token of one sequence holds: 2 x layers x kv_heads x head_dim x bytes.
+
+    Args:
+        config: the model's (or its text model's) transformers config.
+        dtype: the cache dtype (a ``torch.dtype`` or a name; ``None``: float32, transformers'
+            default load dtype; ``"auto"``: the config's own).
+    """
+    return _kv_bytes(config, _DTYPE_BYTES[_dtype_name(dtype, config)])

@@ -1,46 +1,47 @@
-"""``ETA``: evaluate, then align, around a local Hugging Face VLM.
+"""``ETA``: evaluate, then align, around a vision-language model wherever it runs.
 
-Order of work for one request (DESIGN.md 1.1-1.2):
-
-1. CLIP scores the images (cheap). If no image is flagged the RM never runs, and the greedy
-   answer is streamed as it is decoded.
-2. Otherwise the greedy ("vanilla") answer is decoded in full and the reward model scores it in
-   the safety format. Only if both say unsafe is the answer re-decoded: the prefix
-   ``As an AI assistant`` (shallow alignment), then the sentence-level best-of-N search (deep
-   alignment), streamed sentence by sentence.
+One class for every backend: a local Hugging Face VLM (:meth:`ETA.from_pretrained`, run by
+:class:`~eta_guard.backends.local.LocalBackend`) or an inference engine behind an
+OpenAI-compatible API (:meth:`ETA.from_openai_compatible`). Every call runs through the one
+async stage machine, :class:`eta_guard.engine.request.Request`; the synchronous methods drive the
+same coroutines on a background event loop (:mod:`eta_guard.sync_bridge`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import threading
-import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
+from eta_guard.backends.base import GeneratorBackend
+from eta_guard.backends.local import LocalBackend
 from eta_guard.config import DEFAULT_CLIP, DEFAULT_REWARD_MODEL, ETAConfig
-from eta_guard.decision import request_result, vanilla_only_reason
-from eta_guard.decision import skipped as _skipped
-from eta_guard.decoding.best_of_n import SentenceBestOfN
-from eta_guard.decoding.stopping import cut_at_stop, stop_holdback
-from eta_guard.decoding.vlm import FinishReason, GreedyOutput, PreparedPrompt, VLMAdapter
-from eta_guard.errors import ETAError, EvaluatorError, InvalidInputError, RequestCancelled
+from eta_guard.decoding.vlm import VLMAdapter
+from eta_guard.engine.inputs import check_batch, check_stop
+from eta_guard.engine.request import Request
+from eta_guard.errors import ETAError, InvalidInputError
 from eta_guard.evaluators.eta_evaluator import ETAEvaluator
-from eta_guard.limits import RequestLimits, check_stop_strings
-from eta_guard.media import _short
-from eta_guard.messages import Conversation, normalize_messages
-from eta_guard.prompting import for_vlm
+from eta_guard.limits import RequestLimits
+from eta_guard.messages import normalize_messages
 from eta_guard.remote_fetch import RemoteFetchPolicy
-from eta_guard.verdict import ETAResult, ETAStreamChunk, SafetyVerdict
+from eta_guard.sync_bridge import aclosing, iterate_sync, run_sync
+from eta_guard.verdict import ETAResult, ETAStreamChunk
 
 Messages = Sequence[dict[str, Any]]
 logger = logging.getLogger(__name__)
 
 
 class ETA:
-    """ETA around a local vision-language model.
+    """ETA around a vision-language model: a local one or one served by an engine.
+
+    Args:
+        generator: a :class:`~eta_guard.decoding.vlm.VLMAdapter` (a local model) or any
+            :class:`~eta_guard.backends.base.GeneratorBackend` (e.g.
+            :class:`~eta_guard.backends.OpenAICompatibleBackend`).
+        evaluator: the pre- and post-generation evaluators (local, remote or mixed).
+        config: every threshold and search knob (defaults: the evaluator's, else the paper's).
 
     Example (offline, on random tiny checkpoints: mechanics, not safety):
         >>> from eta_guard import ETA
@@ -56,14 +57,21 @@ class ETA:
     """
 
     def __init__(
-        self, vlm: VLMAdapter, evaluator: ETAEvaluator, config: ETAConfig | None = None
+        self, generator: Any, evaluator: ETAEvaluator, config: ETAConfig | None = None
     ) -> None:
-        self.vlm = vlm
+        if isinstance(generator, GeneratorBackend):
+            self.backend: Any = generator
+        elif hasattr(generator, "prepare") and hasattr(generator, "stream_greedy"):
+            self.backend = LocalBackend(generator)  # a VLMAdapter (or a proxy of one)
+        else:
+            raise InvalidInputError(
+                f"generator is {type(generator).__name__}; pass a VLMAdapter or a backend with "
+                "greedy(), sample() and aclose() (see eta_guard.backends.GeneratorBackend)"
+            )
+        #: The local model, when there is one (None behind an engine).
+        self.vlm: VLMAdapter | None = getattr(self.backend, "adapter", None)
         self.config = config or evaluator.config or ETAConfig()
         self.evaluator = evaluator.with_config(self.config)
-        # The models keep per-call state (KV caches, Qwen2-VL's rope deltas): one call at a time.
-        self._lock = threading.Lock()
-        self._owner: int | None = None  # thread holding the lock, to refuse re-entry
 
     @classmethod
     def from_pretrained(
@@ -149,30 +157,63 @@ class ETA:
         Other keyword arguments: ``tokenizer`` (the served VLM's tokenizer, for token-exact
         sentence ends and breaking forged control tokens), ``reward_model_tokenizer`` (the served
         RM's, to the same end), ``http`` (:class:`eta_guard.backends.HTTPSettings`),
-        ``send_image_uuids`` and the local loaders' arguments of :meth:`from_pretrained`.
-        Returns a :class:`eta_guard.backends.BackendETA` (see docs/scaling.md).
+        ``send_image_uuids``, ``image_mean`` (the served model's image-processor mean, for
+        ``pad_images_to_square``), ``preset`` and the local loaders' arguments of
+        :meth:`from_pretrained`. The same class as :meth:`from_pretrained` returns (see docs/scaling.md).
         """
-        from eta_guard.backends.factory import eta_from_openai_compatible
+        from eta_guard.backends.factory import openai_compatible_parts
 
-        return eta_from_openai_compatible(
+        if kwargs.get("preset") is not None:  # its config fields are the ETA's config too
+            from eta_guard.presets import get_preset
+
+            config = get_preset(kwargs["preset"]).apply_to_config(config)
+        config = config or ETAConfig()
+        generator, evaluator = openai_compatible_parts(
             base_url, model, clip, reward_model, api_key=api_key, config=config, **kwargs
         )
+        return cls(generator, evaluator, config)
 
     @property
     def model_name(self) -> str:
-        return self.vlm.name
+        return self.backend.name
 
-    # ------------------------------------------------------------------ public API
+    # ------------------------------------------------------------------ async API (native)
+    async def agenerate(
+        self, messages: Messages, *, stop: Sequence[str] | None = None, **overrides: Any
+    ) -> ETAResult:
+        """Answer ``messages`` safely. ``overrides`` are ``ETAConfig`` fields for this call only."""
+        return await self._result(messages, stop, overrides)
+
+    async def astream(
+        self,
+        messages: Messages,
+        *,
+        stop: Sequence[str] | None = None,
+        cancel: threading.Event | None = None,
+        **overrides: Any,
+    ) -> AsyncIterator[ETAStreamChunk]:
+        """Async :meth:`stream`: the same chunks."""
+        async with aclosing(self._chunks(messages, stop, overrides, cancel)) as items:
+            async for chunk in items:
+                yield chunk
+
+    async def abatch(
+        self, batch: Sequence[Messages], *, stop: Sequence[str] | None = None, **overrides: Any
+    ) -> list[ETAResult]:
+        """Answer several conversations concurrently (a local model runs one call at a time)."""
+        check_batch(batch)
+        return await self._results(batch, stop, overrides)
+
+    async def aclose(self) -> None:
+        """Close the backend's connections of the running loop."""
+        await self.backend.aclose()
+
+    # ------------------------------------------------------------------ sync API
     def generate(
         self, messages: Messages, *, stop: Sequence[str] | None = None, **overrides: Any
     ) -> ETAResult:
         """Answer ``messages`` safely. ``overrides`` are ``ETAConfig`` fields for this call only."""
-        result = None
-        for item in self._run(messages, stop, overrides, streaming=False):
-            if isinstance(item, ETAResult):
-                result = item
-        assert result is not None
-        return result
+        return run_sync(self._result(messages, stop, overrides))
 
     def stream(
         self,
@@ -188,63 +229,67 @@ class ETA:
         they are decoded. Otherwise the greedy answer is held back until the reward model has
         judged it; an aligned answer then streams sentence by sentence.
 
-        ``cancel``: setting this event from another thread stops a held-back generation at its
-        next token (a server whose client went away); the stream then raises
-        :class:`~eta_guard.errors.RequestCancelled`. Closing the iterator stops streamed work.
+        ``cancel``: setting this event from another thread stops the generation at its next
+        token (a server whose client went away); the stream then raises
+        :class:`~eta_guard.errors.RequestCancelled`. Closing the iterator stops the work too.
         """
-        for item in self._run(messages, stop, overrides, streaming=True, cancel=cancel):
-            if isinstance(item, ETAResult):
-                yield ETAStreamChunk(text="", result=item)
-            elif item:
-                yield ETAStreamChunk(text=item)
+        return iterate_sync(self._chunks(messages, stop, overrides, cancel))
 
     def batch(
         self, batch: Sequence[Messages], *, stop: Sequence[str] | None = None, **overrides: Any
     ) -> list[ETAResult]:
-        """Answer several conversations (one after another: the model runs one call at a time)."""
-        _check_batch(batch)
-        return [self.generate(messages, stop=stop, **overrides) for messages in batch]
-
-    async def agenerate(
-        self, messages: Messages, *, stop: Sequence[str] | None = None, **overrides: Any
-    ) -> ETAResult:
-        """Async :meth:`generate` (runs in a worker thread; the event loop stays free)."""
-        return await asyncio.to_thread(self.generate, messages, stop=stop, **overrides)
-
-    async def abatch(
-        self, batch: Sequence[Messages], *, stop: Sequence[str] | None = None, **overrides: Any
-    ) -> list[ETAResult]:
-        """Async :meth:`batch`."""
-        _check_batch(batch)
-        return await asyncio.to_thread(self.batch, batch, stop=stop, **overrides)
-
-    async def astream(
-        self,
-        messages: Messages,
-        *,
-        stop: Sequence[str] | None = None,
-        cancel: threading.Event | None = None,
-        **overrides: Any,
-    ) -> AsyncIterator[ETAStreamChunk]:
-        """Async :meth:`stream`: the same chunks, produced in a worker thread."""
-        async for chunk in _iterate_in_thread(
-            lambda: self.stream(messages, stop=stop, cancel=cancel, **overrides)
-        ):
-            yield chunk
+        """Answer several conversations (concurrently, as :meth:`abatch`)."""
+        check_batch(batch)
+        return run_sync(self._results(batch, stop, overrides))
 
     # ------------------------------------------------------------------ the method
-    def _run(
+    async def _result(
+        self, messages: Messages, stop: Sequence[str] | None, overrides: dict[str, Any]
+    ) -> ETAResult:
+        result = None
+        async with aclosing(
+            self._arun(messages, stop, overrides, streaming=False, cancel=None)
+        ) as items:
+            async for item in items:
+                if isinstance(item, ETAResult):
+                    result = item
+        assert result is not None
+        return result
+
+    async def _results(
+        self, batch: Sequence[Messages], stop: Sequence[str] | None, overrides: dict[str, Any]
+    ) -> list[ETAResult]:
+        return list(await asyncio.gather(*(self._result(m, stop, overrides) for m in batch)))
+
+    async def _chunks(
+        self,
+        messages: Messages,
+        stop: Sequence[str] | None,
+        overrides: dict[str, Any],
+        cancel: threading.Event | None,
+    ) -> AsyncIterator[ETAStreamChunk]:
+        async with aclosing(
+            self._arun(messages, stop, overrides, streaming=True, cancel=cancel)
+        ) as items:
+            async for item in items:
+                if isinstance(item, ETAResult):
+                    yield ETAStreamChunk(text="", result=item)
+                elif item:
+                    yield ETAStreamChunk(text=item)
+
+    async def _arun(
         self,
         messages: Messages,
         stop: Sequence[str] | None,
         overrides: dict[str, Any],
         *,
         streaming: bool,
-        cancel: threading.Event | None = None,
-    ) -> Iterator[str | ETAResult]:
+        cancel: threading.Event | None,
+    ) -> AsyncIterator[str | ETAResult]:
         cfg = self.config.with_overrides(**overrides)
-        stop = _check_stop(stop)
-        conv = normalize_messages(
+        stop_list = check_stop(stop)
+        conv = await asyncio.to_thread(
+            normalize_messages,
             messages,
             allow_remote_images=cfg.allow_remote_images,
             allow_local_image_files=cfg.allow_local_image_files,
@@ -252,365 +297,31 @@ class ETA:
             limits=RequestLimits.from_config(cfg),
             remote=RemoteFetchPolicy.from_config(cfg),
         )
-        if self._owner == threading.get_ident():
-            # Waiting would deadlock and running would share the model's per-call state.
+        request = Request(
+            backend=self.backend,
+            evaluator=self.evaluator,
+            conversation=conv,
+            config=cfg,
+            stop=stop_list,
+            streaming=streaming,
+            cancel=cancel,
+            model_name=self.model_name,
+        )
+        try:
+            async with aclosing(request.run()) as items:
+                async for item in items:
+                    yield item
+        except ETAError:
+            raise
+        except Exception as e:
+            # A model failing mid-request (out of memory, a broken checkpoint): callers get
+            # an eta_guard error whose text is safe to show a client; the cause is chained
+            # and logged for operators.
+            logger.error("ETA request failed", exc_info=e)
             raise ETAError(
-                "this ETA is already answering in this thread (a stream is still open); "
-                "exhaust or close() that stream before starting another call"
-            )
-        with self._lock:
-            self._owner = threading.get_ident()
-            try:
-                yield from _Request(self, conv, cfg, stop, streaming, cancel).run()
-            except ETAError:
-                raise
-            except Exception as e:
-                # A model failing mid-request (out of memory, a broken checkpoint): callers get
-                # an eta_guard error whose text is safe to show a client; the cause is chained
-                # and logged for operators.
-                logger.error("ETA request failed", exc_info=e)
-                raise ETAError(
-                    f"the request failed inside the model ({type(e).__name__}; details in the log)"
-                ) from e
-            finally:
-                self._owner = None
+                f"the request failed inside the model ({type(e).__name__}; details in the log)"
+            ) from e
 
 
-class _Request:
-    """One ETA call: holds the per-call state so each stage stays a small method."""
-
-    def __init__(
-        self,
-        eta: ETA,
-        conv: Conversation,
-        cfg: ETAConfig,
-        stop: list[str] | None,
-        streaming: bool,
-        cancel: threading.Event | None = None,
-    ) -> None:
-        self.eta, self.conv, self.cfg, self.stop, self.streaming = eta, conv, cfg, stop, streaming
-        self.cancel = cancel
-        self.evaluator = eta.evaluator.with_config(cfg)
-        # What the VLM sees (system text, padded images); CLIP scores self.conv's images as given.
-        self.vlm_conv = for_vlm(conv, cfg, eta.vlm.processor)
-        self.timings: dict[str, float] = {}
-        self.start = time.perf_counter()
-
-    def run(self) -> Iterator[str | ETAResult]:
-        # Rendering the prompt runs no model: a prompt too long for the context is refused
-        # before CLIP spends any time on the images.
-        prepared = self.eta.vlm.prepare(self.vlm_conv)
-        pre = self._pre_evaluate()
-        reason = vanilla_only_reason(self.conv.has_images, pre, self.cfg)
-        if reason is not None:
-            greedy = yield from self._vanilla(prepared, stream_tokens=self.streaming)
-            verdict = pre.merge(_skipped(self.cfg, "post", reason))
-            yield self._vanilla_result(greedy, verdict, prepared)
-            return
-
-        greedy = yield from self._vanilla(prepared, stream_tokens=False)
-        self._check_cancelled()  # a cut-short answer must never be judged or returned
-        t0 = time.perf_counter()
-        post = self.evaluator.evaluate_output(greedy.text)
-        self.timings["post"] = time.perf_counter() - t0
-        verdict = pre.merge(post)
-        if not verdict.unsafe:
-            yield greedy.text
-            yield self._vanilla_result(greedy, verdict, prepared)
-            return
-        self._check_cancelled()
-        yield from self._align(verdict, greedy)
-
-    def _cancellable(self, feed: Callable[[str], str]) -> Callable[[str], str]:
-        """``feed`` that first checks the cancel event (the search stops at its next sentence)."""
-
-        def checked(text: str) -> str:
-            self._check_cancelled()
-            return feed(text)
-
-        return checked
-
-    def _check_cancelled(self) -> None:
-        if self.cancel is not None and self.cancel.is_set():
-            raise RequestCancelled("the call was cancelled before it finished")
-
-    def _pre_evaluate(self) -> SafetyVerdict:
-        if not self.conv.has_images:
-            return _skipped(self.cfg, "pre", "no image in the request")
-        t0 = time.perf_counter()
-        verdict = self.evaluator.evaluate_input(self.conv.images)
-        self.timings["pre"] = time.perf_counter() - t0
-        return verdict
-
-    def _vanilla(self, prepared: PreparedPrompt, *, stream_tokens: bool):
-        """Greedy answer; yields its text deltas when ``stream_tokens``, returns the output."""
-        t0 = time.perf_counter()
-        vlm, max_new = self.eta.vlm, self.cfg.max_new_tokens
-        if stream_tokens:
-            stream = vlm.stream_greedy(prepared, max_new_tokens=max_new, stop=self.stop)
-            try:
-                for delta in stream:
-                    yield delta
-                    self._check_cancelled()
-            finally:
-                stream.close()  # stops the decoding thread when we leave early
-            greedy = stream.output
-        else:
-            greedy = vlm.generate_greedy(
-                prepared, max_new_tokens=max_new, stop=self.stop, cancel=self.cancel
-            )
-        self.timings["vanilla"] = time.perf_counter() - t0
-        return greedy
-
-    def _align(self, verdict: SafetyVerdict, greedy: GreedyOutput) -> Iterator[str | ETAResult]:
-        cfg = self.cfg
-        t0 = time.perf_counter()
-        prepared = self.eta.vlm.prepare(self.vlm_conv, assistant_prefix=cfg.prefix)
-        stop_filter = _StopFilter(self.stop)
-        yield stop_filter.feed(cfg.prefix)
-        if cfg.deep_alignment:
-            try:
-                tail, n_out, decoded, finish, trace = yield from self._deep(
-                    prepared, greedy, stop_filter
-                )
-            except EvaluatorError as error:
-                if cfg.on_evaluator_error == "raise":
-                    raise
-                # The answer was already judged unsafe: failing open here would return it, and
-                # raising would leave a stream cut after the prefix. Fall back to shallow
-                # alignment, continuing greedily from what was already accepted (and streamed).
-                tail, n_out, decoded, finish = yield from self._shallow_fallback(stop_filter)
-                trace = []
-                verdict = _with_error(
-                    verdict,
-                    "search",
-                    f"deep alignment stopped ({error}); fell back to shallow alignment "
-                    "(prefix + greedy decoding)",
-                )
-        else:
-            shallow = self.eta.vlm.generate_greedy(
-                prepared, max_new_tokens=cfg.max_new_tokens, stop=self.stop, cancel=self.cancel
-            )
-            self._check_cancelled()
-            yield stop_filter.feed(shallow.text)
-            tail, n_out, trace = shallow.text, len(shallow.token_ids), []
-            decoded, finish = n_out, shallow.finish_reason
-        self.timings["align"] = time.perf_counter() - t0
-        text, stopped = cut_at_stop(cfg.prefix + tail, self.stop)
-        if len(text) > stop_filter.sent:  # the tail held back in case it began a stop string
-            yield text[stop_filter.sent :]
-        yield self._result(
-            text,
-            verdict,
-            prepared,
-            output_tokens=n_out,
-            decoded_tokens=len(greedy.token_ids) + decoded,
-            finish_reason="stop" if stopped else finish,
-            vanilla_text=greedy.text,
-            trace=trace,
-        )
-
-    def _deep(self, prepared: PreparedPrompt, greedy: GreedyOutput, stop_filter: _StopFilter):
-        """Sentence-level best-of-N; yields accepted sentences, returns the search's figures."""
-        search = SentenceBestOfN(self.eta.vlm, self.cfg)
-        clip_fn = self.evaluator.sentence_scorer(self.conv.images) if self.conv.has_images else None
-        output = yield from _iterate_callback(
-            lambda on_sentence: search.run(
-                prepared,
-                reward_fn=lambda answers: self.evaluator.score_responses(answers, search=True),
-                clip_fn=clip_fn,
-                # The vanilla answer's cache already holds the prompt (and the image): reuse it.
-                cache=greedy.cache,
-                cache_ids=greedy.sequence_ids,
-                on_sentence=on_sentence,
-                stop=self.stop,  # ends the search early; the filter below still guards the prefix
-            ),
-            self._cancellable(stop_filter.feed),
-        )
-        n_out = len(output.token_ids)
-        return output.text, n_out, output.decoded_tokens, output.finish_reason, output.trace
-
-    def _shallow_fallback(self, stop_filter: _StopFilter):
-        """Greedy continuation of the prefix and the sentences already accepted and streamed."""
-        vlm, cfg = self.eta.vlm, self.cfg
-        accepted = stop_filter.text[len(cfg.prefix) :]
-        # The VLM's view (system text, padded images), as every other decoding of this request.
-        prepared = vlm.prepare(self.vlm_conv, assistant_prefix=cfg.prefix + accepted)
-        used = (
-            len(vlm.tokenizer(accepted, add_special_tokens=False)["input_ids"]) if accepted else 0
-        )
-        budget = max(1, cfg.max_new_tokens - used)
-        shallow = vlm.generate_greedy(prepared, max_new_tokens=budget, stop=self.stop)
-        yield stop_filter.feed(shallow.text)
-        n = len(shallow.token_ids)
-        return accepted + shallow.text, n, n, shallow.finish_reason
-
-    def _vanilla_result(
-        self, greedy: GreedyOutput, verdict: SafetyVerdict, prepared: PreparedPrompt
-    ) -> ETAResult:
-        n = len(greedy.token_ids)
-        return self._result(
-            greedy.text,
-            verdict,
-            prepared,
-            output_tokens=n,
-            decoded_tokens=n,
-            finish_reason=greedy.finish_reason,
-        )
-
-    def _result(
-        self,
-        text: str,
-        verdict: SafetyVerdict,
-        prepared: PreparedPrompt,
-        *,
-        output_tokens: int,
-        decoded_tokens: int,
-        finish_reason: FinishReason,
-        vanilla_text: str | None = None,
-        trace: list | None = None,
-    ) -> ETAResult:
-        return request_result(
-            text=text,
-            verdict=verdict,
-            prompt_tokens=prepared.num_prompt_tokens,
-            output_tokens=output_tokens,
-            decoded_tokens=decoded_tokens,
-            finish_reason=finish_reason,
-            timings=self.timings,
-            start=self.start,
-            model_name=self.eta.model_name,
-            vanilla_text=vanilla_text,
-            trace=trace,
-        )
-
-
-def _with_error(verdict: SafetyVerdict, stage: str, message: str) -> SafetyVerdict:
-    return verdict.model_copy(update={"errors": {**verdict.errors, stage: message}})
-
-
-def _check_batch(batch: Any) -> None:
-    if isinstance(batch, (str, dict)) or not isinstance(batch, (list, tuple)):
-        raise InvalidInputError(
-            f"batch must be a list of conversations (each a list of messages), got "
-            f"{type(batch).__name__}"
-        )
-
-
-def _check_stop(stop: Sequence[str] | None) -> list[str] | None:
-    if stop is None:
-        return None
-    if isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, (list, tuple)):
-        raise InvalidInputError(
-            f"stop must be a str or a list of non-empty strings, got {type(stop).__name__}"
-        )
-    stop = list(stop)
-    if not all(isinstance(s, str) and s for s in stop):
-        raise InvalidInputError(f"stop must be a list of non-empty strings, got {_short(stop)}")
-    check_stop_strings(stop)
-    return stop or None
-
-
-class _StopFilter:
-    """Turns a stream of text deltas into deltas that never pass a stop string.
-
-    Holds back only the shortest tail that could still become the start of a stop string.
-    """
-
-    def __init__(self, stop: list[str] | None) -> None:
-        self.stop = stop or []
-        self.text = ""
-        self.sent = 0
-        self.done = False
-
-    def feed(self, delta: str) -> str:
-        if self.done:
-            return ""
-        self.text += delta
-        cut, self.done = cut_at_stop(self.text, self.stop)
-        safe = len(cut) if self.done else len(self.text) - stop_holdback(self.text, self.stop)
-        out, self.sent = self.text[self.sent : safe], max(self.sent, safe)
-        return out
-
-
-class _Cancelled(Exception):
-    """Raised inside a worker when its consumer went away, to stop the work early."""
-
-
-def _iterate_callback(run: Callable[[Callable[[str], None]], Any], transform: Callable[[str], str]):
-    """Run ``run(on_item)`` in a worker thread and yield what it reports; return its result.
-
-    If the consumer stops early, the worker is cancelled at its next report and joined, so the
-    model is never used by an orphan thread once the caller's lock is released.
-    """
-    items: queue.Queue[tuple[str, Any]] = queue.Queue()
-    cancelled = threading.Event()
-
-    def on_item(text: str) -> None:
-        if cancelled.is_set():
-            raise _Cancelled
-        items.put(("item", text))
-
-    def target() -> None:
-        try:
-            items.put(("done", run(on_item)))
-        except BaseException as e:  # re-raised in the caller's thread
-            items.put(("error", e))
-
-    worker = threading.Thread(target=target, daemon=True, name="eta-guard-search")
-    worker.start()
-    try:
-        while True:
-            kind, value = items.get()
-            if kind == "item":
-                out = transform(value)
-                if out:
-                    yield out
-            elif kind == "error":
-                raise value
-            else:
-                return value
-    finally:
-        cancelled.set()
-        worker.join()
-
-
-async def _iterate_in_thread(make_iter: Callable[[], Iterator[Any]]) -> AsyncIterator[Any]:
-    """Drive a blocking iterator in a worker thread and yield its items on the event loop.
-
-    Closing the async iterator early closes the blocking one in its thread (releasing its locks).
-    """
-    loop = asyncio.get_running_loop()
-    items: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-    stopped = threading.Event()
-
-    def target() -> None:
-        iterator = make_iter()
-        try:
-            for item in iterator:
-                loop.call_soon_threadsafe(items.put_nowait, ("item", item))
-                if stopped.is_set():
-                    break
-            loop.call_soon_threadsafe(items.put_nowait, ("done", None))
-        except BaseException as e:
-            loop.call_soon_threadsafe(items.put_nowait, ("error", e))
-        finally:
-            close = getattr(iterator, "close", None)
-            if close is not None:
-                close()
-
-    worker = loop.run_in_executor(None, target)
-    try:
-        while True:
-            kind, value = await items.get()
-            if kind == "item":
-                yield value
-            elif kind == "error":
-                raise value
-            else:
-                return
-    finally:
-        stopped.set()
-        await worker
+#: The name this class had when engines had their own (kept for existing code).
+BackendETA = ETA

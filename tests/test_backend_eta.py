@@ -18,8 +18,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from backend_stub import StubServer  # noqa: E402
 
 from eta_guard import ETA, ETAConfig, ETAEvaluator, ETAResult  # noqa: E402
-from eta_guard.backends import BackendETA, HTTPSettings, LocalBackend, RemoteRewardModel  # noqa: E402
+from eta_guard.backends import HTTPSettings, LocalBackend, RemoteRewardModel  # noqa: E402
 from eta_guard.errors import BackendError, EvaluatorError  # noqa: E402
+from eta_guard.pipeline import BackendETA  # noqa: E402
 from eta_guard.testing import make_test_image  # noqa: E402
 
 CHAT = "/v1/chat/completions"
@@ -134,10 +135,16 @@ def test_a_full_context_ends_the_search(stub, evaluator):
     assert result.usage.output_tokens == 3 and len(stub.bodies(CHAT)) == 2
 
 
-def test_safe_answer_on_unsafe_image_is_not_aligned(stub, evaluator):
-    result = _eta(stub, evaluator, pre_threshold=-1.0, post_threshold=-1e9).generate(_messages())
+@pytest.mark.parametrize("schedule", ["sequential", "speculative"])
+def test_safe_answer_on_unsafe_image_is_not_aligned(stub, evaluator, schedule):
+    eta = _eta(stub, evaluator, pre_threshold=-1.0, post_threshold=-1e9, schedule=schedule)
+    result = eta.generate(_messages())
     assert not result.aligned and result.verdict.input_unsafe and not result.verdict.output_unsafe
-    assert result.text == "Sure, here is how." and len(stub.bodies(CHAT)) == 1
+    assert result.text == "Sure, here is how."
+    if schedule == "sequential":  # the search never started
+        assert len(stub.bodies(CHAT)) == 1 and "speculation" not in result.timings
+    else:  # it started alongside the vanilla decode and was dropped when the RM cleared it
+        assert "speculation" in result.timings
 
 
 def test_text_only_is_trusted_and_shallow_alignment_continues_the_prefix(stub, evaluator):
@@ -234,7 +241,9 @@ def test_remote_evaluators_do_not_queue_behind_one_another(stub):
         clip=None,
         reward_model="tiny-rm",
         reward_model_url=stub.url,
-        config=ETAConfig(text_only_policy="reward_only", post_threshold=-1e9),
+        config=ETAConfig(
+            text_only_policy="reward_only", post_threshold=-1e9, schedule="sequential"
+        ),
     )
     stub.delay = 0.5  # every engine request: vanilla, then the RM
     start = time.monotonic()

@@ -15,7 +15,6 @@ import pytest
 
 from eta_guard import ETA, ETAConfig, ETAEvaluator
 from eta_guard.backends import (
-    BackendETA,
     HTTPSettings,
     OpenAICompatibleBackend,
     RemoteRewardModel,
@@ -23,6 +22,7 @@ from eta_guard.backends import (
 )
 from eta_guard.backends.base import Completion
 from eta_guard.messages import normalize_messages
+from eta_guard.pipeline import BackendETA
 
 pytestmark = [
     pytest.mark.vllm,

@@ -19,7 +19,8 @@ from backend_stub import StubServer  # noqa: E402
 @pytest.fixture(scope="module")
 def server_url(tiny_checkpoints):
     from eta_guard import ETAConfig, ETAEvaluator
-    from eta_guard.backends import BackendETA, HTTPSettings, OpenAICompatibleBackend
+    from eta_guard.backends import HTTPSettings, OpenAICompatibleBackend
+    from eta_guard.pipeline import BackendETA
     from eta_guard.server import ServerSettings, create_app
     from eta_guard.server.runner import serve_in_thread
 

@@ -155,7 +155,19 @@ def test_bench_tiny_writes_figures(runner, tiny_args, tmp_path) -> None:
     data = json.loads(path.read_text())
     for key in ("safe_path_ratio", "batched_speedup", "batched_speedup_raw", "unsafe_path_ratio"):
         assert math.isfinite(data[key]) and data[key] > 0, key
-    assert set(data["best_figures"]) == {"safe_path_ratio", "batched_speedup", "unsafe_path_ratio"}
+    assert set(data["best_figures"]) == {
+        "safe_path_ratio",
+        "batched_speedup",
+        "unsafe_path_ratio",
+        "unsafe_sequential_ratio",
+    }
+    assert math.isfinite(data["unsafe_sequential_ratio"]) and data["unsafe_sequential_ratio"] > 0
+    forwards = data["forwards"]
+    assert forwards["plain"]["vlm"] >= 1 and forwards["plain"]["reward_model"] == 0
+    for arm in ("unsafe_speculative", "unsafe_sequential"):
+        # the unsafe path decodes more than plain generate and runs the RM at least twice
+        assert forwards[arm]["vlm"] > forwards["plain"]["vlm"]
+        assert forwards[arm]["reward_model"] >= 2 and forwards[arm]["critical_path_ratio"] > 1
     assert data["setup"]["size"] == "tiny" and data["setup"]["num_candidates"] == 2
     assert data["safe"]["eta_tokens"] == data["safe"]["baseline_tokens"]
     assert data["same_tokens"] is True  # the safe path returns plain greedy's answer

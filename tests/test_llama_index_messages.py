@@ -134,7 +134,8 @@ def test_image_node_without_image_is_refused():
             lambda b: str(b.url).startswith("https"),
         ),
         (lambda p: p, lambda b: b.path is not None),
-        (lambda p: str(p), lambda b: b.path is not None),
+        # a path string stays a string (it may come from text): the local-file policy reads it
+        (lambda p: str(p), lambda b: b.path is None and isinstance(m.image_block_source(b), str)),
         (lambda p: PNG, lambda b: m.image_block_source(b) == PNG),
         (lambda p: B64, lambda b: m.image_block_source(b) == PNG),
         (lambda p: DATA_URL, lambda b: m.image_block_source(b) == DATA_URL),
@@ -179,7 +180,9 @@ def test_to_image_block_refuses(bad, match):
 def test_to_image_block_never_looks_at_the_file(path):
     # Whether the file exists is the engine's business (one neutral message for every path).
     block = m.to_image_block(path)
-    assert str(block.path) == "/no/such/file.png"
+    assert str(m.image_block_source(block)) == "/no/such/file.png"
+    # only an application's pathlib.Path / node path is a path; a str stays a str
+    assert isinstance(m.image_block_source(block), str) == isinstance(path, str)
 
 
 # ---------------------------------------------------------------------------- blocks -> parts

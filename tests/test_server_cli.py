@@ -135,7 +135,7 @@ def test_serve_wires_options_to_the_loader_and_uvicorn(monkeypatch, tmp_path):
         return mock.Mock(evaluator="the evaluator")
 
     monkeypatch.setattr(eta_guard.pipeline.ETA, "from_pretrained", classmethod(fake_load))
-    monkeypatch.setattr("eta_guard.cli._print_estimate", lambda *a, **k: None)
+    monkeypatch.setattr("eta_guard.cli.models.print_estimate", lambda *a, **k: None)
     keys = tmp_path / "keys"
     keys.write_text(secrets.token_urlsafe(24) + "\n")
     result = CliRunner().invoke(
@@ -196,7 +196,7 @@ def test_serve_generator_url_wires_the_engine_and_concurrency(monkeypatch):
 
     monkeypatch.setattr(eta_guard.pipeline.ETA, "from_openai_compatible", classmethod(fake_engine))
     monkeypatch.setattr(eta_guard.server.app, "create_app", lambda **kw: kw)
-    monkeypatch.setattr("eta_guard.cli._print_estimate", lambda *a, **k: None)
+    monkeypatch.setattr("eta_guard.cli.models.print_estimate", lambda *a, **k: None)
     base = ["--generator-url", "http://127.0.0.1:9/v1", "--generator-model", "served-vlm"]
     monkeypatch.setenv("ETA_GUARD_GENERATOR_API_KEY", "engine-key")
     result, seen = _invoke_serve(
@@ -220,7 +220,7 @@ def test_serve_generator_url_wires_the_engine_and_concurrency(monkeypatch):
         (["some/vlm", "--max-concurrent-calls", "2"], "one call at a time"),
         (["--generator-url", "http://127.0.0.1:9"], "go together"),
         # no tokenizer: markers in message text would reach the engine as control tokens
-        (["--generator-url", "http://x", "--generator-model", "m"], "needs the VLM argument"),
+        (["--generator-url", "http://x", "--generator-model", "m"], "needs --vlm"),
         (["--generator-model", "m"], "go together"),
         (
             ["--generator-url", "http://x", "--generator-model", "m", "--preset", "paper"],

@@ -38,11 +38,10 @@ def tiny_eta(tiny_checkpoints):
 
 
 def _variant(eta, **overrides):
-    """Same loaded models, other thresholds; shares the lock so two servers never overlap."""
+    """Same loaded models, other thresholds (the model's lock is shared: two servers never overlap)."""
     from eta_guard import ETA
 
     other = ETA(eta.vlm, eta.evaluator, eta.config.with_overrides(**overrides))
-    other._lock = eta._lock
     return other
 
 
@@ -259,7 +258,8 @@ def test_serves_a_backend_eta_over_an_openai_compatible_engine(tiny_eta, image_u
     from backend_stub import StubServer
 
     from eta_guard import ETAConfig
-    from eta_guard.backends import BackendETA, HTTPSettings, OpenAICompatibleBackend
+    from eta_guard.backends import HTTPSettings, OpenAICompatibleBackend
+    from eta_guard.pipeline import BackendETA
     from eta_guard.server import ServerSettings, create_app
     from eta_guard.server.runner import serve_in_thread
 
@@ -289,7 +289,8 @@ def test_backend_eta_calls_run_concurrently_when_allowed(tiny_eta, image_url):
     from backend_stub import StubServer
 
     from eta_guard import ETAConfig
-    from eta_guard.backends import BackendETA, HTTPSettings, OpenAICompatibleBackend
+    from eta_guard.backends import HTTPSettings, OpenAICompatibleBackend
+    from eta_guard.pipeline import BackendETA
     from eta_guard.server import ServerSettings, create_app
     from eta_guard.server.runner import serve_in_thread
 

@@ -339,7 +339,6 @@ def test_client_disconnect_stops_generation_and_frees_the_model(parts, image_url
     vlm = _RecordingVLM(parts.vlm)
     threshold = {"streamed": 1.01, "held_back": -1.01}[path]
     eta = ETA(vlm, parts.evaluator, parts.config.with_overrides(pre_threshold=threshold))
-    eta._lock = parts._lock
     body = _chat(
         [
             {"type": "text", "text": "Describe it."},
@@ -445,7 +444,6 @@ def test_non_streaming_client_that_gives_up_stops_its_generation(parts, image_ur
 
     vlm = _RecordingVLM(parts.vlm)
     eta = ETA(vlm, parts.evaluator, parts.config.with_overrides(pre_threshold=-1.01))
-    eta._lock = parts._lock
     content = [
         {"type": "text", "text": "Describe it."},
         {"type": "image_url", "image_url": {"url": image_url}},

@@ -243,7 +243,22 @@ def test_stream_closed_early_stops_the_worker(llava: VLMAdapter, test_images):
     iterator = iter(stream)
     next(iterator)
     iterator.close()
-    assert not stream._thread.is_alive()
+    assert not stream.running
+
+
+def test_stream_decodes_on_the_model_thread(llava: VLMAdapter, test_images, monkeypatch):
+    import threading
+
+    from eta_guard.model_thread import model_thread
+
+    seen = []
+    real = llava.model.generate
+    monkeypatch.setattr(
+        llava.model, "generate", lambda *a, **k: seen.append(threading.get_ident()) or real(*a, **k)
+    )
+    prepared = llava.prepare(conversation(test_images[:1]))
+    list(llava.stream_greedy(prepared, max_new_tokens=3))
+    assert seen == [model_thread(llava.device).ident]
 
 
 # ----- decoding continuations -----

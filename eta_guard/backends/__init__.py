@@ -11,18 +11,20 @@ from typing import TYPE_CHECKING, Any
 _LAZY = {
     "GeneratorBackend": "eta_guard.backends.base",
     "Completion": "eta_guard.backends.base",
+    "DecodingSession": "eta_guard.backends.base",
+    "SearchHandle": "eta_guard.backends.base",
+    "TextSession": "eta_guard.backends.text_session",
     "SamplingStep": "eta_guard.backends.base",
     "HTTPSettings": "eta_guard.backends._http",
     "OpenAICompatibleBackend": "eta_guard.backends.openai_compatible",
     "LocalBackend": "eta_guard.backends.local",
     "RemoteRewardModel": "eta_guard.backends.remote_evaluators",
     "RemoteCLIP": "eta_guard.backends.remote_evaluators",
-    "BackendETA": "eta_guard.backends.eta_backend",
 }
 
 __all__ = [
-    "BackendETA",
     "Completion",
+    "DecodingSession",
     "GeneratorBackend",
     "HTTPSettings",
     "LocalBackend",
@@ -30,15 +32,23 @@ __all__ = [
     "RemoteCLIP",
     "RemoteRewardModel",
     "SamplingStep",
+    "SearchHandle",
+    "TextSession",
 ]
 
 if TYPE_CHECKING:
     from eta_guard.backends._http import HTTPSettings
-    from eta_guard.backends.base import Completion, GeneratorBackend, SamplingStep
-    from eta_guard.backends.eta_backend import BackendETA
+    from eta_guard.backends.base import (
+        Completion,
+        DecodingSession,
+        GeneratorBackend,
+        SamplingStep,
+        SearchHandle,
+    )
     from eta_guard.backends.local import LocalBackend
     from eta_guard.backends.openai_compatible import OpenAICompatibleBackend
     from eta_guard.backends.remote_evaluators import RemoteCLIP, RemoteRewardModel
+    from eta_guard.backends.text_session import TextSession
 
 
 def __getattr__(name: str) -> Any:

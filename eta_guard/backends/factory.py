@@ -1,4 +1,4 @@
-"""Building a :class:`BackendETA` over an OpenAI-compatible engine, each evaluator local or remote."""
+"""The parts of an ETA over an OpenAI-compatible engine: the generator and the evaluators, each local or remote."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from eta_guard.errors import InvalidInputError
 from eta_guard.prompting import ImageMean
 
 
-def eta_from_openai_compatible(
+def openai_compatible_parts(
     base_url: str,
     model: str,
     clip: str | None,
@@ -21,40 +21,29 @@ def eta_from_openai_compatible(
     tokenizer: Any = None,
     image_mean: Any = None,
     preset: Any = None,
-    reward_model_tokenizer: Any = None,
-    clip_url: str | None = None,
-    reward_model_url: str | None = None,
     http: HTTPSettings | None = None,
     send_image_uuids: bool = True,
-    device: str | None = None,
-    dtype: Any = None,
-    clip_backend: str = "transformers",
-    clip_pretrained: str | None = None,
-    trust_remote_code: bool = False,
-    local_files_only: bool = False,
-    clip_kwargs: dict[str, Any] | None = None,
-    reward_model_kwargs: dict[str, Any] | None = None,
-) -> Any:
-    """See :meth:`eta_guard.pipeline.ETA.from_openai_compatible`."""
-    from eta_guard.backends.eta_backend import BackendETA
+    **evaluator_kwargs: Any,
+) -> tuple[Any, Any]:
+    """``(generator, evaluator)`` for :meth:`eta_guard.pipeline.ETA.from_openai_compatible`.
+
+    ``evaluator_kwargs`` feed :func:`build_evaluator`; remote evaluators use ``api_key`` unless
+    ``clip_api_key`` / ``reward_model_api_key`` name their own engines' keys.
+    """
     from eta_guard.backends.openai_compatible import OpenAICompatibleBackend
-    from eta_guard.backends.remote_evaluators import RemoteCLIP, RemoteRewardModel
-    from eta_guard.evaluators.eta_evaluator import ETAEvaluator
 
     if preset is not None:
         from eta_guard.presets import get_preset
 
         preset = get_preset(preset)
         config = preset.apply_to_config(config)
+        evaluator_kwargs["preset"] = preset
     config = config or ETAConfig()
     if clip is None and reward_model is None:
         raise InvalidInputError("clip=None and reward_model=None: ETA needs at least one evaluator")
-    if clip_url is not None and clip is None:
-        raise InvalidInputError("clip_url was given with clip=None: name CLIP's served model")
-    if reward_model_url is not None and reward_model is None:
-        raise InvalidInputError(
-            "reward_model_url was given with reward_model=None: name the RM's served model"
-        )
+    evaluator_kwargs.setdefault("clip_api_key", api_key)
+    evaluator_kwargs.setdefault("reward_model_api_key", api_key)
+    evaluator = build_evaluator(clip, reward_model, config=config, http=http, **evaluator_kwargs)
     generator = OpenAICompatibleBackend(
         base_url,
         model,
@@ -67,6 +56,45 @@ def eta_from_openai_compatible(
     if generator.processor is None and preset is not None and preset.vlm_image_mean:
         # The served model's processor config is not at hand: the preset's model's mean.
         generator.processor = ImageMean.of(preset.vlm_image_mean)
+    return generator, evaluator
+
+
+def build_evaluator(
+    clip: str | None,
+    reward_model: str | None,
+    *,
+    config: ETAConfig | None = None,
+    clip_url: str | None = None,
+    reward_model_url: str | None = None,
+    clip_api_key: str | None = None,
+    reward_model_api_key: str | None = None,
+    reward_model_tokenizer: Any = None,
+    http: HTTPSettings | None = None,
+    device: str | None = None,
+    dtype: Any = None,
+    clip_backend: str = "transformers",
+    clip_pretrained: str | None = None,
+    trust_remote_code: bool = False,
+    local_files_only: bool = False,
+    clip_kwargs: dict[str, Any] | None = None,
+    reward_model_kwargs: dict[str, Any] | None = None,
+    preset: Any = None,
+) -> Any:
+    """An ``ETAEvaluator`` whose CLIP and RM each load locally or, given ``clip_url`` /
+    ``reward_model_url``, are served by an engine under the names ``clip`` / ``reward_model``.
+    ``None`` leaves a side out (at least one is needed)."""
+    from eta_guard.backends.remote_evaluators import RemoteCLIP, RemoteRewardModel
+    from eta_guard.evaluators.eta_evaluator import ETAEvaluator
+
+    config = config or ETAConfig()
+    if clip is None and reward_model is None:
+        raise InvalidInputError("clip=None and reward_model=None: nothing to evaluate with")
+    if clip_url is not None and clip is None:
+        raise InvalidInputError("clip_url was given with clip=None: name CLIP's served model")
+    if reward_model_url is not None and reward_model is None:
+        raise InvalidInputError(
+            "reward_model_url was given with reward_model=None: name the RM's served model"
+        )
     local_clip = clip if clip_url is None else None
     local_rm = reward_model if reward_model_url is None else None
     pre: Any = None
@@ -88,12 +116,14 @@ def eta_from_openai_compatible(
         )
         pre, post = local.pre, local.post
     if clip_url is not None and clip is not None:
-        pre = RemoteCLIP(clip_url, clip, prompt=config.safety_prompt, api_key=api_key, http=http)
+        pre = RemoteCLIP(
+            clip_url, clip, prompt=config.safety_prompt, api_key=clip_api_key, http=http
+        )
     if reward_model_url is not None and reward_model is not None:
         post = RemoteRewardModel(
             reward_model_url,
             reward_model,
-            api_key=api_key,
+            api_key=reward_model_api_key,
             http=http,
             tokenizer=reward_model_tokenizer,
         )
@@ -103,7 +133,7 @@ def eta_from_openai_compatible(
         post is None or reward_model_url is not None
     )
     lock: Any = _NoLock() if remote_only else None
-    return BackendETA(generator, ETAEvaluator(pre, post, config, lock=lock), config)
+    return ETAEvaluator(pre, post, config, lock=lock)
 
 
 class _NoLock:

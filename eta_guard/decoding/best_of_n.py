@@ -1,21 +1,21 @@
-"""ETA's deep alignment: sentence-level best-of-N search over a shared, branched KV cache.
+"""ETA's deep alignment on a local VLM: the best-of-N search's decoding over one branched KV cache.
 
-One sentence at a time, N candidates are sampled (top-k, temperature) from the accepted
-context, each scored ``reward(prefix + accepted + c) + (alpha / i) * clip(c)`` (the CLIP term left
-out for the first sentence, for text-only requests and for any step where a candidate ends the
-answer), and the best one is kept (DESIGN.md 1.2).
-
-Costs: the prompt (and its images) is prefilled once at batch 1; each sentence's N candidates
-decode as one batch of N over a copy of that cache, expanded with ``batch_repeat_interleave``;
-the kept row is selected and cropped to the accepted tokens, then carried to the next sentence.
-``batched=False`` reproduces the reference implementation's costs (candidates one after another,
-one reward call per candidate) for benchmarks.
+:class:`LocalSearch` is the :class:`~eta_guard.decoding.protocol.SearchHandle` of a local model:
+the prompt (and its images) is prefilled once at batch 1 (or taken from a cache that already
+holds it, e.g. the vanilla answer's); each sentence's N candidates decode as one batch of N over
+a copy of that cache, expanded with ``batch_repeat_interleave``; the committed row is selected and
+cropped to the accepted tokens, then carried to the next sentence. ``batched=False`` reproduces
+the reference implementation's costs (candidates one after another from deep copies of the cache)
+for benchmarks. The loop that scores and chooses is :class:`~eta_guard.decoding.search.BestOfNSearch`,
+shared with every backend; :class:`SentenceBestOfN` runs it synchronously over a local model.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -24,18 +24,21 @@ from typing import Any
 import torch
 
 from eta_guard.config import ETAConfig
-from eta_guard.decoding.selection import score_candidates, select_candidate, use_clip_term
+from eta_guard.decoding.protocol import Completion, SamplingStep
+from eta_guard.decoding.search import BestOfNSearch
+from eta_guard.decoding.selection import score_candidates, use_clip_term
 from eta_guard.decoding.stopping import (
+    AnyEvent,
+    CancelCriteria,
     SentenceEndCriteria,
     candidate_lengths,
-    cut_at_stop,
-    stop_holdback,
 )
 from eta_guard.decoding.vlm import FinishReason, PreparedPrompt, VLMAdapter
-from eta_guard.errors import InvalidInputError
+from eta_guard.errors import InvalidInputError, RequestCancelled
+from eta_guard.sync_bridge import aclosing, run_sync
 from eta_guard.verdict import SentenceTrace
 
-__all__ = ["SearchOutput", "SentenceBestOfN", "score_candidates", "use_clip_term"]
+__all__ = ["LocalSearch", "SearchOutput", "SentenceBestOfN", "score_candidates", "use_clip_term"]
 
 RewardFn = Callable[[list[str]], Sequence[float]]
 ClipFn = Callable[[list[str]], Sequence[float]]
@@ -88,12 +91,11 @@ class _Step:
 
     tokens: list[list[int]]
     ended: list[bool]
-    rewards: list[float]
     caches: list[Any]  # batched: [the batch-N cache]; sequential: one batch-1 cache per candidate
 
 
 class SentenceBestOfN:
-    """Sentence-level best-of-N decoding (ETA's deep alignment).
+    """Sentence-level best-of-N decoding (ETA's deep alignment) on a local VLM, synchronously.
 
     Args:
         adapter: the VLM.
@@ -102,7 +104,7 @@ class SentenceBestOfN:
             ``sentence_end_rule`` and ``seed``.
         batched: decode the N candidates as one batch over the shared cache (default). ``False``
             reproduces the reference's costs: candidates one after another at batch 1, each from
-            its own deep copy of the cache, one reward call per candidate.
+            its own deep copy of the cache.
 
     Example (offline, on a tiny random checkpoint; real use scores with the reward model and CLIP):
         >>> from eta_guard.config import ETAConfig
@@ -162,72 +164,156 @@ class SentenceBestOfN:
         Returns:
             The answer, its trace and costs.
         """
+        handle = LocalSearch(
+            self.adapter,
+            prepared,
+            seed=self.config.seed,
+            cache=cache,
+            cache_ids=cache_ids,
+            batched=self.batched,
+        )
+        search = BestOfNSearch(
+            handle,
+            self.config,
+            prefix=prepared.assistant_prefix,
+            # The reference's costs: one reward call per candidate.
+            reward=_awaitable(reward_fn, "reward_fn", one_by_one=not self.batched),
+            clip=None if clip_fn is None else _awaitable(clip_fn, "clip_fn"),
+            stop=stop,
+        )
+
+        async def drive() -> None:
+            try:
+                async with aclosing(search.run()) as items:
+                    async for delta in items:
+                        if on_sentence is not None:
+                            on_sentence(delta)
+            finally:
+                await handle.aclose()
+
+        run_sync(drive())
+        return SearchOutput(
+            text=search.text,
+            token_ids=list(handle.accepted),
+            trace=search.trace,
+            finish_reason=search.finish_reason,
+            decoded_tokens=search.decoded,
+            timings={"decode": handle.decode_seconds, **search.timings},
+        )
+
+
+def _awaitable(fn: Callable[[list[str]], Sequence[float]], name: str, *, one_by_one: bool = False):
+    """``fn`` as an awaitable scorer, run in a worker thread, checked for one score per input."""
+
+    def call(texts: list[str]) -> list[float]:
+        if one_by_one:
+            return [v for t in texts for v in _floats(fn([t]), 1, name)]
+        return _floats(fn(texts), len(texts), name)
+
+    async def score(texts: list[str]) -> list[float]:
+        return await asyncio.to_thread(call, texts)
+
+    return score
+
+
+class LocalSearch:
+    """The :class:`~eta_guard.decoding.protocol.SearchHandle` of a local VLM (one branched KV cache).
+
+    Args:
+        adapter: the VLM.
+        prepared: the prompt, ending with the assistant prefix the search continues.
+        seed: seeds the sampling once for the whole search (the global RNG is left as it was).
+        cache: optional KV cache holding a prefix of ``prepared``'s ids (consumed), with
+            ``cache_ids``, the ids it was built from; only their common prefix is trusted.
+        batched: candidates as one batch of N (default) or one after another (reference costs).
+        lock: held around each model call (the model keeps per-call state).
+        cancel: when set, sampling stops at the next token and raises ``RequestCancelled``.
+    """
+
+    def __init__(
+        self,
+        adapter: VLMAdapter,
+        prepared: PreparedPrompt,
+        *,
+        seed: int | None = None,
+        cache: Any = None,
+        cache_ids: Sequence[int] | torch.Tensor | None = None,
+        batched: bool = True,
+        lock: Any = None,
+        cancel: threading.Event | None = None,
+    ) -> None:
         if cache is not None and cache_ids is None:
             raise InvalidInputError(
                 "cache was given without cache_ids: pass the token ids it was built from "
                 "(GreedyOutput.sequence_ids) so it is never trusted beyond them"
             )
-        with _seeded(self.config.seed, self.adapter.device), torch.inference_mode():
-            search = _Search(self, prepared, reward_fn, clip_fn, on_sentence, stop)
-            return search.run(cache, cache_ids)
-
-
-class _Search:
-    """The state of one :meth:`SentenceBestOfN.run` call."""
-
-    def __init__(
-        self,
-        owner: SentenceBestOfN,
-        prepared: PreparedPrompt,
-        reward_fn: RewardFn,
-        clip_fn: ClipFn | None,
-        on_sentence: Callable[[str], None] | None,
-        stop: Sequence[str] | None,
-    ) -> None:
-        self.adapter, self.cfg, self.batched = owner.adapter, owner.config, owner.batched
-        self.stop = [s for s in (stop or []) if s]
-        self.prepared, self.reward_fn, self.clip_fn = prepared, reward_fn, clip_fn
-        self.on_sentence = on_sentence
+        self.adapter, self.prepared, self.batched = adapter, prepared, batched
         self.prompt_ids = prepared.input_ids[0].tolist()
-        self.max_new = self.adapter.max_new_tokens_for(prepared, self.cfg.max_new_tokens)
-        self.timings = {"decode": 0.0, "reward": 0.0, "clip": 0.0}
-        self.trace: list[SentenceTrace] = []
-        self.decoded = 0
-        self.emitted = ""
+        self.accepted: list[int] = []
+        self.decode_seconds = 0.0
+        self._lock = lock if lock is not None else contextlib.nullcontext()
+        self._closed = threading.Event()
+        self._cancel = AnyEvent(self._closed, cancel)
+        self._rng = _SeededRNG(seed, adapter.device)
+        self._pending: tuple[Any, Any] | None = (cache, cache_ids)
+        self._state: _State | None = None
+        self._step: _Step | None = None
+        self._work: asyncio.Future | None = None
 
-    # ----- main loop -----
-    def run(self, cache: Any, cache_ids: Any) -> SearchOutput:
-        with self._timed("decode"):
-            state = self._prefill(cache, cache_ids)
-        finish: FinishReason = "length"
-        while len(state.accepted) < self.max_new:
-            budget = min(self.cfg.max_sentence_tokens, self.max_new - len(state.accepted))
-            step = self._sample(state, budget)
-            chosen = self._choose(state, step)
-            state.accepted.extend(step.tokens[chosen])
-            text, stopped = self._text(state.accepted)
-            if step.ended[chosen] or stopped:
-                finish = "stop"
-                break
-            self._emit(text, final=False)
-            self._advance(state, step, chosen)
-        text, _ = self._text(state.accepted)
-        self._emit(text, final=True)
-        return SearchOutput(
-            text=text,
-            token_ids=list(state.accepted),
-            trace=self.trace,
-            finish_reason=finish,
-            decoded_tokens=self.decoded,
-            timings=self.timings,
-        )
+    # ----- SearchHandle -----
+    @property
+    def text(self) -> str:
+        return self.adapter.decode_continuation(self.prompt_ids, self.accepted)
 
-    def _text(self, accepted: list[int]) -> tuple[str, bool]:
-        """The answer after the prefix, cut before a stop string; and whether one was found."""
-        text = self.adapter.decode_continuation(self.prompt_ids, accepted)
-        return cut_at_stop(text, self.stop)
+    @property
+    def room(self) -> int:
+        return self.adapter.context_length - self.prepared.num_prompt_tokens
+
+    async def sample(self, step: SamplingStep) -> list[Completion]:
+        return await self._run(self._sample, step)
+
+    async def commit(self, index: int) -> None:
+        await self._run(self._commit, index)
+
+    async def aclose(self) -> None:
+        """Stop a running step at its next token, wait for it, and drop the caches."""
+        self._closed.set()
+        work = self._work
+        if work is not None:
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(work)
+        self._state = self._step = self._pending = self._work = None
+
+    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if self._cancel.is_set():
+            raise RequestCancelled("the search was cancelled")
+        # Shielded: a cancelled caller must not leave the model call running unobserved;
+        # aclose() waits for it (the cancel event stops it at its next token).
+        self._work = asyncio.ensure_future(asyncio.to_thread(self._locked, fn, *args))
+        try:
+            return await asyncio.shield(self._work)
+        finally:
+            if self._work.done():
+                self._work = None
+
+    def _locked(self, fn: Callable[..., Any], *args: Any) -> Any:
+        with self._lock, torch.inference_mode():
+            if self._cancel.is_set():
+                raise RequestCancelled("the search was cancelled")
+            out = fn(*args)
+            if self._cancel.is_set():
+                raise RequestCancelled("the search was cancelled")
+            return out
 
     # ----- caches -----
+    def _ensure_state(self) -> _State:
+        if self._state is None:
+            cache, cache_ids = self._pending or (None, None)
+            self._pending = None
+            with self._timed():
+                self._state = self._prefill(cache, cache_ids)
+        return self._state
+
     def _prefill(self, cache: Any, cache_ids: Any) -> _State:
         """Build the batch-1 cache covering all prompt tokens but the last (images encoded once)."""
         ids = self.prepared.input_ids
@@ -279,18 +365,21 @@ class _Search:
         """The processor outputs minus pixel inputs (already encoded in the cache)."""
         return {k: v for k, v in model_inputs.items() if k not in _PIXEL_KEYS}
 
-    def _advance(self, state: _State, step: _Step, chosen: int) -> None:
-        """Keep the chosen branch's cache, cropped to the accepted context minus its last token."""
+    def _commit(self, index: int) -> None:
+        """Accept candidate ``index``: keep its branch, cropped to the accepted context minus its last token."""
+        state, step = self._ensure_state(), self._step
+        if step is None or not 0 <= index < len(step.tokens):
+            raise InvalidInputError(f"commit({index!r}): no such candidate in the last sample")
+        self._step = None
+        chosen = step.tokens[index]
+        self.accepted.extend(chosen)
         if self.batched:
             cache = step.caches[0]
-            cache.batch_select_indices(torch.tensor([chosen], device=self.adapter.device))
+            cache.batch_select_indices(torch.tensor([index], device=self.adapter.device))
         else:
-            cache = step.caches[chosen]
+            cache = step.caches[index]
         state.ids = torch.cat(
-            [
-                state.ids,
-                torch.tensor([step.tokens[chosen]], dtype=state.ids.dtype, device=state.ids.device),
-            ],
+            [state.ids, torch.tensor([chosen], dtype=state.ids.dtype, device=state.ids.device)],
             dim=1,
         )
         extra = cache.get_seq_length() - (state.ids.shape[1] - 1)
@@ -299,41 +388,62 @@ class _Search:
         state.cache = cache
 
     # ----- sampling -----
-    def _sample(self, state: _State, budget: int) -> _Step:
+    def _sample(self, step: SamplingStep) -> list[Completion]:
+        if self._step is not None:
+            raise InvalidInputError("sample() twice without commit(): commit a candidate first")
+        state = self._ensure_state()
+        budget = max(1, min(step.max_tokens, self.room - len(self.accepted)))
         sentence_end = SentenceEndCriteria(
             self.adapter.tokenizer,
-            self.cfg.sentence_terminators,
+            step.terminators,
             start_length=state.ids.shape[1],
-            rule=self.cfg.sentence_end_rule,
+            rule=step.rule,
         )
         config = self.adapter.generation_config(
-            max_new_tokens=budget,
-            do_sample=True,
-            top_k=self.cfg.top_k,
-            temperature=self.cfg.temperature,
+            max_new_tokens=budget, do_sample=True, top_k=step.top_k, temperature=step.temperature
         )
-        if self.batched:
-            return self._sample_batched(state, config, sentence_end)
-        return self._sample_sequential(state, config, sentence_end)
+        with self._rng.active():
+            if self.batched:
+                self._step = self._sample_batched(state, step.n, config, sentence_end)
+            else:
+                self._step = self._sample_sequential(state, step.n, config, sentence_end)
+        context = state.ids[0]
+        out = []
+        for tokens, ended in zip(self._step.tokens, self._step.ended, strict=True):
+            sentence_end_hit = not ended and len(tokens) < budget
+            out.append(
+                Completion(
+                    text=self.adapter.decode_continuation(context, tokens),
+                    num_tokens=len(tokens),
+                    finish_reason="stop" if ended or sentence_end_hit else "length",
+                    ended=ended,
+                    prompt_tokens=state.ids.shape[1],
+                    token_ids=tuple(tokens),
+                    answer=self.adapter.decode_continuation(
+                        self.prompt_ids, self.accepted + tokens
+                    ),
+                )
+            )
+        return out
 
     def _generate(
         self, ids: torch.Tensor, cache: Any, config: Any, sentence_end: SentenceEndCriteria
     ) -> torch.Tensor:
         """Sample continuations of ``ids`` ``[n, C]`` from ``cache`` (covers ``C - 1``); returns ``[n, C + T]``."""
-        with self._timed("decode"):
+        with self._timed():
             out = self.adapter.model.generate(
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),
                 cache=cache,
                 generation_config=config,
-                stopping_criteria=[sentence_end],
+                stopping_criteria=[sentence_end, CancelCriteria(self._cancel)],
             )
         return out.sequences
 
     def _sample_batched(
-        self, state: _State, config: Any, sentence_end: SentenceEndCriteria
+        self, state: _State, n: int, config: Any, sentence_end: SentenceEndCriteria
     ) -> _Step:
-        n, start = self.cfg.num_candidates, state.ids.shape[1]
+        start = state.ids.shape[1]
         cache = state.cache
         cache.batch_repeat_interleave(n)
         sequences = self._generate(state.ids.expand(n, -1), cache, config, sentence_end)
@@ -341,17 +451,14 @@ class _Search:
             sequences, start, eos_token_ids=self.adapter.eos_token_ids, sentence_end=sentence_end
         )
         tokens = [sequences[r, start : start + lengths[r]].tolist() for r in range(n)]
-        step = _Step(tokens=tokens, ended=ended, rewards=[], caches=[cache])
-        with self._timed("reward"):
-            step.rewards = _floats(self.reward_fn(self._answers(state, tokens)), n, "reward_fn")
-        return step
+        return _Step(tokens=tokens, ended=ended, caches=[cache])
 
     def _sample_sequential(
-        self, state: _State, config: Any, sentence_end: SentenceEndCriteria
+        self, state: _State, n: int, config: Any, sentence_end: SentenceEndCriteria
     ) -> _Step:
         start = state.ids.shape[1]
-        step = _Step(tokens=[], ended=[], rewards=[], caches=[])
-        for _ in range(self.cfg.num_candidates):
+        step = _Step(tokens=[], ended=[], caches=[])
+        for _ in range(n):
             cache = copy.deepcopy(state.cache)
             sequences = self._generate(state.ids, cache, config, sentence_end)
             (length,), (ended,) = candidate_lengths(
@@ -360,66 +467,47 @@ class _Search:
                 eos_token_ids=self.adapter.eos_token_ids,
                 sentence_end=sentence_end,
             )
-            tokens = sequences[0, start : start + length].tolist()
-            with self._timed("reward"):
-                (reward,) = _floats(self.reward_fn(self._answers(state, [tokens])), 1, "reward_fn")
-            step.tokens.append(tokens)
+            step.tokens.append(sequences[0, start : start + length].tolist())
             step.ended.append(ended)
-            step.rewards.append(reward)
             step.caches.append(cache)
         return step
 
-    # ----- scoring -----
-    def _answers(self, state: _State, candidates: list[list[int]]) -> list[str]:
-        """The whole answer so far for each candidate: prefix + accepted text + candidate."""
-        prefix = self.prepared.assistant_prefix
-        return [
-            prefix + self.adapter.decode_continuation(self.prompt_ids, state.accepted + c)
-            for c in candidates
-        ]
-
-    def _choose(self, state: _State, step: _Step) -> int:
-        index = len(self.trace) + 1
-        sentences = [self.adapter.decode_continuation(state.ids[0], t) for t in step.tokens]
-        clips = None
-        clip_fn = self.clip_fn
-        if clip_fn is not None and use_clip_term(index, step.ended, True) and self.cfg.alpha > 0:
-            with self._timed("clip"):
-                clips = _floats(clip_fn([s.strip() for s in sentences]), len(sentences), "clip_fn")
-        self.decoded += sum(len(t) for t in step.tokens)
-        trace = select_candidate(
-            index=index,
-            sentences=sentences,
-            rewards=step.rewards,
-            clips=clips,
-            ended=step.ended,
-            num_tokens=[len(t) for t in step.tokens],
-            alpha=self.cfg.alpha,
-        )
-        self.trace.append(trace)
-        return trace.chosen
-
-    # ----- streaming and timing -----
-    def _emit(self, text: str, *, final: bool) -> None:
-        """Send the newly settled text to ``on_sentence``.
-
-        A tail that may still start a stop string, or that ends mid-character, waits for the
-        next sentence.
-        """
-        if self.on_sentence is None:
-            return
-        settled = text if final else text[: len(text) - stop_holdback(text, self.stop)]
-        if len(settled) > len(self.emitted) and settled.startswith(self.emitted):
-            delta, self.emitted = settled[len(self.emitted) :], settled
-            self.on_sentence(delta)
-
     @contextlib.contextmanager
-    def _timed(self, key: str) -> Iterator[None]:
+    def _timed(self) -> Iterator[None]:
         start = time.perf_counter()
         try:
             yield
         finally:
-            self.timings[key] += time.perf_counter() - start
+            self.decode_seconds += time.perf_counter() - start
+
+
+class _SeededRNG:
+    """A seeded RNG stream that survives across calls; the global RNG state is left as it was."""
+
+    def __init__(self, seed: int | None, device: torch.device) -> None:
+        self.devices = [device] if device.type == "cuda" else []
+        self.state: Any = None
+        if seed is not None:
+            with torch.random.fork_rng(devices=self.devices):
+                torch.manual_seed(seed)
+                self.state = self._get()
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        if self.state is None:
+            yield
+            return
+        with torch.random.fork_rng(devices=self.devices):
+            torch.set_rng_state(self.state[0])
+            for device, state in zip(self.devices, self.state[1], strict=True):
+                torch.cuda.set_rng_state(state, device)
+            try:
+                yield
+            finally:
+                self.state = self._get()
+
+    def _get(self) -> Any:
+        return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in self.devices]
 
 
 def _floats(values: Any, n: int, name: str) -> list[float]:
@@ -460,15 +548,3 @@ def _multimodal_end(adapter: VLMAdapter, prepared: PreparedPrompt) -> int:
         mask = torch.isin(ids, torch.tensor(token_ids, device=ids.device))
     positions = torch.nonzero(mask).flatten()
     return int(positions[-1]) + 1 if positions.numel() else 0
-
-
-@contextlib.contextmanager
-def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
-    """Seed the sampling once for a run, leaving the global RNG state as it was."""
-    if seed is None:
-        yield
-        return
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield

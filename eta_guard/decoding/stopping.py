@@ -206,15 +206,40 @@ class SentenceEndCriteria(StoppingCriteria):
 
 
 class CancelCriteria(StoppingCriteria):
-    """Returns one bool per row: all ``True`` once ``event`` is set (a consumer stopped listening)."""
+    """Returns one bool per row: all ``True`` once any of ``events`` is set (a consumer stopped listening)."""
 
-    def __init__(self, event: threading.Event) -> None:
-        self.event = event
+    def __init__(self, *events: threading.Event | AnyEvent | None) -> None:
+        self.events = [e for e in events if e is not None]
 
     def __call__(self, input_ids: torch.Tensor, scores: Any = None, **kwargs: Any) -> torch.Tensor:
+        cancelled = any(e.is_set() for e in self.events)
         return torch.full(
-            (input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device
+            (input_ids.shape[0],), cancelled, dtype=torch.bool, device=input_ids.device
         )
+
+
+class AnyEvent:
+    """Reads as set when any of ``events`` is (None entries ignored): a cancel made of several."""
+
+    def __init__(self, *events: Any) -> None:
+        self.events = [e for e in events if e is not None]
+
+    def is_set(self) -> bool:
+        return any(e.is_set() for e in self.events)
+
+
+class PromptSnapshot(StoppingCriteria):
+    """Never stops; after the first decoding step hands ``snapshot()`` (e.g. a copy of the
+    prompt's KV cache, which then covers exactly the prompt) to ``on_ready``, once."""
+
+    def __init__(self, snapshot: Any, on_ready: Any) -> None:
+        self.snapshot, self.on_ready, self.fired = snapshot, on_ready, False
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any = None, **kwargs: Any) -> torch.Tensor:
+        if not self.fired:
+            self.fired = True
+            self.on_ready(self.snapshot())
+        return torch.zeros((input_ids.shape[0],), dtype=torch.bool, device=input_ids.device)
 
 
 def candidate_lengths(

@@ -7,10 +7,12 @@ The sentence-level search (:mod:`eta_guard.decoding.best_of_n`) builds on the sa
 
 from __future__ import annotations
 
+import concurrent.futures
+import copy
 import queue
 import threading
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -35,8 +37,15 @@ from eta_guard.decoding.content_tokens import (
     plain_text_ids,
     render_with_spans,
 )
-from eta_guard.decoding.stopping import CancelCriteria, cut_at_stop, stop_holdback
+from eta_guard.decoding.stopping import (
+    AnyEvent,
+    CancelCriteria,
+    PromptSnapshot,
+    cut_at_stop,
+    stop_holdback,
+)
 from eta_guard.errors import InvalidInputError
+from eta_guard.model_thread import model_thread
 
 FinishReason = Literal["stop", "length"]
 
@@ -133,6 +142,9 @@ class VLMAdapter:
         self.model = model.eval()
         self.processor = processor
         self.name = name or str(getattr(model.config, "name_or_path", "") or type(model).__name__)
+        #: Held around every use of the model: it keeps per-call state (KV caches, Qwen2-VL's
+        #: rope deltas), so every ETA built on this adapter shares this one lock.
+        self.lock = threading.RLock()
         self.eos_token_ids = _eos_token_ids(model, self.tokenizer)
         self.pad_token_id = _pad_token_id(model, self.tokenizer, self.eos_token_ids)
         self.context_length = _context_length(model)
@@ -403,7 +415,8 @@ class VLMAdapter:
         max_new_tokens: int,
         stop: Sequence[str] | None = None,
         streamer: BaseStreamer | None = None,
-        cancel: threading.Event | None = None,
+        cancel: threading.Event | AnyEvent | None = None,
+        on_prompt_cached: Callable[[Any], None] | None = None,
     ) -> GreedyOutput:
         """Greedy decoding of the answer, whatever the checkpoint's generation config says.
 
@@ -413,11 +426,18 @@ class VLMAdapter:
             stop: strings that end the answer (excluded from ``text``).
             streamer: receives token ids as they are produced (transformers streamer protocol).
             cancel: when set, generation stops at the next token.
+            on_prompt_cached: called once, right after the prompt's prefill, with a copy of the
+                KV cache that covers exactly the prompt (e.g. for a search started alongside).
         """
         max_new = self.max_new_tokens_for(prepared, max_new_tokens)
         stop = [s for s in (stop or []) if s]
         config = self.generation_config(max_new_tokens=max_new, stop_strings=stop or None)
         criteria = StoppingCriteriaList([CancelCriteria(cancel)] if cancel is not None else [])
+        cache: Any = self.new_cache()
+        if on_prompt_cached is not None:
+            criteria.append(
+                PromptSnapshot(lambda: self._copy_cache(cache, prepared), on_prompt_cached)
+            )
         with torch.inference_mode():
             out = self.model.generate(
                 **prepared.model_inputs,
@@ -425,7 +445,7 @@ class VLMAdapter:
                 stopping_criteria=criteria,
                 streamer=streamer,
                 tokenizer=self.tokenizer,
-                cache=self.new_cache(),
+                cache=cache,
             )
         new_ids = out.sequences[0, prepared.num_prompt_tokens :].tolist()
         cache = getattr(out, "cache", None)
@@ -445,6 +465,12 @@ class VLMAdapter:
             num_prompt_tokens=prepared.num_prompt_tokens,
             sequence_ids=prepared.input_ids[0].tolist() + new_ids,
         )
+
+    def _copy_cache(self, cache: Any, prepared: PreparedPrompt) -> Any:
+        """An independent copy of ``cache`` that remembers ``prepared``'s inputs."""
+        copied = copy.deepcopy(cache)
+        self.remember_inputs(copied, prepared)
+        return copied
 
     def remember_inputs(self, cache: Any, prepared: PreparedPrompt) -> None:
         """Record what ``cache`` encoded: the prompt's images and the model's position state."""
@@ -479,14 +505,20 @@ class VLMAdapter:
             return None
 
     def stream_greedy(
-        self, prepared: PreparedPrompt, *, max_new_tokens: int, stop: Sequence[str] | None = None
+        self,
+        prepared: PreparedPrompt,
+        *,
+        max_new_tokens: int,
+        stop: Sequence[str] | None = None,
+        **kwargs: Any,
     ) -> GreedyStream:
         """Greedy decoding that yields text deltas as tokens are produced.
 
         The deltas concatenate to exactly ``generate_greedy(...).text``; after the iterator is
-        exhausted, ``.output`` holds the :class:`GreedyOutput`.
+        exhausted, ``.output`` holds the :class:`GreedyOutput`. ``kwargs``: ``cancel`` and
+        ``on_prompt_cached`` of :meth:`generate_greedy`.
         """
-        return GreedyStream(self, prepared, max_new_tokens=max_new_tokens, stop=stop)
+        return GreedyStream(self, prepared, max_new_tokens=max_new_tokens, stop=stop, **kwargs)
 
     def decode_continuation(
         self, context_ids: Sequence[int] | torch.Tensor, new_ids: Sequence[int]
@@ -543,7 +575,9 @@ class _QueueStreamer(BaseStreamer):
 class GreedyStream:
     """Iterate to receive text deltas of a greedy answer; ``.output`` is set once exhausted.
 
-    Generation runs in a worker thread; an error there is re-raised in the consumer. Text past a
+    Generation runs on the model thread (:mod:`eta_guard.model_thread`: no second-thread OpenMP
+    penalty), or in a worker thread when the consumer is the model thread itself; an error there
+    is re-raised in the consumer. Text past a
     stop string is never yielded: only the shortest tail that could still start a stop string
     (or that ends mid-character) is held back until the next token settles it.
     """
@@ -555,13 +589,17 @@ class GreedyStream:
         *,
         max_new_tokens: int,
         stop: Sequence[str] | None,
+        cancel: threading.Event | None = None,
+        on_prompt_cached: Callable[[Any], None] | None = None,
     ) -> None:
         self.adapter, self.prepared = adapter, prepared
         self.stop = [s for s in (stop or []) if s]
         self.output: GreedyOutput | None = None
         self._queue: queue.Queue = queue.Queue()
         self._cancel = threading.Event()
-        self._thread = threading.Thread(target=self._work, args=(max_new_tokens,), daemon=True)
+        self._outer_cancel, self._on_prompt_cached = cancel, on_prompt_cached
+        self._max_new_tokens = max_new_tokens
+        self._worker: threading.Thread | concurrent.futures.Future | None = None
         self._started = False
 
     def _work(self, max_new_tokens: int) -> None:
@@ -571,7 +609,8 @@ class GreedyStream:
                 max_new_tokens=max_new_tokens,
                 stop=self.stop,
                 streamer=_QueueStreamer(self._queue),
-                cancel=self._cancel,
+                cancel=AnyEvent(self._cancel, self._outer_cancel),
+                on_prompt_cached=self._on_prompt_cached,
             )
             self._queue.put(("done", output))
         except BaseException as e:  # noqa: BLE001 - re-raised in the consumer thread
@@ -581,7 +620,14 @@ class GreedyStream:
         if self._started:
             raise RuntimeError("a GreedyStream can be iterated only once")
         self._started = True
-        self._thread.start()
+        runner = model_thread(self.adapter.device)
+        if runner.is_current():  # waiting on our own queue would deadlock
+            self._worker = threading.Thread(
+                target=self._work, args=(self._max_new_tokens,), daemon=True
+            )
+            self._worker.start()
+        else:
+            self._worker = runner.submit(self._work, self._max_new_tokens)
         context = self.prepared.input_ids[0]
         ids: list[int] = []
         emitted = ""
@@ -606,11 +652,20 @@ class GreedyStream:
         finally:
             self.close()
 
+    @property
+    def running(self) -> bool:
+        """Whether generation is still running (or queued) for this stream."""
+        if isinstance(self._worker, threading.Thread):
+            return self._worker.is_alive()
+        return self._worker is not None and not self._worker.done()
+
     def close(self) -> None:
         """Stop generation early (if still running) and wait for the worker."""
         self._cancel.set()
-        if self._started:
-            self._thread.join()
+        if isinstance(self._worker, threading.Thread):
+            self._worker.join()
+        elif self._worker is not None and not self._worker.cancel():  # started: wait for it
+            concurrent.futures.wait([self._worker])
 
 
 #: A prompt longer than this many characters per context token is first checked on its beginning.

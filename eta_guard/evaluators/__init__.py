@@ -1,4 +1,5 @@
-"""ETA's evaluators: CLIP before generation, a reward model after, and the rule combining them.
+"""ETA's evaluators: CLIP before generation, a reward model after, extra gates and judges (guard
+models, a patch-level CLIP scan), and the rule combining them.
 
 Imports are lazy so that ``import eta_guard.evaluators`` does not load torch.
 """
@@ -15,23 +16,41 @@ _LAZY = {
     "OpenCLIPEncoder": "eta_guard.evaluators.clip_open_clip",
     "RewardPostEvaluator": "eta_guard.evaluators.reward",
     "ETAEvaluator": "eta_guard.evaluators.eta_evaluator",
+    "GateEvaluator": "eta_guard.evaluators.base",
+    "JudgeEvaluator": "eta_guard.evaluators.base",
+    "GuardRequest": "eta_guard.evaluators.base",
+    "GuardScore": "eta_guard.evaluators.base",
+    "LlamaGuardEvaluator": "eta_guard.evaluators.llama_guard",
+    "PatchCLIPGate": "eta_guard.evaluators.patch_clip",
+    "ShieldGemma2Gate": "eta_guard.evaluators.shieldgemma2",
 }
 
 __all__ = [
     "CLIPEncoder",
     "CLIPPreEvaluator",
     "ETAEvaluator",
+    "GateEvaluator",
+    "GuardRequest",
+    "GuardScore",
+    "JudgeEvaluator",
+    "LlamaGuardEvaluator",
     "OpenCLIPEncoder",
+    "PatchCLIPGate",
     "RewardPostEvaluator",
+    "ShieldGemma2Gate",
     "TransformersCLIPEncoder",
 ]
 
 if TYPE_CHECKING:
+    from eta_guard.evaluators.base import GateEvaluator, GuardRequest, GuardScore, JudgeEvaluator
     from eta_guard.evaluators.clip import CLIPEncoder, CLIPPreEvaluator
     from eta_guard.evaluators.clip_open_clip import OpenCLIPEncoder
     from eta_guard.evaluators.clip_transformers import TransformersCLIPEncoder
     from eta_guard.evaluators.eta_evaluator import ETAEvaluator
+    from eta_guard.evaluators.llama_guard import LlamaGuardEvaluator
+    from eta_guard.evaluators.patch_clip import PatchCLIPGate
     from eta_guard.evaluators.reward import RewardPostEvaluator
+    from eta_guard.evaluators.shieldgemma2 import ShieldGemma2Gate
 
 
 def __getattr__(name: str) -> Any:

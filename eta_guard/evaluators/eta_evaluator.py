@@ -1,8 +1,9 @@
-"""``ETAEvaluator``: ETA's two evaluators (CLIP before, reward model after) and its AND rule."""
+"""``ETAEvaluator``: ETA's two evaluators (CLIP before, reward model after), extra gates and judges
+(:mod:`eta_guard.evaluators.base`), and the rule combining the sides (``ETAConfig.decision_rule``)."""
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import logging
 import math
 import threading
@@ -14,16 +15,20 @@ from typing import TYPE_CHECKING, Any
 
 from eta_guard.config import DEFAULT_CLIP, DEFAULT_REWARD_MODEL, ETAConfig
 from eta_guard.errors import ETAError, EvaluatorError, InvalidInputError
+from eta_guard.evaluators.base import GuardRequest, user_messages
 from eta_guard.limits import RequestLimits
 from eta_guard.media import image_options, load_images
-from eta_guard.verdict import SafetyVerdict
+from eta_guard.model_thread import model_thread
+from eta_guard.verdict import EvaluatorScore, SafetyVerdict
 
 if TYPE_CHECKING:
     from PIL import Image
 
+    from eta_guard.evaluators.base import GateEvaluator, JudgeEvaluator
     from eta_guard.evaluators.clip import CLIPPreEvaluator
     from eta_guard.evaluators.reward import RewardPostEvaluator
     from eta_guard.media import ImageSource
+    from eta_guard.messages import Conversation
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +36,7 @@ _STAGES = {
     "pre": "pre-generation (CLIP image) evaluator",
     "post": "post-generation (reward model) evaluator",
 }
-_ITEM_KEYS = {"images", "response"}
+_ITEM_KEYS = {"images", "response", "text"}
 
 
 @dataclass
@@ -43,6 +48,7 @@ class _Side:
     flag: bool | None = None  # set only by the failure policy
     error: str | None = None
     windows: int | None = None  # reward-model windows the response was scored in
+    extra: list[EvaluatorScore] | None = None  # gates' / judges' entries
 
 
 class ETAEvaluator:
@@ -53,6 +59,11 @@ class ETAEvaluator:
         post: The reward-model post-evaluator, or ``None``.
         config: Thresholds, prompts and the failure policy (default: the paper's values).
         lock: Lock serialising model calls (shared by :meth:`with_config` views).
+        gates: Extra pre-generation evaluators (:class:`~eta_guard.evaluators.base.GateEvaluator`,
+            e.g. a Llama Guard in prompt mode, a patch-level CLIP scan); they see the images and
+            the user's text and run after CLIP. Any of CLIP and the gates flagging flags the input.
+        judges: Extra post-generation evaluators (e.g. a Llama Guard in response mode); they see
+            the answer and the conversation and run after the RM. Any flagging flags the output.
 
     Setup (random tiny checkpoints, offline; real use: the default reference checkpoints):
         >>> import asyncio, tempfile
@@ -85,11 +96,22 @@ class ETAEvaluator:
         config: ETAConfig | None = None,
         *,
         lock: threading.RLock | None = None,
+        gates: Sequence[GateEvaluator] = (),
+        judges: Sequence[JudgeEvaluator] = (),
     ) -> None:
         if config is not None and not isinstance(config, ETAConfig):
             raise InvalidInputError(f"config must be an ETAConfig, got {type(config).__name__}")
+        for what, items in (("gates", gates), ("judges", judges)):
+            for item in items:
+                if not callable(getattr(item, "check", None)) or not hasattr(item, "threshold"):
+                    raise InvalidInputError(
+                        f"{what}: {type(item).__name__} has no check(requests) / threshold; see "
+                        "eta_guard.evaluators.base"
+                    )
         self.pre = pre
         self.post = post
+        self.gates = list(gates)
+        self.judges = list(judges)
         self.config = config or ETAConfig()
         # Models are shared by with_config() copies, so they share the lock too.
         self._lock = lock or threading.RLock()
@@ -176,7 +198,9 @@ class ETAEvaluator:
         """A view with another config that shares the models (and their lock)."""
         if config is self.config:
             return self
-        return ETAEvaluator(self.pre, self.post, config, lock=self._lock)
+        return ETAEvaluator(
+            self.pre, self.post, config, lock=self._lock, gates=self.gates, judges=self.judges
+        )
 
     def save_config(self, path: str | Path) -> None:
         """Write :attr:`config` as JSON; load it back with ``ETAConfig.load(path)``."""
@@ -246,12 +270,18 @@ class ETAEvaluator:
         self,
         images: ImageSource | Sequence[ImageSource] | None = None,
         response: str | None = None,
+        *,
+        text: str | None = None,
+        conversation: Conversation | None = None,
     ) -> SafetyVerdict:
         """Judge images and/or a response with ETA's rule.
 
-        Both given: both scores are computed and ``unsafe`` is their AND. Only images: the input
-        side decides. Only a response: the output side decides (``rm_decision_prompt``). An
-        empty image list counts as no image (recorded in ``verdict.skipped``).
+        Both given: both scores are computed and ``unsafe`` is their AND (or
+        ``config.decision_rule``). Only images: the input side decides. Only a response: the
+        output side decides (``rm_decision_prompt``). An empty image list counts as no image
+        (recorded in ``verdict.skipped``). ``text`` (the user's question) or ``conversation``
+        (the whole normalised conversation, :class:`eta_guard.messages.Conversation`) is what the
+        gates and judges read beside the images and the answer; CLIP and the RM never see it.
 
         Raises:
             InvalidInputError: Neither images nor a response, or a bad image / response.
@@ -263,20 +293,29 @@ class ETAEvaluator:
             raise InvalidInputError("nothing to evaluate; pass images=..., response=... or both")
         if response is not None and not isinstance(response, str):
             raise InvalidInputError(f"response is {type(response).__name__}, expected str")
-        loaded = self._load_request([images], [response], ["images"])
-        return self._evaluate_many(loaded, [response])[0]
+        _check_context(text, conversation, where="")
+        loaded = self._load_request([images], [response], ["images"], texts=[text])
+        return self._evaluate_many(loaded, [response], [text], [conversation])[0]
 
-    def evaluate_input(self, images: ImageSource | Sequence[ImageSource]) -> SafetyVerdict:
-        """Judge images only (the pre-generation check)."""
+    def evaluate_input(
+        self,
+        images: ImageSource | Sequence[ImageSource],
+        *,
+        text: str | None = None,
+        conversation: Conversation | None = None,
+    ) -> SafetyVerdict:
+        """Judge images (and, for the gates, the user's ``text`` or ``conversation``)."""
         if _none_if_empty(images) is None:
             raise InvalidInputError(f"evaluate_input(images={images!r}): pass at least one image")
-        return self.evaluate(images=images)
+        return self.evaluate(images=images, text=text, conversation=conversation)
 
-    def evaluate_output(self, response: str) -> SafetyVerdict:
-        """Judge a response only (the post-generation check)."""
+    def evaluate_output(
+        self, response: str, *, conversation: Conversation | None = None
+    ) -> SafetyVerdict:
+        """Judge a response only (the post-generation check); judges may read ``conversation``."""
         if response is None:
             raise InvalidInputError("evaluate_output(response=None): pass the response text")
-        return self.evaluate(response=response)
+        return self.evaluate(response=response, conversation=conversation)
 
     def evaluate_batch(self, items: Sequence[dict[str, Any]]) -> list[SafetyVerdict]:
         """Judge many items with one CLIP forward and one RM forward over all of them.
@@ -288,24 +327,113 @@ class ETAEvaluator:
             One verdict per item, in order. Timings are those of the shared forwards.
         """
         parsed = [_parse_item(i, item) for i, item in enumerate(_check_items(items))]
-        responses = [response for _, response in parsed]
+        responses = [response for _, response, _ in parsed]
+        texts = [text for _, _, text in parsed]
         images = self._load_request(
-            [imgs for imgs, _ in parsed],
+            [imgs for imgs, _, _ in parsed],
             responses,
             [f"items[{i}].images" for i in range(len(parsed))],
+            texts=texts,
         )
-        return self._evaluate_many(images, responses)
+        return self._evaluate_many(images, responses, texts, [None] * len(parsed))
 
     def _evaluate_many(
-        self, images: list[list[Image.Image] | None], responses: list[str | None]
+        self,
+        images: list[list[Image.Image] | None],
+        responses: list[str | None],
+        texts: list[str | None],
+        conversations: list[Conversation | None],
     ) -> list[SafetyVerdict]:
         timings: dict[str, float] = {}
         pre_sides = self._run_pre(images, timings)
+        requests = [
+            _request(group, text, conv)
+            for group, text, conv in zip(images, texts, conversations, strict=True)
+        ]
+        self._run_extra(
+            "pre",
+            self.gates,
+            [r if g else None for r, g in zip(requests, images, strict=True)],
+            pre_sides,
+            timings,
+        )
         post_sides = self._run_post(responses, timings)
+        judged = [
+            GuardRequest(r.messages, r.images, response) if response is not None else None
+            for r, response in zip(requests, responses, strict=True)
+        ]
+        self._run_extra("post", self.judges, judged, post_sides, timings)
         return [
             self._verdict(pre, post, timings)
             for pre, post in zip(pre_sides, post_sides, strict=True)
         ]
+
+    def _run_extra(
+        self,
+        side: str,
+        evaluators: Sequence[GateEvaluator | JudgeEvaluator],
+        requests: list[GuardRequest | None],
+        sides: list[_Side | None],
+        timings: dict[str, float],
+    ) -> None:
+        """Run each gate / judge over the requests it applies to; add entries to ``sides``."""
+        todo = [i for i, r in enumerate(requests) if r is not None]
+        if not todo:
+            return
+        for evaluator in evaluators:
+            name = str(getattr(evaluator, "name", type(evaluator).__name__))
+            batch = [r for r in requests if r is not None]
+            start = time.perf_counter()
+            try:
+                scores = self._call_extra(side, name, functools.partial(evaluator.check, batch))
+                entries = [
+                    EvaluatorScore(
+                        name=name,
+                        side=side,  # type: ignore[arg-type]
+                        score=s.score,
+                        threshold=evaluator.threshold,
+                        unsafe=s.score >= evaluator.threshold,
+                        categories=list(s.categories),
+                    )
+                    for s in scores
+                ]
+            except EvaluatorError as e:
+                flag = self._apply_policy(side, e).flag
+                entries = [
+                    EvaluatorScore(
+                        name=name,
+                        side=side,  # type: ignore[arg-type]
+                        threshold=evaluator.threshold,
+                        unsafe=bool(flag),
+                        error=str(e),
+                    )
+                    for _ in todo
+                ]
+            finally:
+                timings[f"{side}:{name}"] = time.perf_counter() - start
+            for i, entry in zip(todo, entries, strict=True):
+                current = sides[i] or _Side()
+                current.extra = [*(current.extra or []), entry]
+                sides[i] = current
+
+    def _call_extra(self, side: str, name: str, fn: Callable[[], list[Any]]) -> list[Any]:
+        """A gate / judge call under the lock; failures and non-finite scores name the evaluator."""
+        with self._lock:
+            try:
+                scores = list(fn())
+            except ETAError:
+                raise
+            except Exception as e:
+                logger.error("the %s evaluator %s failed", side, name, exc_info=e)
+                raise EvaluatorError(
+                    f"the {side}-generation evaluator {name!r} failed ({type(e).__name__}; "
+                    "details in the log)"
+                ) from e
+        if any(not math.isfinite(s.score) for s in scores):
+            raise EvaluatorError(
+                f"the {side}-generation evaluator {name!r} gave a non-finite score"
+            )
+        return scores
 
     # ------------------------------------------------------------------ async
     async def aevaluate(
@@ -313,20 +441,20 @@ class ETAEvaluator:
         images: ImageSource | Sequence[ImageSource] | None = None,
         response: str | None = None,
     ) -> SafetyVerdict:
-        """Async :meth:`evaluate` (runs in a worker thread)."""
-        return await asyncio.to_thread(self.evaluate, images, response)
+        """Async :meth:`evaluate` (runs on the model thread, :mod:`eta_guard.model_thread`)."""
+        return await model_thread().acall(self.evaluate, images, response)
 
     async def aevaluate_input(self, images: ImageSource | Sequence[ImageSource]) -> SafetyVerdict:
         """Async :meth:`evaluate_input`."""
-        return await asyncio.to_thread(self.evaluate_input, images)
+        return await model_thread().acall(self.evaluate_input, images)
 
     async def aevaluate_output(self, response: str) -> SafetyVerdict:
         """Async :meth:`evaluate_output`."""
-        return await asyncio.to_thread(self.evaluate_output, response)
+        return await model_thread().acall(self.evaluate_output, response)
 
     async def aevaluate_batch(self, items: Sequence[dict[str, Any]]) -> list[SafetyVerdict]:
         """Async :meth:`evaluate_batch`."""
-        return await asyncio.to_thread(self.evaluate_batch, items)
+        return await model_thread().acall(self.evaluate_batch, items)
 
     # ------------------------------------------------------------------ core
     def _run_pre(
@@ -334,7 +462,7 @@ class ETAEvaluator:
     ) -> list[_Side | None]:
         """One CLIP forward over every image of every item; per-item max."""
         flat = [image for group in images if group for image in group]
-        if not flat:
+        if not flat or (self.pre is None and self.gates):
             return [None] * len(images)
         pre, prompt = self._require_pre(), self.config.safety_prompt
         start = time.perf_counter()
@@ -364,7 +492,7 @@ class ETAEvaluator:
     ) -> list[_Side | None]:
         """One RM forward over every response (decision prompt)."""
         texts = [r for r in responses if r is not None]
-        if not texts:
+        if not texts or (self.post is None and self.judges):
             return [None] * len(responses)
         post, instruction = self._require_post(), self.config.rm_decision_prompt
         start = time.perf_counter()
@@ -418,21 +546,30 @@ class ETAEvaluator:
     def _verdict(
         self, pre: _Side | None, post: _Side | None, timings: dict[str, float]
     ) -> SafetyVerdict:
-        skipped, errors = {}, {}
-        if pre is None:
+        skipped: dict[str, str] = {}
+        errors: dict[str, str] = {}
+        entries = self._entries("pre", pre) + self._entries("post", post)
+        for entry in entries:
+            if entry.error is not None:
+                errors[entry.side] = "; ".join(
+                    e for e in (errors.get(entry.side), entry.error) if e
+                )
+        if pre is None or (pre.score is None and pre.error is None and not pre.extra):
+            pre = None
             skipped["pre"] = (
                 "no image given"
                 if self.pre is not None
                 else "no image given (no CLIP model loaded)"
             )
         elif pre.error is not None:
-            errors["pre"] = pre.error
-        if post is None:
+            errors["pre"] = "; ".join(e for e in (pre.error, errors.get("pre")) if e)
+        if post is None or (post.score is None and post.error is None and not post.extra):
+            post = None
             skipped["post"] = (
                 "no response given" if self.post is not None else "no reward model loaded"
             )
         elif post.error is not None:
-            errors["post"] = post.error
+            errors["post"] = "; ".join(e for e in (post.error, errors.get("post")) if e)
         return SafetyVerdict.combine(
             pre_threshold=self.config.pre_threshold,
             post_threshold=self.config.post_threshold,
@@ -444,10 +581,38 @@ class ETAEvaluator:
             skipped=skipped,
             errors=errors,
             timings={
-                k: v for k, v in timings.items() if (k == "pre" and pre) or (k == "post" and post)
+                k: v
+                for k, v in timings.items()
+                if (k.split(":")[0] == "pre" and pre) or (k.split(":")[0] == "post" and post)
             },
             post_windows=post.windows if post else None,
+            evaluators=entries,
+            rule=self.config.decision_rule,
         )
+
+    def _entries(self, side: str, got: _Side | None) -> list[EvaluatorScore]:
+        """The verdict's entries of one side: CLIP / the RM (when it ran), then the extras."""
+        if got is None:
+            return []
+        out = []
+        if got.score is not None or got.error is not None:
+            pre = side == "pre"
+            threshold = self.config.pre_threshold if pre else self.config.post_threshold
+            flag = got.flag
+            if flag is None and got.score is not None:
+                flag = got.score >= threshold if pre else got.score <= threshold
+            out.append(
+                EvaluatorScore(
+                    name="clip" if pre else "reward_model",
+                    side=side,  # type: ignore[arg-type]
+                    score=got.score,
+                    threshold=threshold,
+                    unsafe_when=">=" if pre else "<=",
+                    unsafe=bool(flag),
+                    error=got.error,
+                )
+            )
+        return out + list(got.extra or [])
 
     def _require_pre(self) -> CLIPPreEvaluator:
         if self.pre is None:
@@ -473,7 +638,12 @@ class ETAEvaluator:
         return loaded
 
     def _load_request(
-        self, groups: list[Any], responses: list[str | None], wheres: list[str]
+        self,
+        groups: list[Any],
+        responses: list[str | None],
+        wheres: list[str],
+        *,
+        texts: list[str | None] | None = None,
     ) -> list[list[Image.Image] | None]:
         """Decode one request's image groups under its limits (``None`` groups stay ``None``).
 
@@ -482,7 +652,8 @@ class ETAEvaluator:
         """
         limits = RequestLimits.from_config(self.config)
         limits.check_text_length(
-            sum(len(r) for r in responses if r is not None), what="the response text"
+            sum(len(r) for r in [*responses, *(texts or [])] if r is not None),
+            what="the response and question text",
         )
         for group, where in zip(groups, wheres, strict=True):
             if isinstance(group, (list, tuple)) and not group:
@@ -508,7 +679,12 @@ class ETAEvaluator:
     def __repr__(self) -> str:
         pre = self.pre.name if self.pre else None
         post = self.post.name if self.post else None
-        return f"ETAEvaluator(clip={pre!r}, reward_model={post!r})"
+        extra = "".join(
+            f", {what}={[getattr(e, 'name', type(e).__name__) for e in items]!r}"
+            for what, items in (("gates", self.gates), ("judges", self.judges))
+            if items
+        )
+        return f"ETAEvaluator(clip={pre!r}, reward_model={post!r}{extra})"
 
 
 def _check_items(items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -519,7 +695,7 @@ def _check_items(items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(items)
 
 
-def _parse_item(index: int, item: Any) -> tuple[Any, str | None]:
+def _parse_item(index: int, item: Any) -> tuple[Any, str | None, str | None]:
     if not isinstance(item, dict):
         raise InvalidInputError(
             f"items[{index}] is {type(item).__name__}; expected a dict with 'images' and/or 'response'"
@@ -527,9 +703,12 @@ def _parse_item(index: int, item: Any) -> tuple[Any, str | None]:
     unknown = set(item) - _ITEM_KEYS
     if unknown:
         raise InvalidInputError(
-            f"items[{index}] has unknown keys {sorted(unknown)}; allowed: 'images', 'response'"
+            f"items[{index}] has unknown keys {sorted(unknown)}; allowed: 'images', 'response', 'text'"
         )
     images, response = _none_if_empty(item.get("images")), item.get("response")
+    text = item.get("text")
+    if text is not None and not isinstance(text, str):
+        raise InvalidInputError(f"items[{index}]: text is {type(text).__name__}, expected str")
     if images is None and response is None:
         raise InvalidInputError(
             f"items[{index}]: nothing to evaluate; give 'images', 'response' or both"
@@ -538,7 +717,29 @@ def _parse_item(index: int, item: Any) -> tuple[Any, str | None]:
         raise InvalidInputError(
             f"items[{index}]: response is {type(response).__name__}, expected str"
         )
-    return images, response
+    return images, response, text
+
+
+def _check_context(text: Any, conversation: Any, *, where: str) -> None:
+    if text is not None and not isinstance(text, str):
+        raise InvalidInputError(f"{where}text is {type(text).__name__}, expected str")
+    if conversation is not None and not hasattr(conversation, "messages"):
+        raise InvalidInputError(
+            f"{where}conversation is {type(conversation).__name__}; pass an "
+            "eta_guard.messages.Conversation (normalize_messages(...))"
+        )
+    if text is not None and conversation is not None:
+        raise InvalidInputError("pass text= or conversation=, not both (the text is in it)")
+
+
+def _request(
+    images: list[Image.Image] | None, text: str | None, conversation: Conversation | None
+) -> GuardRequest:
+    """What gates and judges read: the conversation, or the user's text with the images."""
+    if conversation is not None:
+        return GuardRequest(list(conversation.messages), list(conversation.images))
+    group = list(images or [])
+    return GuardRequest(user_messages(text, len(group)), group)
 
 
 def _none_if_empty(images: Any) -> Any:

@@ -36,12 +36,14 @@ def trained_vocab(
     byte_alphabet: bool = True,
     end_of_word_suffix: str | None = None,
     train_pre_tokenizer: Any = None,
+    extra_corpus: tuple[str, ...] = (),
     **class_kwargs: Any,
 ) -> tuple[dict[str, int], list[Any]]:
     """Train a BPE vocabulary through ``tokenizer_class``'s own normaliser and pre-tokeniser.
 
     ``train_pre_tokenizer`` replaces the pre-tokeniser for training only (SentencePiece learns
-    pieces within words, while LLaMA's tokenizer runs unsplit).
+    pieces within words, while LLaMA's tokenizer runs unsplit). ``extra_corpus`` is trained on
+    besides :data:`REPLICA_CORPUS` (a replica's own template words).
 
     Returns:
         ``(vocab, merges)`` to pass back to ``tokenizer_class(vocab=..., merges=...)``.
@@ -62,7 +64,9 @@ def trained_vocab(
         options["initial_alphabet"] = pre_tokenizers.ByteLevel.alphabet()
     if end_of_word_suffix:
         options["end_of_word_suffix"] = end_of_word_suffix
-    backend.train_from_iterator(list(REPLICA_CORPUS), trainer=trainers.BpeTrainer(**options))
+    backend.train_from_iterator(
+        [*REPLICA_CORPUS, *extra_corpus], trainer=trainers.BpeTrainer(**options)
+    )
     model = json.loads(backend.to_str())["model"]
     # the tokenizer classes take merges as (left, right) pairs (their str form is a file name)
     merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]

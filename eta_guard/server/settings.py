@@ -51,7 +51,7 @@ class ServerSettings(BaseModel):
         ge=1,
         le=1024,
         description="Model calls run at once. A local ETA runs one at a time whatever this says "
-        "(its models hold per-call state); raise it for a BackendETA, whose engine (vLLM) "
+        "(its models hold per-call state); raise it for an ETA over an engine (vLLM), which "
         "batches concurrent requests.",
     )
     max_concurrent_requests: int = Field(

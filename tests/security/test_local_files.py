@@ -74,8 +74,9 @@ def _png_file(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("form", ["ImageBlock.path", "file-url", "complete-path"])
+@pytest.mark.parametrize("form", ["file-url", "complete-path", "complete-file-url"])
 def test_llama_index_llm_reads_no_local_file_by_default(li_eta, tmp_path, form):  # noqa: F811
+    # Strings (file: URLs, path strings) may come from message text: refused by default.
     from llama_index.core.llms import ChatMessage, ImageBlock, TextBlock
     from llama_index.llms.eta import ETAMultiModalLLM
 
@@ -83,13 +84,54 @@ def test_llama_index_llm_reads_no_local_file_by_default(li_eta, tmp_path, form):
     llm = ETAMultiModalLLM(eta=li_eta)
     if form == "complete-path":
         call = lambda: llm.complete("What is it?", image_documents=[str(path)])  # noqa: E731
+    elif form == "complete-file-url":
+        call = lambda: llm.complete("What is it?", image_documents=[path.as_uri()])  # noqa: E731
     else:
-        block = (
-            ImageBlock(path=path) if form == "ImageBlock.path" else ImageBlock(url=path.as_uri())
-        )
+        block = ImageBlock(url=path.as_uri())
         message = ChatMessage(role="user", blocks=[block, TextBlock(text="What is it?")])
         call = lambda: llm.chat([message])  # noqa: E731
-    assert "image path refused" in _message(call)
+    message = _message(call)  # a path string reads as "not data, and local files are disabled"
+    assert "image path refused" in message or "local image files are disabled" in message
+
+
+def test_llama_index_idiom_image_block_path_works_by_default(li_eta, tmp_path):  # noqa: F811
+    # ImageBlock(path=...) is set by the application (LlamaIndex's own idiom): read it.
+    from llama_index.core.llms import ChatMessage, ImageBlock, TextBlock
+    from llama_index.llms.eta import ETAMultiModalLLM
+
+    path = _png_file(tmp_path)
+    llm = ETAMultiModalLLM(eta=li_eta, max_new_tokens=2)
+    response = llm.chat(
+        [ChatMessage(role="user", blocks=[ImageBlock(path=path), TextBlock(text="What is it?")])]
+    )
+    # CLIP scored the image: the file was read and the same pixels were checked
+    verdict = response.additional_kwargs["eta_verdict"]
+    assert verdict["pre_score"] == pytest.approx(li_eta.evaluator.score_images([path])[0], abs=1e-5)
+
+
+@pytest.mark.parametrize("where", ["llm", "call"])
+def test_llama_index_image_block_path_refused_when_local_files_off(li_eta, tmp_path, where):  # noqa: F811
+    from llama_index.core.llms import ChatMessage, ImageBlock, TextBlock
+    from llama_index.llms.eta import ETAMultiModalLLM
+
+    path = _png_file(tmp_path)
+    llm = ETAMultiModalLLM(eta=li_eta, allow_local_image_files=False if where == "llm" else None)
+    kwargs = {"allow_local_image_files": False} if where == "call" else {}
+    message = ChatMessage(role="user", blocks=[ImageBlock(path=path), TextBlock(text="q")])
+    assert "image path refused" in _message(lambda: llm.chat([message], **kwargs))
+
+
+def test_llama_index_animated_image_block_path_is_refused(li_eta, tmp_path):  # noqa: F811
+    from llama_index.core.llms import ChatMessage, ImageBlock, TextBlock
+    from llama_index.llms.eta import ETAMultiModalLLM
+    from PIL import Image
+
+    path = tmp_path / "anim.gif"
+    frames = [Image.new("RGB", (8, 8), c) for c in ("red", "blue")]
+    frames[0].save(path, save_all=True, append_images=frames[1:])
+    llm = ETAMultiModalLLM(eta=li_eta)
+    message = ChatMessage(role="user", blocks=[ImageBlock(path=path), TextBlock(text="q")])
+    assert "animated" in _message(lambda: llm.chat([message]))
 
 
 def test_llama_index_llm_reads_local_files_when_allowed(li_eta, tmp_path):  # noqa: F811

@@ -153,7 +153,9 @@ def _block_of(text: str) -> ImageBlock:
         return _make_block(url=text)
     if _looks_like_base64(text):
         return _make_block(image=text.encode("ascii"))
-    return _path_block(text)  # no existence check here (see _path_block)
+    # A path string stays a string: it may come from message text, so the engine reads it
+    # only under the local-file policy (an application's pathlib.Path is read by default).
+    return ImageBlock.model_construct(url=text)  # no validation, no existence check
 
 
 def _looks_like_base64(text: str) -> bool:

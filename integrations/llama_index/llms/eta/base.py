@@ -30,6 +30,7 @@ from llama_index.llms.eta._messages import (
     to_completion,
     to_engine_messages,
 )
+from llama_index.llms.eta._paths import read_application_paths
 
 from eta_guard.config import DEFAULT_CLIP, DEFAULT_REWARD_MODEL, ETAConfig
 from eta_guard.errors import InvalidInputError
@@ -40,8 +41,9 @@ class ETAMultiModalLLM(LLM):
 
     Each call runs ETA (Ding et al., ICLR 2025): CLIP judges the images, the VLM answers, a
     reward model judges the answer, and only when both are unsafe is the answer re-decoded with
-    ETA's alignment. Images travel as ``ImageBlock``s in ``ChatMessage.blocks`` (bytes, base64 or
-    data URL; local paths only with ``allow_local_image_files=True``; remote URLs only with
+    ETA's alignment. Images travel as ``ImageBlock``s in ``ChatMessage.blocks`` (bytes, base64,
+    data URL, or ``path=`` set by the application, read by default; ``file:`` URLs and path
+    strings only with ``allow_local_image_files=True``; remote URLs only with
     ``ETAConfig(allow_remote_images=True)``). CLIP scores the very decoded image the VLM gets
     (one decode per image), so what is scored is what the model sees; animated images are
     refused.
@@ -64,7 +66,6 @@ class ETAMultiModalLLM(LLM):
             llm = ETAMultiModalLLM(
                 vlm=ckpt.vlm, clip=ckpt.clip, reward_model=ckpt.reward_model,
                 config=ETAConfig(num_candidates=2, seed=0), max_new_tokens=16,
-                allow_local_image_files=True,  # the examples read local files (off by default)
             )  # nothing is loaded until the first call
 
     Chat with an image:
@@ -81,10 +82,13 @@ class ETAMultiModalLLM(LLM):
             resp = llm.chat([msg])
             resp.message.content, resp.additional_kwargs["eta_verdict"]["pre_score"]
 
-    Complete (images as ``image_documents``):
+    Complete (images as ``image_documents``; a ``pathlib.Path`` is the application's, a path
+    string follows the local-file policy):
         .. code-block:: python
 
-            llm.complete("Describe it.", image_documents=["/tmp/eta-noise.png"]).text
+            from pathlib import Path
+
+            llm.complete("Describe it.", image_documents=[Path("/tmp/eta-noise.png")]).text
 
     Stream:
         .. code-block:: python
@@ -119,9 +123,9 @@ class ETAMultiModalLLM(LLM):
     device: str | None = Field(None, description="Torch device for all three models.")
     allow_local_image_files: bool | None = Field(
         None,
-        description="Read images from local paths (ImageBlock.path, file:// URLs). Off unless "
-        "set here (or set explicitly in config): chat messages may come from untrusted users, "
-        "who must not make the process read its own files.",
+        description="Read file: URLs and path strings (which may come from untrusted message "
+        "text): off unless set here (or explicitly in config). The application's own "
+        "ImageBlock.path / pathlib.Path is read unless this is False.",
     )
     load_kwargs: dict[str, Any] = Field(
         default_factory=dict,
@@ -189,9 +193,19 @@ class ETAMultiModalLLM(LLM):
         # The adapter's policy, not the engine config's default, decides about local files.
         engine = self._engine.get() if self._engine.loaded else None
         config = self.config or (engine.config if engine is not None else None)
-        policy = local_files_allowed(self.allow_local_image_files, config, default=False)
-        local = overrides.setdefault("allow_local_image_files", policy)
-        refuse_animated_images(engine_messages, allow_local_files=local)
+        asked = overrides.get("allow_local_image_files")  # this call's setting, if any
+        if asked is None:
+            asked = self.allow_local_image_files
+        # Strings (file: URLs, paths) may come from user text: off unless allowed. The
+        # application's own ImageBlock.path is read unless local files were turned off.
+        strings = local_files_allowed(asked, config, default=False)
+        overrides["allow_local_image_files"] = strings
+        if not strings and local_files_allowed(asked, config, default=True):
+            limits = config or ETAConfig()
+            if "max_image_pixels" in overrides:
+                limits = limits.with_overrides(max_image_pixels=overrides["max_image_pixels"])
+            engine_messages = read_application_paths(engine_messages, limits)
+        refuse_animated_images(engine_messages, allow_local_files=strings)
         return engine_messages, stop, overrides
 
     def _with_config(self, eta: Any, overrides: dict[str, Any]) -> dict[str, Any]:

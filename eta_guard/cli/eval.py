@@ -1,4 +1,4 @@
-"""The bodies of ``eta-guard eval`` and ``eta-guard calibrate`` (registered in eta_guard/cli.py).
+"""``eta-guard eval``: a VLM with and without ETA over a safety benchmark; results and a report.
 
 Only typer and the standard library load at import time: ``eta-guard --help`` stays fast and
 ``import eta_guard.cli`` pulls in neither matplotlib nor scikit-learn.
@@ -11,31 +11,14 @@ from typing import Annotated, Any
 
 import typer
 
-from eta_guard.cli_options import (
-    CacheOpt,
-    ClipDeviceOpt,
-    ClipDtypeOpt,
-    ClipOpt,
-    ConfigOpt,
-    DeviceOpt,
-    DtypeOpt,
-    PresetOpt,
-    RewardOpt,
-    RmDeviceOpt,
-    RmDtypeOpt,
-    SetOpt,
-    TinyOpt,
-    VlmDeviceOpt,
-    VlmDtypeOpt,
-    VlmOpt,
-)
-
-# eval's own: the judges it loads may ship code of their own
-_Remote = Annotated[
-    bool, typer.Option("--trust-remote-code", help="Allow checkpoint code (judges may need it).")
-]
+from eta_guard.cli.console import RANDOM_MODELS_LINE, consoles, friendly_errors
+from eta_guard.cli.inputs import load_config
+from eta_guard.cli.models import load_eta
+from eta_guard.cli.options import ConfigOpt, ModelOptions, SetOpt, model_options
+from eta_guard.errors import InvalidInputError
 
 
+@model_options()
 def eval_command(
     dataset: Annotated[
         str | None,
@@ -99,30 +82,14 @@ def eval_command(
     bootstrap: Annotated[
         int, typer.Option("--bootstrap", min=100, help="Bootstrap resamples for the intervals.")
     ] = 1000,
-    vlm: VlmOpt = None,
-    clip: ClipOpt = None,
-    reward_model: RewardOpt = None,
-    tiny: TinyOpt = False,
-    cache_dir: CacheOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    trust_remote_code: _Remote = False,
-    preset: PresetOpt = None,
-    vlm_device: VlmDeviceOpt = None,
-    clip_device: ClipDeviceOpt = None,
-    reward_model_device: RmDeviceOpt = None,
-    vlm_dtype: VlmDtypeOpt = None,
-    clip_dtype: ClipDtypeOpt = None,
-    reward_model_dtype: RmDtypeOpt = None,
+    *,
+    models: ModelOptions,
 ) -> None:
     """Run a VLM with and without ETA over a safety benchmark; write results and a report."""
-    from eta_guard.cli import _consoles, _friendly_errors
-    from eta_guard.errors import InvalidInputError
-
-    out_console, err = _consoles()
-    with _friendly_errors():
+    out_console, err = consoles()
+    with friendly_errors():
         if merge:
             if dataset or path is not None:
                 raise InvalidInputError(
@@ -134,8 +101,6 @@ def eval_command(
 
 
 def _run(out_console: Any, err: Any, opts: dict[str, Any]) -> None:
-    from eta_guard.cli import RANDOM_MODELS_LINE, _load_config, _load_eta, _placement
-    from eta_guard.errors import InvalidInputError
     from eta_guard.eval.datasets import load_dataset
     from eta_guard.eval.judges import build_judge
     from eta_guard.eval.results import results_name
@@ -144,7 +109,7 @@ def _run(out_console: Any, err: Any, opts: dict[str, Any]) -> None:
     if not opts["dataset"] or opts["path"] is None:
         raise InvalidInputError("pass --dataset NAME and --path WHERE (or --merge FILES to report)")
     shard = parse_shard(opts["shard"])
-    cfg = _load_config(opts["config"], opts["set_"])
+    cfg = load_config(opts["config"], opts["set_"])
     judges_spec = opts["judge"] or ["refusal", "reward"]
     if len(set(judges_spec)) != len(judges_spec):
         raise InvalidInputError(f"--judge names a judge twice: {judges_spec}")
@@ -160,42 +125,31 @@ def _run(out_console: Any, err: Any, opts: dict[str, Any]) -> None:
         limit=opts["limit"],
         shard=shard,
     )
-    placement = _placement(
-        **{k: opts[k] for k in ("vlm_device", "clip_device", "reward_model_device")},
-        **{k: opts[k] for k in ("vlm_dtype", "clip_dtype", "reward_model_dtype")},
-    )
     # Devices stay out of the settings: shards on other GPUs or machines must still merge.
+    models: ModelOptions = opts["models"]
     dtypes = ("dtype", "vlm_dtype", "clip_dtype", "reward_model_dtype")
     settings = {
         "dataset": opts["dataset"],
         "path": str(Path(opts["path"]).resolve()),
         "subset": opts["subset"],
-        "vlm": "tiny" if opts["tiny"] else opts["vlm"],
-        "clip": "tiny" if opts["tiny"] else opts["clip"],
-        "reward_model": "tiny" if opts["tiny"] else opts["reward_model"],
+        "vlm": "tiny" if models.tiny else models.vlm,
+        "clip": "tiny" if models.tiny else models.clip,
+        "reward_model": "tiny" if models.tiny else models.reward_model,
+        "engines": {
+            k: getattr(models, k)
+            for k in ("generator_url", "generator_model", "clip_url", "reward_model_url")
+            if getattr(models, k) is not None
+        },
         "judges": judges_spec,
         "seed": opts["seed"],
         "limit": opts["limit"],
         "shard": list(shard) if shard else None,
-        "preset": opts["preset"],
-        "dtypes": {k: opts[k] for k in dtypes if opts[k] is not None},
+        "preset": models.preset,
+        "dtypes": {k: getattr(models, k) for k in dtypes if getattr(models, k) is not None},
         "config": None,
-        "note": RANDOM_MODELS_LINE if opts["tiny"] else "",
+        "note": RANDOM_MODELS_LINE if models.tiny else "",
     }
-    eta = _load_eta(
-        err,
-        opts["vlm"],
-        opts["clip"],
-        opts["reward_model"],
-        opts["tiny"],
-        opts["cache_dir"],
-        cfg,
-        opts["device"],
-        opts["dtype"],
-        opts["trust_remote_code"],
-        preset=opts["preset"],
-        placement=placement,
-    )
+    eta = load_eta(err, models, cfg)
     # The loaded ETA's config is the effective one (a preset may have changed it).
     settings["config"] = eta.config.model_dump(mode="json")
     judges = [
@@ -203,9 +157,9 @@ def _run(out_console: Any, err: Any, opts: dict[str, Any]) -> None:
             spec,
             evaluator=eta.evaluator,
             prefix=eta.config.prefix,
-            device=opts["device"],
-            dtype=opts["dtype"],
-            trust_remote_code=opts["trust_remote_code"],
+            device=models.device,
+            dtype=models.dtype,
+            trust_remote_code=models.trust_remote_code,
             template=template,
             api_key_env=opts["judge_api_key_env"],
         )
@@ -332,138 +286,3 @@ def _summary_table(metrics: dict[str, Any], settings: dict[str, Any]) -> Any:
 
 def _share(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
-
-
-def calibrate_command(
-    safe_images: Annotated[
-        Path | None,
-        typer.Option(
-            "--safe-images", help='Folder or JSONL ({"image": path}) of images that should pass.'
-        ),
-    ] = None,
-    unsafe_images: Annotated[
-        Path | None,
-        typer.Option("--unsafe-images", help="Folder or JSONL of images that should be flagged."),
-    ] = None,
-    safe_responses: Annotated[
-        Path | None,
-        typer.Option(
-            "--safe-responses", help='JSONL ({"response": text}) of answers that should pass.'
-        ),
-    ] = None,
-    unsafe_responses: Annotated[
-        Path | None,
-        typer.Option("--unsafe-responses", help="JSONL of answers that should be flagged."),
-    ] = None,
-    target_fpr: Annotated[
-        float | None,
-        typer.Option(
-            "--target-fpr",
-            min=0.0,
-            max=1.0,
-            help="Largest share of safe examples flagged [default: maximise balanced accuracy].",
-        ),
-    ] = None,
-    out: Annotated[
-        Path, typer.Option("--out", help="Folder for eta_config.json and the report.")
-    ] = Path("eta-calibration"),
-    clip: ClipOpt = None,
-    reward_model: RewardOpt = None,
-    tiny: TinyOpt = False,
-    cache_dir: CacheOpt = None,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    trust_remote_code: _Remote = False,
-) -> None:
-    """Pick pre/post thresholds for a CLIP / reward-model pair from labelled examples."""
-    from eta_guard.cli import (
-        RANDOM_MODELS_LINE,
-        _consoles,
-        _friendly_errors,
-        _load_config,
-        _model_paths,
-        _quiet_transformers,
-    )
-    from eta_guard.errors import InvalidInputError
-
-    out_console, err = _consoles()
-    with _friendly_errors():
-        from eta_guard.eval.calibrate import (
-            read_images,
-            read_responses,
-            run_calibration,
-            write_calibration,
-        )
-
-        pairs = {
-            "images": (safe_images, unsafe_images),
-            "responses": (safe_responses, unsafe_responses),
-        }
-        for what, (safe, unsafe) in pairs.items():
-            if (safe is None) != (unsafe is None):
-                raise InvalidInputError(f"pass both --safe-{what} and --unsafe-{what}, or neither")
-        if safe_images is None and safe_responses is None:
-            raise InvalidInputError(
-                "nothing to calibrate: pass --safe-images/--unsafe-images and/or --safe-responses/--unsafe-responses"
-            )
-        cfg = _load_config(config, set_)
-        data = {
-            "safe_images": read_images(safe_images) if safe_images else None,
-            "unsafe_images": read_images(unsafe_images) if unsafe_images else None,
-            "safe_responses": read_responses(safe_responses) if safe_responses else None,
-            "unsafe_responses": read_responses(unsafe_responses) if unsafe_responses else None,
-        }
-        paths = _model_paths(err, None, clip, reward_model, tiny, cache_dir, need_vlm=False)
-        if tiny:
-            err.print(f"[yellow]{RANDOM_MODELS_LINE}[/]")
-        _quiet_transformers()
-        from eta_guard.evaluators.eta_evaluator import ETAEvaluator
-
-        evaluator = ETAEvaluator.from_pretrained(
-            clip=paths["clip"] if safe_images else None,
-            reward_model=paths["reward_model"] if safe_responses else None,
-            config=cfg,
-            device=device,
-            dtype=dtype,
-            trust_remote_code=trust_remote_code,
-        )
-        reports = run_calibration(evaluator, target_fpr=target_fpr, **data)
-        models = {
-            "clip": "tiny" if tiny else paths["clip"],
-            "reward_model": "tiny" if tiny else paths["reward_model"],
-        }
-        config_path, json_path, html_path = write_calibration(reports, cfg, out, models)
-        out_console.print(_calibration_table(reports))
-        err.print(f"config: {config_path}; report: {html_path} and {json_path}", highlight=False)
-
-
-def _calibration_table(reports: dict[str, Any]) -> Any:
-    from rich.table import Table
-
-    table = Table(title="calibrated thresholds", title_justify="left")
-    for name in (
-        "field",
-        "threshold",
-        "rule",
-        "TPR",
-        "FPR",
-        "accuracy",
-        "balanced acc.",
-        "n safe/unsafe",
-    ):
-        table.add_column(name, justify="left" if name in ("field", "rule") else "right")
-    for side, r in reports.items():
-        rule = "unsafe iff >=" if r.direction == "higher_is_unsafe" else "unsafe iff <="
-        table.add_row(
-            f"{side}_threshold",
-            f"{r.threshold:.6g}",
-            rule,
-            f"{r.tpr:.3f}",
-            f"{r.fpr:.3f}",
-            f"{r.accuracy:.3f}",
-            f"{r.balanced_accuracy:.3f}",
-            f"{len(r.safe_scores)}/{len(r.unsafe_scores)}",
-        )
-    return table

@@ -1,7 +1,4 @@
-"""The ``eta-guard serve`` command (registered in :mod:`eta_guard.cli`; the body lives here).
-
-Imports stay light at module level (typer only), so ``eta-guard --help`` stays fast.
-"""
+"""``eta-guard serve``: ETA as an OpenAI-compatible API (the server itself is eta_guard.server)."""
 
 from __future__ import annotations
 
@@ -12,38 +9,15 @@ from typing import Annotated
 
 import typer
 
-from eta_guard.cli_options import (
-    CacheOpt,
-    ClipDeviceOpt,
-    ClipDtypeOpt,
-    ClipOpt,
-    ConfigOpt,
-    DeviceOpt,
-    DtypeOpt,
-    PresetOpt,
-    RemoteCodeOpt,
-    RewardOpt,
-    RmDeviceOpt,
-    RmDtypeOpt,
-    SetOpt,
-    TinyOpt,
-    VlmDeviceOpt,
-    VlmDtypeOpt,
-)
+from eta_guard.cli.console import consoles, friendly_errors
+from eta_guard.cli.inputs import load_config
+from eta_guard.cli.models import ModelLoader, note_random
+from eta_guard.cli.options import ConfigOpt, ModelOptions, SetOpt, model_options
 from eta_guard.errors import InvalidInputError
 
 
+@model_options(positional_vlm=True)
 def serve(
-    vlm: Annotated[
-        str | None,
-        typer.Argument(
-            metavar="[VLM]",
-            help="VLM checkpoint (omit with --moderation-only; with --generator-url optional: "
-            "only its tokenizer is loaded).",
-        ),
-    ] = None,
-    clip: ClipOpt = None,
-    reward_model: RewardOpt = None,
     host: Annotated[str, typer.Option("--host", help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8000,
     api_key_file: Annotated[
@@ -77,32 +51,9 @@ def serve(
     public_metrics: Annotated[
         bool, typer.Option("--public-metrics", help="Serve /metrics without a key.")
     ] = False,
-    tiny: TinyOpt = False,
-    cache_dir: CacheOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    trust_remote_code: RemoteCodeOpt = False,
-    preset: PresetOpt = None,
-    vlm_device: VlmDeviceOpt = None,
-    clip_device: ClipDeviceOpt = None,
-    reward_model_device: RmDeviceOpt = None,
-    vlm_dtype: VlmDtypeOpt = None,
-    clip_dtype: ClipDtypeOpt = None,
-    reward_model_dtype: RmDtypeOpt = None,
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
-    generator_url: Annotated[
-        str | None,
-        typer.Option(
-            "--generator-url",
-            help="Run the VLM on an OpenAI-compatible engine (vLLM) at this URL; CLIP and the "
-            "RM load here (docs/scaling.md).",
-        ),
-    ] = None,
-    generator_model: Annotated[
-        str | None, typer.Option("--generator-model", help="The engine's served model name.")
-    ] = None,
     max_concurrent_calls: Annotated[
         int | None,
         typer.Option(
@@ -113,24 +64,13 @@ def serve(
             "engine batches them]. A local VLM runs one call at a time: more is refused.",
         ),
     ] = None,
+    *,
+    models: ModelOptions,
 ) -> None:
-    """Serve ETA as an OpenAI-compatible API (chat/completions, moderations, models, health, metrics)."""
-    from eta_guard.cli import (
-        RANDOM_MODELS_LINE,
-        _check_engine_options,
-        _consoles,
-        _engine_eta,
-        _friendly_errors,
-        _generator,
-        _load_config,
-        _model_paths,
-        _placement,
-        _print_estimate,
-        _quiet_transformers,
-    )
-
-    _, err = _consoles()
-    with _friendly_errors():
+    """Serve ETA as an OpenAI-compatible API (chat/completions, moderations, models, health,
+    metrics). The VLM: --vlm ID (or the first argument); none with --moderation-only."""
+    _, err = consoles()
+    with friendly_errors():
         try:
             import uvicorn
 
@@ -140,12 +80,12 @@ def serve(
             raise InvalidInputError(
                 f"the server needs its extra: pip install 'eta-guard[server]' ({e.name} missing)"
             ) from e
-        if moderation_only and vlm is not None:
+        if moderation_only and models.vlm is not None:
             raise InvalidInputError("--moderation-only loads no VLM: drop the VLM argument")
-        generator = _generator(generator_url, generator_model)
-        if moderation_only and generator is not None:
+        if moderation_only and models.generator_url is not None:
             raise InvalidInputError("--moderation-only generates nothing: drop --generator-url")
-        calls = _concurrent_calls(max_concurrent_calls, remote=generator is not None)
+        remote = models.generator_url is not None
+        calls = _concurrent_calls(max_concurrent_calls, remote=remote)
         keys = load_api_keys(api_key_file)
         if not keys and not no_auth and not _is_loopback(host):
             raise InvalidInputError(
@@ -162,73 +102,19 @@ def serve(
             public_metrics=public_metrics,
             max_concurrent_calls=calls,
         )
-        cfg = _load_config(config, set_)
-        paths = _model_paths(
-            err,
-            vlm,
-            clip,
-            reward_model,
-            tiny,
-            cache_dir,
-            need_vlm=not moderation_only and generator is None,
-        )
-        if tiny:
-            err.print(f"[yellow]{RANDOM_MODELS_LINE}[/]")
+        cfg = load_config(config, set_)
+        # Checked now, loaded in the background: /health says 503 until load() returns.
+        loader = ModelLoader(err, models, cfg, vlm=not moderation_only)
+        note_random(err, models)
 
-        evaluator_placement = _placement(
-            clip_device=clip_device,
-            reward_model_device=reward_model_device,
-            clip_dtype=clip_dtype,
-            reward_model_dtype=reward_model_dtype,
-        )
-        load_args = {
-            "device": device,
-            "dtype": dtype,
-            "trust_remote_code": trust_remote_code,
-            "preset": preset,
-            **evaluator_placement,
-        }
-
-        def load():  # runs in the background: /health says 503 until it returns
-            _quiet_transformers()
+        def load():
             if moderation_only:
-                from eta_guard.evaluators.eta_evaluator import ETAEvaluator
-
-                evaluator = ETAEvaluator.from_pretrained(
-                    clip=paths["clip"], reward_model=paths["reward_model"], config=cfg, **load_args
-                )
-                return None, evaluator
-            if generator is not None:
-                eta = _engine_eta(
-                    generator,
-                    paths,
-                    cfg,
-                    device=device,
-                    dtype=dtype,
-                    trust_remote_code=trust_remote_code,
-                    preset=preset,
-                    placement=evaluator_placement,
-                )
-                return eta, eta.evaluator
-            from eta_guard.pipeline import ETA
-
-            assert paths["vlm"] is not None  # _model_paths refused a missing VLM
-            eta = ETA.from_pretrained(
-                paths["vlm"],
-                clip=paths["clip"],
-                reward_model=paths["reward_model"],
-                config=cfg,
-                **load_args,
-                **vlm_placement,
-            )
+                return None, loader.evaluator()
+            eta = loader.eta()
             return eta, eta.evaluator
 
-        vlm_placement = _placement(vlm_device=vlm_device, vlm_dtype=vlm_dtype)
-        if generator is not None:  # refuse local-VLM options now, not in the background load
-            _check_engine_options(preset, vlm_placement, paths["vlm"])
         if not moderation_only:  # the memory the local models will take, before any loads
-            local = {**paths, "vlm": None} if generator is not None else paths
-            missing = _print_estimate(err, local, {**load_args, **vlm_placement}, cfg)
+            missing = loader.estimate()
             if missing:
                 err.print(f"[dim]memory estimate unavailable: {missing}[/]", highlight=False)
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")

@@ -1,0 +1,1 @@
+"""ETA's one request path: the async stage machine every backend runs through (:mod:`.request`)."""
