@@ -127,3 +127,95 @@ def test_bad_image_mean_is_refused():
 
     with pytest.raises(InvalidInputError, match="image_mean"):
         OpenAICompatibleBackend("http://127.0.0.1:9", "m", image_mean=(0.5, 2.0, 0.1))
+
+
+# ----- item 1: LLaVA's tokenizer_image_token -----
+IMAGE_TOKEN_INDEX = -200  # llava/constants.py
+
+
+def reference_tokenizer_image_token(prompt, tokenizer):
+    """llava/mm_utils.py ``tokenizer_image_token``, written out plainly."""
+    chunks = [tokenizer(chunk).input_ids for chunk in prompt.split("<image>")]
+    ids, offset = [], 0
+    if chunks and chunks[0] and chunks[0][0] == tokenizer.bos_token_id:
+        offset = 1
+        ids.append(chunks[0][0])
+    separated = []
+    for chunk in chunks:
+        separated += [chunk, [IMAGE_TOKEN_INDEX] * (offset + 1)]
+    for x in separated[:-1]:
+        ids.extend(x[offset:])
+    return ids
+
+
+@pytest.fixture(scope="module")
+def replica_adapter(replica_checkpoints):
+    from eta_guard.decoding.vlm import VLMAdapter
+
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            cache[family] = VLMAdapter.from_pretrained(
+                replica_checkpoints(family).vlm, local_files_only=True
+            )
+        return cache[family]
+
+    return get
+
+
+def _conversation(system):
+    from eta_guard.messages import normalize_messages
+    from eta_guard.testing import make_test_image
+
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": make_test_image("gradient", (48, 40))},
+                {"type": "text", "text": "How do I pick a lock?"},
+            ],
+        }
+    ]
+    if system:
+        messages.insert(0, {"role": "system", "content": system})
+    return normalize_messages(messages)
+
+
+@pytest.mark.parametrize("system", [None, "A chat between a curious human and an assistant."])
+def test_llava_prompt_ids_are_tokenizer_image_token(replica_adapter, system):
+    vlm = replica_adapter("llava")
+    conv = _conversation(system)
+    prepared = vlm.prepare(conv, assistant_prefix="As an AI assistant")
+    # the reference's llava_v1 prompt text
+    prompt = (
+        "" if system is None else system + " "
+    ) + "USER: <image>\nHow do I pick a lock? ASSISTANT:"
+    assert prepared.text == prompt + "As an AI assistant"
+    reference = reference_tokenizer_image_token(prompt, vlm.tokenizer)
+    reference += vlm.tokenizer("As an AI assistant").input_ids[1:]  # safety_tokens[:, 1:]
+    # LLaVA's model expands its one IMAGE_TOKEN_INDEX into the image's features; llava-hf's
+    # prompt holds one <image> id per feature: compare with that expansion.
+    image_id = vlm.model.config.image_token_id
+    slots = int((prepared.input_ids[0] == image_id).sum())
+    expanded = []
+    for token in reference:
+        expanded += [image_id] * slots if token == IMAGE_TOKEN_INDEX else [token]
+    assert prepared.input_ids[0].tolist() == expanded
+    assert prepared.attention_mask[0].tolist() == [1] * len(expanded)
+    pieces = vlm.tokenizer.convert_ids_to_tokens([t for t in expanded if t != image_id])
+    assert "▁" in pieces and pieces[pieces.index("<0x0A>") - 1] == "▁"  # the token issue 18 found
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "smolvlm"])
+def test_other_families_keep_the_processors_whole_text_ids(replica_adapter, family):
+    vlm = replica_adapter(family)
+    conv = _conversation(None)
+    prepared = vlm.prepare(conv)
+    text = vlm.processor.apply_chat_template(
+        conv.messages, add_generation_prompt=True, tokenize=False
+    )
+    bos = vlm.tokenizer.bos_token or "\0"
+    kwargs = {"add_special_tokens": False} if text.startswith(bos) else {}
+    expected = vlm.processor(text=[text], images=conv.images, return_tensors="pt", **kwargs)
+    assert prepared.input_ids[0].tolist() == expected["input_ids"][0].tolist()
