@@ -44,6 +44,8 @@ TextOnlyPolicy = Literal["trust", "reward_only"]
 #: Same values as ``eta_guard.decoding.stopping.SentenceEndRule`` (kept here: no torch import).
 SentenceEndRule = Literal["exact", "contains"]
 EvaluatorErrorPolicy = Literal["raise", "fail_closed", "fail_open"]
+#: How a local reward model computes: batched fast path, or the reference's per-conversation run.
+RewardNumerics = Literal["fast", "reference"]
 #: How the two sides' flags decide alignment (same values as ``eta_guard.verdict.DecisionRule``).
 DecisionRule = Literal["and", "or", "pre_only", "post_only"]
 
@@ -177,6 +179,29 @@ class ETAConfig(BaseModel):
     )
     clip_batch_size: int = Field(
         8, ge=1, le=4096, description="Images per CLIP forward (bounds the forward's memory)."
+    )
+    reward_numerics: RewardNumerics = Field(
+        "fast",
+        description="Local reward model numerics: 'fast' (the model's dtype, rows batched with "
+        "their common prefix run once, the search incremental) or 'reference' (each "
+        "conversation alone under bfloat16 autocast with the math attention kernel, as the "
+        "paper's code; slower). The 'paper' preset sets 'reference'. A remote RM computes as "
+        "its engine does.",
+    )
+    evaluator_batching: bool = Field(
+        True,
+        description="Group concurrent CLIP and reward-model scorings of different requests into "
+        "one forward (read when the evaluator is built). A lone call never waits.",
+    )
+    evaluator_batch_wait_ms: float = Field(
+        2.0,
+        ge=0.0,
+        le=100.0,
+        allow_inf_nan=False,
+        description="Longest a scoring waits for concurrent ones to join its forward (ms).",
+    )
+    evaluator_max_batch: int = Field(
+        32, ge=1, le=1024, description="Most texts or images one grouped evaluator forward takes."
     )
     remote_timeout: float = Field(
         10.0,

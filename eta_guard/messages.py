@@ -1,17 +1,22 @@
 """Turn OpenAI-style chat messages into the Hugging Face processor chat-template form.
 
-Input: a list of ``{"role": "system" | "user" | "assistant", "content": str | list[part]}``
-mappings, where a part is ``{"type": "text", "text": ...}``, ``{"type": "image", "image": src}``
+Input: a list of ``{"role": "system" | "user" | "assistant" | "tool", "content": str | list[part]}``
+mappings (or a request ``{"messages": [...], "tools": [...], "tool_choice": ..., "response_format":
+...}``, OpenAI's chat-completions fields), where a part is ``{"type": "text", "text": ...}``, ``{"type": "image", "image": src}``
 (or ``"url"`` / ``"path"`` / ``"base64"`` + ``"mime_type"`` instead of ``"image"``, as LangChain
 v1 blocks do) or ``{"type": "image_url", "image_url": {"url": ...} | "..."}``.
 
 Output: a :class:`Conversation` whose messages hold bare ``{"type": "image"}`` placeholders and
 whose ``images`` hold the decoded RGB images in the same order, ready for
-``processor.apply_chat_template``.
+``processor.apply_chat_template``. Assistant turns may carry ``tool_calls`` (kept in the HF form,
+arguments as a dict) and tool turns a ``tool_call_id``; an image a tool returns is an input image
+like any other (it is pre-checked). Tools, ``tool_choice`` and ``response_format`` travel in the
+conversation, so every backend renders them and no stage needs another parameter.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -25,7 +30,9 @@ if TYPE_CHECKING:
 
     from eta_guard.remote_fetch import RemoteFetchPolicy
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+#: Keys of the request form of ``messages`` (OpenAI's chat-completions fields).
+_REQUEST_KEYS = ("messages", "tools", "tool_choice", "response_format")
 _TEXT_TYPES = ("text", "input_text")
 _IMAGE_TYPES = ("image", "image_url", "input_image")
 _PART_TYPES = "'text', 'image' or 'image_url'"
@@ -44,6 +51,18 @@ class Conversation:
 
     messages: list[dict[str, Any]]
     images: list[Image.Image] = field(default_factory=list)
+    #: OpenAI-style tool definitions offered to the model (rendered by its chat template).
+    tools: list[dict[str, Any]] = field(default_factory=list)
+    #: ``"auto" | "none" | "required"`` or ``{"type": "function", "function": {"name": n}}``.
+    tool_choice: str | dict[str, Any] = "auto"
+    #: ``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema": {...}}``: the
+    #: answer must be JSON of that shape (constrained decoding); ``None``: free text.
+    response_format: dict[str, Any] | None = None
+
+    @property
+    def offers_tools(self) -> bool:
+        """Whether the model is offered tools it may call (``tool_choice`` not ``"none"``)."""
+        return bool(self.tools) and self.tool_choice != "none"
 
     @property
     def has_images(self) -> bool:
@@ -66,7 +85,9 @@ def normalize_messages(
     because many chat templates require roles to alternate.
 
     Args:
-        messages: A list of ``{"role", "content"}`` mappings; the last one from the user.
+        messages: A list of ``{"role", "content"}`` mappings, the last one from the user (or a
+            tool, answering the model's call); or a mapping with that list as ``"messages"`` and
+            ``"tools"``, ``"tool_choice"``, ``"response_format"`` (OpenAI's request fields).
         allow_remote_images: Fetch ``http(s)://`` image URLs (off: no network access).
         max_image_pixels: Refuse images with more pixels than this (decompression bombs).
         allow_local_image_files: Read image paths and ``file://`` URLs. Turn it off when the
@@ -83,7 +104,8 @@ def normalize_messages(
         InvalidInputError: The messages are malformed; the message says which one and why.
     """
     check_max_pixels(max_image_pixels, name="max_image_pixels")
-    items = _check_list(messages)
+    request = _request_fields(messages)
+    items = _check_list(request.pop("messages"))
     merged: list[dict[str, Any]] = []
     sources: list[tuple[str, Any]] = []  # (where, source) of each image, in order
     for index, message in enumerate(items):
@@ -94,26 +116,40 @@ def normalize_messages(
                 "accept a system message only at the start: move it to messages[0]"
             )
         sources.extend(message_sources)
-        if merged and merged[-1]["role"] == role:
+        extra = _tool_fields(index, message, role)
+        if role == "assistant" and parts and not any(_has_content(p) for p in parts):
+            parts = [] if extra.get("tool_calls") else parts
+        if (
+            merged
+            and merged[-1]["role"] == role
+            and role != "tool"
+            and not extra
+            and ("tool_calls" not in merged[-1])
+        ):
             _append_parts(merged[-1]["content"], parts)
         else:
-            merged.append({"role": role, "content": parts})
-    if not sources and not any(
-        p["type"] == "text" and p["text"].strip() for m in merged for p in m["content"]
+            merged.append({"role": role, "content": parts, **extra})
+    if (
+        not sources
+        and not any(p["type"] == "text" and p["text"].strip() for m in merged for p in m["content"])
+        and not any("tool_calls" in m for m in merged)
     ):
         raise InvalidInputError(
             "the conversation is empty: no message holds any text or image; "
             'send at least one user message, e.g. [{"role": "user", "content": "Hello"}]'
         )
-    if merged[-1]["role"] != "user":
+    if merged[-1]["role"] not in ("user", "tool"):
         raise InvalidInputError(
-            f"the last message must be from the user (it is the one the model answers), but "
-            f"messages[{len(items) - 1}] has role {merged[-1]['role']!r}; to continue an "
-            "assistant answer, end with a user turn instead"
+            f"the last message must be from the user or a tool (it is the one the model "
+            f"answers), but messages[{len(items) - 1}] has role {merged[-1]['role']!r}; to "
+            "continue an assistant answer, end with a user turn instead"
         )
+    _check_tool_turns(merged)
     limits = limits or RequestLimits()
     limits.check_text_length(
-        sum(len(p["text"]) for m in merged for p in m["content"] if p["type"] == "text"),
+        sum(len(p["text"]) for m in merged for p in m["content"] if p["type"] == "text")
+        + sum(len(json.dumps(m.get("tool_calls", []))) for m in merged)
+        + (len(json.dumps(request["tools"])) if request["tools"] else 0),
         what="the messages' text",
     )
     limits.check_image_count(len(sources))
@@ -133,7 +169,7 @@ def normalize_messages(
                 )
             except InvalidInputError as e:
                 raise InvalidInputError(f"{where}: {e}") from e
-    return Conversation(messages=merged, images=images)
+    return Conversation(messages=merged, images=images, **request)
 
 
 def fold_system_message(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -194,6 +230,95 @@ def text_of(message: Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------------- helpers
 
 
+def _request_fields(messages: Any) -> dict[str, Any]:
+    """``{"messages", "tools", "tool_choice", "response_format"}`` of either input form."""
+    from eta_guard.tools.specs import check_response_format, check_tool_choice, check_tools
+
+    if not (isinstance(messages, Mapping) and "messages" in messages):
+        return {"messages": messages, "tools": [], "tool_choice": "auto", "response_format": None}
+    unknown = sorted(str(k) for k in messages if k not in _REQUEST_KEYS)
+    if unknown:
+        raise InvalidInputError(
+            f"the request has unknown keys {unknown}; it may hold {', '.join(_REQUEST_KEYS)}"
+        )
+    tools = check_tools(messages.get("tools") or [])
+    return {
+        "messages": messages["messages"],
+        "tools": tools,
+        "tool_choice": check_tool_choice(messages.get("tool_choice"), tools) if tools else "auto",
+        "response_format": check_response_format(messages.get("response_format")),
+    }
+
+
+def _tool_fields(index: int, message: Mapping[str, Any], role: str) -> dict[str, Any]:
+    """The HF-form tool fields of one message: an assistant's ``tool_calls``, a tool's id."""
+    where = f"messages[{index}]"
+    if role == "tool":
+        call_id = message.get("tool_call_id")
+        if call_id is not None and not isinstance(call_id, str):
+            raise InvalidInputError(f"{where}['tool_call_id'] must be a str")
+        fields: dict[str, Any] = {"tool_call_id": call_id} if call_id else {}
+        if isinstance(message.get("name"), str):
+            fields["name"] = message["name"]
+        return fields
+    calls = message.get("tool_calls")
+    if not calls:
+        return {}
+    if role != "assistant":
+        raise InvalidInputError(
+            f"{where} has tool_calls but role {role!r}; only the assistant calls tools"
+        )
+    if not isinstance(calls, (list, tuple)):
+        raise InvalidInputError(f"{where}['tool_calls'] must be a list")
+    return {
+        "tool_calls": [_tool_call(f"{where}['tool_calls'][{j}]", c) for j, c in enumerate(calls)]
+    }
+
+
+def _tool_call(where: str, call: Any) -> dict[str, Any]:
+    """One call in HF chat-template form: ``{"id", "type", "function": {"name", "arguments"}}``.
+
+    The arguments become a dict (OpenAI sends a JSON string; templates render a mapping).
+    """
+    function = call.get("function", call) if isinstance(call, Mapping) else None
+    name = function.get("name") if isinstance(function, Mapping) else None
+    if not isinstance(function, Mapping) or not isinstance(name, str) or not name:
+        raise InvalidInputError(
+            f"{where} must be {{'function': {{'name': ..., 'arguments': ...}}}}"
+        )
+    arguments = function.get("arguments", function.get("args", {}))
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError as e:
+            raise InvalidInputError(f"{where}: arguments are not JSON ({e})") from e
+    if not isinstance(arguments, Mapping):
+        raise InvalidInputError(f"{where}: arguments must be a JSON object")
+    out: dict[str, Any] = {
+        "type": "function",
+        "function": {"name": name, "arguments": dict(arguments)},
+    }
+    if isinstance(call.get("id"), str):
+        out["id"] = call["id"]
+    return out
+
+
+def _check_tool_turns(merged: list[dict[str, Any]]) -> None:
+    """A tool turn must answer a call of an earlier assistant turn."""
+    called = False
+    for i, message in enumerate(merged):
+        if message.get("tool_calls"):
+            called = True
+        elif message["role"] == "tool" and not called:
+            raise InvalidInputError(
+                f"turn {i} is a tool result, but no assistant turn before it calls a tool"
+            )
+
+
+def _has_content(part: Mapping[str, Any]) -> bool:
+    return part["type"] != "text" or bool(part["text"])
+
+
 def _check_list(messages: Any) -> list[Any]:
     if isinstance(messages, str):
         raise InvalidInputError(
@@ -237,9 +362,11 @@ def _convert_message(
             f"{where} has unknown role {_short(role)}; roles must be one of {', '.join(ROLES)} "
             "(convert 'human' to 'user' and 'ai' to 'assistant')"
         )
-    if "content" not in message:
+    if "content" not in message and not (role == "assistant" and message.get("tool_calls")):
         raise InvalidInputError(f"{where} has no 'content'; give a str or a list of parts")
-    content = message["content"]
+    content = message.get("content")
+    if content is None and role == "assistant" and message.get("tool_calls"):
+        content = ""
     if isinstance(content, str):
         return role, [{"type": "text", "text": content}], []
     if not isinstance(content, (list, tuple)):
@@ -258,7 +385,7 @@ def _convert_message(
         if role == "system":
             raise InvalidInputError(
                 f"{part_where} is an image in a system message; images are only allowed in "
-                "user and assistant messages: move it to a user message"
+                "user, assistant and tool messages: move it to a user message"
             )
         sources.append((part_where, value))
         parts.append({"type": "image"})

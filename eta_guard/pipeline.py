@@ -163,14 +163,21 @@ class ETA:
         """
         from eta_guard.backends.factory import openai_compatible_parts
 
-        if kwargs.get("preset") is not None:  # its config fields are the ETA's config too
+        preset = kwargs.get("preset")
+        if preset is not None:  # the same config for the engine's requests and the evaluators
             from eta_guard.presets import get_preset
 
-            config = get_preset(kwargs["preset"]).apply_to_config(config)
+            config = get_preset(preset).apply_to_config(config)
         config = config or ETAConfig()
         generator, evaluator = openai_compatible_parts(
             base_url, model, clip, reward_model, api_key=api_key, config=config, **kwargs
         )
+        if config.pad_images_to_square and getattr(generator, "processor", None) is None:
+            raise InvalidInputError(
+                "pad_images_to_square=True (the 'paper' preset sets it) pads images with the VLM "
+                "image processor's mean, which this engine backend does not have; set "
+                "pad_images_to_square=False (the engine then preprocesses images itself)"
+            )
         return cls(generator, evaluator, config)
 
     @property

@@ -21,7 +21,9 @@ haotian-liu/LLaVA it vendors):
 - VLM: weights in float16 (``llava/model/builder.py`` loads ``torch_dtype=torch.float16``), run
   under ``torch.cuda.amp.autocast(dtype=torch.bfloat16)`` (``eta_quick_use.py``);
 - CLIP: ``CLIPModel.from_pretrained`` without a dtype, i.e. float32 (``generate/eta_generation.py``);
-- RM: ``ArmoRMPipeline(torch_dtype=torch.bfloat16)`` (``generate/eta_generation.py``);
+- RM: ``ArmoRMPipeline(torch_dtype=torch.bfloat16)`` (``generate/eta_generation.py``), each
+  conversation scored alone, under bfloat16 autocast with the flash and memory-efficient SDPA
+  kernels off (``reward_numerics="reference"``);
 - seed 1: ``--seed`` default of ``eta_quick_use.py`` / ``eta_safetybench.py``.
 """
 
@@ -87,8 +89,13 @@ class Preset:
 PAPER = Preset(
     name="paper",
     description="The paper's LLaVA-1.5 setup: llava_v1 system text, pad-to-square images, "
-    "VLM fp16 under bf16 autocast, CLIP fp32, RM bf16, seed 1.",
-    config={"system_prompt": LLAVA_V1_SYSTEM_PROMPT, "pad_images_to_square": True, "seed": 1},
+    "VLM fp16 under bf16 autocast, CLIP fp32, RM bf16 scored alone under bf16 autocast, seed 1.",
+    config={
+        "system_prompt": LLAVA_V1_SYSTEM_PROMPT,
+        "pad_images_to_square": True,
+        "seed": 1,
+        "reward_numerics": "reference",
+    },
     dtypes={"vlm": "float16", "clip": "float32", "reward_model": "bfloat16"},
     # torch's CPU autocast cannot mix float16 weights with bfloat16 compute (torch.cat raises
     # "Unexpected floating ScalarType"), so on the CPU the VLM's weights are bfloat16 too.

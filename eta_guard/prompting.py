@@ -14,6 +14,7 @@ folded into the first user turn (:func:`eta_guard.messages.fold_system_message`)
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -93,8 +94,6 @@ def pad_color(processor: Any) -> tuple[int, int, int]:
 
 def for_vlm(conversation: Conversation, config: ETAConfig, processor: Any) -> Conversation:
     """The conversation as the VLM should see it under ``config`` (the input is not modified)."""
-    from eta_guard.messages import Conversation
-
     messages = conversation.messages
     images = conversation.images
     changed = False
@@ -117,4 +116,5 @@ def for_vlm(conversation: Conversation, config: ETAConfig, processor: Any) -> Co
         changed = True
     if not changed:
         return conversation
-    return Conversation(messages=list(messages), images=list(images))
+    # replace() keeps the tools and response format the conversation carries.
+    return dataclasses.replace(conversation, messages=list(messages), images=list(images))

@@ -32,22 +32,29 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--rows", default="1,4,8")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--skip-threads", action="store_true", help="only the batcher part")
     parser.add_argument("--dir", default=tempfile.gettempdir() + "/eta-bench-batching")
     args = parser.parse_args()
     worker = model_thread("cpu")
     vlm, prompts = worker.call(_load, args)  # loading: the first torch work, on the model thread
-    _thread_ratios(vlm, prompts[0], args)
+    if not args.skip_threads:
+        _thread_ratios(vlm, prompts[0], args)
     _batcher_throughput(vlm, prompts, args)
 
 
 def _load(args):
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from eta_guard.decoding.vlm import VLMAdapter
     from eta_guard.messages import normalize_messages
     from eta_guard.testing import build_tiny_checkpoints, make_test_image
 
     ckpt = build_tiny_checkpoints(args.dir, vlm_family=args.family, size=args.size)
     vlm = VLMAdapter.from_pretrained(ckpt.vlm, device="cpu", dtype="float32")
-    colors = ["red", "green", "blue", "noise", "white", "black", "red", "green"]
+    colors = ["red", "green", "blue", "noise", "gradient", "checker", "red", "green"]
     prompts = []
     for i, color in enumerate(colors):
         text = "Describe the picture" + " in more detail" * (i % 4) + "."

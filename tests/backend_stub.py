@@ -41,6 +41,9 @@ class Stub:
     choices_override: int | None = None
     #: room left in the "context": candidates never get more tokens (vLLM clamps max_tokens)
     context_left: int | None = None
+    #: when set and the request offers tools, the vanilla answer is these calls (``{"name",
+    #: "arguments": JSON str}``), streamed as vLLM streams parsed calls (``tool_calls`` deltas)
+    tool_calls: list[dict[str, str]] | None = None
     url: str = ""
 
     def bodies(self, path: str) -> list[dict[str, Any]]:
@@ -179,6 +182,10 @@ async def _stream(stub: Stub, body: dict[str, Any], prompt_tokens: int, *, no_do
     base = {"id": "chatcmpl-stub", "object": "chat.completion.chunk", "model": body["model"]}
     first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
     yield f"data: {json.dumps({**base, 'choices': [first]})}\n\n"
+    if stub.tool_calls and body.get("tools") and body.get("tool_choice") != "none":
+        async for event in _stream_tool_calls(stub, base, prompt_tokens):
+            yield event
+        return
     pieces = list(stub.vanilla)
     stop = body.get("stop") or []
     text, finish, stop_reason = "", "stop", None
@@ -200,6 +207,34 @@ async def _stream(stub: Stub, body: dict[str, Any], prompt_tokens: int, *, no_do
     yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage})}\n\n"
     if not no_done:
         yield "data: [DONE]\n\n"
+
+
+async def _stream_tool_calls(stub: Stub, base: dict[str, Any], prompt_tokens: int):
+    """Parsed calls as vLLM streams them: id and name first, then the arguments in pieces."""
+    for index, call in enumerate(stub.tool_calls or []):
+        head = {
+            "index": index,
+            "id": f"chatcmpl-tool-{index}",
+            "type": "function",
+            "function": {"name": call["name"], "arguments": ""},
+        }
+        args = call["arguments"]
+        for delta in (
+            head,
+            {"index": index, "function": {"arguments": args[: len(args) // 2]}},
+            {"index": index, "function": {"arguments": args[len(args) // 2 :]}},
+        ):
+            chunk = {"index": 0, "delta": {"tool_calls": [delta]}, "finish_reason": None}
+            yield f"data: {json.dumps({**base, 'choices': [chunk]})}\n\n"
+    last = {"index": 0, "delta": {}, "finish_reason": "tool_calls", "stop_reason": None}
+    yield f"data: {json.dumps({**base, 'choices': [last]})}\n\n"
+    usage = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": 12,
+        "total_tokens": prompt_tokens + 12,
+    }
+    yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage})}\n\n"
+    yield "data: [DONE]\n\n"
 
 
 class StubServer:

@@ -210,3 +210,13 @@ def test_the_image_is_encoded_once_per_request(local, schedule):
         handle.remove()
     assert result.aligned and result.trace
     assert len(calls) == 1
+
+
+def test_an_engine_refuses_a_preset_it_cannot_honour(stub, evaluator, tiny_checkpoints):
+    from eta_guard.errors import InvalidInputError
+
+    c = tiny_checkpoints
+    with pytest.raises(InvalidInputError, match="pad_images_to_square"):
+        ETA.from_openai_compatible(
+            stub.url, "tiny-vlm", clip=c.clip, reward_model=c.reward_model, preset="paper"
+        )

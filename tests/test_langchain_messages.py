@@ -81,10 +81,35 @@ def test_roles(message, role):
     assert message_to_dict(message) == {"role": role, "content": [{"type": "text", "text": "hi"}]}
 
 
+def test_tool_turns_convert_with_their_calls_and_ids():
+    call = {"name": "lookup", "args": {"q": "x"}, "id": "c1"}
+    image = {"type": "image", "base64": B64, "mime_type": "image/png"}
+    converted = to_engine_messages(
+        [
+            HumanMessage("hi"),
+            AIMessage("", tool_calls=[call]),
+            ToolMessage("42", tool_call_id="c1"),
+            ToolMessage(content=[image], tool_call_id="c2"),
+        ]
+    )
+    expected_call = {
+        "type": "function",
+        "function": {"name": "lookup", "arguments": {"q": "x"}},
+        "id": "c1",
+    }
+    assert converted[1] == {"role": "assistant", "content": [], "tool_calls": [expected_call]}
+    # two tool results stay two turns; an image a tool returns is kept (and pre-checked)
+    assert converted[2] == {
+        "role": "tool",
+        "content": [{"type": "text", "text": "42"}],
+        "tool_call_id": "c1",
+    }
+    assert converted[3]["role"] == "tool" and converted[3]["content"][0]["type"] == "image"
+
+
 @pytest.mark.parametrize(
     ("message", "match"),
     [
-        (ToolMessage("42", tool_call_id="1"), "tool calling is not supported"),
         (ChatMessage(role="critic", content="x"), "'critic'"),
         (HumanMessage(content=[{"type": "image", "file_id": "f-1"}]), "file_id='f-1'"),
         (
@@ -110,6 +135,8 @@ def test_ai_reasoning_and_tool_call_blocks_carry_no_text():
     assert message_to_dict(ai) == {
         "role": "assistant",
         "content": [{"type": "text", "text": "Yes."}],
+        # the calls travel as tool_calls, not as text
+        "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {}}, "id": "1"}],
     }
     assert (
         block_to_part({"type": "tool_call", "name": "f", "args": {}, "id": "1"}, role="assistant")
@@ -178,11 +205,7 @@ def test_to_engine_messages_merges_the_standard_double_conversation():
 
 
 def test_empty_ai_turn_is_dropped():
-    messages = [
-        HumanMessage("a"),
-        AIMessage(content="", tool_calls=[{"name": "f", "args": {}, "id": "1"}]),
-        HumanMessage("b"),
-    ]
+    messages = [HumanMessage("a"), AIMessage(content=""), HumanMessage("b")]
     assert to_engine_messages(messages) == [
         {"role": "user", "content": [{"type": "text", "text": "a\n\nb"}]}
     ]

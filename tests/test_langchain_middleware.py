@@ -421,9 +421,9 @@ def test_blocked_tool_call_answer_ends_the_run_without_running_the_tool(lc_evalu
 
 
 @pytest.mark.parametrize("mode", ["flag", "replace"])
-def test_tool_call_only_answer_records_that_it_was_not_judged(lc_evaluator, mode):  # noqa: F811
-    """An answer with no text (tool calls only) has nothing for the RM: the skip is on the
-    message's guard verdict, never silent; the answer that follows the tool is judged."""
+def test_tool_call_only_answer_is_judged(lc_evaluator, mode):  # noqa: F811
+    """An answer with no text (tool calls only) is judged on its calls (name and arguments);
+    when it passes, the tool runs and the answer that follows the tool is judged too."""
     from langchain_core.tools import tool
 
     @tool
@@ -445,6 +445,7 @@ def test_tool_call_only_answer_records_that_it_was_not_judged(lc_evaluator, mode
     )
     kinds = [m.type for m in out["messages"]]
     assert kinds == ["human", "ai", "tool", "ai"]
-    unjudged = out["messages"][1].response_metadata["eta_guard_verdict"]
-    assert "tool calls only" in unjudged["skipped"]["post"] and unjudged["post_score"] is None
+    if mode == "flag":
+        judged = out["messages"][1].response_metadata["eta_guard_verdict"]
+        assert judged["post_score"] is not None and "post" not in judged["skipped"]
     assert out["messages"][-1].text == ANSWER

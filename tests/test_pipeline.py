@@ -120,7 +120,16 @@ def test_aligned_path_feeds_each_evaluator_what_design_says(eta, monkeypatch):
         clip_calls.append(list(texts))
         return similarity(image_embeds, texts)
 
+    from eta_guard.evaluators.reward_session import IncrementalRewardScorer
+
+    session_score = IncrementalRewardScorer.score
+
+    def spy_session(self, responses):  # the search's incremental scorer
+        rm_calls.append((list(responses), self.instruction))
+        return session_score(self, responses)
+
     monkeypatch.setattr(post, "score", spy_score)
+    monkeypatch.setattr(IncrementalRewardScorer, "score", spy_session)
     monkeypatch.setattr(pre, "similarity", spy_similarity)
     result = eta.generate(_ask(make_test_image()), **FLAG_ALL)
     assert result.aligned and len(result.trace) >= 2

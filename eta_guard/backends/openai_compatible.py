@@ -11,6 +11,14 @@ Requests ETA sends (``POST /v1/chat/completions``):
 - a continuation (prefix + accepted text): the assistant turn is the last message, with
   ``continue_final_message=true`` and ``add_generation_prompt=false``.
 
+Tools and structured outputs pass through to the engine's own support: the vanilla request carries
+the conversation's ``tools``, ``tool_choice`` and ``response_format``; the engine's ``tool_calls``
+(streamed deltas, assembled) come back written as Hermes ``<tool_call>`` text after the answer's
+text (:attr:`OpenAICompatibleBackend.tool_call_parser`), so ETA judges them with the words and the
+caller parses them like a local answer. Search and continuation requests carry the same tools
+with ``tool_choice="none"``: the prompt stays the one the vanilla answer saw, and an aligned
+answer never calls a tool.
+
 Images travel once per request as PNG data URLs with a content-hash ``uuid`` (vLLM keys its
 multimodal cache on it, so successive steps of one answer do not re-encode the image).
 """
@@ -20,6 +28,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import json
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +42,7 @@ from eta_guard.backends.control_markers import (
 from eta_guard.config import SentenceEndRule
 from eta_guard.errors import BackendError, InvalidInputError
 from eta_guard.prompting import ImageMean
+from eta_guard.tools.specs import tool_strings
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -68,6 +78,9 @@ class OpenAICompatibleBackend:
     Example (needs a running engine; see docs/scaling.md):
         >>> backend = OpenAICompatibleBackend("http://127.0.0.1:8000", "llava-1.5-7b")  # doctest: +SKIP
     """
+
+    #: How the tool calls in this backend's answers are written (see the module docstring).
+    tool_call_parser = "hermes"
 
     def __init__(
         self,
@@ -106,7 +119,7 @@ class OpenAICompatibleBackend:
         max_tokens: int,
         stop: Sequence[str] | None = None,
     ) -> AsyncIterator[str | Completion]:
-        body = self._body(conversation, assistant_text)
+        body = self._body(conversation, assistant_text, vanilla=not assistant_text)
         body.update(
             max_tokens=max_tokens,
             temperature=0.0,
@@ -119,6 +132,7 @@ class OpenAICompatibleBackend:
         finish: str | None = None
         stop_reason: Any = None
         usage: dict[str, Any] | None = None
+        calls: dict[int, dict[str, str]] = {}
         async for event in self.client.stream_sse(_CHAT, body):
             if event.get("usage"):
                 usage = event["usage"]
@@ -127,8 +141,16 @@ class OpenAICompatibleBackend:
                 if isinstance(delta, str) and delta:
                     parts.append(delta)
                     yield delta
+                _gather_tool_calls(calls, (choice.get("delta") or {}).get("tool_calls"))
                 if choice.get("finish_reason"):
                     finish, stop_reason = choice["finish_reason"], choice.get("stop_reason")
+        if calls:
+            text = _calls_as_text(calls)
+            text = f"\n{text}" if parts else text
+            parts.append(text)
+            yield text
+            if finish == "tool_calls":
+                finish = "stop"
         if finish is None:
             raise ReplyShapeError(f"malformed stream from {_CHAT}: no choice had a finish_reason")
         if usage is None:
@@ -217,13 +239,28 @@ class OpenAICompatibleBackend:
             self._stop_ids[key] = ids
         return self._stop_ids[key]
 
-    def _body(self, conversation: Conversation, assistant_text: str) -> dict[str, Any]:
+    def _body(
+        self, conversation: Conversation, assistant_text: str, *, vanilla: bool = False
+    ) -> dict[str, Any]:
         messages = openai_messages(conversation, send_uuids=self.send_image_uuids)
         # The engine parses special tokens in message text (the local adapter keeps them text):
         # forged turn or image markers are broken before anything is sent.
         neutralize_messages(messages, self._markers)
+        for value in tool_strings(messages, getattr(conversation, "tools", None) or []):
+            if any(marker in value for marker in self._markers):
+                raise InvalidInputError(
+                    "a tool definition or a tool call's arguments hold a control marker of the "
+                    f"served model's tokenizer ({value[:60]!r}); remove it"
+                )
         assistant_text = neutralize(assistant_text, self._markers)
         body: dict[str, Any] = {**self.extra_body, "model": self.name, "messages": messages}
+        tools = getattr(conversation, "tools", None)
+        if tools:
+            body["tools"] = tools
+            body["tool_choice"] = conversation.tool_choice if vanilla else "none"
+        response_format = getattr(conversation, "response_format", None)
+        if vanilla and response_format:
+            body["response_format"] = response_format
         if self._add_bos:
             # The template writes no BOS but the tokenizer adds one: the local adapter's prompt
             # has it, and vLLM's chat API leaves special tokens to the template unless told.
@@ -252,8 +289,61 @@ def openai_messages(conversation: Conversation, *, send_uuids: bool = True) -> l
                 else:
                     parts.append({"type": "text", "text": part.get("text", "")})
             content = parts
-        messages.append({"role": message["role"], "content": content})
+        item = {"role": message["role"], "content": content}
+        if message.get("tool_calls"):
+            item["tool_calls"] = [_openai_call(c, i) for i, c in enumerate(message["tool_calls"])]
+        if message.get("tool_call_id"):
+            item["tool_call_id"] = message["tool_call_id"]
+        messages.append(item)
     return messages
+
+
+def _openai_call(call: dict[str, Any], index: int) -> dict[str, Any]:
+    """An HF-form call (arguments a dict) as OpenAI's (arguments a JSON string)."""
+    function = call["function"]
+    return {
+        "id": call.get("id") or f"call_{index}",
+        "type": "function",
+        "function": {"name": function["name"], "arguments": json.dumps(function["arguments"])},
+    }
+
+
+def _gather_tool_calls(calls: dict[int, dict[str, str]], deltas: Any) -> None:
+    """Fold streamed ``tool_calls`` deltas (name once, arguments in pieces) into ``calls``."""
+    if not isinstance(deltas, list):
+        return
+    for delta in deltas:
+        if not isinstance(delta, dict):
+            continue
+        index = delta.get("index", len(calls))
+        call = calls.setdefault(
+            index if isinstance(index, int) else len(calls), {"name": "", "arguments": ""}
+        )
+        function = delta.get("function") or {}
+        if isinstance(function.get("name"), str):
+            call["name"] += function["name"]
+        if isinstance(function.get("arguments"), str):
+            call["arguments"] += function["arguments"]
+
+
+def _calls_as_text(calls: dict[int, dict[str, str]]) -> str:
+    """The engine's calls written as Hermes ``<tool_call>`` blocks (what the parser reads).
+
+    Arguments that are no JSON object are written as they came, so the parser reports the call
+    as invalid rather than this backend dropping it.
+    """
+    blocks = []
+    for _, call in sorted(calls.items()):
+        try:
+            arguments = json.loads(call["arguments"] or "{}")
+        except json.JSONDecodeError:
+            arguments = None
+        if isinstance(arguments, dict):
+            payload = json.dumps({"name": call["name"], "arguments": arguments}, ensure_ascii=False)
+        else:
+            payload = f'{{"name": {json.dumps(call["name"])}, "arguments": {call["arguments"]}}}'
+        blocks.append(f"<tool_call>\n{payload}\n</tool_call>")
+    return "\n".join(blocks)
 
 
 def _encoded_images(conversation: Conversation) -> list[tuple[str, str]]:
@@ -274,7 +364,7 @@ def _encode(image: Image.Image) -> tuple[str, str]:
 
 
 def _finish(reason: str) -> FinishReason:
-    if reason in ("stop", "eos", "stop_sequence"):
+    if reason in ("stop", "eos", "stop_sequence", "tool_calls"):
         return "stop"
     if reason in ("abort", "error"):
         raise BackendError(f"the engine gave up on the request (finish_reason={reason!r})")

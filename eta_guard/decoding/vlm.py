@@ -47,6 +47,7 @@ from eta_guard.decoding.stopping import (
 )
 from eta_guard.errors import InvalidInputError
 from eta_guard.model_thread import model_thread
+from eta_guard.tools.specs import tool_strings
 
 FinishReason = Literal["stop", "length"]
 
@@ -80,6 +81,8 @@ class PreparedPrompt:
         num_images: images given to the processor.
         prefix_token_ids: ``assistant_prefix`` tokenized on its own (no special tokens), the
             last ids of ``input_ids``.
+        response_format: the conversation's JSON constraint on the greedy answer (``None``:
+            free text); an assistant prefix (ETA's alignment) lifts it.
     """
 
     input_ids: torch.Tensor
@@ -90,6 +93,7 @@ class PreparedPrompt:
     assistant_prefix: str = ""
     num_images: int = 0
     prefix_token_ids: list[int] = field(default_factory=list)
+    response_format: dict[str, Any] | None = None
 
 
 @dataclass
@@ -232,10 +236,14 @@ class VLMAdapter:
         """
         images = list(getattr(conversation, "images", None) or [])
         messages = list(conversation.messages)
-        rendered = render_with_spans(self._render, messages)
+        tools = list(conversation.tools) if getattr(conversation, "offers_tools", False) else []
+        render = (lambda msgs: self._render(msgs, tools=tools)) if tools else self._render
+        if tools:
+            self._check_tools_rendered(messages, tools)
+        rendered = render_with_spans(render, messages)
         text = rendered.text + assistant_prefix
         self._refuse_far_too_long(text)
-        batch = self._tokenize(rendered, messages, images)
+        batch = self._tokenize(rendered, messages, images, tools)
         model_inputs = {k: _to_device(v, self.device, self.model.dtype) for k, v in batch.items()}
         model_inputs.setdefault("attention_mask", torch.ones_like(model_inputs["input_ids"]))
         prefix_ids = (
@@ -260,14 +268,29 @@ class VLMAdapter:
             assistant_prefix=assistant_prefix,
             num_images=len(images),
             prefix_token_ids=list(prefix_ids),
+            response_format=(
+                None if assistant_prefix else getattr(conversation, "response_format", None)
+            ),
         )
 
     def _tokenize(
-        self, rendered: RenderedPrompt, messages: list[dict[str, Any]], images: list[Any]
+        self,
+        rendered: RenderedPrompt,
+        messages: list[dict[str, Any]],
+        images: list[Any],
+        tools: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         """Run the processor on the rendered prompt, with message-borne markers kept as text."""
         text = rendered.text
         markers = control_strings(self.processor, self.tokenizer)
+        # Tool definitions and earlier calls' arguments are rendered by the template, outside
+        # the text parts whose spans are known: a marker there is refused, never made control.
+        for value in tool_strings(messages, tools or []):
+            if any(marker in value for marker in markers):
+                raise InvalidInputError(
+                    "a tool definition or a tool call's arguments hold a control marker of the "
+                    f"chat template of {self.name!r} ({value[:60]!r}); remove it"
+                )
         if rendered.content_spans is None:
             # The template rewrote message text, so it cannot be told from template text: refuse
             # only when a message holds a marker (otherwise nothing in it can act as control).
@@ -363,12 +386,28 @@ class VLMAdapter:
                 "shorter text, fewer or smaller images)"
             )
 
-    def _render(self, messages: list[dict[str, Any]]) -> str:
+    def _check_tools_rendered(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]]
+    ) -> None:
+        """Refuse tools the chat template ignores (the model would never see them)."""
+        if self._render(messages) == self._render(messages, tools=tools):
+            raise InvalidInputError(
+                f"the chat template of {self.name!r} does not render tools, so the model cannot "
+                "call them (e.g. SmolVLM's, Qwen2-VL's and Qwen2.5-VL's processor templates); "
+                "give it a template that does: VLMAdapter.from_pretrained(..., "
+                "processor_kwargs={'chat_template': ...}), e.g. "
+                "eta_guard.tools.templates.QWEN_VL_HERMES_TOOL_TEMPLATE (see docs/agents.md)"
+            )
+
+    def _render(
+        self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None
+    ) -> str:
         """The chat-template text; a template that rejects system turns gets the system text folded."""
         from jinja2 import TemplateError
 
+        extra: dict[str, Any] = {"tools": tools} if tools else {}
         render = lambda msgs: self.processor.apply_chat_template(  # noqa: E731
-            msgs, add_generation_prompt=True, tokenize=False
+            msgs, add_generation_prompt=True, tokenize=False, **extra
         )
         if not getattr(self.processor, "chat_template", None):
             raise InvalidInputError(
@@ -450,6 +489,11 @@ class VLMAdapter:
         stop = [s for s in (stop or []) if s]
         config = self.generation_config(max_new_tokens=max_new, stop_strings=stop or None)
         criteria = StoppingCriteriaList([CancelCriteria(cancel)] if cancel is not None else [])
+        processors = (
+            [self.json_constraint().logits_processor(prepared.response_format)]
+            if prepared.response_format
+            else None
+        )
         cache: Any = self.new_cache()
         if on_prompt_cached is not None:
             criteria.append(
@@ -459,6 +503,7 @@ class VLMAdapter:
             out = self.model.generate(
                 **prepared.model_inputs,
                 generation_config=config,
+                logits_processor=processors,
                 stopping_criteria=criteria,
                 streamer=streamer,
                 tokenizer=self.tokenizer,
@@ -482,6 +527,17 @@ class VLMAdapter:
             num_prompt_tokens=prepared.num_prompt_tokens,
             sequence_ids=prepared.input_ids[0].tolist() + new_ids,
         )
+
+    def json_constraint(self) -> Any:
+        """The adapter's :class:`~eta_guard.decoding.constrained.JSONConstraint` (built once)."""
+        constraint = getattr(self, "_json_constraint", None)
+        if constraint is None:
+            from eta_guard.decoding.constrained import JSONConstraint
+
+            vocab = int(self.model.get_output_embeddings().weight.shape[0])
+            constraint = JSONConstraint(self.tokenizer, vocab, self.eos_token_ids)
+            self._json_constraint = constraint
+        return constraint
 
     def _copy_cache(self, cache: Any, prepared: PreparedPrompt) -> Any:
         """An independent copy of ``cache`` that remembers ``prepared``'s inputs."""

@@ -313,6 +313,8 @@ class _SearchRun:
         req, cfg = self.request, self.request.cfg
         handle = None
         search = None
+        # The RM keeps its cache of the instruction and the accepted text from step to step.
+        rewards = req.evaluator.reward_session(search=True)
         try:
             if self._after is not None:
                 await self._after.wait()
@@ -327,7 +329,7 @@ class _SearchRun:
                 handle,
                 cfg,
                 prefix=cfg.prefix,
-                reward=_in_thread(req.evaluator.score_responses, search=True),
+                reward=_in_thread(rewards.score),
                 clip=clip,
                 stop=req.stop,
             )
@@ -353,6 +355,7 @@ class _SearchRun:
                 self.text = handle.text
             if handle is not None:
                 await handle.aclose()
+            rewards.close()
 
     async def deltas(self) -> AsyncIterator[str]:
         """The search's text as it settles (what was buffered first); raises what the search raised."""

@@ -178,10 +178,7 @@ class LlamaForRewardModelWithGating(LlamaPreTrainedModel):
         rows = torch.arange(input_ids.shape[0], device=hidden.device)
         reward_at = last_attended(attention_mask).to(hidden.device)
         gate_at = self.gating_positions(input_ids, attention_mask).to(hidden.device)
-        rewards = self.regression_layer(hidden[rows, reward_at])
-        gating_output = self.gating(hidden[rows, gate_at])
-        score = torch.sum(gating_output * (rewards @ self.reward_transform_matrix), dim=1)
-        return ArmoRMOutput(score=score, rewards=rewards, gating_output=gating_output, logits=score)
+        return self.head(hidden[rows, reward_at], hidden[rows, gate_at])
 
     def forward_shared_prefix(
         self, prefix_ids: torch.Tensor, suffix_ids: torch.Tensor, suffix_mask: torch.Tensor
@@ -213,8 +210,17 @@ class LlamaForRewardModelWithGating(LlamaPreTrainedModel):
         rows = torch.arange(batch, device=hidden.device)
         reward_at = (prefix_len + last_attended(suffix_mask)).to(hidden.device)
         gate_at = self.gating_positions(full_ids, full_mask).to(hidden.device)
-        rewards = self.regression_layer(hidden[rows, reward_at])
-        gating_output = self.gating(hidden[rows, gate_at])
+        return self.head(hidden[rows, reward_at], hidden[rows, gate_at])
+
+    def head(self, reward_hidden: torch.Tensor, gate_hidden: torch.Tensor) -> ArmoRMOutput:
+        """Scores from the backbone's last hidden states at the reward and gating positions.
+
+        Args:
+            reward_hidden: ``Tensor[B, hidden]`` at each row's last attended token.
+            gate_hidden: ``Tensor[B, hidden]`` at each row's gating position.
+        """
+        rewards = self.regression_layer(reward_hidden)
+        gating_output = self.gating(gate_hidden)
         score = torch.sum(gating_output * (rewards @ self.reward_transform_matrix), dim=1)
         return ArmoRMOutput(score=score, rewards=rewards, gating_output=gating_output, logits=score)
 

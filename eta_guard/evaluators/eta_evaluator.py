@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from eta_guard.evaluators.base import GateEvaluator, JudgeEvaluator
     from eta_guard.evaluators.clip import CLIPPreEvaluator
     from eta_guard.evaluators.reward import RewardPostEvaluator
+    from eta_guard.evaluators.reward_session import IncrementalRewardScorer, SessionStats
     from eta_guard.media import ImageSource
     from eta_guard.messages import Conversation
 
@@ -59,6 +61,8 @@ class ETAEvaluator:
         post: The reward-model post-evaluator, or ``None``.
         config: Thresholds, prompts and the failure policy (default: the paper's values).
         lock: Lock serialising model calls (shared by :meth:`with_config` views).
+        batchers: Cross-request batchers (shared by views; built from ``config`` when omitted
+            and ``config.evaluator_batching`` is on).
         gates: Extra pre-generation evaluators (:class:`~eta_guard.evaluators.base.GateEvaluator`,
             e.g. a Llama Guard in prompt mode, a patch-level CLIP scan); they see the images and
             the user's text and run after CLIP. Any of CLIP and the gates flagging flags the input.
@@ -96,6 +100,7 @@ class ETAEvaluator:
         config: ETAConfig | None = None,
         *,
         lock: threading.RLock | None = None,
+        batchers: EvaluatorBatchers | None = None,
         gates: Sequence[GateEvaluator] = (),
         judges: Sequence[JudgeEvaluator] = (),
     ) -> None:
@@ -115,6 +120,9 @@ class ETAEvaluator:
         self.config = config or ETAConfig()
         # Models are shared by with_config() copies, so they share the lock too.
         self._lock = lock or threading.RLock()
+        if batchers is None and self.config.evaluator_batching:
+            batchers = EvaluatorBatchers(self, self.config)
+        self._batchers = batchers
 
     @classmethod
     def from_pretrained(
@@ -199,7 +207,13 @@ class ETAEvaluator:
         if config is self.config:
             return self
         return ETAEvaluator(
-            self.pre, self.post, config, lock=self._lock, gates=self.gates, judges=self.judges
+            self.pre,
+            self.post,
+            config,
+            lock=self._lock,
+            batchers=self._batchers,
+            gates=self.gates,
+            judges=self.judges,
         )
 
     def save_config(self, path: str | Path) -> None:
@@ -215,11 +229,7 @@ class ETAEvaluator:
                 ``on_evaluator_error`` says).
         """
         pil = self._load_images(images, where="images")
-        prompt = self.config.safety_prompt
-        size = self.config.clip_batch_size
-        return self._call(
-            "pre", lambda: self._require_pre().score_images(pil, prompt=prompt, batch_size=size)
-        )
+        return self._image_scores(pil)
 
     def score_responses(self, responses: Sequence[str], *, search: bool = False) -> list[float]:
         """Reward of each response (one batched forward).
@@ -236,7 +246,33 @@ class ETAEvaluator:
         limits = RequestLimits.from_config(self.config)
         for i, text in enumerate(texts):
             limits.check_text_length(len(text), what=f"responses[{i}]")
-        return self._call("post", lambda: self._require_post().score(texts, instruction))
+        return self._reward_scores(texts, instruction)
+
+    def reward_session(self, *, search: bool = True) -> RewardSession:
+        """A stateful scorer for one best-of-N search: :meth:`score_responses` made incremental.
+
+        A local reward model (``reward_numerics="fast"``) keeps its KV cache of what the calls' conversations share
+        (instruction + accepted text, compared as tokens) from call to call, and runs only each
+        answer's new tokens (:mod:`eta_guard.evaluators.reward_session`); scores equal
+        :meth:`score_responses`'. A remote reward model gets a session that calls
+        :meth:`score_responses`' scoring as it is (the engine's prefix cache does the rest).
+        Close it (or use it as a context manager) to free the cache.
+
+        Raises:
+            EvaluatorError: (from ``score``) the reward model is not loaded or failed.
+        """
+        from eta_guard.evaluators.reward import RewardPostEvaluator
+
+        instruction = self.config.rm_search_prompt if search else self.config.rm_decision_prompt
+        post = self.post
+        if isinstance(post, RewardPostEvaluator):
+            from eta_guard.evaluators.reward_session import IncrementalRewardScorer
+
+            scorer = IncrementalRewardScorer(
+                post, instruction, numerics=self.config.reward_numerics
+            )
+            return RewardSession(self, scorer)
+        return RewardSession(self, None, search=search)
 
     def sentence_scorer(
         self, images: ImageSource | Sequence[ImageSource]
@@ -464,13 +500,10 @@ class ETAEvaluator:
         flat = [image for group in images if group for image in group]
         if not flat or (self.pre is None and self.gates):
             return [None] * len(images)
-        pre, prompt = self._require_pre(), self.config.safety_prompt
+        self._require_pre()
         start = time.perf_counter()
         try:
-            size = self.config.clip_batch_size
-            scores = self._call(
-                "pre", lambda: pre.score_images(flat, prompt=prompt, batch_size=size)
-            )
+            scores = self._image_scores(flat)
         except EvaluatorError as e:
             sides = self._apply_policy("pre", e)
             return [sides if group else None for group in images]
@@ -497,7 +530,7 @@ class ETAEvaluator:
         post, instruction = self._require_post(), self.config.rm_decision_prompt
         start = time.perf_counter()
         try:
-            scores = self._call("post", lambda: post.score(texts, instruction))
+            scores = self._reward_scores(texts, instruction)
         except EvaluatorError as e:
             side = self._apply_policy("post", e)
             return [side if r is not None else None for r in responses]
@@ -509,13 +542,34 @@ class ETAEvaluator:
         sides = iter(_Side(score=s, windows=w) for s, w in zip(scores, windows, strict=True))
         return [next(sides) if r is not None else None for r in responses]
 
-    def _call(self, stage: str, fn: Callable[[], list[float]]) -> list[float]:
-        """Run a model call under the lock; wrap failures in an ``EvaluatorError`` naming the stage.
+    def _image_scores(self, images: list[Image.Image]) -> list[float]:
+        """CLIP cosines with the safety prompt, grouped with concurrent calls when batching."""
+        pre, key = self._require_pre(), (self.config.safety_prompt, self.config.clip_batch_size)
+        if self._batchers is None:
+            return self._call(
+                "pre", lambda: pre.score_images(images, prompt=key[0], batch_size=key[1])
+            )
+        batcher = self._batchers.images
+        return self._call("pre", lambda: batcher(key, images), locked=False)
+
+    def _reward_scores(self, texts: list[str], instruction: str) -> list[float]:
+        """Rewards under ``instruction``, grouped with concurrent calls when batching."""
+        post, key = self._require_post(), (instruction, self.config.reward_numerics)
+        if self._batchers is None:
+            return self._call("post", lambda: _score_with(post, texts, key))
+        batcher = self._batchers.rewards
+        return self._call("post", lambda: batcher(key, texts), locked=False)
+
+    def _call(
+        self, stage: str, fn: Callable[[], list[float]], *, locked: bool = True
+    ) -> list[float]:
+        """Run a model call (under the lock unless ``fn`` takes it); wrap failures in an
+        ``EvaluatorError`` naming the stage.
 
         A non-finite score is a failure too: NaN compares False with any threshold, so taken as a
         score it would silently pass the check.
         """
-        with self._lock:
+        with self._lock if locked else contextlib.nullcontext():
             try:
                 scores = fn()
             except ETAError:
@@ -685,6 +739,92 @@ class ETAEvaluator:
             if items
         )
         return f"ETAEvaluator(clip={pre!r}, reward_model={post!r}{extra})"
+
+
+class RewardSession:
+    """The search's reward scorer from :meth:`ETAEvaluator.reward_session` (a context manager).
+
+    ``score(answers)`` checks and scores like :meth:`ETAEvaluator.score_responses` (same limits,
+    same failure wrapping); ``stats`` holds the incremental scorer's token counts (``None`` when
+    the reward model is remote).
+    """
+
+    def __init__(
+        self,
+        evaluator: ETAEvaluator,
+        scorer: IncrementalRewardScorer | None,
+        *,
+        search: bool = True,
+    ) -> None:
+        self._evaluator, self._scorer, self._search = evaluator, scorer, search
+
+    @property
+    def stats(self) -> SessionStats | None:
+        return self._scorer.stats if self._scorer is not None else None
+
+    def score(self, answers: Sequence[str]) -> list[float]:
+        """Reward of each answer (prefix + accepted text + candidate), in order."""
+        scorer = self._scorer
+        if scorer is None:
+            return self._evaluator.score_responses(answers, search=self._search)
+        texts = _check_responses(answers)
+        limits = RequestLimits.from_config(self._evaluator.config)
+        for i, text in enumerate(texts):
+            limits.check_text_length(len(text), what=f"responses[{i}]")
+        return self._evaluator._call("post", lambda: scorer.score(texts))
+
+    def close(self) -> None:
+        """Free the kept cache (idempotent)."""
+        if self._scorer is not None:
+            self._scorer.close()
+
+    def __enter__(self) -> RewardSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class EvaluatorBatchers:
+    """The cross-request batchers of an evaluator and its views (:mod:`.batching`).
+
+    ``images``: CLIP image scores, keyed by (prompt, chunk size); ``rewards``: reward-model
+    scores keyed by (instruction, numerics): the decision, and searches whose session is not
+    incremental (a remote RM). A local search's incremental session runs on its own cache, and
+    the search's CLIP sentence term (a few short texts) is not grouped. Each run holds the
+    evaluator's model lock.
+    """
+
+    def __init__(self, evaluator: ETAEvaluator, config: ETAConfig) -> None:
+        from eta_guard.evaluators.batching import MicroBatcher
+
+        options: dict[str, Any] = {
+            "run_lock": evaluator._lock,
+            "max_wait_s": config.evaluator_batch_wait_ms / 1000.0,
+            "max_batch": config.evaluator_max_batch,
+        }
+        pre, post = evaluator.pre, evaluator.post
+
+        def images(key: tuple[str, int], items: list[Any]) -> list[float]:
+            assert pre is not None
+            return pre.score_images(items, prompt=key[0], batch_size=key[1])
+
+        def rewards(key: tuple[str, str], items: list[str]) -> list[float]:
+            assert post is not None
+            return _score_with(post, items, key)
+
+        self.images: MicroBatcher[Any, float] = MicroBatcher(images, **options)
+        self.rewards: MicroBatcher[str, float] = MicroBatcher(rewards, **options)
+
+
+def _score_with(post: Any, texts: list[str], key: tuple[str, str]) -> list[float]:
+    """``post.score`` under ``(instruction, numerics)``; numerics apply to local RMs only."""
+    from eta_guard.evaluators.reward import RewardPostEvaluator
+
+    instruction, numerics = key
+    if numerics != "fast" and isinstance(post, RewardPostEvaluator):
+        return post.score(texts, instruction, numerics="reference")
+    return list(post.score(texts, instruction))
 
 
 def _check_items(items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

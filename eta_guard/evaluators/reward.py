@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from eta_guard._device import load_pretrained, module_device, resolve_device
+from eta_guard.config import RewardNumerics
 from eta_guard.errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
@@ -185,7 +186,9 @@ class RewardPostEvaluator:
         ]
         return self.tokenizer.apply_chat_template(conversation, tokenize=False)
 
-    def score(self, responses: Sequence[str], instruction: str) -> list[float]:
+    def score(
+        self, responses: Sequence[str], instruction: str, *, numerics: RewardNumerics = "fast"
+    ) -> list[float]:
         """Reward of each response under ``instruction``, in one padded forward.
 
         A response too long for ``max_length`` is scored in overlapping windows (forwards of
@@ -194,6 +197,10 @@ class RewardPostEvaluator:
         Args:
             responses: Response texts (never the user's question).
             instruction: The safety instruction shown as the user turn.
+            numerics: ``"fast"``: the model's dtype, rows batched, their common prefix run once.
+                ``"reference"``: the reference's numerics (exactness over speed): each
+                conversation (window) alone, under bfloat16 autocast, with the math SDPA kernel
+                only (the reference turns the flash and memory-efficient kernels off).
 
         Returns:
             One float per response; ETA flags a response iff its reward ``<= post_threshold``.
@@ -207,7 +214,11 @@ class RewardPostEvaluator:
             raise InvalidInputError(f"instruction={instruction!r} must be a non-empty str")
         if not items:
             return []
+        if numerics not in ("fast", "reference"):
+            raise InvalidInputError(f"numerics={numerics!r} must be 'fast' or 'reference'")
         plans = [self._windows(instruction, r) for r in items]
+        if numerics == "reference":
+            return [min(self._forward_reference(seq) for seq in plan) for plan in plans]
         if all(len(p) == 1 for p in plans):
             return self._forward([p[0] for p in plans])
         rows = [seq for plan in plans for seq in plan]
@@ -236,17 +247,32 @@ class RewardPostEvaluator:
 
     def _forward(self, sequences: list[list[int]]) -> list[float]:
         """Rewards of token sequences, in one forward (prefix shared when it pays)."""
-        shared = _shared_prefix_length(sequences, self.pad_token_id)
+        shared = shared_prefix_length(sequences, self.pad_token_id)
         with torch.inference_mode():
-            if len(sequences) > 1 and shared >= _MIN_SHARED_PREFIX and self._prefix_sharing:
+            if len(sequences) > 1 and shared >= _MIN_SHARED_PREFIX and self.prefix_sharing:
                 output = self._forward_shared_prefix(sequences, shared)
             else:
-                input_ids, attention_mask = self._batch(sequences)
+                input_ids, attention_mask = self.pad_batch(sequences)
                 output = self.model(input_ids=input_ids, attention_mask=attention_mask)
-        return _scalar(output, len(sequences)).float().cpu().tolist()
+        return reward_scalar(output, len(sequences)).float().cpu().tolist()
+
+    def _forward_reference(self, sequence: list[int]) -> float:
+        """One conversation alone, as the reference scores it (see :meth:`score`)."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        device = self.device
+        ids = torch.tensor([sequence], dtype=torch.long, device=device)
+        with (
+            torch.inference_mode(),
+            torch.autocast(device_type=device.type, dtype=torch.bfloat16),
+            sdpa_kernel(SDPBackend.MATH),
+        ):
+            output = self.model(input_ids=ids)
+        return float(reward_scalar(output, 1).float().cpu()[0])
 
     @property
-    def _prefix_sharing(self) -> bool:
+    def prefix_sharing(self) -> bool:
+        """Whether the model scores a suffix run after a cached prefix as the whole row."""
         # transformers' generic head pools correctly from a suffix; ArmoRM has its own shared-
         # prefix forward (its gate may read a position inside the prefix). Other custom heads
         # need the whole sequence.
@@ -270,13 +296,13 @@ class RewardPostEvaluator:
 
         prefix = torch.tensor([sequences[0][:shared]], dtype=torch.long, device=self.device)
         if isinstance(self.model, LlamaForRewardModelWithGating):
-            suffix_ids, suffix_mask = self._batch([s[shared:] for s in sequences])
+            suffix_ids, suffix_mask = self.pad_batch([s[shared:] for s in sequences])
             return self.model.forward_shared_prefix(prefix, suffix_ids, suffix_mask)
         cache = DynamicCache(config=self.model.config)
         base = getattr(self.model, self.model.base_model_prefix)
         base(input_ids=prefix, cache=cache, use_cache=True)
         cache.batch_repeat_interleave(len(sequences))
-        input_ids, suffix_mask = self._batch([s[shared:] for s in sequences])
+        input_ids, suffix_mask = self.pad_batch([s[shared:] for s in sequences])
         prefix_mask = torch.ones(
             (len(sequences), shared), dtype=suffix_mask.dtype, device=self.device
         )
@@ -441,7 +467,7 @@ class RewardPostEvaluator:
         )
         return windows
 
-    def _batch(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def pad_batch(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-pad to ``Tensor[B, L]`` ids and mask (the model pools at the last non-pad token)."""
         length = max(len(s) for s in sequences)
         input_ids = torch.full((len(sequences), length), self.pad_token_id, dtype=torch.long)
@@ -452,7 +478,7 @@ class RewardPostEvaluator:
         return input_ids.to(self.device), attention_mask.to(self.device)
 
 
-def _shared_prefix_length(sequences: list[list[int]], pad_token_id: int | None = None) -> int:
+def shared_prefix_length(sequences: list[list[int]], pad_token_id: int | None = None) -> int:
     """Length of the common token prefix of all rows that leaves each row's pooled token in its suffix.
 
     The head pools at the last token that is not ``pad_token_id``. When the chat template ends
@@ -509,7 +535,7 @@ def _added_special_ids(tokenizer: Any) -> tuple[list[int], list[int]]:
     return [], []
 
 
-def _scalar(output: Any, batch_size: int) -> torch.Tensor:
+def reward_scalar(output: Any, batch_size: int) -> torch.Tensor:
     """``Tensor[B]``: ``output.score`` (ArmoRM, ``[B, 1]`` or ``[B]``) else ``logits[:, 0]``."""
     score = getattr(output, "score", None)
     if score is None:

@@ -13,9 +13,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from langchain_core.messages import (
+    AIMessage,
     BaseMessage,
     ChatMessage,
     HumanMessage,
+    ToolMessage,
     convert_to_messages,
 )
 from langchain_core.prompt_values import PromptValue
@@ -29,11 +31,12 @@ _ROLES = {
     "assistant": "assistant",
     "system": "system",
     "developer": "system",
+    "tool": "tool",
 }
 
 
 def role_of(message: BaseMessage) -> str:
-    """The engine role (``"system" | "user" | "assistant"``) of a LangChain message."""
+    """The engine role (``"system" | "user" | "assistant" | "tool"``) of a LangChain message."""
     if isinstance(message, ChatMessage):
         role = _ROLES.get(message.role)
     else:
@@ -41,8 +44,8 @@ def role_of(message: BaseMessage) -> str:
     if role is None:
         kind = message.role if isinstance(message, ChatMessage) else message.type
         raise InvalidInputError(
-            f"message of type {kind!r} is not supported: ETAChatModel takes system, human and ai "
-            "messages (tool calling is not supported)"
+            f"message of type {kind!r} is not supported: ETAChatModel takes system, human, ai "
+            "and tool messages"
         )
     return role
 
@@ -94,15 +97,21 @@ def block_to_part(
 ) -> dict[str, Any] | None:
     """One standard content block as an engine content part; ``None`` for blocks with no text.
 
-    User turns keep text and images. Assistant and system turns keep text only (reasoning and
-    tool-call blocks carry no answer text). Anything else is refused, never silently dropped.
+    User and tool turns keep text and images (an image a tool returns is an input image, checked
+    like any other). Assistant and system turns keep text only (reasoning and tool-call blocks
+    carry no answer text; an AI message's calls travel as ``tool_calls``). Anything else is
+    refused, never silently dropped.
     """
     kind = block.get("type")
     if kind == "text":
         return {"type": "text", "text": block.get("text", "")}
     if role == "assistant" and kind in ("reasoning", "tool_call", "tool_call_chunk"):
         return None
-    if role == "user" and (part := _image_part(block, allow_local_files)) is not None:
+    value = block.get("value")
+    if role == "assistant" and kind == "non_standard" and isinstance(value, dict):
+        if value.get("type") == "tool_use":  # Anthropic-style: the call is in tool_calls
+            return None
+    if role in ("user", "tool") and (part := _image_part(block, allow_local_files)) is not None:
         return part
     raise InvalidInputError(
         f"content block of type {kind!r} is not supported in a {role} message "
@@ -118,20 +127,41 @@ def message_to_dict(message: BaseMessage, *, allow_local_files: bool = False) ->
         for b in message.content_blocks
         if (p := block_to_part(dict(b), role=role, allow_local_files=allow_local_files))
     ]
-    return {"role": role, "content": parts}
+    out: dict[str, Any] = {"role": role, "content": parts}
+    if isinstance(message, AIMessage) and message.tool_calls:
+        out["tool_calls"] = [tool_call_to_dict(c) for c in message.tool_calls]
+    if isinstance(message, ToolMessage):
+        out["tool_call_id"] = message.tool_call_id
+    return out
+
+
+def tool_call_to_dict(call: Any) -> dict[str, Any]:
+    """A LangChain ``ToolCall`` as an engine call ``{"id", "type", "function": {"name", "arguments"}}``."""
+    out: dict[str, Any] = {
+        "type": "function",
+        "function": {"name": call["name"], "arguments": dict(call.get("args") or {})},
+    }
+    if call.get("id"):
+        out["id"] = call["id"]
+    return out
 
 
 def merge_consecutive(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Merge runs of same-role messages into one turn (adjacent texts joined by a blank line)."""
     merged: list[dict[str, Any]] = []
     for message in messages:
-        if merged and merged[-1]["role"] == message["role"]:
+        if (
+            merged
+            and merged[-1]["role"] == message["role"]
+            and message["role"] != "tool"  # each tool result answers its own call
+            and not ({"tool_calls", "tool_call_id"} & (merged[-1].keys() | message.keys()))
+        ):
             merged[-1] = {
                 "role": message["role"],
                 "content": _join(merged[-1]["content"], message["content"]),
             }
         else:
-            merged.append({"role": message["role"], "content": list(message["content"])})
+            merged.append({**message, "content": list(message["content"])})
     return merged
 
 
@@ -140,7 +170,8 @@ def to_engine_messages(
 ) -> list[dict[str, Any]]:
     """LangChain messages as the engine's message list (same-role runs merged, empty turns dropped)."""
     converted = [message_to_dict(m, allow_local_files=allow_local_files) for m in messages]
-    return merge_consecutive([m for m in converted if m["content"]])
+    kept = [m for m in converted if m["content"] or m.get("tool_calls") or m["role"] == "tool"]
+    return merge_consecutive(kept)
 
 
 def as_messages(value: Any) -> list[BaseMessage]:

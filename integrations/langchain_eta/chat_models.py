@@ -9,14 +9,24 @@ from typing import Any
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LangSmithParams
 from langchain_core.language_models.chat_models import agenerate_from_stream, generate_from_stream
-from langchain_core.messages import AIMessageChunk, BaseMessage
-from langchain_core.outputs import ChatGenerationChunk, ChatResult
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable
 from pydantic import Field, PrivateAttr, model_validator
 
 from eta_guard.config import DEFAULT_CLIP, DEFAULT_REWARD_MODEL, ETAConfig
 from eta_guard.errors import InvalidInputError
 from langchain_eta._loading import Lazy
 from langchain_eta._messages import to_engine_messages
+from langchain_eta._tools import (
+    ToolRequest,
+    answer_parts,
+    engine_tool_parser,
+    format_tools,
+    merge_safe_chunks,
+    structured_output,
+    tool_choice_for,
+)
 from langchain_eta._verdicts import result_metadata, result_usage
 
 #: ETAConfig fields that may be passed to the constructor or per call. ``temperature`` is the
@@ -85,6 +95,12 @@ class ETAChatModel(BaseChatModel):
         .. code-block:: python
 
             llm.bind(pre_threshold=0.2, num_candidates=3).invoke("Hello")
+
+    Tool calling and structured output (docs/agents.md; the VLM's chat template must render
+    tools): ``llm.bind_tools([get_weather])``, ``llm.with_structured_output(Schema)``. The reward
+    model judges each call (its name and arguments, as generated) with the answer's words;
+    when ETA aligns, the aligned answer replaces the calls, which are listed in
+    ``response_metadata["eta_dropped_tool_calls"]`` and never returned as calls.
     """
 
     vlm: str | None = None
@@ -119,6 +135,10 @@ class ETAChatModel(BaseChatModel):
     """Accepted for compatibility; local decoding is not interrupted."""
     max_retries: int = 0
     """Accepted for compatibility; a local model has no transient failures to retry."""
+    tool_parser: str | None = None
+    """How tool calls are read from the VLM's answers: ``"hermes"``, ``"llama3_json"`` or
+    ``"pythonic"`` (vLLM's ``--tool-call-parser`` names). Default: from the VLM's family
+    (``eta_guard.tools.parsers.MODEL_TYPE_PARSERS``), or the remote backend's."""
 
     _engine: Lazy[Any] = PrivateAttr()
 
@@ -180,6 +200,43 @@ class ETAChatModel(BaseChatModel):
         """The VLM's id or path."""
         return self.vlm or getattr(self.eta, "model_name", "") or "eta"
 
+    # ------------------------------------------------------------------ tools
+    def bind_tools(
+        self,
+        tools: Sequence[Any],
+        *,
+        tool_choice: str | bool | dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> Runnable[Any, AIMessage]:
+        """Offer ``tools`` (LangChain tools, functions, pydantic models or OpenAI dicts).
+
+        ``tool_choice``: ``"auto"`` (default), ``"none"``, ``"any"`` / ``"required"`` / ``True``,
+        or a tool's name. Locally the choice is rendered, not enforced: a model may still
+        answer in words (use ``with_structured_output`` for a guaranteed shape).
+        """
+        formatted = format_tools(tools)
+        return self.bind(
+            tools=formatted, tool_choice=tool_choice_for(tool_choice, formatted), **kwargs
+        )
+
+    def with_structured_output(  # type: ignore[override]
+        self,
+        schema: Any,
+        *,
+        method: str = "json_schema",
+        include_raw: bool = False,
+        **kwargs: Any,
+    ) -> Runnable[Any, Any]:
+        """A runnable that answers with ``schema``'s type (pydantic model, TypedDict or JSON schema).
+
+        ``method="json_schema"`` (default): constrained decoding (xgrammar, the
+        ``structured`` extra) locally, the engine's structured outputs remotely;
+        ``"json_mode"``: any JSON object; ``"function_calling"``: the schema as the one tool the
+        model is asked to call. An answer ETA aligned is not of the schema: with
+        ``include_raw=True`` it comes back as ``parsing_error`` with the raw message.
+        """
+        return structured_output(self, schema, method=method, include_raw=include_raw, **kwargs)
+
     # ------------------------------------------------------------------ LangChain hooks
     @property
     def _llm_type(self) -> str:
@@ -215,7 +272,12 @@ class ETAChatModel(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        return generate_from_stream(self._stream(messages, stop, run_manager, **kwargs))
+        if not ToolRequest.of(kwargs).held:
+            return generate_from_stream(self._stream(messages, stop, run_manager, **kwargs))
+        # Tool calls are returned exactly as parsed: LangChain's chunk merging would re-read an
+        # invalid call's arguments leniently (a truncated call would become a valid one).
+        chunks = list(self._stream(messages, stop, run_manager, **kwargs))
+        return _exact_result(chunks[-1])
 
     async def _agenerate(
         self,
@@ -224,7 +286,10 @@ class ETAChatModel(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        return await agenerate_from_stream(self._astream(messages, stop, run_manager, **kwargs))
+        if not ToolRequest.of(kwargs).held:
+            return await agenerate_from_stream(self._astream(messages, stop, run_manager, **kwargs))
+        chunks = [c async for c in self._astream(messages, stop, run_manager, **kwargs)]
+        return _exact_result(chunks[-1])
 
     def _stream(
         self,
@@ -233,11 +298,14 @@ class ETAChatModel(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        request, call_stop, overrides = self._prepare(messages, stop, kwargs)
-        for piece in self.load().stream(request, stop=call_stop, **overrides):
-            chunk = self._to_chunk(piece)
-            if run_manager and piece.text:
-                run_manager.on_llm_new_token(piece.text, chunk=chunk)
+        request, call_stop, overrides, tools = self._prepare(messages, stop, kwargs)
+        engine = self.load()
+        for piece in engine.stream(request, stop=call_stop, **overrides):
+            if tools.held and piece.result is None:
+                continue  # held back until the answer's calls are parsed
+            chunk = self._to_chunk(piece, tools, engine)
+            if run_manager and chunk.text:
+                run_manager.on_llm_new_token(chunk.text, chunk=chunk)
             yield chunk
 
     async def _astream(
@@ -247,25 +315,30 @@ class ETAChatModel(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        request, call_stop, overrides = self._prepare(messages, stop, kwargs)
+        request, call_stop, overrides, tools = self._prepare(messages, stop, kwargs)
         engine = await self.aload()
         async for piece in engine.astream(request, stop=call_stop, **overrides):
-            chunk = self._to_chunk(piece)
-            if run_manager and piece.text:
-                await run_manager.on_llm_new_token(piece.text, chunk=chunk)
+            if tools.held and piece.result is None:
+                continue
+            chunk = self._to_chunk(piece, tools, engine)
+            if run_manager and chunk.text:
+                await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
             yield chunk
 
     # ------------------------------------------------------------------ shared core
     def _prepare(
         self, messages: Sequence[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
-    ) -> tuple[list[dict[str, Any]], list[str] | None, dict[str, Any]]:
-        """Engine messages, stop strings and ETAConfig overrides for one call."""
-        overrides = self._overrides(kwargs)
+    ) -> tuple[Any, list[str] | None, dict[str, Any], ToolRequest]:
+        """Engine request, stop strings, ETAConfig overrides and tool settings for one call."""
+        tools = ToolRequest.of(kwargs)
+        overrides = self._overrides({k: v for k, v in kwargs.items() if k not in tools.KEYS})
         local = overrides["allow_local_image_files"]
+        engine_messages = to_engine_messages(messages, allow_local_files=local)
         return (
-            to_engine_messages(messages, allow_local_files=local),
+            tools.request(engine_messages),
             (stop or self.stop or None),
             overrides,
+            tools,
         )
 
     def _overrides(self, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -295,18 +368,42 @@ class ETAChatModel(BaseChatModel):
                 )
         return overrides
 
-    def _to_chunk(self, piece: Any) -> ChatGenerationChunk:
+    def _to_chunk(self, piece: Any, tools: ToolRequest, engine: Any) -> ChatGenerationChunk:
         if piece.result is None:
             return ChatGenerationChunk(message=AIMessageChunk(content=piece.text))
         result = piece.result
         metadata = result_metadata(result)
         metadata["model_name"] = metadata["model_name"] or self.model_name
+        fields: dict[str, Any] = {"content": piece.text}
+        if tools.held:
+            parser = self.tool_parser or engine_tool_parser(engine)
+            fields, dropped = answer_parts(result, parser)
+            if dropped:
+                metadata["eta_dropped_tool_calls"] = dropped
         message = AIMessageChunk(
-            content=piece.text,
+            **fields,
             response_metadata=metadata,
             usage_metadata=result_usage(result),
             chunk_position="last",
         )
+        if message.invalid_tool_calls:
+            message.tool_call_chunks = merge_safe_chunks(message)
         return ChatGenerationChunk(
             message=message, generation_info={"finish_reason": result.finish_reason}
         )
+
+
+def _exact_result(last: ChatGenerationChunk) -> ChatResult:
+    """The final chunk of a held-back (tool-calling) answer as a message, calls as parsed."""
+    chunk = last.message
+    message = AIMessage(
+        content=chunk.content,
+        tool_calls=list(chunk.tool_calls),
+        invalid_tool_calls=list(chunk.invalid_tool_calls),
+        response_metadata=chunk.response_metadata,
+        usage_metadata=chunk.usage_metadata,
+        id=chunk.id,
+    )
+    return ChatResult(
+        generations=[ChatGeneration(message=message, generation_info=last.generation_info)]
+    )

@@ -14,6 +14,7 @@ from pydantic import ConfigDict, Field
 from eta_guard.config import DEFAULT_CLIP, DEFAULT_REWARD_MODEL
 from eta_guard.errors import GuardrailViolation, InvalidInputError
 from eta_guard.scored_images import ScoredImage, load_request_images
+from eta_guard.tools.calls import judged_text
 from langchain_eta._loading import aresolve, lazy_evaluator, resolve
 from langchain_eta._messages import as_messages, forwarded_block, image_sources, replace_blocks
 from langchain_eta._verdicts import (
@@ -204,7 +205,8 @@ class ETAOutputGuard(_ETAGuard):
     has ended and the reward model has judged the complete text. Then the original chunks are
     replayed (the last one carrying the verdict when ``flag``), or one refusal chunk is
     yielded, or ``GuardrailViolation`` is raised. Text that is blocked is therefore never
-    yielded. Empty answers (e.g. tool calls only) are not scored. Every check emits an
+    yielded. Tool calls are judged with the answer's words (name and arguments), so a
+    tool-call-only answer is scored too; a refusal carries no calls. Empty answers are not scored. Every check emits an
     ``eta_verdict`` custom callback event.
 
     Example (offline, on tiny random checkpoints; any chat model in place of the fake one):
@@ -375,7 +377,12 @@ def _text(value: Any) -> str:
         return value
     if isinstance(value, BaseMessage):
         try:
-            return value.text
+            # A tool call is part of the answer: its name and arguments are judged with the words.
+            return judged_text(
+                value.text,
+                getattr(value, "tool_calls", None) or [],
+                getattr(value, "invalid_tool_calls", None) or [],
+            )
         except Exception as e:  # e.g. content blocks of an unexpected shape
             raise InvalidInputError(
                 f"ETAOutputGuard cannot read the text of a {type(value).__name__}: its content "

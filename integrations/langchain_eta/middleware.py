@@ -21,9 +21,9 @@ from langgraph.constants import TAG_NOSTREAM
 from langgraph.runtime import Runtime
 from langgraph.types import Command
 
-from eta_guard.decision import skipped
 from eta_guard.errors import GuardrailViolation, InvalidInputError
 from eta_guard.image_score_cache import DEFAULT_MAX_ENTRIES, ImageScoreCache
+from eta_guard.tools.calls import judged_text
 from langchain_eta._image_checks import ImageCheck, check_images
 from langchain_eta._loading import Lazy, aresolve, lazy_evaluator, resolve
 from langchain_eta._messages import replace_blocks
@@ -53,7 +53,8 @@ class ETAGuardMiddleware(AgentMiddleware):
     middleware adds later are checked in ``wrap_model_call``. Animated images are refused
     (``InvalidInputError``). ``wrap_model_call`` runs the model and scores its
     answer with the reward model *inside the model node*, before the answer is written to the
-    agent's state; while it runs, the model's tokens are kept out of
+    agent's state (its words and its tool calls: a call's name and arguments are judged as part
+    of the answer, so a flagged call never runs); while it runs, the model's tokens are kept out of
     ``stream_mode="messages"`` (the model call is tagged ``"nostream"``), so a streamed agent
     shows the checked answer (or the refusal) as one message and never the unchecked text. On
     a violation:
@@ -205,8 +206,10 @@ class ETAGuardMiddleware(AgentMiddleware):
             response = handler(request)
         answer = _answer(response)
         if answer is None:
-            return self._unjudged(response, check, resolve(self.evaluator))
-        verdict = self._answer_verdict(check, resolve(self.evaluator).evaluate_output(answer.text))
+            return response
+        verdict = self._answer_verdict(
+            check, resolve(self.evaluator).evaluate_output(_judged_text(answer))
+        )
         emit(self._event("after_model", verdict, self._output_violation(verdict)))
         return self._on_output(response, answer, verdict)
 
@@ -226,8 +229,10 @@ class ETAGuardMiddleware(AgentMiddleware):
             response = await handler(request)
         answer = _answer(response)
         if answer is None:
-            return self._unjudged(response, check, evaluator)
-        verdict = self._answer_verdict(check, await evaluator.aevaluate_output(answer.text))
+            return response
+        verdict = self._answer_verdict(
+            check, await evaluator.aevaluate_output(_judged_text(answer))
+        )
         await aemit(self._event("after_model", verdict, self._output_violation(verdict)))
         return self._on_output(response, answer, verdict)
 
@@ -334,16 +339,6 @@ class ETAGuardMiddleware(AgentMiddleware):
             return {"messages": [*changed, refusal], "jump_to": "end"}
         return {"messages": changed} if changed else None
 
-    def _unjudged(self, response: ModelResponse, check: ImageCheck | None, evaluator: Any) -> Any:
-        """An answer with no text (tool calls only) is not judged: say so on it, never silently."""
-        message = next((m for m in response.result if isinstance(m, AIMessage)), None)
-        if message is None:
-            return response
-        reason = "the answer has no text to judge (tool calls only)"
-        verdict = self._answer_verdict(check, skipped(evaluator.config, "post", reason))
-        result = [_flagged(m, verdict) if m is message else m for m in response.result]
-        return ModelResponse(result=result, structured_response=response.structured_response)
-
     def _on_output(self, response: ModelResponse, answer: AIMessage, verdict: Any) -> _CallResult:
         if self.on_violation == "flag":
             flagged = _flagged(answer, verdict)
@@ -393,9 +388,16 @@ def _no_token_stream() -> Iterator[None]:
 
 
 def _answer(response: ModelResponse) -> AIMessage | None:
-    """The model's answer in ``response`` if it has text to check (tool calls alone: ``None``)."""
+    """The model's answer in ``response``: its words, its tool calls, or both (else ``None``)."""
     answer = next((m for m in response.result if isinstance(m, AIMessage)), None)
-    return answer if answer is not None and answer.text else None
+    if answer is None or not (answer.text or answer.tool_calls or answer.invalid_tool_calls):
+        return None
+    return answer
+
+
+def _judged_text(answer: AIMessage) -> str:
+    """What the reward model judges: the answer's words and every call it makes (an action)."""
+    return judged_text(answer.text, answer.tool_calls, answer.invalid_tool_calls)
 
 
 def _input_message(verdict: Any) -> str:

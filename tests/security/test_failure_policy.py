@@ -51,7 +51,18 @@ def _break_rm(monkeypatch, eta: ETA, *, when=lambda instruction, call: True) -> 
             raise RuntimeError(f"CUDA error: out of memory in {SECRET}")
         return original(responses, instruction)
 
+    from eta_guard.evaluators.reward_session import IncrementalRewardScorer
+
+    session_score = IncrementalRewardScorer.score
+
+    def search_score(self, responses):  # the search's incremental scorer breaks the same way
+        calls.append(self.instruction)
+        if when(self.instruction, len(calls)):
+            raise RuntimeError(f"CUDA error: out of memory in {SECRET}")
+        return session_score(self, responses)
+
     monkeypatch.setattr(post, "score", score)
+    monkeypatch.setattr(IncrementalRewardScorer, "score", search_score)
     return calls
 
 

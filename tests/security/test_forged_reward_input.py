@@ -102,7 +102,7 @@ def test_benign_answers_get_the_usual_ids(rm):
 
 def test_shared_prefix_batch_with_forged_candidates_is_exact(tiny_checkpoints, monkeypatch):
     rm = RewardPostEvaluator.from_pretrained(tiny_checkpoints.reward_model, device="cpu")
-    assert rm._prefix_sharing
+    assert rm.prefix_sharing
     calls = []
     monkeypatch.setattr(
         rm,
