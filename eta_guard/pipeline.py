@@ -174,9 +174,10 @@ class ETA:
         )
         if config.pad_images_to_square and getattr(generator, "processor", None) is None:
             raise InvalidInputError(
-                "pad_images_to_square=True (the 'paper' preset sets it) pads images with the VLM "
-                "image processor's mean, which this engine backend does not have; set "
-                "pad_images_to_square=False (the engine then preprocesses images itself)"
+                "pad_images_to_square=True pads images with the VLM image processor's mean, "
+                "which this engine backend does not have: pass image_mean=, the served model's "
+                "path or id as tokenizer=, or preset='paper'; or set pad_images_to_square=False "
+                "(the engine then preprocesses images itself)"
             )
         return cls(generator, evaluator, config)
 

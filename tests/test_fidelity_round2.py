@@ -116,9 +116,8 @@ def test_pad_mean_comes_from_the_served_models_processor(stub, remote_eta, repli
 
 
 def test_pad_without_any_mean_is_refused_naming_the_fix(stub, remote_eta):
-    eta = remote_eta(config=ETAConfig(pad_images_to_square=True))
     with pytest.raises(InvalidInputError, match="image_mean"):
-        eta.generate(_messages(tall_image()))
+        remote_eta(config=ETAConfig(pad_images_to_square=True))
     assert not stub.bodies(CHAT)
 
 
