@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,30 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 
 
+#: UTF-16 surrogate code points. Python strings (and JSON: ``"\\ud800"``) may hold them alone,
+#: but they are not Unicode scalar values: no tokenizer can encode them (UTF-8 refuses them).
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_encodable(text: str, *, what: str) -> None:
+    """Raise if ``text`` holds a lone UTF-16 surrogate, which no model can encode.
+
+    Such text is the client's bad input, never an evaluator failure: without this check the
+    tokenizer raises inside the reward model, which a fail-open policy would count as "not
+    judged" (and so not flagged). One linear regex scan.
+
+    Raises:
+        InvalidInputError: ``text`` holds a surrogate code point (its position is named).
+    """
+    found = _SURROGATE.search(text)
+    if found is not None:
+        raise InvalidInputError(
+            f"{what} holds a lone UTF-16 surrogate (U+{ord(found.group()):04X}) at character "
+            f"{found.start()}; text must be valid Unicode (encodable as UTF-8): fix the client's "
+            "string encoding"
+        )
+
+
 def check_stop_strings(stop: list[str]) -> None:
     """Raise if ``stop`` holds more than :data:`MAX_STOP_STRINGS` strings or one is too long.
 
@@ -39,6 +64,7 @@ def check_stop_strings(stop: list[str]) -> None:
             f"stop has {len(stop)} strings; at most {MAX_STOP_STRINGS} are accepted"
         )
     for i, s in enumerate(stop):
+        check_encodable(s, what=f"stop[{i}]")
         if len(s) > MAX_STOP_CHARS:
             raise InvalidInputError(
                 f"stop[{i}] is {len(s):_} characters long; a stop string may have at most "

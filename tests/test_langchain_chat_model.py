@@ -254,7 +254,9 @@ def test_local_image_files_are_refused_unless_allowed(llm, tmp_path):
     assert allowed.invoke(_ask({"type": "image", "url": str(path)})).response_metadata[
         "eta_verdict"
     ]["pre_score"]
-    per_call = llm.bind(allow_local_image_files=True).invoke(
+    # Per call it is locked by default (tests/security/test_locked_settings.py); unlocked:
+    unlocked = llm.model_copy(update={"locked_settings": frozenset()})
+    per_call = unlocked.bind(allow_local_image_files=True).invoke(
         _ask({"type": "image", "url": path.as_uri()})
     )
     assert per_call.response_metadata["eta_verdict"]["pre_score"] is not None

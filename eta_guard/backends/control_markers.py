@@ -14,6 +14,7 @@ unknown and nothing is done; a warning says so (docs/scaling.md).
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,38 @@ def neutralize(text: str, markers: tuple[str, ...]) -> str:
             if marker in text:
                 text = text.replace(marker, marker[0] + _BREAK + marker[1:])
     return text
+
+
+#: Turn and media markers of the common chat formats, for a remote model whose tokenizer is not
+#: at hand (an ``openai:MODEL@URL`` judge): Llama 2 / Mistral ``[INST]`` (plain text there, but
+#: still the turn boundary the model reads), ``<<SYS>>``, SentencePiece ``<s>`` / ``</s>``, Gemma
+#: turns, Llama 3 / ChatML / Qwen / Phi markers (every ``<|...|>``, matched by pattern), image
+#: placeholders.
+WELL_KNOWN_MARKERS = (
+    "[/INST]",
+    "[INST]",
+    "<</SYS>>",
+    "<<SYS>>",
+    "[SYSTEM_PROMPT]",
+    "[/SYSTEM_PROMPT]",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<start_of_image>",
+    "<end_of_image>",
+    "<image>",
+    "<video>",
+    "</s>",
+    "<s>",
+)
+_PIPE_MARKER = re.compile(r"<\|[^\s<>|]{1,64}\|>")
+
+
+def neutralize_known(text: str, extra: tuple[str, ...] = ()) -> str:
+    """``text`` with the :data:`WELL_KNOWN_MARKERS`, every ``<|...|>`` marker and ``extra`` (a
+    tokenizer's control strings) broken by a zero-width space."""
+    text = _PIPE_MARKER.sub(lambda m: m.group()[0] + _BREAK + m.group()[1:], text)
+    known = tuple(sorted({*WELL_KNOWN_MARKERS, *extra}, key=len, reverse=True))
+    return neutralize(text, known)
 
 
 def neutralize_messages(messages: list[dict[str, Any]], markers: tuple[str, ...]) -> None:

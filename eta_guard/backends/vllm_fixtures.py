@@ -9,6 +9,15 @@
   models), so local and remote greedy answers can be compared token for token;
 - ``DIR/rm``: a tiny Llama sequence-classification reward model (one label, heads of size 32,
   the Llama-3 chat template), served by vLLM's ``/classify`` and loaded locally alike;
+- ``DIR/armorm``: the ArmoRM replica of :mod:`eta_guard.replicas.armorm` (same weights and
+  tokenizer) with its attention regrouped into heads of size 32, served through the
+  :mod:`eta_guard.vllm_plugin` and loaded locally by ``RewardPostEvaluator`` alike;
+- ``DIR/clip``: the CLIP replica of :mod:`eta_guard.replicas.clip` with its two special tokens
+  moved to the END of the vocabulary, as in ``openai/clip-vit-large-patch14-336`` (ids 49406 and
+  49407 there; vLLM's CLIP uses id 0 as its image placeholder and refuses a tokenizer whose id 0
+  is special); the embedding rows are permuted with the ids, and the attention is regrouped
+  into one head of 32 (vLLM's CPU attention refuses heads of 16; the projections keep their
+  shapes, so the weights load unchanged), and ``projection_dim`` the same in the sub-configs;
 - the tiny CLIP and reward model of :func:`eta_guard.testing.build_tiny_checkpoints`.
 
 Random weights: mechanics and cost, never safety.
@@ -39,10 +48,13 @@ def build(directory: str | Path, *, seed: int = 0) -> dict[str, str]:
     root = Path(directory)
     tiny = build_tiny_checkpoints(root / "base", seed=seed)
     vlm_dir, lm_dir, rm_dir = root / "vlm", root / "lm", root / "rm"
+    armorm_dir, clip_dir = root / "armorm", root / "clip"
     paths = {
         "vlm": str(vlm_dir),
         "lm": str(lm_dir),
         "rm": str(rm_dir),
+        "armorm": str(armorm_dir),
+        "engine_clip": str(clip_dir),
         "clip": tiny.clip,
         "reward_model": tiny.reward_model,
     }
@@ -76,8 +88,80 @@ def build(directory: str | Path, *, seed: int = 0) -> dict[str, str]:
         rm.score.weight.normal_(0.0, 1.0)
     rm.save_pretrained(rm_dir)
     AutoTokenizer.from_pretrained(tiny.reward_model).save_pretrained(rm_dir)
+    _armorm(armorm_dir, seed=seed)
+    _clip(clip_dir, seed=seed)
     (lm_dir / "eta_ready.json").write_text(json.dumps(paths))
     return paths
+
+
+def _armorm(out: Path, *, seed: int) -> None:
+    """The ArmoRM replica with 2 query heads of 32 and 1 KV head (4x16 and 2x16 there).
+
+    The projections keep their shapes (64 = 2 x 32, 32 = 1 x 32), so the replica's weights
+    load unchanged; only the head grouping differs.
+    """
+    from transformers import AutoTokenizer
+
+    from eta_guard.evaluators.armorm import LlamaForRewardModelWithGating
+    from eta_guard.replicas.armorm import build_armorm_replica
+
+    replica = build_armorm_replica(out.with_name("armorm-replica"), seed=seed)
+    model = LlamaForRewardModelWithGating.from_pretrained(
+        replica, num_attention_heads=2, num_key_value_heads=1, head_dim=32
+    ).eval()
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(replica).save_pretrained(out)
+    config_file = out / "config.json"
+    data = json.loads(config_file.read_text())
+    data["architectures"] = ["LlamaForRewardModelWithGating"]
+    config_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _clip(out: Path, *, seed: int) -> None:
+    """The CLIP replica with its special tokens last (the real CLIP's id layout), heads of 32."""
+    import torch
+    from transformers import CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    from eta_guard.replicas.clip import build_clip_replica
+
+    source = out.with_name("clip-replica")
+    build_clip_replica(source, seed=seed)
+    replica = CLIPModel.from_pretrained(source)
+    config: Any = replica.config
+    for part in (config.text_config, config.vision_config):
+        part.num_attention_heads = part.hidden_size // 32
+        # As in the real config (768 in all three); vLLM sizes its input buffer from the text
+        # config's, which the replica leaves at transformers' default (512).
+        part.projection_dim = config.projection_dim
+    model = CLIPModel(config).eval()
+    model.load_state_dict(replica.state_dict())
+    processor = CLIPProcessor.from_pretrained(source)
+    tokenizer = processor.tokenizer
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    old = state["model"]["vocab"]
+    specials = [t for t in old if t in tokenizer.all_special_tokens]
+    order = sorted((t for t in old if t not in specials), key=old.__getitem__) + sorted(
+        specials, key=old.__getitem__
+    )
+    vocab = {token: i for i, token in enumerate(order)}
+    # Pairs, as the tokenizers backend takes them (the class's annotation says list[str]).
+    merges: Any = [
+        tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["model"]["merges"]
+    ]
+    new_tokenizer = CLIPTokenizer(vocab=vocab, merges=merges)
+    new_tokenizer.model_max_length = tokenizer.model_max_length
+    embedding = model.text_model.embeddings.token_embedding.weight
+    with torch.no_grad():
+        embedding.copy_(embedding[torch.tensor([old[t] for t in order])].clone())
+    text = model.config.text_config
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        token = tokenizer.convert_ids_to_tokens(getattr(text, name))
+        setattr(text, name, vocab[token])
+    model.text_model.eos_token_id = text.eos_token_id
+    model.save_pretrained(out)
+    CLIPProcessor(
+        image_processor=processor.image_processor, tokenizer=new_tokenizer
+    ).save_pretrained(out)
 
 
 if __name__ == "__main__":

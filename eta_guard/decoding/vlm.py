@@ -297,7 +297,7 @@ class VLMAdapter:
             forged: list[tuple[int, int]] = []
             if any(marker in t for t in _texts(messages) for marker in markers):
                 raise InvalidInputError(
-                    f"the chat template of {self.name!r} rewrites message text, so control "
+                    "the VLM's chat template rewrites message text, so control "
                     "markers in a message cannot be kept as plain text; remove them"
                 )
         else:
@@ -319,8 +319,11 @@ class VLMAdapter:
         try:
             batch = dict(self.processor(text=[text], images=images or None, **tokenize_kwargs))
         except (ValueError, TypeError) as e:
+            # Neither the checkpoint's path nor the inner text: this message may reach a client
+            # (a server's 400). The cause stays chained for the operator.
             raise InvalidInputError(
-                f"the processor of {self.name!r} refused the prompt with {len(images)} image(s): {e}"
+                f"the VLM's processor refused the prompt with {len(images)} image(s) "
+                f"({type(e).__name__})"
             ) from e
         placeholder = getattr(self.processor, "image_token", None)
         image_id = self._image_token_id()
@@ -411,7 +414,7 @@ class VLMAdapter:
         )
         if not getattr(self.processor, "chat_template", None):
             raise InvalidInputError(
-                f"the processor of {self.name!r} has no chat template; set one with "
+                "the VLM's processor has no chat template; set one with "
                 "VLMAdapter.from_pretrained(..., processor_kwargs={'chat_template': '<jinja>'}) "
                 "or vlm.processor.chat_template = '<jinja>'"
             )
@@ -419,17 +422,13 @@ class VLMAdapter:
             return render(messages)
         except TemplateError as first:
             if not any(m.get("role") == "system" for m in messages):
-                raise InvalidInputError(
-                    f"the chat template of {self.name!r} rejected the conversation: {first}"
-                ) from first
+                raise InvalidInputError(_template_refusal(first)) from first
             from eta_guard.messages import fold_system_message
 
             try:
                 return render(fold_system_message(messages))
             except TemplateError as e:
-                raise InvalidInputError(
-                    f"the chat template of {self.name!r} rejected the conversation: {e}"
-                ) from e
+                raise InvalidInputError(_template_refusal(e)) from e
 
     def max_new_tokens_for(self, prepared: PreparedPrompt, max_new_tokens: int) -> int:
         """``max_new_tokens`` capped by the room left in the model's context."""
@@ -838,3 +837,12 @@ def _context_length(model: Any) -> int:
         f"cannot find the context length of {type(model).__name__}: its text config has no "
         "max_position_embeddings"
     )
+
+
+def _template_refusal(error: Exception) -> str:
+    """The client-facing message of a chat-template refusal: the template's own words (it
+    raises them for users, e.g. "roles must alternate"), shortened, without the checkpoint path."""
+    words = " ".join(str(error).split())
+    if len(words) > 200:
+        words = words[:197] + "..."
+    return f"the VLM's chat template rejected the conversation: {words}"

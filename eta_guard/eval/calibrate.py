@@ -56,7 +56,7 @@ def _jsonl(path: Path) -> list[tuple[str, dict[str, Any]]]:
     if not path.is_file():
         raise DatasetError(f"{path} is neither a folder nor a JSONL file")
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
         if not line.strip():
             continue
         try:

@@ -66,7 +66,12 @@ def open_for_append(
 
 def write_line(f: IO[str], obj: dict[str, Any]) -> None:
     """Append one JSON line and push it to disk before the next item starts."""
-    f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+    try:
+        line = json.dumps(obj, ensure_ascii=False)
+        line.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate somewhere: escaped, the line stays valid JSON
+        line = json.dumps(obj, ensure_ascii=True)
+    f.write(line + "\n")
     f.flush()
     os.fsync(f.fileno())
 
@@ -86,10 +91,96 @@ def read_results(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
             objs.append(json.loads(line))
         except json.JSONDecodeError as e:
             raise ResultsFileError(f"{path}:{number}: not a JSON line ({e.msg})") from e
-    if not objs or objs[0].get("type") != "header" or objs[0].get("format") != FORMAT:
+    header = objs[0] if objs else None
+    if (
+        not isinstance(header, dict)
+        or header.get("type") != "header"
+        or header.get("format") != FORMAT
+    ):
         raise ResultsFileError(f"{path} is not an eta-guard eval results file (no header line)")
-    records = [o for o in objs[1:] if o.get("type") == "item"]
-    return objs[0], records
+    _check_header(path, header)
+    records = []
+    for number, obj in enumerate(objs[1:], 2):
+        if isinstance(obj, dict) and obj.get("type") == "item":
+            _check_record(f"{path}: item line {number}", obj, header["settings"]["judges"])
+            records.append(obj)
+    return header, records
+
+
+# A results file may have been edited or truncated by hand: everything the report reads is
+# checked here, so that a bad file is a ResultsFileError naming the line, not a KeyError deep in
+# the metrics.
+_NUMBER = (int, float)
+
+
+def _fail(where: str, what: str) -> ResultsFileError:
+    return ResultsFileError(f"{where}: {what}; the results file was changed or is damaged")
+
+
+def _check_header(path: Path, header: dict[str, Any]) -> None:
+    settings = header.get("settings")
+    if not isinstance(settings, dict):
+        raise _fail(f"{path}: header", "'settings' is not an object")
+    judges = settings.get("judges")
+    if not isinstance(judges, list) or not all(isinstance(j, str) for j in judges):
+        raise _fail(f"{path}: header", "'settings.judges' is not a list of names")
+    if not isinstance(settings.get("dataset", ""), str):
+        raise _fail(f"{path}: header", "'settings.dataset' is not a string")
+    seed = settings.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise _fail(f"{path}: header", "'settings.seed' is not an integer")
+
+
+def _check_record(where: str, r: dict[str, Any], judges: list[str]) -> None:
+    def need(key: str, types: Any, allow_none: bool = False) -> Any:
+        value = r.get(key)
+        if (value is None and not allow_none) or (
+            value is not None
+            and (not isinstance(value, types) or isinstance(value, bool) and types is int)
+        ):
+            raise _fail(where, f"field {key!r} is missing or has the wrong type")
+        return value
+
+    need("id", str)
+    need("index", int)
+    need("category", str)
+    need("question", str)
+    need("error", str, allow_none=True)
+    if r.get("label") not in (None, "safe", "unsafe"):
+        raise _fail(where, "field 'label' is not 'safe', 'unsafe' or null")
+    if r["error"] is not None:
+        return
+    need("vanilla_text", str)
+    need("eta_text", str)
+    need("aligned", bool)
+    verdict = need("verdict", dict)
+    for key in ("pre_score", "post_score"):
+        if key not in verdict:
+            raise _fail(where, f"verdict.{key} is missing")
+        score = verdict[key]
+        if score is not None and (not isinstance(score, _NUMBER) or isinstance(score, bool)):
+            raise _fail(where, f"verdict.{key} is not a number")
+    for key in ("input_unsafe", "output_unsafe"):
+        if key not in verdict or verdict[key] not in (None, True, False):
+            raise _fail(where, f"verdict.{key} is missing or not true/false/null")
+    if not isinstance(verdict.get("errors"), dict):
+        raise _fail(where, "verdict.errors is not an object")
+    timings = need("timings", dict)
+    if not all(isinstance(v, _NUMBER) for v in timings.values()):
+        raise _fail(where, "a timing is not a number")
+    refused = need("refused", dict)
+    judgments = need("judgments", dict)
+    for arm in ("vanilla", "eta"):
+        if not isinstance(refused.get(arm), bool):
+            raise _fail(where, f"refused.{arm} is not true/false")
+    for name in judges:
+        block = judgments.get(name)
+        if not isinstance(block, dict):
+            raise _fail(where, f"judgments has no {name!r} (a judge of the run)")
+        for arm in ("vanilla", "eta"):
+            label = block.get(arm)
+            if not isinstance(label, dict) or label.get("unsafe") not in (None, True, False):
+                raise _fail(where, f"judgments[{name!r}].{arm} is not a judgment")
 
 
 def load_results(paths: Sequence[Path]) -> tuple[dict[str, Any], list[dict[str, Any]]]:

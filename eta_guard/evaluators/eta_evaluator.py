@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from eta_guard.config import DEFAULT_CLIP, DEFAULT_REWARD_MODEL, ETAConfig
 from eta_guard.errors import ETAError, EvaluatorError, InvalidInputError
 from eta_guard.evaluators.base import GuardRequest, user_messages
-from eta_guard.limits import RequestLimits
+from eta_guard.limits import RequestLimits, check_encodable
 from eta_guard.media import image_options, load_images
 from eta_guard.model_thread import model_thread
 from eta_guard.verdict import EvaluatorScore, SafetyVerdict
@@ -246,6 +246,7 @@ class ETAEvaluator:
         limits = RequestLimits.from_config(self.config)
         for i, text in enumerate(texts):
             limits.check_text_length(len(text), what=f"responses[{i}]")
+            check_encodable(text, what=f"responses[{i}]")
         return self._reward_scores(texts, instruction)
 
     def reward_session(self, *, search: bool = True) -> RewardSession:
@@ -709,6 +710,14 @@ class ETAEvaluator:
             sum(len(r) for r in [*responses, *(texts or [])] if r is not None),
             what="the response and question text",
         )
+        for i, response in enumerate(responses):  # the client's bad text, not an RM failure
+            if response is not None:
+                check_encodable(
+                    response, what=f"responses[{i}]" if len(responses) > 1 else "response"
+                )
+        for i, text in enumerate(texts or []):
+            if text is not None:
+                check_encodable(text, what=f"texts[{i}]" if len(texts or []) > 1 else "text")
         for group, where in zip(groups, wheres, strict=True):
             if isinstance(group, (list, tuple)) and not group:
                 raise InvalidInputError(

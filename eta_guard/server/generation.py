@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from eta_guard.limits import RequestLimits
 from eta_guard.messages import normalize_messages
 from eta_guard.remote_fetch import RemoteFetchPolicy
+from eta_guard.server.disconnect import watch_disconnect
 from eta_guard.server.errors import bad_request, from_exception, request_id_of
 from eta_guard.server.openai_format import KEEPALIVE, Formatter, Kind, sse
 from eta_guard.server.scheduler import Event, Job
@@ -19,7 +20,7 @@ from eta_guard.server.schemas import _GenerationRequest
 from eta_guard.server.state import ServerState
 from eta_guard.verdict import ETAResult
 
-#: How often a non-streaming request checks whether its client is still there.
+#: Longest wait for an event before a non-streaming request looks at its disconnect watcher.
 _DISCONNECT_POLL_S = 0.5
 
 
@@ -109,13 +110,13 @@ async def _answer(
     request: Request, state: ServerState, job: Job, fmt: Formatter, ignored: list[str], route: str
 ) -> Response:
     result: ETAResult | None = None
+    watcher = watch_disconnect(request, job)  # cancels the job at once: the next token stops it
     try:
         while True:
             event = await job.next(_DISCONNECT_POLL_S)
+            if watcher.done():
+                return Response(status_code=499)  # nobody reads it; logged as such
             if event is None:
-                if await request.is_disconnected():
-                    job.cancel("client_gone")
-                    return Response(status_code=499)  # nobody reads it; logged as such
                 continue
             kind, value = event
             if kind == "item":
@@ -125,6 +126,7 @@ async def _answer(
             else:
                 break
     finally:
+        watcher.cancel()
         job.close()
     if result is None:
         raise from_exception(

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from eta_guard.errors import InvalidInputError
+from eta_guard.limits import check_encodable
 from eta_guard.server.errors import bad_request
 from eta_guard.server.schemas import ChatMessage
 
@@ -66,6 +68,15 @@ def moderation_items(value: Any, *, allow_remote: bool, max_items: int) -> list[
             f"input has {len(items)} items; this server accepts at most {max_items} per request",
             param="input",
         )
+    for i, item in enumerate(items):
+        # Checked before queueing: the reward model cannot encode it, and a failure there would
+        # count as "not judged" under fail_open (and take the whole batch with it).
+        if item.text is not None:
+            where = "input" if isinstance(value, str) else f"input[{i}]"
+            try:
+                check_encodable(item.text, what=where)
+            except InvalidInputError as e:
+                raise bad_request(str(e), param=where, code="invalid_text") from e
     return items
 
 

@@ -23,6 +23,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from eta_guard.server.auth import check_api_key
+from eta_guard.server.disconnect import watch_disconnect
 from eta_guard.server.errors import from_exception, request_id_of
 from eta_guard.server.inputs import ModerationItem, moderation_items
 from eta_guard.server.openai_format import new_id, verdict_extension
@@ -54,13 +55,13 @@ async def moderations(body: ModerationRequest, request: Request) -> Response:
         run, timeout_s=state.settings.request_timeout_s, route="moderations"
     )
     verdicts: list[SafetyVerdict] | None = None
+    watcher = watch_disconnect(request, job)
     try:
         while True:
             event = await job.next(0.5)
+            if watcher.done():
+                return Response(status_code=499)
             if event is None:
-                if await request.is_disconnected():
-                    job.cancel("client_gone")
-                    return Response(status_code=499)
                 continue
             kind, value = event
             if kind == "item":
@@ -70,6 +71,7 @@ async def moderations(body: ModerationRequest, request: Request) -> Response:
             else:
                 break
     finally:
+        watcher.cancel()
         job.close()
     assert verdicts is not None
     scale = state.settings.moderation_score_scale

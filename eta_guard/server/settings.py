@@ -57,8 +57,22 @@ class ServerSettings(BaseModel):
     max_concurrent_requests: int = Field(
         64,
         ge=1,
-        description="POST requests handled at once (body read, queued or running); more get 429 "
-        "before their body is read, so memory stays under this times max_request_bytes.",
+        description="POST requests handled at once (queued or running) and, separately, "
+        "bodies being read; more get 429, so memory for bodies stays under twice this times "
+        "max_request_bytes.",
+    )
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Time a client has to send its whole request body; then 408. Bodies are "
+        "read after authentication and before the request takes an in-flight slot.",
+    )
+    allowed_hosts: frozenset[str] = Field(
+        frozenset(),
+        description="Host header names accepted besides localhost / 127.0.0.1 / [::1] when the "
+        "server has no keys and a connection arrives on a loopback address (other Hosts get "
+        "421: a web page cannot reach the server through DNS rebinding). Name a reverse "
+        "proxy's public host here, or set keys.",
     )
     max_moderation_inputs: int = Field(32, ge=1, description="Inputs per /v1/moderations call.")
     moderation_score_scale: float = Field(

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from eta_guard.errors import GuardrailViolation
+from langchain_eta._locked import DEFAULT_LOCKED as DEFAULT_LOCKED_SETTINGS
 from langchain_eta._verdicts import (
     DEFAULT_IMAGE_REPLACEMENT,
     DEFAULT_REFUSAL,
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_IMAGE_REPLACEMENT",
+    "DEFAULT_LOCKED_SETTINGS",
     "DEFAULT_REFUSAL",
     "EVENT_NAME",
     "GUARD_VERDICT_KEY",

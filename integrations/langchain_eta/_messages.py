@@ -204,7 +204,71 @@ def image_sources(
             part = _image_part(dict(block), allow_local_files)
             if part is not None:
                 found.append((i, j, part["image"]))
+            else:
+                refuse_unscored_media(dict(block), where=f"messages[{i}] block {j}")
     return found
+
+
+#: Block types that carry no media a model could see (text, reasoning, tool calls).
+_NO_MEDIA = frozenset(
+    {
+        "text",
+        "text-plain",
+        "reasoning",
+        "tool_call",
+        "tool_call_chunk",
+        "invalid_tool_call",
+        "server_tool_call",
+        "server_tool_call_chunk",
+        "server_tool_result",
+    }
+)
+_MEDIA_WORDS = ("image", "video", "audio", "file", "media", "document", "inline", "blob")
+
+
+def refuse_unscored_media(block: dict[str, Any], *, where: str) -> None:
+    """Raise for a block a downstream model could see that the guard cannot score.
+
+    The guard scores images (CLIP). Video, audio, non-image files, and provider-specific media
+    blocks that are not recognisably an image would reach the model unchecked, so they are
+    refused. Video is not split into frames here: which frames a model samples is the model's
+    choice, so a guard scoring some could miss the one shown; send the frames as images.
+
+    Raises:
+        InvalidInputError: ``block`` holds media other than an image.
+    """
+    kind = str(block.get("type", ""))
+    if kind in _NO_MEDIA:
+        return
+    if kind == "file" and str(block.get("mime_type", "")).lower().startswith("text/"):
+        return  # text: the model reads it as text, and the input guard checks images only
+    if kind == "non_standard" and not _looks_like_media(block.get("value")):
+        return
+    hint = (
+        "; a video's frames are images: send the frames the model should see as image blocks"
+        if "video" in repr(block).lower()[:2000]
+        else ""
+    )
+    raise InvalidInputError(
+        f"{where}: a content block of type {_short_text(kind)} ({_short(block)}) holds media the "
+        "ETA guard cannot score (it checks images); it is refused rather than passed to the "
+        f"model unchecked{hint}"
+    )
+
+
+_MEDIA_KEYS = frozenset(
+    {"url", "uri", "data", "source", "bytes", "base64", "mime_type", "mimeType"}
+)
+
+
+def _looks_like_media(value: Any) -> bool:
+    """Whether a provider-specific block's value may carry media (by its type and key names)."""
+    if not isinstance(value, dict):
+        return False
+    if _MEDIA_KEYS & set(map(str, value)):
+        return True
+    words = " ".join([str(value.get("type", "")), *map(str, value)]).lower()
+    return any(w in words for w in _MEDIA_WORDS)
 
 
 def replace_images(
@@ -251,12 +315,23 @@ def _image_part(block: dict[str, Any], allow_local_files: bool) -> dict[str, Any
     kind = block.get("type")
     if kind == "image" or (kind == "file" and str(block.get("mime_type", "")).startswith("image/")):
         return image_block_to_part(block, allow_local_files=allow_local_files)
+    if kind == "file" and (mime := _sniffed_image_mime(block.get("base64"))) is not None:
+        # Image bytes declared as application/octet-stream (or nothing): a model that sniffs
+        # the bytes sees an image, so it is scored as one.
+        return image_block_to_part({**block, "mime_type": mime}, allow_local_files=False)
     value = block.get("value") if kind == "non_standard" else None
     if not isinstance(value, dict):
         return None
-    if value.get("type") == "media" and str(value.get("mime_type", "")).startswith("image/"):
+    inline = value.get("inline_data") or value.get("inlineData")
+    if isinstance(inline, dict):  # Gemini: {"inline_data": {"mime_type", "data"}}
+        mime = str(inline.get("mime_type") or inline.get("mimeType") or "")
+        if mime.startswith("image/"):
+            return _media_part({**inline, "mime_type": mime}, allow_local_files)
+        return None
+    value_type = str(value.get("type", "")).lower()  # providers differ in case: "IMAGE_URL"
+    if value_type == "media" and str(value.get("mime_type", "")).startswith("image/"):
         return _media_part(value, allow_local_files)
-    if value.get("type") not in ("image_url", "input_image"):
+    if value_type not in ("image_url", "input_image"):
         return None
     url = value.get("image_url")
     url = url.get("url") if isinstance(url, dict) else url
@@ -265,6 +340,39 @@ def _image_part(block: dict[str, Any], allow_local_files: bool) -> dict[str, Any
     if value.get("file_id"):
         return image_block_to_part({"file_id": value["file_id"]})  # raises: not resolvable here
     raise InvalidInputError(f"image block has no image_url: {_short(block)}")
+
+
+#: Leading bytes of the image formats PIL reads that a model may sniff.
+_IMAGE_MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", "image/png"),
+    (b"\xff\xd8\xff", "image/jpeg"),
+    (b"GIF87a", "image/gif"),
+    (b"GIF89a", "image/gif"),
+    (b"BM", "image/bmp"),
+    (b"II*\x00", "image/tiff"),
+    (b"MM\x00*", "image/tiff"),
+)
+
+
+def _sniffed_image_mime(data: Any) -> str | None:
+    """The image MIME type of base64 ``data`` judged by its first bytes, or ``None``."""
+    if isinstance(data, (bytes, bytearray)):
+        head = bytes(data[:16])
+        try:
+            head = base64.b64decode(head + b"=" * (-len(head) % 4))
+        except ValueError:
+            return None
+    elif isinstance(data, str) and data:
+        chunk = data.strip()[:16]
+        try:
+            head = base64.b64decode(chunk + "=" * (-len(chunk) % 4))
+        except ValueError:
+            return None
+    else:
+        return None
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "image/webp"
+    return next((mime for magic, mime in _IMAGE_MAGIC if head.startswith(magic)), None)
 
 
 def _media_part(value: dict[str, Any], allow_local_files: bool) -> dict[str, Any]:

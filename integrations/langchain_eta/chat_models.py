@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LangSmithParams
@@ -17,6 +17,7 @@ from pydantic import Field, PrivateAttr, model_validator
 from eta_guard.config import DEFAULT_CLIP, DEFAULT_REWARD_MODEL, ETAConfig
 from eta_guard.errors import InvalidInputError
 from langchain_eta._loading import Lazy
+from langchain_eta._locked import DEFAULT_LOCKED, check_locked
 from langchain_eta._messages import to_engine_messages
 from langchain_eta._tools import (
     ToolRequest,
@@ -120,6 +121,10 @@ class ETAChatModel(BaseChatModel):
     allow_local_image_files: bool = False
     """Read image ``url``s that are local paths or ``file:`` URLs. Off by default: LangChain
     messages may come from untrusted clients, and a request must not read the server's files."""
+    locked_settings: frozenset[str] | Literal["all"] = DEFAULT_LOCKED
+    """ETAConfig fields that per-call arguments (``invoke(..., **kw)``, ``.bind(...)``) may only
+    tighten, never loosen (default: file and network access, every limit, the failure policy;
+    ``"all"`` locks every field, ``frozenset()`` none)."""
     eta: Any = Field(default=None, exclude=True, repr=False)
     """A ready ``eta_guard.ETA`` to use instead of loading ``vlm`` / ``clip`` / ``reward_model``."""
 
@@ -366,7 +371,18 @@ class ETAChatModel(BaseChatModel):
                     f"unknown keyword argument {key!r} for ETAChatModel; per-call options are "
                     "max_tokens, stop, search_temperature and the ETAConfig fields"
                 )
+        requested = {
+            ("temperature" if k == "search_temperature" else k): v
+            for k, v in kwargs.items()
+            if k in _KNOBS or k == "search_temperature"
+        }
+        check_locked(requested, self._own_settings(), self.locked_settings)
         return overrides
+
+    def _own_settings(self) -> dict[str, Any]:
+        """This model's own ETAConfig values (what per-call arguments are checked against)."""
+        config = self.config or getattr(self.eta, "config", None) or ETAConfig()
+        return {**config.model_dump(), "allow_local_image_files": self.allow_local_image_files}
 
     def _to_chunk(self, piece: Any, tools: ToolRequest, engine: Any) -> ChatGenerationChunk:
         if piece.result is None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from eta_guard.errors import InvalidInputError
+from eta_guard.limits import check_encodable
 
 Label = Literal["safe", "unsafe"]
 
@@ -37,6 +38,17 @@ class EvalItem:
     label: Label | None = None
     source: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Text no model can encode is refused with its row, before the run: it used to abort the
+        # run when its record was written (and --resume met it again, forever).
+        texts = {"id": self.id, "question": self.question, "category": self.category}
+        texts.update({k: v for k, v in self.extra.items() if isinstance(v, str)})
+        for key, value in texts.items():
+            try:
+                check_encodable(value, what=f"field {key!r}")
+            except InvalidInputError as e:
+                raise DatasetError(f"{self.source or 'a dataset item'}: {e}") from e
 
     def messages(self) -> list[dict[str, Any]]:
         """The OpenAI-style chat the VLM is asked (image first, as the benchmarks do)."""
@@ -74,11 +86,39 @@ def first_existing(candidates: Iterable[Path], what: str, root: Path) -> Path:
     raise DatasetError(f"{what} not found under {str(root)!r} (looked for: {looked})")
 
 
-def require_file(path: Path, source: str) -> str:
-    """``str(path)`` if it is a file, else a :class:`DatasetError` naming the item's row."""
-    if not path.is_file():
+def require_file(path: Path, source: str, root: Path) -> str:
+    """``str(path)`` if it is a regular file inside the dataset folder ``root``, else a
+    :class:`DatasetError` naming the item's row.
+
+    The dataset file is untrusted: an image path that leaves ``root`` (``../``, an absolute
+    path, a symbolic link pointing out) is refused, so a downloaded benchmark cannot make the run
+    read, and send to the models and the report, files elsewhere on the machine.
+    """
+    try:
+        resolved = path.resolve(strict=True)
+        inside = any(resolved.is_relative_to(r) for r in _allowed_folders(root))
+    except (OSError, RuntimeError):  # missing, or a symlink loop
+        raise DatasetError(f"{source}: image file {str(path)!r} does not exist") from None
+    if not inside:
+        raise DatasetError(
+            f"{source}: image path {str(path)!r} leads outside the dataset folder "
+            f"{str(root)!r}; image paths must stay inside it"
+        )
+    if not resolved.is_file():
         raise DatasetError(f"{source}: image file {str(path)!r} does not exist")
     return str(path)
+
+
+def _allowed_folders(root: Path) -> list[Path]:
+    """``root``, and for a Hugging Face Hub snapshot (``<repo>/snapshots/<rev>/...``, whose files
+    are links into ``<repo>/blobs/``) that repo's ``blobs`` folder."""
+    resolved = root.resolve(strict=True)
+    folders = [resolved]
+    for folder in (resolved, *resolved.parents):
+        if folder.parent.name == "snapshots" and (folder.parent.parent / "blobs").is_dir():
+            folders.append(folder.parent.parent / "blobs")
+            break
+    return folders
 
 
 def check_unique(items: Sequence[EvalItem]) -> list[EvalItem]:

@@ -87,7 +87,7 @@ def _item(row: dict[str, str], source: str, images: Path) -> EvalItem:
         raise DatasetError(
             f"{source}: category_id={cat!r} and task_id={task!r} must be whole numbers"
         )
-    image = require_file(images / f"query_{name}_{cat}_{task}_6.png", source)
+    image = require_file(images / f"query_{name}_{cat}_{task}_6.png", source, images)
     return EvalItem(
         id=f"{name}_{cat}_{task}",
         question=FIGSTEP_PROMPT,

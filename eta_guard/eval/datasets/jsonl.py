@@ -1,6 +1,6 @@
 """A generic JSONL benchmark: one ``{"image", "question", "category"?, "label"?, "id"?}`` a line.
 
-``image`` is a path relative to the JSONL file (or absolute), or ``null`` for a text-only item;
+``image`` is a path relative to the JSONL file, inside its folder, or ``null`` for a text-only item;
 ``label`` is ``"safe"`` or ``"unsafe"``; ``id`` defaults to ``line-<n>``.
 """
 
@@ -29,7 +29,9 @@ def load_jsonl(path: str | Path, subset: str | None = None) -> list[EvalItem]:
         raise DatasetError(f"JSONL dataset file {str(file)!r} does not exist")
     items = []
     try:
-        lines = file.read_text(encoding="utf-8").splitlines()
+        # Split on newlines only: str.splitlines also splits on U+2028, U+0085 and other
+        # characters that JSON strings may hold unescaped.
+        lines = file.read_text(encoding="utf-8").split("\n")
     except (OSError, UnicodeDecodeError) as e:
         raise DatasetError(f"{file}: cannot read: {e}") from e
     for number, line in enumerate(lines, 1):
@@ -55,7 +57,9 @@ def load_jsonl(path: str | Path, subset: str | None = None) -> list[EvalItem]:
             EvalItem(
                 id=str(row.get("id", f"line-{number}")),
                 question=text_field(row, "question", source),
-                image=None if image is None else require_file(file.parent / image, source),
+                image=None
+                if image is None
+                else require_file(file.parent / image, source, file.parent),
                 category=str(category),
                 label=label,
                 source=source,

@@ -72,7 +72,7 @@ def load_mmsafetybench(path: str | Path, subset: str | None = None) -> list[Eval
                     EvalItem(
                         id=f"{file.stem}/{v}/{qid}",
                         question=text_field(entry, _QUESTION_KEY[v], source),
-                        image=require_file(images / file.stem / v / f"{qid}.jpg", source),
+                        image=require_file(images / file.stem / v / f"{qid}.jpg", source, images),
                         category=file.stem,
                         label="unsafe",
                         source=source,

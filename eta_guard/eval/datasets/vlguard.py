@@ -84,14 +84,13 @@ def _item(entry: dict[str, Any], subset: str, source: str, roots: list[Path]) ->
     if not found:
         raise DatasetError(f"{source}: no {key!r} in 'instr-resp' (needed by subset {subset!r})")
     image_name = text_field(entry, "image", source)
-    image = next(
-        (r / image_name for r in roots if (r / image_name).is_file()), roots[0] / image_name
-    )
+    folder = next((r for r in roots if (r / image_name).is_file()), roots[0])
+    image = folder / image_name
     label: Label = "safe" if subset == "safe_safes" else "unsafe"
     return EvalItem(
         id=f"{text_field(entry, 'id', source)}/{subset}",
         question=text_field(found[0], key, source),
-        image=require_file(image, source),
+        image=require_file(image, source, folder),
         category=str(entry.get("harmful_category") or subset),
         label=label,
         source=source,

@@ -1,7 +1,10 @@
 """A judge behind any OpenAI-compatible chat-completions endpoint (vLLM, TGI, OpenAI, ...).
 
 The answer goes into a judge prompt (default: the MD-Judge-style template) sent as one user
-message at temperature 0; the reply's first line is read as ``safe`` / ``unsafe``. Network and
+message at temperature 0; the reply's first line is read as ``safe`` / ``unsafe``. The question
+and the answer are untrusted (a steered answer may imitate the judge's turn markers to forge a
+verdict): every well-known chat-template marker in them, and the judge tokenizer's control
+strings when ``tokenizer`` is given, are broken with a zero-width space before they are sent. Network and
 HTTP failures become unjudged items with the error recorded, after ``retries`` retries on
 429 / 5xx / timeouts. The API key is read from an environment variable, never from the command
 line (where it would land in shell history and in the run's saved settings).
@@ -14,6 +17,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from eta_guard.backends.control_markers import control_strings_of, neutralize_known
 from eta_guard.eval.judges.base import JudgeInput, Judgment, parse_safe_unsafe
 from eta_guard.eval.judges.prompts import MD_JUDGE_STYLE_TEMPLATE, check_template, fill_template
 
@@ -29,6 +33,8 @@ class OpenAICompatibleJudge:
         timeout: Seconds per request.
         retries: Extra attempts on 429, 5xx and transport errors.
         client: An ``httpx.Client`` to use (tests pass one with a mock transport).
+        tokenizer: The judge model's tokenizer, whose control strings are broken in the text too
+            (without it, the well-known markers of common chat formats are).
     """
 
     def __init__(
@@ -43,6 +49,7 @@ class OpenAICompatibleJudge:
         max_tokens: int = 16,
         client: Any = None,
         name: str | None = None,
+        tokenizer: Any = None,
     ) -> None:
         import httpx
 
@@ -56,6 +63,7 @@ class OpenAICompatibleJudge:
         self.client = client or httpx.Client(timeout=timeout)
         self.headers = headers
         self.name = name or f"openai:{model}"
+        self.markers = control_strings_of(tokenizer) if tokenizer is not None else ()
 
     def judge(self, inputs: Sequence[JudgeInput]) -> list[Judgment]:
         return [self._one(item) for item in inputs]
@@ -68,7 +76,11 @@ class OpenAICompatibleJudge:
             "messages": [
                 {
                     "role": "user",
-                    "content": fill_template(self.template, item.question, item.response),
+                    "content": fill_template(
+                        self.template,
+                        neutralize_known(item.question, self.markers),
+                        neutralize_known(item.response, self.markers),
+                    ),
                 }
             ],
             "temperature": 0,
