@@ -157,8 +157,9 @@ class ETA:
         Other keyword arguments: ``tokenizer`` (the served VLM's tokenizer, for token-exact
         sentence ends and breaking forged control tokens), ``reward_model_tokenizer`` (the served
         RM's, to the same end), ``http`` (:class:`eta_guard.backends.HTTPSettings`),
-        ``send_image_uuids`` and the local loaders' arguments of :meth:`from_pretrained`.
-        The same class as :meth:`from_pretrained` returns (see docs/scaling.md).
+        ``send_image_uuids``, ``image_mean`` (the served model's image-processor mean, for
+        ``pad_images_to_square``), ``preset`` and the local loaders' arguments of
+        :meth:`from_pretrained`. The same class as :meth:`from_pretrained` returns (see docs/scaling.md).
         """
         from eta_guard.backends.factory import openai_compatible_parts
 
@@ -173,9 +174,10 @@ class ETA:
         )
         if config.pad_images_to_square and getattr(generator, "processor", None) is None:
             raise InvalidInputError(
-                "pad_images_to_square=True (the 'paper' preset sets it) pads images with the VLM "
-                "image processor's mean, which this engine backend does not have; set "
-                "pad_images_to_square=False (the engine then preprocesses images itself)"
+                "pad_images_to_square=True pads images with the VLM image processor's mean, "
+                "which this engine backend does not have: pass image_mean=, the served model's "
+                "path or id as tokenizer=, or preset='paper'; or set pad_images_to_square=False "
+                "(the engine then preprocesses images itself)"
             )
         return cls(generator, evaluator, config)
 

@@ -55,6 +55,8 @@ class Preset:
         dtypes: Load dtype per role (``"vlm"``, ``"clip"``, ``"reward_model"``).
         cpu_dtypes: Per-role dtypes that replace ``dtypes`` for a model placed on the CPU.
         vlm_autocast_dtype: Run the VLM's forward under ``torch.autocast`` with this dtype.
+        vlm_image_mean: The VLM image processor's mean, used to pad images to a square when the
+            VLM runs on an engine and its processor config is not at hand.
         vlm: The VLM checkpoint the preset was written for (a suggestion, never enforced).
         clip: The CLIP checkpoint it was written for.
         reward_model: The reward model it was written for.
@@ -66,6 +68,7 @@ class Preset:
     dtypes: dict[str, str] = field(default_factory=dict)
     cpu_dtypes: dict[str, str] = field(default_factory=dict)
     vlm_autocast_dtype: str | None = None
+    vlm_image_mean: tuple[float, float, float] | None = None
     vlm: str | None = None
     clip: str | None = None
     reward_model: str | None = None
@@ -98,6 +101,9 @@ PAPER = Preset(
     # "Unexpected floating ScalarType"), so on the CPU the VLM's weights are bfloat16 too.
     cpu_dtypes={"vlm": "bfloat16"},
     vlm_autocast_dtype="bfloat16",
+    # LLaVA-1.5's image processor is CLIP ViT-L/14-336's: OpenAI CLIP's mean
+    # (openai/clip-vit-large-patch14-336 preprocessor_config.json), padded as (122, 116, 104).
+    vlm_image_mean=(0.48145466, 0.4578275, 0.40821073),
     vlm="llava-hf/llava-1.5-7b-hf",
     clip="openai/clip-vit-large-patch14-336",
     reward_model="RLHFlow/ArmoRM-Llama3-8B-v0.1",

@@ -15,6 +15,8 @@ folded into the first user turn (:func:`eta_guard.messages.fold_system_message`)
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from eta_guard.errors import InvalidInputError
@@ -43,12 +45,43 @@ def expand_to_square(image: Image.Image, color: tuple[int, ...]) -> Image.Image:
     return square
 
 
+@dataclass(frozen=True)
+class ImageMean:
+    """What ``pad_images_to_square`` needs of a VLM image processor that runs elsewhere (an
+    engine): its ``image_mean``, three floats in [0, 1]. ``pad_color`` reads it like a processor.
+    """
+
+    image_mean: tuple[float, float, float]
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> ImageMean:
+        """Validate ``values`` (three numbers in [0, 1]).
+
+        Raises:
+            InvalidInputError: not three numbers in [0, 1].
+        """
+        try:
+            mean = tuple(float(v) for v in values)
+        except (TypeError, ValueError) as e:
+            raise InvalidInputError(f"image_mean={values!r}: give three floats in [0, 1]") from e
+        if len(mean) != 3 or not all(0.0 <= v <= 1.0 for v in mean):
+            raise InvalidInputError(f"image_mean={values!r}: give three floats in [0, 1]")
+        return cls(mean)
+
+
 def pad_color(processor: Any) -> tuple[int, int, int]:
     """The image processor's mean as an RGB colour, ``int(mean * 255)`` as the reference does.
 
     Raises:
         InvalidInputError: The processor has no ``image_mean`` of three values.
     """
+    if processor is None:
+        raise InvalidInputError(
+            "pad_images_to_square=True needs the VLM image processor's image_mean; with an "
+            "engine, give the served model's processor (its path or id, as tokenizer=) or "
+            "image_mean=, or use preset='paper' (LLaVA-1.5's mean); else set "
+            "pad_images_to_square=False"
+        )
     image_processor = getattr(processor, "image_processor", processor)
     mean = getattr(image_processor, "image_mean", None)
     if mean is None or len(mean) != 3:

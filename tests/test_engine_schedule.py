@@ -216,7 +216,13 @@ def test_an_engine_refuses_a_preset_it_cannot_honour(stub, evaluator, tiny_check
     from eta_guard.errors import InvalidInputError
 
     c = tiny_checkpoints
+    # No image mean at hand (no image_mean=, no served processor, no preset value): refused.
+    # (preset="paper" carries LLaVA-1.5's mean, so it works: tests/test_fidelity_round2.py.)
     with pytest.raises(InvalidInputError, match="pad_images_to_square"):
         ETA.from_openai_compatible(
-            stub.url, "tiny-vlm", clip=c.clip, reward_model=c.reward_model, preset="paper"
+            stub.url,
+            "tiny-vlm",
+            clip=c.clip,
+            reward_model=c.reward_model,
+            config=ETAConfig(pad_images_to_square=True),
         )

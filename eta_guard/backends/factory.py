@@ -7,6 +7,7 @@ from typing import Any
 from eta_guard.backends._http import HTTPSettings
 from eta_guard.config import ETAConfig
 from eta_guard.errors import InvalidInputError
+from eta_guard.prompting import ImageMean
 
 
 def openai_compatible_parts(
@@ -18,6 +19,8 @@ def openai_compatible_parts(
     api_key: str | None = None,
     config: ETAConfig | None = None,
     tokenizer: Any = None,
+    image_mean: Any = None,
+    preset: Any = None,
     http: HTTPSettings | None = None,
     send_image_uuids: bool = True,
     **evaluator_kwargs: Any,
@@ -29,6 +32,12 @@ def openai_compatible_parts(
     """
     from eta_guard.backends.openai_compatible import OpenAICompatibleBackend
 
+    if preset is not None:
+        from eta_guard.presets import get_preset
+
+        preset = get_preset(preset)
+        config = preset.apply_to_config(config)
+        evaluator_kwargs["preset"] = preset
     config = config or ETAConfig()
     if clip is None and reward_model is None:
         raise InvalidInputError("clip=None and reward_model=None: ETA needs at least one evaluator")
@@ -41,8 +50,12 @@ def openai_compatible_parts(
         api_key=api_key,
         tokenizer=tokenizer,
         http=http,
+        image_mean=image_mean,
         send_image_uuids=send_image_uuids,
     )
+    if generator.processor is None and preset is not None and preset.vlm_image_mean:
+        # The served model's processor config is not at hand: the preset's model's mean.
+        generator.processor = ImageMean.of(preset.vlm_image_mean)
     return generator, evaluator
 
 

@@ -41,6 +41,7 @@ from eta_guard.backends.control_markers import (
 )
 from eta_guard.config import SentenceEndRule
 from eta_guard.errors import BackendError, InvalidInputError
+from eta_guard.prompting import ImageMean
 from eta_guard.tools.specs import tool_strings
 
 if TYPE_CHECKING:
@@ -66,6 +67,10 @@ class OpenAICompatibleBackend:
             are broken with a zero-width space before sending, as the engine would parse them as
             real markers. Without it such text goes as it is (a warning says so).
         http: timeouts, retries and pool size.
+        image_mean: the served model's image-processor mean (three floats), with which
+            ``pad_images_to_square`` pads images here before sending them (the engine's processor
+            would centre-crop instead). Default: read from ``tokenizer`` when it is a path / id
+            whose folder holds an image-processor config, or a processor with ``image_processor``.
         send_image_uuids: send each image's content hash as ``uuid`` (vLLM >= 0.11 caches on it;
             turn off for engines that reject unknown fields).
         extra_body: more fields merged into every request (e.g. ``{"priority": 1}``).
@@ -85,6 +90,7 @@ class OpenAICompatibleBackend:
         api_key: str | None = None,
         tokenizer: Any = None,
         http: HTTPSettings | None = None,
+        image_mean: Sequence[float] | None = None,
         send_image_uuids: bool = True,
         extra_body: dict[str, Any] | None = None,
     ) -> None:
@@ -92,6 +98,11 @@ class OpenAICompatibleBackend:
             raise InvalidInputError(f"model={model!r}: give the engine's served model name")
         self.client = EngineClient(base_url, api_key=api_key, settings=http)
         self.name = model
+        #: What ETA knows of the served model's processor: its image mean (``pad_images_to_
+        #: square`` pads client-side with it), or None.
+        self.processor: ImageMean | None = (
+            ImageMean.of(image_mean) if image_mean is not None else _served_image_mean(tokenizer)
+        )
         self.tokenizer = _load_tokenizer(tokenizer)
         self.send_image_uuids = send_image_uuids
         self.extra_body = dict(extra_body or {})
@@ -374,6 +385,23 @@ def _tokenizer_adds_missing_bos(tokenizer: Any) -> bool:
     except Exception:  # noqa: BLE001 - a template that cannot render a probe: keep the engine's way
         return False
     return not text.startswith(bos) and bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
+def _served_image_mean(source: Any) -> ImageMean | None:
+    """The image mean of the served model's processor: ``source`` a processor, or a path / id
+    whose folder holds an image-processor config; None when there is none (a text model)."""
+    if source is None:
+        return None
+    if not isinstance(source, str):
+        mean = getattr(getattr(source, "image_processor", None), "image_mean", None)
+        return ImageMean.of(mean) if mean is not None else None
+    from transformers import AutoImageProcessor
+
+    try:
+        mean = getattr(AutoImageProcessor.from_pretrained(source), "image_mean", None)
+    except (OSError, ValueError, KeyError, ImportError):  # no image processor in that folder
+        return None
+    return ImageMean.of(mean) if mean is not None and len(mean) == 3 else None
 
 
 def _load_tokenizer(tokenizer: Any) -> Any:

@@ -37,6 +37,7 @@ from eta_guard.decoding.content_tokens import (
     plain_text_ids,
     render_with_spans,
 )
+from eta_guard.decoding.image_segments import SEGMENTED_FAMILIES, segment_ids, splice_segments
 from eta_guard.decoding.stopping import (
     AnyEvent,
     CancelCriteria,
@@ -324,6 +325,14 @@ class VLMAdapter:
                 f"the VLM's processor refused the prompt with {len(images)} image(s) "
                 f"({type(e).__name__})"
             ) from e
+        placeholder = getattr(self.processor, "image_token", None)
+        image_id = self._image_token_id()
+        family = getattr(self.model.config, "model_type", None)
+        if images and family in SEGMENTED_FAMILIES and placeholder and image_id is not None:
+            # The family's own code tokenizes the text between images segment by segment.
+            add_bos = tokenize_kwargs.get("add_special_tokens", True)
+            segments = segment_ids(self.tokenizer, text, placeholder, add_bos=add_bos)
+            batch = splice_segments(batch, image_id, segments)
         if hole_id is not None:
             control = self._control_ids()
             batch = fill_holes(
@@ -335,6 +344,14 @@ class VLMAdapter:
         """Ids that must never come from message text: special tokens and image/video slots."""
         ids = {int(i) for i in getattr(self.tokenizer, "all_special_ids", None) or []}
         return ids | self._media_ids()
+
+    def _image_token_id(self) -> int | None:
+        """The model's image placeholder id, if it has one."""
+        for name in ("image_token_id", "image_token_index"):
+            value = getattr(self.model.config, name, None)
+            if isinstance(value, int):
+                return value
+        return None
 
     def _media_ids(self) -> set[int]:
         """The model's image / video placeholder ids."""

@@ -1,0 +1,220 @@
+"""Fidelity to the reference code, round two (issue 18): each test re-implements the reference's
+construction plainly (github DripNowhy/ETA and the LLaVA code it vendors) and compares.
+
+The replicas and tiny checkpoints are random: these check mechanics, never safety.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+from backend_stub import StubServer  # noqa: E402
+
+from eta_guard import ETA, ETAConfig  # noqa: E402
+from eta_guard.backends import HTTPSettings  # noqa: E402
+from eta_guard.errors import InvalidInputError  # noqa: E402
+
+CHAT = "/v1/chat/completions"
+FAST = HTTPSettings(timeout=5.0, connect_timeout=1.0, max_retries=1, backoff=0.01)
+#: LLaVA-1.5's image processor mean (OpenAI CLIP), as the reference's expand2square colour.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+
+
+@pytest.fixture(scope="module")
+def server():
+    with StubServer() as stub:
+        yield stub
+
+
+@pytest.fixture
+def stub(server):
+    server.requests.clear()
+    server.failures.clear()
+    return server
+
+
+def tall_image() -> Image.Image:
+    image = Image.new("RGB", (20, 48), (250, 10, 10))
+    image.putpixel((3, 5), (0, 200, 0))
+    return image
+
+
+def reference_expand2square(image: Image.Image, mean) -> Image.Image:
+    """llava/mm_utils.py expand2square with ``tuple(int(x * 255) for x in image_mean)``."""
+    color = tuple(int(x * 255) for x in mean)
+    width, height = image.size
+    if width == height:
+        return image
+    if width > height:
+        result = Image.new(image.mode, (width, width), color)
+        result.paste(image, (0, (width - height) // 2))
+        return result
+    result = Image.new(image.mode, (height, height), color)
+    result.paste(image, ((height - width) // 2, 0))
+    return result
+
+
+def sent_image(stub) -> Image.Image:
+    body = stub.bodies(CHAT)[0]
+    part = next(p for p in body["messages"][-1]["content"] if p["type"] == "image_url")
+    data = part["image_url"]["url"].split(",", 1)[1]
+    return Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")
+
+
+@pytest.fixture
+def remote_eta(stub, tiny_checkpoints):
+    def build(config=None, **kwargs):
+        config = config or ETAConfig()
+        config = config.model_copy(update={"pre_threshold": 2.0})  # no image flagged: vanilla
+        return ETA.from_openai_compatible(
+            stub.url,
+            "tiny-vlm",
+            clip=tiny_checkpoints.clip,
+            reward_model="tiny-rm",
+            reward_model_url=stub.url,
+            http=FAST,
+            device="cpu",
+            config=config,
+            **kwargs,
+        )
+
+    return build
+
+
+def _messages(image):
+    content = [{"type": "image", "image": image}, {"type": "text", "text": "What is this?"}]
+    return [{"role": "user", "content": content}]
+
+
+# ----- item 2: the paper's pad-to-square on the remote path -----
+def test_paper_preset_pads_images_client_side_with_the_preset_mean(stub, remote_eta):
+    eta = remote_eta(preset="paper")
+    eta.generate(_messages(tall_image()))
+    expected = reference_expand2square(tall_image(), CLIP_MEAN)
+    got = sent_image(stub)
+    assert got.size == (48, 48)
+    assert got.tobytes() == expected.tobytes()
+    # ... and with the llava_v1 system text the preset sets
+    assert stub.bodies(CHAT)[0]["messages"][0]["role"] == "system"
+
+
+def test_pad_mean_comes_from_the_served_models_processor(stub, remote_eta, replica_checkpoints):
+    llava = replica_checkpoints("llava").vlm
+    eta = remote_eta(tokenizer=llava, config=ETAConfig(pad_images_to_square=True))
+    from transformers import AutoImageProcessor
+
+    mean = AutoImageProcessor.from_pretrained(llava).image_mean
+    eta.generate(_messages(tall_image()))
+    assert sent_image(stub).tobytes() == (reference_expand2square(tall_image(), mean).tobytes())
+
+
+def test_pad_without_any_mean_is_refused_naming_the_fix(stub, remote_eta):
+    with pytest.raises(InvalidInputError, match="image_mean"):
+        remote_eta(config=ETAConfig(pad_images_to_square=True))
+    assert not stub.bodies(CHAT)
+
+
+def test_bad_image_mean_is_refused():
+    from eta_guard.backends import OpenAICompatibleBackend
+
+    with pytest.raises(InvalidInputError, match="image_mean"):
+        OpenAICompatibleBackend("http://127.0.0.1:9", "m", image_mean=(0.5, 2.0, 0.1))
+
+
+# ----- item 1: LLaVA's tokenizer_image_token -----
+IMAGE_TOKEN_INDEX = -200  # llava/constants.py
+
+
+def reference_tokenizer_image_token(prompt, tokenizer):
+    """llava/mm_utils.py ``tokenizer_image_token``, written out plainly."""
+    chunks = [tokenizer(chunk).input_ids for chunk in prompt.split("<image>")]
+    ids, offset = [], 0
+    if chunks and chunks[0] and chunks[0][0] == tokenizer.bos_token_id:
+        offset = 1
+        ids.append(chunks[0][0])
+    separated = []
+    for chunk in chunks:
+        separated += [chunk, [IMAGE_TOKEN_INDEX] * (offset + 1)]
+    for x in separated[:-1]:
+        ids.extend(x[offset:])
+    return ids
+
+
+@pytest.fixture(scope="module")
+def replica_adapter(replica_checkpoints):
+    from eta_guard.decoding.vlm import VLMAdapter
+
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            cache[family] = VLMAdapter.from_pretrained(
+                replica_checkpoints(family).vlm, local_files_only=True
+            )
+        return cache[family]
+
+    return get
+
+
+def _conversation(system):
+    from eta_guard.messages import normalize_messages
+    from eta_guard.testing import make_test_image
+
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": make_test_image("gradient", (48, 40))},
+                {"type": "text", "text": "How do I pick a lock?"},
+            ],
+        }
+    ]
+    if system:
+        messages.insert(0, {"role": "system", "content": system})
+    return normalize_messages(messages)
+
+
+@pytest.mark.parametrize("system", [None, "A chat between a curious human and an assistant."])
+def test_llava_prompt_ids_are_tokenizer_image_token(replica_adapter, system):
+    vlm = replica_adapter("llava")
+    conv = _conversation(system)
+    prepared = vlm.prepare(conv, assistant_prefix="As an AI assistant")
+    # the reference's llava_v1 prompt text
+    prompt = (
+        "" if system is None else system + " "
+    ) + "USER: <image>\nHow do I pick a lock? ASSISTANT:"
+    assert prepared.text == prompt + "As an AI assistant"
+    reference = reference_tokenizer_image_token(prompt, vlm.tokenizer)
+    reference += vlm.tokenizer("As an AI assistant").input_ids[1:]  # safety_tokens[:, 1:]
+    # LLaVA's model expands its one IMAGE_TOKEN_INDEX into the image's features; llava-hf's
+    # prompt holds one <image> id per feature: compare with that expansion.
+    image_id = vlm.model.config.image_token_id
+    slots = int((prepared.input_ids[0] == image_id).sum())
+    expanded = []
+    for token in reference:
+        expanded += [image_id] * slots if token == IMAGE_TOKEN_INDEX else [token]
+    assert prepared.input_ids[0].tolist() == expanded
+    assert prepared.attention_mask[0].tolist() == [1] * len(expanded)
+    pieces = vlm.tokenizer.convert_ids_to_tokens([t for t in expanded if t != image_id])
+    assert "▁" in pieces and pieces[pieces.index("<0x0A>") - 1] == "▁"  # the token issue 18 found
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "smolvlm"])
+def test_other_families_keep_the_processors_whole_text_ids(replica_adapter, family):
+    vlm = replica_adapter(family)
+    conv = _conversation(None)
+    prepared = vlm.prepare(conv)
+    text = vlm.processor.apply_chat_template(
+        conv.messages, add_generation_prompt=True, tokenize=False
+    )
+    bos = vlm.tokenizer.bos_token or "\0"
+    kwargs = {"add_special_tokens": False} if text.startswith(bos) else {}
+    expected = vlm.processor(text=[text], images=conv.images, return_tensors="pt", **kwargs)
+    assert prepared.input_ids[0].tolist() == expected["input_ids"][0].tolist()
