@@ -39,7 +39,7 @@ MIN_TEMPERATURE = 1e-4
 DEFAULT_CLIP = "openai/clip-vit-large-patch14-336"
 DEFAULT_REWARD_MODEL = "RLHFlow/ArmoRM-Llama3-8B-v0.1"
 
-Schedule = Literal["speculative", "sequential"]
+Schedule = Literal["auto", "speculative", "sequential"]
 TextOnlyPolicy = Literal["trust", "reward_only"]
 #: Same values as ``eta_guard.decoding.stopping.SentenceEndRule`` (kept here: no torch import).
 SentenceEndRule = Literal["exact", "contains"]
@@ -97,12 +97,15 @@ class ETAConfig(BaseModel):
     prefix: str = Field(DEFAULT_PREFIX, description="Shallow-alignment interference prefix.")
     deep_alignment: bool = Field(True, description="Run the sentence-level best-of-N search.")
     schedule: Schedule = Field(
-        "speculative",
+        "auto",
         description=(
             "When the aligned search starts: 'speculative' starts it as soon as the pre-check "
             "flags the input, alongside the vanilla decode, and drops it if the reward model "
             "clears the vanilla answer; 'sequential' starts it only after the reward model "
-            "flagged the answer. Both give the same result for a fixed seed."
+            "flagged the answer; 'auto' (default) lets the backend choose: speculative on an "
+            "engine (its requests run concurrently), sequential on a local model (it runs one "
+            "forward at a time, so speculating only adds contention; docs/engine.md). Every "
+            "schedule gives the same result for a fixed seed."
         ),
     )
     num_candidates: int = Field(5, ge=1, le=64)

@@ -226,3 +226,10 @@ def test_an_engine_refuses_a_preset_it_cannot_honour(stub, evaluator, tiny_check
             reward_model=c.reward_model,
             config=ETAConfig(pad_images_to_square=True),
         )
+
+
+def test_auto_schedule_speculates_on_an_engine_only(local, stub, evaluator):
+    assert ETAConfig().schedule == "auto"
+    assert "speculation" not in local.generate(_messages(), **CLEAR_ANSWER).timings
+    remote = _remote(stub, evaluator, pre_threshold=-1.0, post_threshold=-1e9)
+    assert "speculation" in remote.generate(_messages()).timings

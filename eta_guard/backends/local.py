@@ -33,6 +33,10 @@ class LocalBackend:
         adapter: the loaded VLM (``VLMAdapter.from_pretrained(...)``).
     """
 
+    #: What ``schedule="auto"`` means here: one forward at a time (the lock), so a speculative
+    #: search would only compete with the reward model for the cores (docs/engine.md).
+    preferred_schedule = "sequential"
+
     def __init__(self, adapter: VLMAdapter) -> None:
         self.adapter = adapter
         self.name = adapter.name

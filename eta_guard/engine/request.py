@@ -111,7 +111,10 @@ class Request:
             yield self._result(greedy.text, pre.merge(skipped(self.cfg, "post", reason)), greedy)
             return
 
-        if self.cfg.deep_alignment and self.cfg.schedule == "speculative":
+        schedule = self.cfg.schedule
+        if schedule == "auto":
+            schedule = getattr(self.backend, "preferred_schedule", "speculative")
+        if self.cfg.deep_alignment and schedule == "speculative":
             # Alongside the vanilla decode, opened once the vanilla's decoding has been asked
             # for (a local session then hands the search the vanilla's prompt KV).
             self.search = _SearchRun(self, after=self._vanilla_started)
