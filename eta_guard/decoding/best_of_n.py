@@ -488,9 +488,13 @@ class _SeededRNG:
         self.devices = [device] if device.type == "cuda" else []
         self.state: Any = None
         if seed is not None:
-            with torch.random.fork_rng(devices=self.devices):
-                torch.manual_seed(seed)
-                self.state = self._get()
+            # The state torch.manual_seed(seed) would give, computed on private generators:
+            # seeding the global one here (outside the model lock) would reseed a search that
+            # is sampling in another thread.
+            self.state = (
+                torch.Generator().manual_seed(seed).get_state(),
+                [torch.Generator(device=d).manual_seed(seed).get_state() for d in self.devices],
+            )
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
