@@ -46,6 +46,14 @@ class Stub:
     tool_calls: list[dict[str, str]] | None = None
     url: str = ""
 
+    def reset(self) -> Stub:
+        """Forget recorded requests and queued failures; scripting knobs back to their defaults."""
+        self.requests.clear()
+        self.failures.clear()
+        self.delay, self.choices_override, self.eos_after = 0.0, None, 2
+        self.context_left, self.reward = None, -2.5
+        return self
+
     def bodies(self, path: str) -> list[dict[str, Any]]:
         return [body for p, body in self.requests if p == path]
 

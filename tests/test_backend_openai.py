@@ -41,10 +41,7 @@ def server():
 
 @pytest.fixture
 def stub(server):
-    server.requests.clear()
-    server.failures.clear()
-    server.delay, server.choices_override, server.reward = 0.0, None, -2.5
-    return server
+    return server.reset()
 
 
 def _conv(image=True):

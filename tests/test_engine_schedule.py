@@ -143,11 +143,7 @@ def server():
 
 @pytest.fixture
 def stub(server):
-    server.requests.clear()
-    server.failures.clear()
-    server.delay, server.choices_override, server.eos_after = 0.0, None, 2
-    server.context_left = None
-    return server
+    return server.reset()
 
 
 @pytest.fixture(scope="module")

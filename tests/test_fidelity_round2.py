@@ -35,9 +35,7 @@ def server():
 
 @pytest.fixture
 def stub(server):
-    server.requests.clear()
-    server.failures.clear()
-    return server
+    return server.reset()
 
 
 def tall_image() -> Image.Image:
