@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from eta_guard.errors import InvalidInputError
 from eta_guard.limits import RequestLimits, check_encodable
-from eta_guard.media import DEFAULT_MAX_PIXELS, _short, check_max_pixels, load_image
+from eta_guard.media import DEFAULT_MAX_PIXELS, check_max_pixels, load_image, short_repr
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -318,18 +318,18 @@ def _has_content(part: Mapping[str, Any]) -> bool:
 def _check_list(messages: Any) -> list[Any]:
     if isinstance(messages, str):
         raise InvalidInputError(
-            f"messages must be a list of message dicts, got a str ({_short(messages)}); "
+            f"messages must be a list of message dicts, got a str ({short_repr(messages)}); "
             f"{_WRAP_HINT}"
         )
     if isinstance(messages, Mapping):
         raise InvalidInputError(
             f"messages must be a list of message dicts, got a single mapping "
-            f"({_short(messages)}); wrap it in a list: [message]"
+            f"({short_repr(messages)}); wrap it in a list: [message]"
         )
     if not isinstance(messages, (list, tuple)):
         raise InvalidInputError(
             f"messages must be a list of message dicts, got {type(messages).__name__} "
-            f"({_short(messages)})"
+            f"({short_repr(messages)})"
         )
     if not messages:
         raise InvalidInputError(
@@ -348,14 +348,14 @@ def _convert_message(
         hint = f"; {_WRAP_HINT}" if isinstance(message, str) else ""
         raise InvalidInputError(
             f"{where} must be a dict with 'role' and 'content', got {type(message).__name__} "
-            f"({_short(message)}){hint}"
+            f"({short_repr(message)}){hint}"
         )
     if "role" not in message:
         raise InvalidInputError(f"{where} has no 'role'; use one of {', '.join(ROLES)}")
     role = message["role"]
     if role not in ROLES:
         raise InvalidInputError(
-            f"{where} has unknown role {_short(role)}; roles must be one of {', '.join(ROLES)} "
+            f"{where} has unknown role {short_repr(role)}; roles must be one of {', '.join(ROLES)} "
             "(convert 'human' to 'user' and 'ai' to 'assistant')"
         )
     if "content" not in message and not (role == "assistant" and message.get("tool_calls")):
@@ -369,7 +369,7 @@ def _convert_message(
     if not isinstance(content, (list, tuple)):
         raise InvalidInputError(
             f"{where}['content'] must be a str or a list of parts, got "
-            f"{type(content).__name__} ({_short(content)})"
+            f"{type(content).__name__} ({short_repr(content)})"
         )
     parts: list[dict[str, Any]] = []
     sources: list[tuple[str, Any]] = []
@@ -397,21 +397,21 @@ def _read_part(where: str, part: Any) -> tuple[str, Any]:
     if not isinstance(part, Mapping):
         raise InvalidInputError(
             f"{where} must be a dict with a 'type' ({_PART_TYPES}) or a str, got "
-            f"{type(part).__name__} ({_short(part)})"
+            f"{type(part).__name__} ({short_repr(part)})"
         )
     kind = part.get("type")
     if kind in _TEXT_TYPES:
         text = part.get("text")
         if not isinstance(text, str):
             raise InvalidInputError(
-                f"{where} is a text part whose 'text' is {_short(text)}; it must be a str"
+                f"{where} is a text part whose 'text' is {short_repr(text)}; it must be a str"
             )
         check_encodable(text, what=where)
         return "text", text
     if kind in _IMAGE_TYPES:
         return "image", _image_source(where, part)
     raise InvalidInputError(
-        f"{where} has unknown type {_short(kind)}; content parts must have type {_PART_TYPES}"
+        f"{where} has unknown type {short_repr(kind)}; content parts must have type {_PART_TYPES}"
     )
 
 
@@ -427,7 +427,7 @@ def _image_source(where: str, part: Mapping[str, Any]) -> Any:
         if not isinstance(value, str):
             raise InvalidInputError(
                 f"{where}['image_url'] must be a URL str or {{\"url\": str}}, got "
-                f"{type(value).__name__} ({_short(value)})"
+                f"{type(value).__name__} ({short_repr(value)})"
             )
         return value
     for key in ("image", "url", "path"):
