@@ -392,7 +392,7 @@ class ETAChatModel(BaseChatModel):
         metadata["model_name"] = metadata["model_name"] or self.model_name
         fields: dict[str, Any] = {"content": piece.text}
         if tools.held:
-            parser = self.tool_parser or engine_tool_parser(engine)
+            parser = engine_tool_parser(engine, self.tool_parser)
             fields, dropped = answer_parts(result, parser)
             if dropped:
                 metadata["eta_dropped_tool_calls"] = dropped
