@@ -8,6 +8,11 @@ Prints, side by side in one run on the same model and prompts (medians of ``--re
 2. step batcher at 1, 4 and 8 concurrent greedy rows (distinct prompts) vs the same prompts
    decoded one after another with HF ``generate``: tokens/s and the speed-up, and the model
    forwards on the critical path (a batched forward counts once).
+3. the same prompts as concurrent requests through ``LocalBackend`` (the request path: a session,
+   one prefill, a greedy job on the model's decode scheduler) vs one request after another
+   through it: tokens/s, the speed-up and the forwards (answers checked equal).
+
+Arms are interleaved per repetition; medians and the fastest repetitions are printed.
 
 Random weights: cost only, never quality. Usage::
 
@@ -36,11 +41,13 @@ def main() -> None:
     parser.add_argument("--skip-threads", action="store_true", help="only the batcher part")
     parser.add_argument("--dir", default=tempfile.gettempdir() + "/eta-bench-batching")
     args = parser.parse_args()
+    args.conversations = []
     worker = model_thread("cpu")
     vlm, prompts = worker.call(_load, args)  # loading: the first torch work, on the model thread
     if not args.skip_threads:
         _thread_ratios(vlm, prompts[0], args)
     _batcher_throughput(vlm, prompts, args)
+    _backend_concurrency(vlm, prompts, args)
 
 
 def _load(args):
@@ -62,7 +69,9 @@ def _load(args):
             {"type": "image", "image": make_test_image(color)},
             {"type": "text", "text": text},
         ]
-        prompts.append(vlm.prepare(normalize_messages([{"role": "user", "content": content}])))
+        conversation = normalize_messages([{"role": "user", "content": content}])
+        args.conversations.append(conversation)
+        prompts.append(vlm.prepare(conversation))
     return vlm, prompts
 
 
@@ -113,16 +122,63 @@ def _batcher_throughput(vlm, prompts, args) -> None:
 
     for n in [int(x) for x in args.rows.split(",")]:
         worker.call(batched, n)  # warm-up
-        seq = [worker.call(sequential, n) for _ in range(args.reps)]
-        bat = [worker.call(batched, n) for _ in range(args.reps)]
-        seq_s = statistics.median(t for t, _, _ in seq)
-        bat_s = statistics.median(t for t, _, _ in bat)
-        seq_tok, bat_tok = seq[0][1], bat[0][1]
-        print(
-            f"[step batcher] rows={n}: sequential {seq_tok / seq_s:.1f} tok/s, "
-            f"batched {bat_tok / bat_s:.1f} tok/s ({(bat_tok / bat_s) / (seq_tok / seq_s):.2f}x); "
-            f"forwards: sequential {seq[0][2]}, batched {bat[0][2]}"
-        )
+        seq, bat = [], []
+        for _ in range(args.reps):  # arms interleaved
+            seq.append(worker.call(sequential, n))
+            bat.append(worker.call(batched, n))
+        _print("step batcher", n, seq, bat)
+
+
+def _print(name: str, n: int, seq: list, bat: list) -> None:
+    seq_s, bat_s = (statistics.median(t for t, _, _ in x) for x in (seq, bat))
+    seq_best, bat_best = (min(t for t, _, _ in x) for x in (seq, bat))
+    seq_tok, bat_tok = seq[0][1], bat[0][1]
+    print(
+        f"[{name}] rows={n}: sequential {seq_tok / seq_s:.1f} tok/s, "
+        f"batched {bat_tok / bat_s:.1f} tok/s (median {(bat_tok / bat_s) / (seq_tok / seq_s):.2f}x, "
+        f"fastest {(bat_tok / bat_best) / (seq_tok / seq_best):.2f}x); "
+        f"forwards: sequential {seq[0][2]}, batched {bat[0][2]}"
+    )
+
+
+def _backend_concurrency(vlm, prompts, args) -> None:
+    """Concurrent requests through LocalBackend vs one after another through it."""
+    from eta_guard.backends.local import LocalBackend
+    from eta_guard.decoding.protocol import Completion
+
+    backend = LocalBackend(vlm)
+    batcher = backend.scheduler.batcher
+    conversations = args.conversations
+
+    async def answer(conversation) -> list[int]:
+        session = await backend.session(conversation)
+        try:
+            async for item in session.greedy(max_tokens=args.tokens):
+                if isinstance(item, Completion):
+                    return list(item.token_ids or ())
+        finally:
+            await session.aclose()
+        return []
+
+    def run(n: int, together: bool) -> tuple[float, int, int, list]:
+        async def go():
+            if together:
+                return await asyncio.gather(*(answer(c) for c in conversations[:n]))
+            return [await answer(c) for c in conversations[:n]]
+
+        before, start = batcher.forwards, time.perf_counter()
+        answers = asyncio.run(go())
+        elapsed = time.perf_counter() - start
+        return elapsed, sum(len(a) for a in answers), batcher.forwards - before, answers
+
+    for n in [int(x) for x in args.rows.split(",")]:
+        run(n, True)  # warm-up
+        seq, bat = [], []
+        for _ in range(args.reps):  # arms interleaved
+            seq.append(run(n, False))
+            bat.append(run(n, True))
+        assert all(b[3] == seq[0][3] for b in bat), "batched answers differ from sequential ones"
+        _print("LocalBackend requests", n, [x[:3] for x in seq], [x[:3] for x in bat])
 
 
 if __name__ == "__main__":

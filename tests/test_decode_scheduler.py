@@ -253,3 +253,13 @@ def test_speculative_candidates_share_the_vanilla_rows_forwards(tiny_checkpoints
     assert forwards["sequential"][1] == 3  # candidates only: the vanilla row was done
     assert forwards["speculative"][1] == 1 + 3  # the vanilla row and 3 candidates, one forward
     assert forwards["speculative"][0] < forwards["sequential"][0]
+
+
+def test_auto_schedule_speculates_on_an_accelerator_only(tiny_checkpoints, monkeypatch):
+    import torch
+
+    adapter = VLMAdapter.from_pretrained(tiny_checkpoints.vlm, device="cpu", dtype="float32")
+    backend = LocalBackend(adapter)
+    assert backend.preferred_schedule == "sequential"  # compute-bound: docs/engine.md
+    monkeypatch.setattr(VLMAdapter, "device", property(lambda self: torch.device("cuda", 0)))
+    assert backend.preferred_schedule == "speculative"

@@ -100,7 +100,10 @@ class DecodeJob:
             self.scheduler.wake()
         try:
             await asyncio.shield(self._done)
-        except BaseException:  # noqa: BLE001 - cancelled, or the job's own error: both settle it
+        except asyncio.CancelledError:
+            if not self._done.done():
+                raise  # our caller was cancelled: the rows still go at the next step
+        except BaseException:  # noqa: BLE001 - RequestCancelled or the job's own error: it ended
             pass
 
     # -- called on the model thread --
