@@ -85,6 +85,9 @@ class RemoteLlamaGuard:
             _load_tokenizer(tokenizer), what=f"remote guard {model!r}"
         )
 
+    #: Requests this gate reads (see eta_guard.evaluators.base.GateEvaluator).
+    applies_to = frozenset({"images", "text_only"})
+
     def body(self, request: GuardRequest, images: list[Any]) -> dict[str, Any]:
         """The chat-completion request for ``request`` with ``images`` (markers broken)."""
         parts = [{"type": "image_url", "image_url": {"url": _encode(i)[0]}} for i in images]

@@ -16,7 +16,7 @@ from eta_guard.cli.options import ConfigOpt, ModelOptions, SetOpt, model_options
 from eta_guard.errors import InvalidInputError
 
 
-@model_options(positional_vlm=True)
+@model_options(positional_vlm=True, guards="all")
 def serve(
     host: Annotated[str, typer.Option("--host", help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8000,
