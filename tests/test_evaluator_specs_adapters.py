@@ -145,3 +145,19 @@ def test_llama_index_postprocessor_runs_gate_specs(tiny_checkpoints):
     )
     assert len(plain.postprocess_nodes(nodes)) == 1
     assert gated.postprocess_nodes(nodes) == []
+
+
+def test_chat_model_passes_gate_specs_to_its_eta(tiny_checkpoints):
+    from langchain_eta import ETAChatModel
+
+    common = {
+        "vlm": tiny_checkpoints.vlm,
+        "clip": tiny_checkpoints.clip,
+        "reward_model": tiny_checkpoints.reward_model,
+        "config": CLIP_NEVER.with_overrides(max_new_tokens=4, decision_rule="pre_only"),
+    }
+    plain = ETAChatModel(**common).invoke([_image_message()])
+    gated = ETAChatModel(**common, load_kwargs={"gates": [GATE]}).invoke([_image_message()])
+    assert not plain.response_metadata["eta_aligned"]
+    assert gated.response_metadata["eta_aligned"]  # pre_only: the gate alone decided
+    assert gated.response_metadata["eta_verdict"]["fired"][0] == "patch-clip"

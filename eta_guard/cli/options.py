@@ -124,7 +124,7 @@ GateOpt = Annotated[
         help="An extra pre-generation evaluator, as an evaluator spec KIND[:TARGET][?KEY=VALUE,...] "
         "(repeatable): patch-clip?grid=3 | llama-guard-vision:PATH | shieldgemma2:PATH | "
         "remote-llama-guard:MODEL@URL | llama-guard-text:PATH | qwen3guard:PATH "
-        "(docs/evaluators.md). Text guards gate text-only requests (--text-only-policy guard).",
+        "(docs/evaluators.md). Text guards gate text-only requests (text-only policy 'guard').",
     ),
 ]
 PostJudgeOpt = Annotated[
