@@ -174,8 +174,9 @@ class ETAInputGuard(_ETAGuard):
         removed: set[tuple[int, int]] = set()
         if verdict.input_unsafe and self.on_violation == "raise":
             raise GuardrailViolation(
-                f"ETAInputGuard: input flagged as unsafe by {_fired(verdict, 'pre')} (CLIP score "
-                f"{verdict.pre_score}, threshold {verdict.pre_threshold})",
+                f"ETAInputGuard: {'image' if _fired(verdict, 'pre') == 'clip' else 'input'} "
+                f"flagged as unsafe by {_fired(verdict, 'pre')} (CLIP score {verdict.pre_score}, "
+                f"threshold {verdict.pre_threshold})",
                 verdict,
             )
         if verdict.input_unsafe and self.on_violation == "replace":
