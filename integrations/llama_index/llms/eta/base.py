@@ -42,6 +42,7 @@ from llama_index.llms.eta._tools import (
 
 from eta_guard.config import DEFAULT_CLIP, DEFAULT_REWARD_MODEL, ETAConfig
 from eta_guard.errors import InvalidInputError
+from eta_guard.locked_settings import DEFAULT_LOCKED, check_locked
 from eta_guard.tools.answers import tool_parser_of
 from eta_guard.tools.parsers import parser_for_model_type
 
@@ -115,8 +116,10 @@ class ETAMultiModalLLM(FunctionCallingLLM):
                 ...
 
     Per-call keyword arguments are ``stop=[...]`` and ``ETAConfig`` fields for this call only
-    (``llm.chat(msgs, pre_threshold=0.2, max_new_tokens=64)``), and ``tools`` / ``tool_choice`` /
-    ``response_format`` (OpenAI shapes).
+    (``llm.chat(msgs, num_candidates=3, max_new_tokens=64)``), and ``tools`` / ``tool_choice`` /
+    ``response_format`` (OpenAI shapes). They may come from user input, so the settings in
+    ``locked_settings`` (by default the thresholds, rules, prompts, file and network access and
+    every limit) can only be made stricter per call.
 
     Function calling (a ``FunctionCallingLLM``; docs/llamaindex.md): ``FunctionAgent``,
     ``chat_with_tools`` and ``predict_and_call`` work with it. The VLM's chat template renders
@@ -168,6 +171,11 @@ class ETAMultiModalLLM(FunctionCallingLLM):
         description="metadata.is_function_calling_model; default: whether the model's family has "
         "a known tool-call format (or tool_parser is set); read from the checkpoint's "
         "config.json before the weights load.",
+    )
+    locked_settings: frozenset[str] | str = Field(
+        DEFAULT_LOCKED,
+        description="ETAConfig fields per-call arguments may only tighten, never loosen "
+        "(eta_guard.locked_settings.DEFAULT_LOCKED; 'all' locks every field, frozenset() none).",
     )
     load_kwargs: dict[str, Any] = Field(
         default_factory=dict,
@@ -252,6 +260,13 @@ class ETAMultiModalLLM(FunctionCallingLLM):
         # The adapter's policy, not the engine config's default, decides about local files.
         engine = self._engine.get() if self._engine.loaded else None
         config = self.config or (engine.config if engine is not None else None)
+        own = (config or ETAConfig()).model_dump()
+        own["allow_local_image_files"] = local_files_allowed(
+            self.allow_local_image_files, config, default=False
+        )
+        own["max_new_tokens"] = self.max_new_tokens or own["max_new_tokens"]
+        requested = {k: v for k, v in kwargs.items() if k != "stop"}
+        check_locked(requested, own, self.locked_settings, owner="this ETAMultiModalLLM")
         asked = overrides.get("allow_local_image_files")  # this call's setting, if any
         if asked is None:
             asked = self.allow_local_image_files
