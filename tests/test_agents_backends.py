@@ -286,8 +286,12 @@ def test_remote_aligned_answer_drops_the_call_and_searches_without_tools(stub, l
     message = llm.bind_tools([get_weather]).invoke("Weather in Paris?")
     assert message.tool_calls == [] and message.response_metadata["eta_aligned"] is True
     assert message.response_metadata["eta_dropped_tool_calls"][0]["name"] == "get_weather"
-    later = stub.bodies(CHAT)[1:]
-    assert later and all(b["tool_choice"] == "none" and b["tools"] for b in later)
+    # The search continues from token ids: its prompt is rendered with the tools (the prompt
+    # the vanilla answer saw), and no request offers a tool choice after the vanilla one.
+    assert len(stub.bodies(CHAT)) == 1 and stub.bodies("/v1/completions")
+    (rendered,) = [b for b in stub.bodies("/tokenize") if "messages" in b]
+    assert rendered["tools"] and "tool_choice" not in rendered
+    assert all("tools" not in b for b in stub.bodies("/v1/completions"))
 
 
 def test_remote_structured_output_sends_the_schema(stub, lc_evaluator):  # noqa: F811
