@@ -109,7 +109,7 @@ def test_vanilla_is_decoded_once_per_item_and_the_search_only_when_a_choice_alig
         "compare_gates": comparison.settings,
     }
     summary = run_eval(
-        eta, select_items(items), [judge], path, settings=settings, answer=comparison.answer_item
+        eta, select_items(items), [judge], path, settings=settings, answer_fn=comparison.answer_item
     )
     assert summary.written == 6 and summary.failed == 0
     _, records = load_results([path])

@@ -197,7 +197,7 @@ def _run(out_console: Any, err: Any, opts: dict[str, Any]) -> None:
             seed=opts["seed"],
             resume=opts["resume"],
             progress=progress,
-            answer=answer,
+            answer_fn=answer,
         ),
     )
     err.print(

@@ -81,11 +81,11 @@ def run_eval(
     seed: int = 0,
     resume: bool = False,
     progress: Progress | None = None,
-    answer: AnswerFn | None = None,
+    answer_fn: AnswerFn | None = None,
 ) -> RunSummary:
     """Answer and judge every item not yet in ``path``, appending one record per item.
 
-    ``answer`` makes one item's record (default :func:`answer_item`; a gate comparison passes
+    ``answer_fn`` makes one item's record (default :func:`answer_item`; a gate comparison passes
     :meth:`eta_guard.eval.gate_compare.GateComparison.answer_item`).
 
     An item whose request eta-guard refuses (a bad image, a prompt too long) is recorded with its
@@ -103,7 +103,7 @@ def run_eval(
         if progress:
             progress(already, len(items), "")
         for index, item in todo:
-            record = (answer or answer_item)(
+            record = (answer_fn or answer_item)(
                 eta, item, judges, index=index, seed=item_seed(seed, item.id)
             )
             failed += record.get("error") is not None
