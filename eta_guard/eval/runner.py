@@ -15,11 +15,13 @@ from typing import Any
 
 from eta_guard.errors import ETAError, InvalidInputError
 from eta_guard.eval.datasets.base import EvalItem
-from eta_guard.eval.judges.base import Judge, JudgeInput, Judgment
+from eta_guard.eval.judges.base import Judge, Judgment
 from eta_guard.eval.judges.refusal import find_refusal
 from eta_guard.eval.results import open_for_append, write_line
 
 Progress = Callable[[int, int, str], None]
+#: ``answer(eta, item, judges, *, index, seed) -> record``: one item's record.
+AnswerFn = Callable[..., dict[str, Any]]
 ARMS = ("vanilla", "eta")
 
 
@@ -79,8 +81,12 @@ def run_eval(
     seed: int = 0,
     resume: bool = False,
     progress: Progress | None = None,
+    answer_fn: AnswerFn | None = None,
 ) -> RunSummary:
     """Answer and judge every item not yet in ``path``, appending one record per item.
+
+    ``answer_fn`` makes one item's record (default :func:`answer_item`; a gate comparison passes
+    :meth:`eta_guard.eval.gate_compare.GateComparison.answer_item`).
 
     An item whose request eta-guard refuses (a bad image, a prompt too long) is recorded with its
     ``error`` and counted as failed: never silently dropped. Anything else aborts the run; rerun
@@ -97,7 +103,9 @@ def run_eval(
         if progress:
             progress(already, len(items), "")
         for index, item in todo:
-            record = answer_item(eta, item, judges, index=index, seed=item_seed(seed, item.id))
+            record = (answer_fn or answer_item)(
+                eta, item, judges, index=index, seed=item_seed(seed, item.id)
+            )
             failed += record.get("error") is not None
             write_line(f, record)
             written += 1
@@ -162,16 +170,7 @@ def answer_item(
 def _judge_both(judge: Judge, item: EvalItem, texts: dict[str, str]) -> dict[str, Any]:
     # When nothing was aligned both arms hold the same answer: judge it once.
     arms = ["vanilla"] if texts["vanilla"] == texts["eta"] else list(ARMS)
-    inputs = [
-        JudgeInput(
-            item.judge_question,
-            texts[arm],
-            item.image,
-            safety_warning=item.safety_warning,
-            expected_choice=item.expected_choice,
-        )
-        for arm in arms
-    ]
+    inputs = [item.judge_input(texts[arm]) for arm in arms]
     try:
         labels = judge.judge(inputs)
         if len(labels) != len(inputs):
