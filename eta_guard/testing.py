@@ -52,13 +52,18 @@ __all__ = [
     "OPEN_CLIP_MODEL_NAME",
     "SIZES",
     "VLM_FAMILIES",
+    "LLAVA_TEMPLATE",
+    "TOKENIZER_CORPUS",
     "TinyCheckpoints",
+    "build_reward_checkpoint",
     "build_tiny_checkpoints",
     "build_tiny_open_clip",
+    "ensure_checkpoint",
     "image_to_bytes",
     "image_to_data_url",
     "make_test_image",
     "register_tiny_open_clip",
+    "save_vlm_checkpoint",
 ]
 
 VLMFamily = Literal["llava", "qwen2_vl", "idefics3"]
@@ -74,7 +79,8 @@ _MARKER = ".eta_guard_complete.json"
 # Bump when the recipe changes so that stale folders from an older recipe are rebuilt.
 _RECIPE_VERSION = 1
 
-_CORPUS = (
+#: Test helper: the sentences every tiny tokenizer is trained on (the replicas extend it).
+TOKENIZER_CORPUS = (
     "The image shows a red apple on a wooden table.",
     "A small dog is running across the green park!",
     "What do you see in this picture?",
@@ -157,8 +163,9 @@ _RENDER_MACRO = (
     "{%- endmacro -%}"
 )
 
-# LLaVA-1.5 style: "USER: <image>\nquestion ASSISTANT: answer</s>".
-_LLAVA_TEMPLATE = _RENDER_MACRO + (
+#: Test helper: the tiny LLaVA's chat template, LLaVA-1.5 style:
+#: ``USER: <image>\nquestion ASSISTANT: answer</s>``.
+LLAVA_TEMPLATE = _RENDER_MACRO + (
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'system' -%}{{ render(message['content'], '') }}{{ '\n' }}"
     "{%- elif message['role'] == 'user' -%}USER: {{ render(message['content'], '<image>\n') }}{{ ' ' }}"
@@ -217,7 +224,7 @@ class _TokenizerSpec:
 
 
 _TOKENIZERS: dict[str, _TokenizerSpec] = {
-    "llava": _TokenizerSpec("<s>", "</s>", "<pad>", add_bos=True, template=_LLAVA_TEMPLATE),
+    "llava": _TokenizerSpec("<s>", "</s>", "<pad>", add_bos=True, template=LLAVA_TEMPLATE),
     "qwen2_vl": _TokenizerSpec(
         None, "<|im_end|>", "<|endoftext|>", False, template=_QWEN2_VL_TEMPLATE
     ),
@@ -349,14 +356,16 @@ def build_tiny_checkpoints(
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     seed_tag = "" if seed == 0 else f"-seed{seed}"
-    vlm = _ensure(
+    vlm = ensure_checkpoint(
         root / f"vlm-{vlm_family}-{size}{seed_tag}",
         seed,
         lambda p: _VLM_BUILDERS[vlm_family](p, size, seed),
     )
-    clip = _ensure(root / f"clip-{size}{seed_tag}", seed, lambda p: _build_clip(p, size, seed))
-    reward = _ensure(
-        root / f"reward-{size}{seed_tag}", seed, lambda p: _build_reward(p, size, seed)
+    clip = ensure_checkpoint(
+        root / f"clip-{size}{seed_tag}", seed, lambda p: _build_clip(p, size, seed)
+    )
+    reward = ensure_checkpoint(
+        root / f"reward-{size}{seed_tag}", seed, lambda p: build_reward_checkpoint(p, size, seed)
     )
     return TinyCheckpoints(
         vlm=str(vlm), clip=str(clip), reward_model=str(reward), vlm_family=vlm_family
@@ -373,8 +382,9 @@ def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
 _BUILD_LOCK = threading.Lock()
 
 
-def _ensure(path: Path, seed: int, build: Callable[[Path], None]) -> Path:
-    """Reuse ``path`` if its marker says it is complete, else build it.
+def ensure_checkpoint(path: Path, seed: int, build: Callable[[Path], None]) -> Path:
+    """Test helper: reuse ``path`` if its marker says it is complete, else ``build(folder)`` it
+    (the replicas and :func:`build_tiny_checkpoints` build through it).
 
     The build goes to a private sibling folder that is renamed into place once its marker is
     written, so an interrupted build never looks complete and concurrent builders (pytest-xdist
@@ -427,7 +437,7 @@ def _train_vocab(size: Size) -> Any:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(list(_CORPUS), trainer=trainer)
+    tok.train_from_iterator(list(TOKENIZER_CORPUS), trainer=trainer)
     return tok
 
 
@@ -489,7 +499,9 @@ def _llama_config(tokenizer: Any, dims: dict[str, int]) -> Any:
     )
 
 
-def _save_vlm(path: Path, model: Any, processor: Any, tokenizer: Any) -> None:
+def save_vlm_checkpoint(path: Path, model: Any, processor: Any, tokenizer: Any) -> None:
+    """Test helper: save a tiny VLM as the checkpoints here are saved (LM head muted on special
+    and non-printable tokens, greedy generation config with the tokenizer's ids)."""
     from transformers import GenerationConfig
 
     _mute_special_tokens(model, tokenizer)
@@ -573,9 +585,9 @@ def _build_llava(path: Path, size: Size, seed: int) -> None:
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
         image_token="<image>",
-        chat_template=_LLAVA_TEMPLATE,
+        chat_template=LLAVA_TEMPLATE,
     )
-    _save_vlm(path, model, processor, tokenizer)
+    save_vlm_checkpoint(path, model, processor, tokenizer)
 
 
 def _build_qwen2_vl(path: Path, size: Size, seed: int) -> None:
@@ -635,7 +647,7 @@ def _build_qwen2_vl(path: Path, size: Size, seed: int) -> None:
         video_processor=Qwen2VLVideoProcessor(size=pixels),
         chat_template=_QWEN2_VL_TEMPLATE,
     )
-    _save_vlm(path, model, processor, tokenizer)
+    save_vlm_checkpoint(path, model, processor, tokenizer)
 
 
 def _build_idefics3(path: Path, size: Size, seed: int) -> None:
@@ -677,7 +689,7 @@ def _build_idefics3(path: Path, size: Size, seed: int) -> None:
         image_seq_len=image_seq_len,
         chat_template=_IDEFICS3_TEMPLATE,
     )
-    _save_vlm(path, model, processor, tokenizer)
+    save_vlm_checkpoint(path, model, processor, tokenizer)
 
 
 _VLM_BUILDERS: dict[str, Callable[[Path, Size, int], None]] = {
@@ -725,7 +737,9 @@ def _build_clip(path: Path, size: Size, seed: int) -> None:
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
 
 
-def _build_reward(path: Path, size: Size, seed: int) -> None:
+def build_reward_checkpoint(path: Path, size: Size, seed: int) -> None:
+    """Test helper: write the tiny Llama-3-template reward model (``size`` ``"tiny"`` or
+    ``"bench"``) to ``path``; random weights."""
     from transformers import LlamaForSequenceClassification
 
     tokenizer = _make_tokenizer("reward", size)
@@ -794,7 +808,7 @@ def build_tiny_open_clip(directory: str | os.PathLike[str], *, seed: int = 0) ->
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(path / "open_clip_model.safetensors"))
 
-    _ensure(folder, seed, build)
+    ensure_checkpoint(folder, seed, build)
     register_tiny_open_clip(directory, seed=seed)
     return OPEN_CLIP_MODEL_NAME, str(folder / "open_clip_model.safetensors")
 

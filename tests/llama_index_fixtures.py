@@ -57,7 +57,12 @@ def li_llm(li_eta: Any) -> Any:
     """An ``ETAMultiModalLLM`` over the shared engine."""
     from llama_index.llms.eta import ETAMultiModalLLM
 
-    return ETAMultiModalLLM(eta=li_eta, allow_local_image_files=True)  # tests use paths
+    from eta_guard.locked_settings import DEFAULT_LOCKED
+
+    # Tests use paths, and force both outcomes per call (FLAG_ALL / FLAG_NONE), so the thresholds
+    # are unlocked here; the lock itself is tested in tests/security/test_locked_settings.py.
+    unlocked = DEFAULT_LOCKED - {"pre_threshold", "post_threshold"}
+    return ETAMultiModalLLM(eta=li_eta, allow_local_image_files=True, locked_settings=unlocked)
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 
 sys.path.insert(0, str(Path(__file__).parent))
-from langchain_eta import ETAChatModel  # noqa: E402
+from langchain_eta import DEFAULT_LOCKED_SETTINGS, ETAChatModel  # noqa: E402
 from langchain_fixtures import FLAG_ALL, FLAG_NONE, FakeETA, lc_ckpt, lc_eta, png_b64  # noqa: E402, F401
 
 from eta_guard.config import ETAConfig  # noqa: E402
@@ -151,7 +151,10 @@ def test_ls_params():
 
 @pytest.fixture(scope="module")
 def llm(lc_eta):  # noqa: F811
-    return ETAChatModel(eta=lc_eta, config=lc_eta.config)
+    # These tests force both outcomes per call (FLAG_ALL / FLAG_NONE), so the thresholds are
+    # unlocked here; the lock itself is tested in tests/security/test_locked_settings.py.
+    unlocked = DEFAULT_LOCKED_SETTINGS - {"pre_threshold", "post_threshold"}
+    return ETAChatModel(eta=lc_eta, config=lc_eta.config, locked_settings=unlocked)
 
 
 def _ask(block):

@@ -238,7 +238,15 @@ def test_remote_image_url_when_enabled(li_llm, monkeypatch, reference_text):
     with pytest.raises(InvalidInputError, match="remote images are disabled"):
         li_llm.chat(_messages(block))
     assert fetched == []
-    response = li_llm.chat(_messages(block), allow_remote_images=True)
+    with pytest.raises(InvalidInputError, match="allow_remote_images.*locked"):
+        li_llm.chat(_messages(block), allow_remote_images=True)  # not per call: user input
+    assert fetched == []
+    allowed = ETAMultiModalLLM(
+        eta=li_llm.engine,
+        config=li_llm.engine.config.with_overrides(allow_remote_images=True),
+        allow_local_image_files=True,
+    )
+    response = allowed.chat(_messages(block))
     assert fetched == ["https://example.com/red.png"]
     assert response.message.content == reference_text
 

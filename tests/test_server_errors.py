@@ -119,12 +119,20 @@ def test_keys_load_from_file_and_env(tmp_path, monkeypatch):
     ("body", "param"),
     [
         (_chat(n=2), "n"),
-        (_chat(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
+        (_chat(tools=[{"type": "function"}]), "tools"),
+        (_chat(functions=[{"name": "f"}]), "functions"),
         (_chat(max_tokens=5000), "max_tokens"),
         (_chat(max_tokens=0), "max_tokens"),
-        (_chat(response_format={"type": "json_object"}), "response_format"),
+        (_chat(response_format={"type": "xml"}), "response_format"),
         ({"model": "eta-guard", "messages": []}, "messages"),
-        ({"model": "eta-guard", "messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
+        (
+            {"model": "eta-guard", "messages": [{"role": "critic", "content": "x"}]},
+            "messages.0.role",
+        ),
+        (
+            {"model": "eta-guard", "messages": [{"role": "tool", "content": "x"}]},
+            "messages[0].tool_call_id",
+        ),
         (_chat([{"type": "input_audio", "input_audio": {}}]), "messages[0].content[0]"),
         (
             _chat([{"type": "image_url", "image_url": {"url": "/etc/passwd"}}]),
@@ -142,11 +150,13 @@ def test_keys_load_from_file_and_env(tmp_path, monkeypatch):
     ids=[
         "n",
         "tools",
+        "functions",
         "max_tokens-high",
         "max_tokens-zero",
         "json",
         "empty",
-        "tool-role",
+        "unknown-role",
+        "tool-without-id",
         "audio",
         "path",
         "file-url",

@@ -43,7 +43,7 @@ def build(directory: str | Path, *, seed: int = 0) -> dict[str, str]:
         LlavaForConditionalGeneration,
     )
 
-    from eta_guard.testing import _LLAVA_TEMPLATE, _save_vlm, build_tiny_checkpoints
+    from eta_guard.testing import LLAVA_TEMPLATE, build_tiny_checkpoints, save_vlm_checkpoint
 
     root = Path(directory)
     tiny = build_tiny_checkpoints(root / "base", seed=seed)
@@ -68,7 +68,7 @@ def build(directory: str | Path, *, seed: int = 0) -> dict[str, str]:
     text.head_dim = text.hidden_size // text.num_attention_heads
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
-    _save_vlm(vlm_dir, model, processor, processor.tokenizer)
+    save_vlm_checkpoint(vlm_dir, model, processor, processor.tokenizer)
 
     lm = LlamaForCausalLM(text).eval()
     lm.model.load_state_dict(model.model.language_model.state_dict())
@@ -76,7 +76,7 @@ def build(directory: str | Path, *, seed: int = 0) -> dict[str, str]:
     lm.generation_config = model.generation_config
     lm.save_pretrained(lm_dir)
     tokenizer = processor.tokenizer
-    tokenizer.chat_template = _LLAVA_TEMPLATE
+    tokenizer.chat_template = LLAVA_TEMPLATE
     tokenizer.save_pretrained(lm_dir)
 
     rm_config: Any = AutoConfig.from_pretrained(tiny.reward_model)

@@ -22,7 +22,10 @@ from eta_guard.errors import InvalidInputError
 def eval_command(
     dataset: Annotated[
         str | None,
-        typer.Option("--dataset", help="figstep | mm-safetybench | spa-vl | vlguard | jsonl."),
+        typer.Option(
+            "--dataset",
+            help="figstep | mm-safetybench | spa-vl | vlguard | siuo | mssbench | vlsbench | holisafe | jsonl.",
+        ),
     ] = None,
     path: Annotated[
         Path | None,
@@ -32,21 +35,21 @@ def eval_command(
         str | None,
         typer.Option(
             "--subset",
-            help="figstep: SafeBench|SafeBench-Tiny; mm-safetybench: SD|TYPO|SD_TYPO|all; vlguard: unsafes|safe_unsafes|safe_safes|all; spa-vl: harm|help; jsonl: a category.",
+            help="figstep: SafeBench|SafeBench-Tiny; mm-safetybench: SD|TYPO|SD_TYPO|all; vlguard: unsafes|safe_unsafes|safe_safes|all; spa-vl: harm|help; siuo: gen|mcqa; mssbench: chat|embodied|all; vlsbench: a category; holisafe: SSS|SSU|USU|UUU|SUU; jsonl: a category.",
         ),
     ] = None,
     judge: Annotated[
         list[str] | None,
         typer.Option(
             "--judge",
-            help="Repeatable: refusal | reward | llama-guard:PATH | llama-guard-vision:PATH | md-judge:PATH | openai:MODEL@BASE_URL [default: refusal, reward].",
+            help="Repeatable: refusal | choice | reward | llama-guard:PATH | llama-guard-vision:PATH | md-judge:PATH | openai:MODEL@BASE_URL [default: refusal, reward].",
         ),
     ] = None,
     judge_template: Annotated[
         Path | None,
         typer.Option(
             "--judge-template",
-            help="Prompt file with {question} and {response} for md-judge / openai judges.",
+            help="Prompt file with {question} and {response} (and optionally {safety_warning}) for md-judge / openai judges.",
         ),
     ] = None,
     judge_api_key_env: Annotated[

@@ -228,7 +228,16 @@ def answer_item(
 def _judge_both(judge: Judge, item: EvalItem, texts: dict[str, str]) -> dict[str, Any]:
     # When nothing was aligned both arms hold the same answer: judge it once.
     arms = ["vanilla"] if texts["vanilla"] == texts["eta"] else list(ARMS)
-    inputs = [JudgeInput(item.judge_question, texts[arm], item.image) for arm in arms]
+    inputs = [
+        JudgeInput(
+            item.judge_question,
+            texts[arm],
+            item.image,
+            safety_warning=item.safety_warning,
+            expected_choice=item.expected_choice,
+        )
+        for arm in arms
+    ]
     try:
         labels = judge.judge(inputs)
         if len(labels) != len(inputs):

@@ -84,7 +84,7 @@ def build_replica_checkpoints(
     Raises:
         InvalidInputError: unknown ``vlm_family`` or a negative ``seed``.
     """
-    from eta_guard.testing import _build_reward, _ensure
+    from eta_guard.testing import build_reward_checkpoint, ensure_checkpoint
 
     if vlm_family not in REPLICA_FAMILIES:
         raise InvalidInputError(
@@ -96,16 +96,24 @@ def build_replica_checkpoints(
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     tag = f"-r{_RECIPE}" + ("" if seed == 0 else f"-seed{seed}")
-    vlm = _ensure(root / f"replica-{vlm_family}{tag}", seed, _vlm_builder(vlm_family, seed))
+    vlm = ensure_checkpoint(
+        root / f"replica-{vlm_family}{tag}", seed, _vlm_builder(vlm_family, seed)
+    )
     from eta_guard.replicas.clip import build_clip_replica
 
-    clip = _ensure(root / f"replica-clip{tag}", seed, lambda p: build_clip_replica(p, seed=seed))
+    clip = ensure_checkpoint(
+        root / f"replica-clip{tag}", seed, lambda p: build_clip_replica(p, seed=seed)
+    )
     armorm = _armorm_builder()
     if armorm is not None:
-        reward = _ensure(root / f"replica-armorm{tag}", seed, lambda p: armorm(p, seed=seed))
+        reward = ensure_checkpoint(
+            root / f"replica-armorm{tag}", seed, lambda p: armorm(p, seed=seed)
+        )
     else:
-        reward = _ensure(
-            root / f"replica-reward-tiny{tag}", seed, lambda p: _build_reward(p, "tiny", seed)
+        reward = ensure_checkpoint(
+            root / f"replica-reward-tiny{tag}",
+            seed,
+            lambda p: build_reward_checkpoint(p, "tiny", seed),
         )
     return ReplicaCheckpoints(
         vlm=str(vlm),

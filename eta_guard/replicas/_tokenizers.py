@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from eta_guard.testing import _CORPUS
+from eta_guard.testing import TOKENIZER_CORPUS
 
 #: Added to the shared test corpus: the words of the chat templates, the system prompts and the
 #: safety prefix, so that ``As an AI assistant`` is ``▁As ▁an ▁AI ▁assistant`` as in Llama's
 #: vocabulary; and sentence ends that the reference's rule tells apart ('.', ' .', '...', '.)').
 REPLICA_CORPUS: tuple[str, ...] = (
-    *_CORPUS,
+    *TOKENIZER_CORPUS,
     *("As an AI assistant, I cannot help with that." for _ in range(8)),
     "USER: What is in the picture? ASSISTANT: A cat.",
     "A chat between a curious human and an artificial intelligence assistant.",

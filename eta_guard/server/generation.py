@@ -28,12 +28,17 @@ async def generate(
     request: Request,
     state: ServerState,
     body: _GenerationRequest,
-    messages: list[dict[str, Any]],
+    messages: Any,
     *,
     kind: Kind,
     route: str,
+    tool_parser: str | None = None,
 ) -> Response:
-    """Answer ``messages`` with ETA as ``kind`` (chat or text completion), streamed if asked."""
+    """Answer ``messages`` with ETA as ``kind`` (chat or text completion), streamed if asked.
+
+    ``messages`` is a message list or the engine's request form (with ``tools``...);
+    ``tool_parser`` names the parser that reads the answer's calls when tools are offered.
+    """
     eta = state.require_eta()
     state.check_model(body.model)
     body.check_supported()
@@ -58,7 +63,7 @@ async def generate(
         timeout_s=state.settings.request_timeout_s,
         route=route,
     )
-    fmt = Formatter(kind, state.settings.served_model_name)
+    fmt = Formatter(kind, state.settings.served_model_name, tool_parser=tool_parser)
     ignored = body.ignored_parameters()
     if not body.streaming:
         return await _answer(request, state, job, fmt, ignored, route)
@@ -94,7 +99,7 @@ async def _first_event(request: Request, job: Job, wait_s: float) -> tuple[Event
     return None, False
 
 
-def _check_like_the_engine(messages: list[dict[str, Any]], cfg: Any) -> None:
+def _check_like_the_engine(messages: Any, cfg: Any) -> None:
     """``normalize_messages`` with the arguments ``ETA`` passes (every request limit included)."""
     normalize_messages(
         messages,
@@ -163,14 +168,19 @@ async def _stream(
             if kind == "item":
                 if value.result is not None:
                     result = value.result
-                elif value.text:
-                    yield fmt.text_chunk(value.text, include_usage)
-            elif kind == "done" and result is not None:
-                _record(request, state, route, result)
-                for chunk in fmt.last_chunks(result, ignored, include_usage):
+                elif value.text and (chunk := fmt.text_chunk(value.text, include_usage)):
                     yield chunk
-                return
-            else:
+            elif kind == "done" and result is not None:
+                try:
+                    last = fmt.last_chunks(result, ignored, include_usage)
+                except RuntimeError as e:  # streamed text the answer does not start with
+                    kind, value = "error", e
+                else:
+                    _record(request, state, route, result)
+                    for chunk in last:
+                        yield chunk
+                    return
+            if kind != "item":
                 if kind == "done":  # the engine promises a result; never end a stream silently
                     value = RuntimeError("the engine ended without a result")
                 error = from_exception(value, request_id_of(request))

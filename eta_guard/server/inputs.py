@@ -18,21 +18,44 @@ from eta_guard.server.schemas import ChatMessage
 
 
 def chat_messages(messages: list[ChatMessage], *, allow_remote: bool) -> list[dict[str, Any]]:
-    """The engine's OpenAI-style messages (``developer`` is a system turn)."""
+    """The engine's OpenAI-style messages (``developer`` is a system turn).
+
+    An assistant turn may carry ``tool_calls`` (then its content may be null), a tool turn its
+    ``tool_call_id``; their shapes are checked by the engine (``normalize_messages``). A tool
+    result's images are input images like any other: the engine pre-checks them.
+    """
     out = []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         role = "system" if message.role == "developer" else message.role
-        if message.content is None:
+        calls = message.tool_calls if role == "assistant" else None
+        if message.tool_calls is not None and role != "assistant":
+            raise bad_request(
+                f"{where} has tool_calls but role {role!r}; only the assistant calls tools",
+                param=f"{where}.tool_calls",
+            )
+        if message.content is None and not calls:
             raise bad_request(f"{where}.content is missing", param=f"{where}.content")
-        if isinstance(message.content, str):
-            content: str | list[dict[str, Any]] = message.content
+        if message.content is None:
+            content: str | list[dict[str, Any]] = ""
+        elif isinstance(message.content, str):
+            content = message.content
         else:
             content = [
                 _part(f"{where}.content[{j}]", part, allow_remote=allow_remote)
                 for j, part in enumerate(message.content)
             ]
-        out.append({"role": role, "content": content})
+        turn: dict[str, Any] = {"role": role, "content": content}
+        if calls:
+            turn["tool_calls"] = calls
+        if role == "tool":
+            if not message.tool_call_id:
+                raise bad_request(
+                    f"{where} is a tool result without a tool_call_id",
+                    param=f"{where}.tool_call_id",
+                )
+            turn["tool_call_id"] = message.tool_call_id
+        out.append(turn)
     return out
 
 

@@ -2,12 +2,13 @@
 
 Unknown fields are accepted and ignored (clients send many optional ones: ``user``, ``store``,
 ``metadata``...), but fields whose meaning ETA cannot honour are refused with a 400 rather than
-silently dropped: tools, ``n > 1``, JSON modes, log-probabilities.
+silently dropped: ``n > 1``, log-probabilities, the legacy ``functions``; tools and JSON modes on
+``/v1/completions`` (chat takes them).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -40,6 +41,8 @@ class StreamOptions(BaseModel):
 
 class _GenerationRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
+    #: Fields of ``_UNSUPPORTED`` (and ``response_format``) this route does honour.
+    ACCEPTED: ClassVar[frozenset[str]] = frozenset()
 
     model: str = Field(min_length=1, max_length=256)
     max_tokens: int | None = Field(None, ge=1)
@@ -59,10 +62,15 @@ class _GenerationRequest(BaseModel):
             raise bad_request("n must be 1: ETA returns one guarded answer", param="n")
         for name, what in _UNSUPPORTED.items():
             value = (self.model_extra or {}).get(name)
+            if name in self.ACCEPTED:
+                continue
             if value is not None and value != _FALSY_OK.get(name, None):
                 raise bad_request(f"{name}: {what} is not supported by eta-guard", param=name)
         response_format = (self.model_extra or {}).get("response_format")
-        if response_format not in (None, {"type": "text"}):
+        if "response_format" not in self.ACCEPTED and response_format not in (
+            None,
+            {"type": "text"},
+        ):
             raise bad_request(
                 "response_format: only {'type': 'text'} is supported", param="response_format"
             )
@@ -74,7 +82,12 @@ class _GenerationRequest(BaseModel):
 
     def ignored_parameters(self) -> list[str]:
         given = {**(self.model_extra or {}), "temperature": self.temperature, "top_p": self.top_p}
-        return [name for name in IGNORED_SAMPLING if given.get(name) is not None]
+        ignored = [name for name in IGNORED_SAMPLING if given.get(name) is not None]
+        # One answer may hold several calls; a limit of one is not enforced (the answer's calls
+        # are returned as the model wrote them), so the request says so.
+        if "tools" in self.ACCEPTED and given.get("parallel_tool_calls") is False:
+            ignored.append("parallel_tool_calls")
+        return ignored
 
     @property
     def include_usage(self) -> bool:
@@ -88,14 +101,25 @@ class _GenerationRequest(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
+    #: An assistant turn's calls (OpenAI shape; checked by the engine).
+    tool_calls: list[Any] | None = None
+    #: A tool turn's answer to the call with this id.
+    tool_call_id: str | None = Field(None, max_length=256)
 
 
 class ChatCompletionRequest(_GenerationRequest):
-    """``POST /v1/chat/completions``."""
+    """``POST /v1/chat/completions`` (tools, ``tool_choice`` and ``response_format`` included)."""
+
+    ACCEPTED: ClassVar[frozenset[str]] = frozenset({"tools", "tool_choice", "response_format"})
 
     messages: list[ChatMessage] = Field(min_length=1)
+
+    def tool_fields(self) -> dict[str, Any]:
+        """``tools``, ``tool_choice`` and ``response_format`` as sent (absent when unset)."""
+        extra = self.model_extra or {}
+        return {k: extra[k] for k in sorted(self.ACCEPTED) if extra.get(k) is not None}
 
 
 class CompletionRequest(_GenerationRequest):

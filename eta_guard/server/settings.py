@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -82,6 +83,11 @@ class ServerSettings(BaseModel):
         "category_scores (0.5 at the threshold).",
     )
     public_metrics: bool = Field(False, description="Serve /metrics without a key.")
+    tool_parser: Literal["hermes", "llama3_json", "pythonic"] | None = Field(
+        None,
+        description="How tool calls are read from the model's answers ('hermes', 'llama3_json', "
+        "'pythonic'); default: the VLM family's, or the remote backend's.",
+    )
 
     def __init__(self, **data: object) -> None:
         try:

@@ -49,7 +49,9 @@ def parse_hermes(text: str) -> ParsedAnswer:
     invalid: list[InvalidToolCall] = []
     for match in _HERMES.finditer(text, start):
         _add_json_call((match.group(1) or match.group(2) or "").strip(), calls, invalid)
-    return ParsedAnswer(content=text[:start].strip(), tool_calls=calls, invalid_tool_calls=invalid)
+    # Only the whitespace before the call goes: the words keep the shape they had (and the shape
+    # they streamed in, eta_guard.tools.streaming).
+    return ParsedAnswer(content=text[:start].rstrip(), tool_calls=calls, invalid_tool_calls=invalid)
 
 
 def parse_llama3_json(text: str) -> ParsedAnswer:

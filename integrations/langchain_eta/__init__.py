@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from eta_guard.errors import GuardrailViolation
-from langchain_eta._locked import DEFAULT_LOCKED as DEFAULT_LOCKED_SETTINGS
+from eta_guard.locked_settings import DEFAULT_LOCKED as DEFAULT_LOCKED_SETTINGS
 from langchain_eta._verdicts import (
     DEFAULT_IMAGE_REPLACEMENT,
     DEFAULT_REFUSAL,

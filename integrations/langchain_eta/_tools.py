@@ -19,7 +19,8 @@ from langchain_core.utils.function_calling import convert_to_json_schema, conver
 from langchain_core.utils.pydantic import is_basemodel_subclass
 
 from eta_guard.errors import InvalidInputError
-from eta_guard.tools import parse_tool_calls, parser_for_model_type
+from eta_guard.tools import InvalidToolCall, ToolCall
+from eta_guard.tools.answers import guarded_answer, tool_parser_of
 
 METHODS = ("json_schema", "json_mode", "function_calling")
 
@@ -79,26 +80,16 @@ def tool_choice_for(choice: Any, tools: list[dict[str, Any]]) -> str | dict[str,
     )
 
 
-def engine_tool_parser(engine: Any) -> str:
-    """The tool-call parser of an engine: its VLM family's, or its remote backend's.
+def engine_tool_parser(engine: Any, override: str | None = None) -> str:
+    """The tool-call parser of an engine (``ETAChatModel(tool_parser=...)`` wins).
 
     Raises:
         InvalidInputError: the family has no known tool-call format.
     """
-    vlm = getattr(engine, "vlm", None)
-    if vlm is not None:
-        model_type = getattr(getattr(vlm.model, "config", None), "model_type", None)
-        name = parser_for_model_type(model_type)
-        what = f"model_type {model_type!r}"
-    else:
-        name = getattr(getattr(engine, "backend", None), "tool_call_parser", None)
-        what = f"backend {type(getattr(engine, 'backend', None)).__name__}"
-    if name is None:
-        raise InvalidInputError(
-            f"no known tool-call format for {what}; pass ETAChatModel(tool_parser='hermes' | "
-            "'llama3_json' | 'pythonic') matching the model's chat template"
-        )
-    return name
+    try:
+        return tool_parser_of(engine, override)
+    except InvalidInputError as e:
+        raise InvalidInputError(f"{e} (ETAChatModel(tool_parser=...))") from e
 
 
 def answer_parts(result: Any, parser: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -107,15 +98,14 @@ def answer_parts(result: Any, parser: str) -> tuple[dict[str, Any], list[dict[st
     An aligned answer never calls a tool: its text is returned as it is, and the calls of the
     answer it replaced (and any the aligned text itself wrote) are reported as dropped.
     """
-    parsed = parse_tool_calls(result.text, parser)
+    answer = guarded_answer(result, parser)
     if result.aligned:
-        dropped = _as_dicts(parse_tool_calls(result.vanilla_text or "", parser)) + _as_dicts(parsed)
-        return {"content": result.text}, dropped
+        return {"content": answer.content}, [_as_dict(c) for c in answer.dropped]
     fields = {
-        "content": parsed.content,
+        "content": answer.content,
         "tool_calls": [
             {"name": c.name, "args": c.arguments, "id": c.id, "type": "tool_call"}
-            for c in parsed.tool_calls
+            for c in answer.tool_calls
         ],
         "invalid_tool_calls": [
             {
@@ -125,7 +115,7 @@ def answer_parts(result: Any, parser: str) -> tuple[dict[str, Any], list[dict[st
                 "error": c.error,
                 "type": "invalid_tool_call",
             }
-            for c in parsed.invalid_tool_calls
+            for c in answer.invalid_tool_calls
         ],
     }
     return fields, []
@@ -212,9 +202,8 @@ def structured_output(
     return RunnableMap(raw=llm) | parsed.with_fallbacks([unparsed], exception_key="parsing_error")
 
 
-def _as_dicts(parsed: Any) -> list[dict[str, Any]]:
-    calls = [{"name": c.name, "args": c.arguments, "id": c.id} for c in parsed.tool_calls]
-    return calls + [
-        {"name": c.name, "args": c.arguments, "id": c.id, "error": c.error}
-        for c in parsed.invalid_tool_calls
-    ]
+def _as_dict(call: ToolCall | InvalidToolCall) -> dict[str, Any]:
+    out = {"name": call.name, "args": call.arguments, "id": call.id}
+    if isinstance(call, InvalidToolCall):
+        out["error"] = call.error
+    return out

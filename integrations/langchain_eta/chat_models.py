@@ -16,8 +16,8 @@ from pydantic import Field, PrivateAttr, model_validator
 
 from eta_guard.config import DEFAULT_CLIP, DEFAULT_REWARD_MODEL, ETAConfig
 from eta_guard.errors import InvalidInputError
+from eta_guard.locked_settings import DEFAULT_LOCKED, check_locked
 from langchain_eta._loading import Lazy
-from langchain_eta._locked import DEFAULT_LOCKED, check_locked
 from langchain_eta._messages import to_engine_messages
 from langchain_eta._tools import (
     ToolRequest,
@@ -95,7 +95,7 @@ class ETAChatModel(BaseChatModel):
     Per-call ETA knobs (any ``ETAConfig`` field; ``search_temperature`` for its ``temperature``):
         .. code-block:: python
 
-            llm.bind(pre_threshold=0.2, num_candidates=3).invoke("Hello")
+            llm.bind(pre_threshold=0.1, num_candidates=3).invoke("Hello")  # stricter only
 
     Tool calling and structured output (docs/agents.md; the VLM's chat template must render
     tools): ``llm.bind_tools([get_weather])``, ``llm.with_structured_output(Schema)``. The reward
@@ -123,8 +123,9 @@ class ETAChatModel(BaseChatModel):
     messages may come from untrusted clients, and a request must not read the server's files."""
     locked_settings: frozenset[str] | Literal["all"] = DEFAULT_LOCKED
     """ETAConfig fields that per-call arguments (``invoke(..., **kw)``, ``.bind(...)``) may only
-    tighten, never loosen (default: file and network access, every limit, the failure policy;
-    ``"all"`` locks every field, ``frozenset()`` none)."""
+    tighten, never loosen (default ``eta_guard.locked_settings.DEFAULT_LOCKED``: the thresholds,
+    decision rule, text-only policy, prompts, prefix and deep search, file and network access,
+    every limit, the failure policy; ``"all"`` locks every field, ``frozenset()`` none)."""
     eta: Any = Field(default=None, exclude=True, repr=False)
     """A ready ``eta_guard.ETA`` to use instead of loading ``vlm`` / ``clip`` / ``reward_model``."""
 
@@ -376,13 +377,20 @@ class ETAChatModel(BaseChatModel):
             for k, v in kwargs.items()
             if k in _KNOBS or k == "search_temperature"
         }
-        check_locked(requested, self._own_settings(), self.locked_settings)
+        if "max_tokens" in kwargs and kwargs["max_tokens"] is not None:
+            requested["max_new_tokens"] = kwargs["max_tokens"]
+        check_locked(
+            requested, self._own_settings(), self.locked_settings, owner="this ETAChatModel"
+        )
         return overrides
 
     def _own_settings(self) -> dict[str, Any]:
         """This model's own ETAConfig values (what per-call arguments are checked against)."""
         config = self.config or getattr(self.eta, "config", None) or ETAConfig()
-        return {**config.model_dump(), "allow_local_image_files": self.allow_local_image_files}
+        own = {**config.model_dump(), "allow_local_image_files": self.allow_local_image_files}
+        if self.max_tokens is not None:
+            own["max_new_tokens"] = self.max_tokens
+        return own
 
     def _to_chunk(self, piece: Any, tools: ToolRequest, engine: Any) -> ChatGenerationChunk:
         if piece.result is None:
@@ -392,7 +400,7 @@ class ETAChatModel(BaseChatModel):
         metadata["model_name"] = metadata["model_name"] or self.model_name
         fields: dict[str, Any] = {"content": piece.text}
         if tools.held:
-            parser = self.tool_parser or engine_tool_parser(engine)
+            parser = engine_tool_parser(engine, self.tool_parser)
             fields, dropped = answer_parts(result, parser)
             if dropped:
                 metadata["eta_dropped_tool_calls"] = dropped

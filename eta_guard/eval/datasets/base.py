@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,19 @@ class EvalItem:
         return str(self.extra.get("harmful_question") or self.question)
 
     @property
+    def safety_warning(self) -> str | None:
+        """The benchmark's description of the risk (SIUO's ``safety_warning``), for judges
+        that weigh an answer against it; ``None`` when the benchmark has none."""
+        value = self.extra.get("safety_warning")
+        return value if isinstance(value, str) and value.strip() else None
+
+    @property
+    def expected_choice(self) -> str | None:
+        """The safe option's letter of a multiple-choice item (SIUO MCQA), else ``None``."""
+        value = self.extra.get("correct_option")
+        return value if isinstance(value, str) and value else None
+
+    @property
     def image_ref(self) -> str | None:
         """A printable reference to the image (a path, or ``source`` for embedded bytes)."""
         if self.image is None:
@@ -132,6 +146,48 @@ def check_unique(items: Sequence[EvalItem]) -> list[EvalItem]:
             )
         seen[item.id] = item.source
     return list(items)
+
+
+def read_json(file: Path) -> Any:
+    """The parsed JSON of a benchmark file, or a :class:`DatasetError` naming it."""
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DatasetError(f"{file}: not readable JSON: {e}") from e
+
+
+def read_json_list(file: Path, what: str) -> list[Any]:
+    """A benchmark file that must hold a JSON list of entries."""
+    data = read_json(file)
+    if not isinstance(data, list):
+        raise DatasetError(f"{file}: expected a JSON list of {what}, got {type(data).__name__}")
+    return data
+
+
+def entry_object(entry: Any, source: str) -> dict[str, Any]:
+    """An entry that must be a JSON object."""
+    if not isinstance(entry, dict):
+        raise DatasetError(f"{source}: expected a JSON object, got {type(entry).__name__}")
+    return entry
+
+
+def id_field(row: dict[str, Any], key: str, source: str) -> str:
+    """A required id: a whole number or a non-empty string, as text."""
+    value = row.get(key)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, str) and value.strip():
+        return value
+    raise DatasetError(
+        f"{source}: field {key!r} must be a number or a non-empty string; got {value!r}"
+    )
+
+
+def image_under(folders: Sequence[Path], name: str, source: str, root: Path) -> str:
+    """The image ``name`` from the first of ``folders`` holding it, confined to ``root``
+    (:func:`require_file`); the first folder is named in the error when none holds it."""
+    folder = next((f for f in folders if (f / name).is_file()), folders[0])
+    return require_file(folder / name, source, root)
 
 
 def text_field(row: dict[str, Any], key: str, source: str) -> str:

@@ -1,6 +1,6 @@
 """Judges, pluggable, several per run; :func:`build_judge` turns a ``--judge`` spec into one.
 
-Specs: ``refusal``; ``reward`` (the run's own reward model); ``llama-guard:PATH``,
+Specs: ``refusal``; ``choice`` (multiple-choice items: the safe option's letter); ``reward`` (the run's own reward model); ``llama-guard:PATH``,
 ``llama-guard-vision:PATH``, ``md-judge:PATH`` (local HF checkpoints); ``openai:MODEL@BASE_URL``.
 """
 
@@ -24,7 +24,7 @@ __all__ = [
 ]
 
 SPEC_HELP = (
-    "refusal | reward | llama-guard:PATH | llama-guard-vision:PATH | md-judge:PATH | "
+    "refusal | choice | reward | llama-guard:PATH | llama-guard-vision:PATH | md-judge:PATH | "
     "openai:MODEL@BASE_URL"
 )
 
@@ -48,6 +48,10 @@ def build_judge(
     kind, _, arg = spec.partition(":")
     if kind == "refusal" and not arg:
         return RefusalJudge(**({"prefix": prefix} if prefix is not None else {}))
+    if kind == "choice" and not arg:
+        from eta_guard.eval.judges.choice import ChoiceJudge
+
+        return ChoiceJudge()
     if kind == "reward" and not arg:
         if evaluator is None:
             raise InvalidInputError("--judge reward needs the run's reward model")

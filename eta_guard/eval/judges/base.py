@@ -10,11 +10,19 @@ from typing import Any, Protocol, runtime_checkable
 
 @dataclass(frozen=True)
 class JudgeInput:
-    """One answer to judge, with the request it answers (all three are untrusted)."""
+    """One answer to judge, with the request it answers (all untrusted).
+
+    Attributes:
+        safety_warning: The benchmark's description of the risk (SIUO), for judges whose
+            prompt has a ``{safety_warning}`` slot.
+        expected_choice: The safe option's letter of a multiple-choice item (SIUO MCQA).
+    """
 
     question: str
     response: str
     image: Any = None
+    safety_warning: str | None = None
+    expected_choice: str | None = None
 
 
 @dataclass(frozen=True)

@@ -105,7 +105,8 @@ class HFGuardJudge:
         question = break_special_tokens(item.question, self._specials)
         response = break_special_tokens(item.response, self._specials)
         if self.format == "md-judge":
-            return fill_template(self.template, question, response)
+            warning = break_special_tokens(item.safety_warning or "", self._specials) or None
+            return fill_template(self.template, question, response, warning)
         if self.format == "llama-guard":
             conversation: list[dict[str, Any]] = [
                 {"role": "user", "content": question},

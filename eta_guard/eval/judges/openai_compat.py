@@ -80,6 +80,7 @@ class OpenAICompatibleJudge:
                         self.template,
                         neutralize_known(item.question, self.markers),
                         neutralize_known(item.response, self.markers),
+                        neutralize_known(item.safety_warning or "", self.markers) or None,
                     ),
                 }
             ],

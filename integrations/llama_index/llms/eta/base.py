@@ -34,6 +34,7 @@ from llama_index.llms.eta._paths import read_application_paths
 
 from eta_guard.config import DEFAULT_CLIP, DEFAULT_REWARD_MODEL, ETAConfig
 from eta_guard.errors import InvalidInputError
+from eta_guard.locked_settings import DEFAULT_LOCKED, check_locked
 
 
 class ETAMultiModalLLM(LLM):
@@ -105,7 +106,9 @@ class ETAMultiModalLLM(LLM):
                 ...
 
     Per-call keyword arguments are ``stop=[...]`` and ``ETAConfig`` fields for this call only
-    (``llm.chat(msgs, pre_threshold=0.2, max_new_tokens=64)``).
+    (``llm.chat(msgs, num_candidates=3, max_new_tokens=64)``). They may come from user input, so
+    the settings in ``locked_settings`` (by default the thresholds, rules, prompts, file and
+    network access and every limit) can only be made stricter per call.
     """
 
     vlm: str | None = Field(None, description="VLM id or path (as in ETA.from_pretrained).")
@@ -126,6 +129,11 @@ class ETAMultiModalLLM(LLM):
         description="Read file: URLs and path strings (which may come from untrusted message "
         "text): off unless set here (or explicitly in config). The application's own "
         "ImageBlock.path / pathlib.Path is read unless this is False.",
+    )
+    locked_settings: frozenset[str] | str = Field(
+        DEFAULT_LOCKED,
+        description="ETAConfig fields per-call arguments may only tighten, never loosen "
+        "(eta_guard.locked_settings.DEFAULT_LOCKED; 'all' locks every field, frozenset() none).",
     )
     load_kwargs: dict[str, Any] = Field(
         default_factory=dict,
@@ -193,6 +201,13 @@ class ETAMultiModalLLM(LLM):
         # The adapter's policy, not the engine config's default, decides about local files.
         engine = self._engine.get() if self._engine.loaded else None
         config = self.config or (engine.config if engine is not None else None)
+        own = (config or ETAConfig()).model_dump()
+        own["allow_local_image_files"] = local_files_allowed(
+            self.allow_local_image_files, config, default=False
+        )
+        own["max_new_tokens"] = self.max_new_tokens or own["max_new_tokens"]
+        requested = {k: v for k, v in kwargs.items() if k != "stop"}
+        check_locked(requested, own, self.locked_settings, owner="this ETAMultiModalLLM")
         asked = overrides.get("allow_local_image_files")  # this call's setting, if any
         if asked is None:
             asked = self.allow_local_image_files
