@@ -177,6 +177,41 @@ def test_tool_messages_in(weather):
     assert text == "It is sunny in Paris."
 
 
+def test_an_image_a_tool_returns_is_pre_checked(weather):
+    import base64
+
+    from langchain_fixtures import png_bytes
+
+    url, backend = weather
+    image = "data:image/png;base64," + base64.b64encode(png_bytes()).decode()
+    history = [
+        *ASK,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "c1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": "{}"},
+                }
+            ],
+        },
+        {
+            "role": "tool",
+            "tool_call_id": "c1",
+            "content": [
+                {"type": "text", "text": "map:"},
+                {"type": "image_url", "image_url": {"url": image}},
+            ],
+        },
+    ]
+    resp = _client(url).chat.completions.create(model="eta-guard", messages=history, tools=TOOLS)
+    assert len(backend.seen[-1].images) == 1
+    eta = resp.model_extra["eta"]
+    assert len(eta["scores"]["image_clip"]) == 1 and eta["scores"]["clip"] is not None
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_flagged_tool_call_is_dropped_and_replaced_by_the_aligned_answer(harmful, stream):
     """Without the judging of calls, the harmful call would come back as a call to run."""
