@@ -108,8 +108,8 @@ def load_image(
             default ``RemoteFetchPolicy(timeout=timeout)``.
 
     Returns:
-        A new RGB image (EXIF orientation applied, transparency composited on white). An input
-        PIL image is never modified.
+        A new RGB image (EXIF orientation applied; transparency dropped as ``convert("RGB")``
+        drops it, the reference's decoding). An input PIL image is never modified.
 
     Raises:
         InvalidInputError: The source has the wrong type or is not a decodable, sane image.
@@ -437,21 +437,17 @@ def _finish(image: Image.Image, max_pixels: int, *, what: str) -> Image.Image:
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    from PIL import Image
-
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         # 16/32-bit greyscale: scale to 8 bits instead of clipping everything to white.
         image = image.convert("I").point(lambda v: v * (1 / 256)).convert("L")
-    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        image.mode in ("P", "L", "RGB") and "transparency" in image.info
-    )
-    if has_alpha:
-        # Composite on white as HF image processors do, so transparent areas do not turn black.
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        background.alpha_composite(rgba)
-        return background.convert("RGB")
-    return image.convert("RGB")  # always a new image, even when already RGB
+    # Transparency is dropped, not composited: the reference opens every image with
+    # ``Image.convert("RGB")`` (LLaVA's ``data_prepare``; CLIP's processor of its time did the
+    # same), so transparent pixels keep the colour stored under them. CLIP and the VLM both get
+    # this one RGB image, and adapters forward exactly it (docs/paper-setup.md, section 5).
+    try:
+        return image.convert("RGB")  # always a new image, even when already RGB
+    except ValueError:  # modes PIL cannot take to RGB directly (e.g. "La")
+        return image.convert("RGBA").convert("RGB")
 
 
 # --------------------------------------------------------------------------- diagnostics

@@ -3,9 +3,9 @@
 A guard in front of another model (LangChain ``ETAInputGuard`` and ``ETAGuardMiddleware``,
 LlamaIndex ``ETAImageSafetyPostprocessor``) decodes each image once with
 :func:`eta_guard.media.load_image` (all its checks and limits; EXIF orientation applied, alpha
-composited on white), scores that RGB image, and forwards it re-encoded as a metadata-free PNG.
-The original bytes never reach the model, so neither transparency (shown on white to CLIP, on
-black by another decoder), an ICC profile, a second animation frame, nor a file or URL that
+dropped as the reference drops it), scores that RGB image, and forwards it re-encoded as a metadata-free PNG.
+The original bytes never reach the model, so neither transparency (one decoder composites it on white,
+another drops it), an ICC profile, a second animation frame, nor a file or URL that
 changes after the check can show the model anything that was not scored.
 
 Animated images (GIF, APNG, animated WebP, multi-page TIFF) are refused with

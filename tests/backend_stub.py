@@ -1,5 +1,8 @@
 """A small OpenAI-compatible engine for contract tests: replies as vLLM 0.32 does, records requests.
 
+Chat completions, the completions API with token-id prompts (``return_token_ids``), ``/tokenize``,
+``/classify`` and embeddings.
+
 Started on 127.0.0.1 (a free port) in a daemon thread; stopped by the fixture. Behaviour is
 scripted per test: queued failures per path, a delay, replies for ``/classify`` and embeddings.
 """
@@ -44,6 +47,12 @@ class Stub:
     #: when set and the request offers tools, the vanilla answer is these calls (``{"name",
     #: "arguments": JSON str}``), streamed as vLLM streams parsed calls (``tool_calls`` deltas)
     tool_calls: list[dict[str, str]] | None = None
+    #: the served model's tokenizer (a transformers tokenizer) for ``/tokenize`` and the
+    #: completions API's token ids; None: one id per character (its code point), EOS = 0
+    tokenizer: Any = None
+    max_model_len: int = 4096
+    #: the completions API's candidates as (prompt ids, [sampled ids of each choice]), in order
+    sampled: list[tuple[list[int], list[list[int]]]] = field(default_factory=list)
     url: str = ""
 
     def reset(self) -> Stub:
@@ -52,6 +61,9 @@ class Stub:
         self.failures.clear()
         self.delay, self.choices_override, self.eos_after = 0.0, None, 2
         self.context_left, self.reward = None, -2.5
+        self.tokenizer, self.max_model_len = None, 4096
+        self.vanilla = list(VANILLA)
+        self.sampled.clear()
         return self
 
     def bodies(self, path: str) -> list[dict[str, Any]]:
@@ -140,6 +152,72 @@ def build_app(stub: Stub) -> FastAPI:
             },
         }
 
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Any:
+        body = await request.json()
+        special = await scripted("/tokenize", body)
+        if special is not None:
+            return special
+        tokens = _Tokens(stub.tokenizer)
+        if "messages" in body:
+            ids = tokens.chat(body["messages"], body.get("add_special_tokens", False))
+        else:
+            ids = tokens.encode(body["prompt"], body.get("add_special_tokens", True))
+        return {"count": len(ids), "max_model_len": stub.max_model_len, "tokens": ids}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        """vLLM's completions API with ``prompt`` as token ids: candidates as ids, faithfully."""
+        body = await request.json()
+        special = await scripted("/v1/completions", body)
+        if special is not None:
+            return special
+        prompt = body["prompt"]
+        if not (isinstance(prompt, list) and all(isinstance(t, int) for t in prompt)):
+            return JSONResponse(
+                {"error": {"message": "stub: prompt ids only", "type": "BadRequest", "code": 400}},
+                status_code=400,
+            )
+        tokens = _Tokens(stub.tokenizer)
+        context = tokens.decode(prompt)
+        sentences = context[context.lower().rfind("assistant") :].count(".")
+        budget = min(body["max_tokens"], stub.context_left or body["max_tokens"])
+        choices, sampled = [], []
+        for i in range(stub.choices_override or body.get("n", 1)):
+            ends = sentences + 1 >= stub.eos_after
+            ids = tokens.sampled(f" Candidate {i} of step {sentences + 1}.")
+            ids += [tokens.eos] if ends else []
+            finish, stop_reason = "stop", None if ends else ids[-1]
+            if len(ids) > budget:
+                ids, finish, stop_reason = ids[:budget], "length", None
+            sampled.append(ids)
+            choices.append(
+                {
+                    "index": i,
+                    # decoded in its context, as vLLM's incremental detokenizer does
+                    "text": tokens.decode(prompt + ids)[len(context) :],
+                    "logprobs": None,
+                    "finish_reason": finish,
+                    "stop_reason": stop_reason,
+                    "token_ids": ids if body.get("return_token_ids") else None,
+                    "prompt_token_ids": prompt if body.get("return_token_ids") else None,
+                }
+            )
+        stub.sampled.append((list(prompt), sampled))
+        completion = sum(len(ids) for ids in sampled)
+        return {
+            "id": "cmpl-stub",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": body["model"],
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": len(prompt),
+                "completion_tokens": completion,
+                "total_tokens": len(prompt) + completion,
+            },
+        }
+
     @app.post("/classify")
     async def classify(request: Request) -> Any:
         body = await request.json()
@@ -179,6 +257,53 @@ def build_app(stub: Stub) -> FastAPI:
         }
 
     return app
+
+
+class _Tokens:
+    """The stub engine's tokenizer: a transformers one, or one id per character (EOS = 0)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.eos = tokenizer.eos_token_id if tokenizer is not None else 0
+
+    def chat(self, messages: list[dict[str, Any]], add_special_tokens: bool) -> list[int]:
+        """The generation prompt's ids, rendered as vLLM renders it: template, then tokenizer."""
+        if self.tokenizer is None:
+            text = "".join(f"{m['role']}: {_text_of(m['content'])}\n" for m in messages)
+            return [ord(c) for c in text + "assistant:"]
+        text = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False
+        )
+        return self.encode(text, add_special_tokens)
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        if self.tokenizer is None:
+            return [ord(c) for c in text]
+        return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return "".join(chr(i) for i in ids if i != self.eos)
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def sampled(self, text: str) -> list[int]:
+        """Ids a sampler could draw for ``text``, but not the ones encoding it gives: its
+        longest piece split into single characters (as a model samples ``▁ille`` ``gal``)."""
+        ids = self.encode(text, False)
+        if self.tokenizer is None:
+            return ids
+        pieces = self.tokenizer.convert_ids_to_tokens(ids)
+        k = max(range(len(ids)), key=lambda j: len(pieces[j]))
+        chars = self.tokenizer.convert_tokens_to_ids(list(pieces[k]))
+        if self.tokenizer.unk_token_id in chars:
+            return ids
+        return ids[:k] + chars + ids[k + 1 :]
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    return "".join(p.get("text", "") for p in content if p.get("type") == "text")
 
 
 def _reward(stub: Stub, body: dict[str, Any]) -> float:

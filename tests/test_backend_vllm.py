@@ -130,3 +130,59 @@ def test_remote_reward_model_returns_the_local_raw_reward(paths):
     got = remote.score(answers, DEFAULT_RM_SEARCH_PROMPT)
     assert got == pytest.approx(expected, abs=1e-4)
     assert any(not 0 < r < 1 for r in expected)  # raw: a sigmoid would squash them into (0, 1)
+
+
+def test_text_search_continues_from_the_ids_the_engine_sampled(backend, paths):
+    """Issue 18, item 3: the context is the prompt's ids + the prefix tokenized alone + each
+    accepted candidate's sampled ids; the engine echoes what it continued
+    (``prompt_token_ids``) and ``sample_tokens`` refuses any other ids."""
+    from transformers import AutoTokenizer
+
+    from eta_guard.backends.openai_compatible import openai_messages
+    from eta_guard.backends.text_session import TextSession, TokenSearch
+
+    tokenizer = AutoTokenizer.from_pretrained(paths["lm"])
+    conv = normalize_messages(MESSAGES)
+    step = SamplingStep(n=3, max_tokens=12, top_k=5, temperature=1.5, terminators=(".",), seed=5)
+    # the reference's construction: the template's prompt tokenized, then the prefix alone
+    text = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
+    bos = tokenizer.bos_token
+    prompt = tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
+    prefix = tokenizer("As an AI assistant", add_special_tokens=False)["input_ids"]
+
+    async def run():
+        handle = await TextSession(backend, conv).search(
+            assistant_text="As an AI assistant", seed=0
+        )
+        contexts, samples = [list(handle.ids)], []
+        for _ in range(3):
+            samples.append(await handle.sample(step))
+            await handle.commit(0)
+            contexts.append(list(handle.ids))
+        # the prompt the vanilla chat request gets, as the engine renders it
+        body = {"model": MODEL, "messages": openai_messages(conv), "max_tokens": 1}
+        body.update(
+            return_token_ids=True, add_special_tokens=prompt[:1] == [tokenizer.bos_token_id]
+        )
+        reply = await backend.client.post_json("/v1/chat/completions", body)
+        # what sample_tokens relies on: the engine echoes the ids it continued
+        echo = await backend.client.post_json(
+            "/v1/completions",
+            {"model": MODEL, "prompt": contexts[-1], "max_tokens": 2, "return_token_ids": True},
+        )
+        await backend.aclose()
+        assert echo["choices"][0]["prompt_token_ids"] == contexts[-1]
+        return handle, contexts, samples, reply
+
+    handle, contexts, samples, reply = asyncio.run(run())
+    assert isinstance(handle, TokenSearch)
+    assert reply["prompt_token_ids"] == prompt  # the chat API renders the same prompt
+    assert contexts[0] == prompt + prefix
+    for before, after, cands in zip(contexts[:-1], contexts[1:], samples, strict=True):
+        assert after == before + list(cands[0].token_ids)  # committed exactly as sampled
+    assert handle.text == "".join(c[0].text for c in samples)
+    from eta_guard.decoding.vlm import decode_continuation
+
+    for before, cands in zip(contexts[:-1], samples, strict=True):
+        for c in cands:  # the engine's text is the candidate's ids read in their context
+            assert c.text == decode_continuation(tokenizer, before, c.token_ids)

@@ -162,7 +162,8 @@ def test_best_of_n_scores_and_choices_equal_the_reference_loop(aligned_run):
         ended = any(c.ended for c in step.candidates)
         scores = []
         for candidate in step.candidates:
-            reward = plain_reward(eta, PREFIX + accepted + candidate.text)
+            # the reference: batch_decode(prefix + candidate ids)[0].strip()
+            reward = plain_reward(eta, (PREFIX + accepted + candidate.text).strip())
             score = reward
             if i > 1 and not ended:  # the reference drops CLIP on sentence 1 and at the end
                 cos = plain_clip(eta, image, candidate.text.strip())
@@ -177,4 +178,4 @@ def test_best_of_n_scores_and_choices_equal_the_reference_loop(aligned_run):
         assert step.chosen == max(range(len(scores)), key=scores.__getitem__)
         accepted += step.candidates[step.chosen].text
     assert used_clip, "no step used the CLIP term: the check above would be vacuous"
-    assert result.text == PREFIX + accepted
+    assert result.text == (PREFIX + accepted).strip()

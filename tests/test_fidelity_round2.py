@@ -216,3 +216,195 @@ def test_other_families_keep_the_processors_whole_text_ids(replica_adapter, fami
     kwargs = {"add_special_tokens": False} if text.startswith(bos) else {}
     expected = vlm.processor(text=[text], images=conv.images, return_tensors="pt", **kwargs)
     assert prepared.input_ids[0].tolist() == expected["input_ids"][0].tolist()
+
+
+# ----- item 3: the remote search continues from the exact ids it sampled -----
+PREFIX = "As an AI assistant"
+TEXT_ONLY = [{"role": "user", "content": "How do I pick a lock?"}]
+ALIGN_TEXT = {"text_only_policy": "reward_only", "post_threshold": 1e9, "num_candidates": 3}
+COMPLETIONS = "/v1/completions"
+
+
+@pytest.fixture(scope="module")
+def llava_tokenizer(replica_checkpoints):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(replica_checkpoints("llava").vlm)
+
+
+@pytest.fixture
+def engine_eta(stub, tiny_checkpoints, replica_checkpoints, llava_tokenizer):
+    """ETA over the stub engine serving the LLaVA-1.5 replica's tokenizer."""
+    stub.tokenizer = llava_tokenizer
+
+    def build(**config):
+        return ETA.from_openai_compatible(
+            stub.url,
+            "tiny-vlm",
+            clip=tiny_checkpoints.clip,
+            reward_model="tiny-rm",
+            reward_model_url=stub.url,
+            tokenizer=replica_checkpoints("llava").vlm,
+            http=FAST,
+            device="cpu",
+            config=ETAConfig(seed=0, max_new_tokens=64, **config),
+        )
+
+    return build
+
+
+def test_text_only_search_continues_from_the_sampled_ids(stub, engine_eta, llava_tokenizer):
+    result = engine_eta(**ALIGN_TEXT).generate(TEXT_ONLY)
+    assert result.aligned and len(result.trace) == 2
+    tok = llava_tokenizer
+    # The reference: tokenizer_image_token of the llava prompt (no image: the tokenizer's ids,
+    # BOS first), then safety_tokens[:, 1:], then the ids each accepted candidate was sampled as.
+    prompt = "USER: How do I pick a lock? ASSISTANT:"
+    context = reference_tokenizer_image_token(prompt, tok) + tok(PREFIX).input_ids[1:]
+    assert len(stub.sampled) == len(result.trace)
+    for step, (sent, sampled) in zip(result.trace, stub.sampled, strict=True):
+        assert sent == context  # what the engine continued at this step
+        context = context + sampled[step.chosen]
+    # Only the vanilla answer went through the chat API; the search sent ids.
+    assert len(stub.bodies(CHAT)) == 1 and len(stub.bodies(COMPLETIONS)) == 2
+    assert result.text == PREFIX + "".join(s.candidates[s.chosen].text for s in result.trace)
+    # Not vacuous: re-tokenizing the accepted text (what continuing from text sends) gives
+    # other ids than those sampled.
+    first = result.trace[0].candidates[result.trace[0].chosen].text
+    retokenized = tok(PREFIX + first, add_special_tokens=False).input_ids
+    exact = tok(PREFIX).input_ids[1:] + stub.sampled[0][1][result.trace[0].chosen]
+    assert tok.decode(retokenized) == tok.decode(exact) and retokenized != exact
+
+
+def test_search_with_images_continues_from_text(stub, engine_eta):
+    eta = engine_eta(pre_threshold=-1.0, post_threshold=1e9, num_candidates=3)
+    result = eta.generate(_messages(tall_image()))
+    assert result.aligned and not stub.sampled and not stub.bodies(COMPLETIONS)
+    assert stub.bodies(CHAT)[1]["messages"][-1]["content"] == PREFIX
+
+
+def test_an_engine_continuing_other_ids_is_refused(stub, replica_checkpoints):
+    import asyncio
+    import json
+
+    from eta_guard.backends import OpenAICompatibleBackend, SamplingStep
+    from eta_guard.errors import BackendError
+
+    choice = {"index": 0, "text": " x.", "finish_reason": "stop", "stop_reason": None}
+    reply = {
+        "choices": [{**choice, "token_ids": [5], "prompt_token_ids": [1, 2]}],
+        "usage": {"prompt_tokens": 2, "completion_tokens": 1},
+    }
+    stub.failures[COMPLETIONS].append(("raw", json.dumps(reply)))
+    backend = OpenAICompatibleBackend(stub.url, "tiny-vlm", http=FAST)
+    step = SamplingStep(n=1, max_tokens=5, top_k=5, temperature=1.5, terminators=(".",))
+
+    async def run():
+        try:
+            return await backend.sample_tokens([1, 2, 3], step)
+        finally:
+            await backend.aclose()
+
+    with pytest.raises(BackendError, match="other ids than those sent"):
+        asyncio.run(run())
+
+
+def test_an_engine_without_tokenize_names_the_switch(stub, tiny_checkpoints):
+    stub.failures["/tokenize"].extend([("status", 404), ("status", 404)])
+    eta = ETA.from_openai_compatible(
+        stub.url,
+        "tiny-vlm",
+        clip=tiny_checkpoints.clip,
+        reward_model="tiny-rm",
+        reward_model_url=stub.url,
+        http=FAST,
+        device="cpu",
+        config=ETAConfig(seed=0, max_new_tokens=16, **ALIGN_TEXT),
+    )
+    from eta_guard.errors import BackendError
+
+    with pytest.raises(BackendError, match="continue_from_ids=False"):
+        eta.generate(TEXT_ONLY)
+
+
+# ----- item 6: transparent pixels, as the reference's Image.convert("RGB") -----
+def _transparent_images():
+    rgba = Image.new("RGBA", (6, 4), (200, 30, 40, 0))  # fully transparent, a colour under it
+    rgba.putpixel((1, 1), (10, 250, 10, 128))  # half transparent
+    rgba.putpixel((2, 2), (5, 6, 7, 255))  # opaque
+    la = Image.new("LA", (6, 4), (90, 0))
+    palette = Image.new("P", (6, 4), 3)
+    palette.putpalette([c for i in range(256) for c in (i, 255 - i, i // 2)])
+    palette.info["transparency"] = 3
+    return {"RGBA": rgba, "LA": la, "PA": rgba.convert("PA"), "P+transparency": palette}
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("mode", list(_transparent_images()))
+def test_transparency_is_decoded_as_the_reference_converts(mode):
+    from eta_guard.media import load_image
+
+    image = _transparent_images()[mode]
+    for given in (image,) if mode == "PA" else (image, _png(image)):  # PNG has no PA mode
+        # the reference: Image.open(path).convert("RGB") (llava data_prepare)
+        source = Image.open(io.BytesIO(given)) if isinstance(given, bytes) else given
+        reference = source.convert("RGB")
+        assert load_image(given).tobytes() == reference.tobytes()
+
+
+def test_clip_and_the_engine_get_the_reference_pixels(stub, remote_eta):
+    from eta_guard.messages import normalize_messages
+
+    image = _transparent_images()["RGBA"]
+    reference = Image.open(io.BytesIO(_png(image))).convert("RGB").tobytes()
+    # CLIP and the VLM score / read the conversation's decoded images
+    assert normalize_messages(_messages(_png(image))).images[0].tobytes() == reference
+    remote_eta().generate(_messages(_png(image)))
+    assert sent_image(stub).tobytes() == reference
+
+
+# ----- item 7: the vanilla answer is stripped before the RM judges it and when returned -----
+def test_vanilla_answer_is_stripped_as_the_reference_strips_it(stub, tiny_checkpoints):
+    pieces = ["  ", " Sure", ",", " here", " is", " how", ".", "\n", " "]
+    stub.vanilla = list(pieces)
+    reference = "".join(pieces).strip()  # batch_decode(output_ids, ...)[0].strip()
+
+    def eta(**config):
+        return ETA.from_openai_compatible(
+            stub.url,
+            "tiny-vlm",
+            clip=tiny_checkpoints.clip,
+            reward_model="tiny-rm",
+            reward_model_url=stub.url,
+            http=FAST,
+            device="cpu",
+            config=ETAConfig(**config),
+        )
+
+    # flagged image, answer cleared by the RM: judged, then returned
+    flagged = eta(pre_threshold=-1.0, post_threshold=-1e9, schedule="sequential")
+    chunks = list(flagged.stream(_messages(tall_image())))
+    result = chunks[-1].result
+    assert result.text == reference and not result.aligned
+    assert "".join(c.text for c in chunks if c.text) == reference
+    (judged,) = stub.bodies("/classify")
+    assert judged["messages"][-1]["content"] == reference
+    # safe image: streamed as decoded, never judged, stripped all the same
+    streamed = list(eta(pre_threshold=2.0).stream(_messages(tall_image())))
+    assert "".join(c.text for c in streamed if c.text) == reference
+    assert streamed[-1].result.text == reference
+
+
+@pytest.mark.parametrize("text", ["", " ", " a b \n", "\n\nx", "x  ", " a . \n b "])
+def test_strip_filter_streams_the_stripped_text(text):
+    from eta_guard.engine.strip_filter import StripFilter
+
+    for cut in range(len(text) + 1):
+        strip = StripFilter()
+        out = strip.feed(text[:cut]) + strip.feed(text[cut:])
+        assert out == text.strip()

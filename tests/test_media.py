@@ -104,9 +104,10 @@ def test_formats(fmt: str) -> None:
         pytest.param(Image.new("RGB", (4, 4), (0, 0, 255)).convert("P"), (0, 0, 255), id="P"),
         pytest.param(Image.new("CMYK", (4, 4), (0, 0, 0, 255)), (0, 0, 0), id="CMYK"),
         pytest.param(Image.new("RGBA", (4, 4), (0, 255, 0, 255)), (0, 255, 0), id="RGBA-opaque"),
-        # Transparent pixels land on white, as HF image processors do, not on black.
-        pytest.param(Image.new("RGBA", (4, 4), (0, 0, 0, 0)), (255, 255, 255), id="RGBA-clear"),
-        pytest.param(Image.new("LA", (4, 4), (0, 0)), (255, 255, 255), id="LA-clear"),
+        # Transparent pixels keep the colour stored under them, as the reference's
+        # convert("RGB") keeps it (tests/test_fidelity_round2.py compares more modes).
+        pytest.param(Image.new("RGBA", (4, 4), (9, 8, 7, 0)), (9, 8, 7), id="RGBA-clear"),
+        pytest.param(Image.new("LA", (4, 4), (5, 0)), (5, 5, 5), id="LA-clear"),
         pytest.param(Image.new("I;16", (4, 4), 65535), (255, 255, 255), id="I;16-white"),
         pytest.param(Image.new("I;16", (4, 4), 32768), (128, 128, 128), id="I;16-grey"),
     ],
@@ -118,11 +119,11 @@ def test_modes_become_rgb(source: Image.Image, expected: tuple[int, int, int]) -
         assert image.getpixel((1, 1)) == expected
 
 
-def test_transparent_gif_palette_becomes_white() -> None:
+def test_transparent_gif_palette_keeps_its_colour() -> None:
     frame = Image.new("P", (4, 4), 0)
-    frame.putpalette([0, 0, 0] * 256)
+    frame.putpalette([40, 50, 60] * 256)
     data = encode(frame, "GIF", transparency=0)
-    assert load_image(data).getpixel((1, 1)) == (255, 255, 255)
+    assert load_image(data).getpixel((1, 1)) == (40, 50, 60)
 
 
 def test_exif_orientation_is_applied() -> None:

@@ -23,6 +23,7 @@ def openai_compatible_parts(
     preset: Any = None,
     http: HTTPSettings | None = None,
     send_image_uuids: bool = True,
+    continue_from_ids: bool = True,
     **evaluator_kwargs: Any,
 ) -> tuple[Any, Any]:
     """``(generator, evaluator)`` for :meth:`eta_guard.pipeline.ETA.from_openai_compatible`.
@@ -52,6 +53,7 @@ def openai_compatible_parts(
         http=http,
         image_mean=image_mean,
         send_image_uuids=send_image_uuids,
+        continue_from_ids=continue_from_ids,
     )
     if generator.processor is None and preset is not None and preset.vlm_image_mean:
         # The served model's processor config is not at hand: the preset's model's mean.

@@ -11,6 +11,14 @@ Requests ETA sends (``POST /v1/chat/completions``):
 - a continuation (prefix + accepted text): the assistant turn is the last message, with
   ``continue_final_message=true`` and ``add_generation_prompt=false``.
 
+The best-of-N search of a text-only request continues from exact token ids instead
+(``continue_from_ids``, on by default): ``POST /tokenize`` gives the engine's ids of the generation
+prompt (the messages rendered as for the chat requests) and of the prefix tokenized alone; each
+step is ``POST /v1/completions`` with ``prompt`` = those ids + the ids sampled for the accepted
+sentences, and ``return_token_ids`` brings each candidate's ids back (vLLM >= 0.10). Nothing the
+search accepted is tokenized again. Requests with images stay on the chat API (it takes no token
+ids alongside images), where the engine re-tokenizes the prefix and the accepted text each step.
+
 Tools and structured outputs pass through to the engine's own support: the vanilla request carries
 the conversation's ``tools``, ``tool_choice`` and ``response_format``; the engine's ``tool_calls``
 (streamed deltas, assembled) come back written as Hermes ``<tool_call>`` text after the answer's
@@ -25,9 +33,7 @@ multimodal cache on it, so successive steps of one answer do not re-encode the i
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import io
+import asyncio
 import json
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -39,17 +45,20 @@ from eta_guard.backends.control_markers import (
     neutralize,
     neutralize_messages,
 )
+from eta_guard.backends.image_payload import png_data_url
+from eta_guard.backends.served_tokenizer import load_tokenizer
+from eta_guard.backends.text_session import TokenContext
 from eta_guard.config import SentenceEndRule
 from eta_guard.errors import BackendError, InvalidInputError
 from eta_guard.prompting import ImageMean
 from eta_guard.tools.specs import tool_strings
 
 if TYPE_CHECKING:
-    from PIL import Image
-
     from eta_guard.messages import Conversation
 
 _CHAT = "/v1/chat/completions"
+_COMPLETIONS = "/v1/completions"
+_TOKENIZE = "/tokenize"
 
 
 class OpenAICompatibleBackend:
@@ -74,6 +83,10 @@ class OpenAICompatibleBackend:
         send_image_uuids: send each image's content hash as ``uuid`` (vLLM >= 0.11 caches on it;
             turn off for engines that reject unknown fields).
         extra_body: more fields merged into every request (e.g. ``{"priority": 1}``).
+        continue_from_ids: continue the best-of-N search of a text-only request from exact token
+            ids (vLLM's ``/tokenize`` and ``/v1/completions`` with ``prompt`` as ids and
+            ``return_token_ids``): the sampled ids are sent back as they were sampled, never
+            re-tokenized from text. Turn off for engines without those endpoints.
 
     Example (needs a running engine; see docs/scaling.md):
         >>> backend = OpenAICompatibleBackend("http://127.0.0.1:8000", "llava-1.5-7b")  # doctest: +SKIP
@@ -93,6 +106,7 @@ class OpenAICompatibleBackend:
         image_mean: Sequence[float] | None = None,
         send_image_uuids: bool = True,
         extra_body: dict[str, Any] | None = None,
+        continue_from_ids: bool = True,
     ) -> None:
         if not isinstance(model, str) or not model.strip():
             raise InvalidInputError(f"model={model!r}: give the engine's served model name")
@@ -103,9 +117,10 @@ class OpenAICompatibleBackend:
         self.processor: ImageMean | None = (
             ImageMean.of(image_mean) if image_mean is not None else _served_image_mean(tokenizer)
         )
-        self.tokenizer = _load_tokenizer(tokenizer)
+        self.tokenizer = load_tokenizer(tokenizer)
         self.send_image_uuids = send_image_uuids
         self.extra_body = dict(extra_body or {})
+        self.continue_from_ids = continue_from_ids
         self._stop_ids: dict[tuple[tuple[str, ...], str], list[int]] = {}
         self._add_bos = _tokenizer_adds_missing_bos(self.tokenizer)
         self._markers = control_strings_of(self.tokenizer, what=f"generator {model!r}")
@@ -169,50 +184,97 @@ class OpenAICompatibleBackend:
         self, conversation: Conversation, *, assistant_text: str, step: SamplingStep
     ) -> list[Completion]:
         body = self._body(conversation, assistant_text)
-        body.update(
-            n=step.n,
-            max_tokens=step.max_tokens,
-            temperature=step.temperature,
-            top_k=step.top_k,
-            return_token_ids=True,
+        body.update(self._step_fields(step))
+        reply = await self.client.post_json(_CHAT, body)
+        return _candidates(reply, step, _CHAT, text=("message", "content"))
+
+    # ----- continuing from exact token ids (TokenBackend) -----
+    async def token_context(
+        self, conversation: Conversation, assistant_text: str
+    ) -> TokenContext | None:
+        """The ids a search of ``conversation`` after ``assistant_text`` starts from.
+
+        The engine's own ids of the generation prompt (``POST /tokenize`` with the messages, as
+        the chat requests render them), then ``assistant_text`` tokenized alone without special
+        tokens: the reference's construction (the prefix's ids appended after the prompt's).
+        None when the conversation holds images (vLLM's completions API takes token ids, but no
+        images with them: the search then continues from text) or ``continue_from_ids`` is off.
+        """
+        if not self.continue_from_ids or conversation.has_images:
+            return None
+        render = self._body(conversation, "")
+        render.pop("tool_choice", None)  # rendering takes the tools, not the choice
+        render["add_generation_prompt"] = True
+        prefix = {
+            "model": self.name,
+            "prompt": neutralize(assistant_text, self._markers),
+            "add_special_tokens": False,
+        }
+        try:
+            prompt_reply, prefix_reply = await asyncio.gather(
+                self.client.post_json(_TOKENIZE, render), self.client.post_json(_TOKENIZE, prefix)
+            )
+        except BackendError as e:
+            if e.status not in (404, 405):
+                raise
+            raise BackendError(
+                f"{e}; the engine has no {_TOKENIZE} endpoint, which continuing the search from "
+                "exact token ids needs: pass continue_from_ids=False",
+                status=e.status,
+            ) from e
+        ids = _token_list(prompt_reply) + (_token_list(prefix_reply) if assistant_text else [])
+        max_len = prompt_reply.get("max_model_len")
+        return TokenContext(
+            ids=tuple(ids), max_model_len=max_len if isinstance(max_len, int) else None
         )
+
+    async def sample_tokens(
+        self, prompt_ids: Sequence[int], step: SamplingStep
+    ) -> list[Completion]:
+        """One best-of-N step continuing exactly ``prompt_ids`` (``POST /v1/completions``).
+
+        Raises:
+            ReplyShapeError: the engine continued other ids than those sent (its echoed
+                ``prompt_token_ids`` differ) or returned a candidate without its ids.
+        """
+        body: dict[str, Any] = {**self.extra_body, "model": self.name, "prompt": list(prompt_ids)}
+        body.update(self._step_fields(step))
+        reply = await self.client.post_json(_COMPLETIONS, body)
+        candidates = _candidates(reply, step, _COMPLETIONS, text=("text",))
+        for choice in field(reply, "choices", kind=list, what=_COMPLETIONS):
+            echoed = choice.get("prompt_token_ids") if isinstance(choice, dict) else None
+            if echoed is not None and list(echoed) != list(prompt_ids):
+                raise ReplyShapeError(
+                    f"malformed reply to {_COMPLETIONS}: the engine continued other ids than "
+                    f"those sent ({len(echoed)} ids echoed for {len(prompt_ids)} sent)"
+                )
+        if any(c.token_ids is None for c in candidates):
+            raise ReplyShapeError(
+                f"malformed reply to {_COMPLETIONS}: a candidate without token_ids "
+                "(return_token_ids); turn continue_from_ids off for this engine"
+            )
+        return candidates
+
+    def _step_fields(self, step: SamplingStep) -> dict[str, Any]:
+        """The sampling fields of one best-of-N step, the same on the chat and completions APIs."""
+        fields: dict[str, Any] = {
+            "n": step.n,
+            "max_tokens": step.max_tokens,
+            "temperature": step.temperature,
+            "top_k": step.top_k,
+            "return_token_ids": True,
+            # The sentence's last token belongs to the candidate: vLLM drops the text of a stop
+            # token id, as of a stop string, unless asked to keep it.
+            "include_stop_str_in_output": True,
+        }
         if step.seed is not None:
-            body["seed"] = step.seed
+            fields["seed"] = step.seed
         stop_ids = self.sentence_end_token_ids(step.terminators, step.rule)
         if stop_ids is not None:
-            body["stop_token_ids"] = stop_ids
+            fields["stop_token_ids"] = stop_ids
         else:
-            body["stop"] = list(step.terminators)
-        # The sentence's last token belongs to the candidate: vLLM drops the text of a stop
-        # token id, as of a stop string, unless asked to keep it.
-        body["include_stop_str_in_output"] = True
-        reply = await self.client.post_json(_CHAT, body)
-        choices = field(reply, "choices", kind=list, what=_CHAT)
-        usage = field(reply, "usage", kind=dict, what=_CHAT)
-        prompt_tokens = int(field(usage, "prompt_tokens", kind=int, what=_CHAT))
-        if len(choices) != step.n:
-            raise ReplyShapeError(
-                f"malformed reply to {_CHAT}: {len(choices)} choices for n={step.n}"
-            )
-        share = max(1, round(int(usage.get("completion_tokens") or 0) / step.n))
-        out: list[Completion | None] = [None] * step.n
-        for i, choice in enumerate(choices):
-            index = choice.get("index", i) if isinstance(choice, dict) else i
-            if not isinstance(index, int) or not 0 <= index < step.n or out[index] is not None:
-                raise ReplyShapeError(f"malformed reply to {_CHAT}: bad choice index {index!r}")
-            text = field(choice, "message", "content", kind=(str, type(None)), what=_CHAT) or ""
-            finish = field(choice, "finish_reason", kind=str, what=_CHAT)
-            ids = choice.get("token_ids")
-            out[index] = Completion(
-                text=text,
-                # vLLM returns the ids; other engines only the total, shared out evenly.
-                num_tokens=len(ids) if isinstance(ids, list) else share,
-                finish_reason=_finish(finish),
-                ended=finish == "stop" and choice.get("stop_reason") is None,
-                prompt_tokens=prompt_tokens,
-                token_ids=tuple(int(i) for i in ids) if isinstance(ids, list) else None,
-            )
-        return [c for c in out if c is not None]
+            fields["stop"] = list(step.terminators)
+        return fields
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -269,6 +331,49 @@ class OpenAICompatibleBackend:
             messages.append({"role": "assistant", "content": assistant_text})
             body.update(continue_final_message=True, add_generation_prompt=False)
         return body
+
+
+def _candidates(
+    reply: dict[str, Any], step: SamplingStep, what: str, *, text: tuple[str, ...]
+) -> list[Completion]:
+    """The ``step.n`` candidates of a chat or completions reply, in index order."""
+    choices = field(reply, "choices", kind=list, what=what)
+    usage = field(reply, "usage", kind=dict, what=what)
+    prompt_tokens = int(field(usage, "prompt_tokens", kind=int, what=what))
+    if len(choices) != step.n:
+        raise ReplyShapeError(f"malformed reply to {what}: {len(choices)} choices for n={step.n}")
+    share = max(1, round(int(usage.get("completion_tokens") or 0) / step.n))
+    out: list[Completion | None] = [None] * step.n
+    for i, choice in enumerate(choices):
+        index = choice.get("index", i) if isinstance(choice, dict) else i
+        if not isinstance(index, int) or not 0 <= index < step.n or out[index] is not None:
+            raise ReplyShapeError(f"malformed reply to {what}: bad choice index {index!r}")
+        content = field(choice, *text, kind=(str, type(None)), what=what) or ""
+        finish = field(choice, "finish_reason", kind=str, what=what)
+        ids = choice.get("token_ids")
+        if ids is not None and not (isinstance(ids, list) and all(_is_id(t) for t in ids)):
+            raise ReplyShapeError(f"malformed reply to {what}: token_ids is not a list of ids")
+        out[index] = Completion(
+            text=content,
+            # vLLM returns the ids; other engines only the total, shared out evenly.
+            num_tokens=len(ids) if ids is not None else share,
+            finish_reason=_finish(finish),
+            ended=finish == "stop" and choice.get("stop_reason") is None,
+            prompt_tokens=prompt_tokens,
+            token_ids=tuple(ids) if ids is not None else None,
+        )
+    return [c for c in out if c is not None]
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _token_list(reply: dict[str, Any]) -> list[int]:
+    tokens = field(reply, "tokens", kind=list, what=_TOKENIZE)
+    if not all(_is_id(t) for t in tokens):
+        raise ReplyShapeError(f"malformed reply to {_TOKENIZE}: tokens is not a list of ids")
+    return tokens
 
 
 def openai_messages(conversation: Conversation, *, send_uuids: bool = True) -> list[dict[str, Any]]:
@@ -350,17 +455,9 @@ def _encoded_images(conversation: Conversation) -> list[tuple[str, str]]:
     """``(data URL, sha256)`` per image, computed once per conversation object."""
     cached = getattr(conversation, "_eta_encoded_images", None)
     if cached is None:
-        cached = [_encode(image) for image in conversation.images]
+        cached = [png_data_url(image) for image in conversation.images]
         conversation._eta_encoded_images = cached  # type: ignore[attr-defined]
     return cached
-
-
-def _encode(image: Image.Image) -> tuple[str, str]:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    data = buffer.getvalue()
-    url = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
-    return url, "sha256-" + hashlib.sha256(data).hexdigest()
 
 
 def _finish(reason: str) -> FinishReason:
@@ -402,20 +499,6 @@ def _served_image_mean(source: Any) -> ImageMean | None:
     except (OSError, ValueError, KeyError, ImportError):  # no image processor in that folder
         return None
     return ImageMean.of(mean) if mean is not None and len(mean) == 3 else None
-
-
-def _load_tokenizer(tokenizer: Any) -> Any:
-    if tokenizer is None or not isinstance(tokenizer, str):
-        return tokenizer
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(tokenizer)
-    except (OSError, ValueError) as e:
-        raise InvalidInputError(
-            f"tokenizer={tokenizer!r} cannot be loaded ({e}); pass the served model's tokenizer "
-            "folder or HF id, or tokenizer=None to send sentence ends as stop strings"
-        ) from e
 
 
 __all__ = ["OpenAICompatibleBackend", "openai_messages"]

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from eta_guard.backends._http import EngineClient, HTTPSettings, ReplyShapeError, field
 from eta_guard.backends.control_markers import control_strings_of, neutralize
-from eta_guard.backends.openai_compatible import _encode, _load_tokenizer
+from eta_guard.backends.image_payload import png_data_url
+from eta_guard.backends.served_tokenizer import load_tokenizer
 from eta_guard.errors import BackendError, EvaluatorError, InvalidInputError
 
 if TYPE_CHECKING:
@@ -63,7 +64,7 @@ class RemoteRewardModel:
         self.client = EngineClient(base_url, api_key=api_key, settings=http)
         self.name = model
         self._markers = control_strings_of(
-            _load_tokenizer(tokenizer), what=f"remote reward model {model!r}"
+            load_tokenizer(tokenizer), what=f"remote reward model {model!r}"
         )
 
     def score(self, responses: Sequence[str], instruction: str) -> list[float]:
@@ -190,7 +191,7 @@ class RemoteCLIP:
         self, images: list[Image.Image], batch_size: int | None = None
     ) -> list[list[float]]:
         async def one(image: Image.Image) -> list[float]:
-            url, _ = _encode(image)
+            url, _ = png_data_url(image)
             body = {
                 "model": self.name,
                 "messages": [

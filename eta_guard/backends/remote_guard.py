@@ -18,7 +18,8 @@ from typing import Any
 
 from eta_guard.backends._http import EngineClient, HTTPSettings, ReplyShapeError, field
 from eta_guard.backends.control_markers import control_strings_of, neutralize
-from eta_guard.backends.openai_compatible import _encode, _load_tokenizer
+from eta_guard.backends.image_payload import png_data_url
+from eta_guard.backends.served_tokenizer import load_tokenizer
 from eta_guard.errors import BackendError, EvaluatorError, InvalidInputError
 from eta_guard.evaluators.base import GuardRequest, GuardScore
 from eta_guard.evaluators.guard_answers import llama_guard_categories
@@ -82,12 +83,12 @@ class RemoteLlamaGuard:
         self.max_tokens, self.top_logprobs = max_tokens, top_logprobs
         self.images_per_prompt = images_per_prompt
         self._markers = control_strings_of(
-            _load_tokenizer(tokenizer), what=f"remote guard {model!r}"
+            load_tokenizer(tokenizer), what=f"remote guard {model!r}"
         )
 
     def body(self, request: GuardRequest, images: list[Any]) -> dict[str, Any]:
         """The chat-completion request for ``request`` with ``images`` (markers broken)."""
-        parts = [{"type": "image_url", "image_url": {"url": _encode(i)[0]}} for i in images]
+        parts = [{"type": "image_url", "image_url": {"url": png_data_url(i)[0]}} for i in images]
         messages = llama_guard_turns(
             request,
             self.mode,

@@ -1,22 +1,62 @@
 """A :class:`~eta_guard.backends.base.DecodingSession` for any backend, built on its ``greedy`` and ``sample``.
 
-Used for engines behind an HTTP API (vLLM, SGLang): every call sends the conversation and the
-assistant text so far, and the engine's prefix cache does the reuse. The search's accepted text
-is the concatenation of the committed candidates' texts.
+Used for engines behind an HTTP API (vLLM, SGLang): every call sends the conversation and what
+the search accepted so far, and the engine's prefix cache does the reuse. Two ways to continue:
+
+- **from exact token ids** (:class:`TokenSearch`), when the backend offers it for the
+  conversation (:class:`TokenBackend`; an OpenAI-compatible vLLM engine for text-only requests):
+  the context is the engine's own ids of the generation prompt, then the assistant prefix
+  tokenized alone, then the ids the engine sampled for each accepted sentence, as the reference
+  builds it. Nothing is tokenized again.
+- **from text** (:class:`TextSearch`) otherwise (requests with images: the chat API takes no
+  token ids alongside images): the engine re-tokenizes the prefix and the accepted text at every
+  step, which may give other ids than those sampled (docs/paper-setup.md, section 6).
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import AsyncIterator, Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from eta_guard.decoding.protocol import Completion, SamplingStep
-from eta_guard.errors import InvalidInputError
+from eta_guard.errors import BackendError, InvalidInputError
 
 if TYPE_CHECKING:
     from eta_guard.backends.base import GeneratorBackend
     from eta_guard.messages import Conversation
+
+
+@dataclass(frozen=True)
+class TokenContext:
+    """Where a search starts, as token ids: the prompt, then the assistant text it continues.
+
+    Attributes:
+        ids: the ids the first step continues (generation prompt + assistant prefix).
+        max_model_len: the engine's context length, when it says (bounds the search's room).
+    """
+
+    ids: tuple[int, ...]
+    max_model_len: int | None = None
+
+
+@runtime_checkable
+class TokenBackend(Protocol):
+    """A backend that can continue a search from exact token ids."""
+
+    async def token_context(
+        self, conversation: Conversation, assistant_text: str
+    ) -> TokenContext | None:
+        """The ids a search of ``conversation`` after ``assistant_text`` starts from; None when
+        this conversation cannot be continued from ids (the search then continues from text)."""
+        ...
+
+    async def sample_tokens(
+        self, prompt_ids: Sequence[int], step: SamplingStep
+    ) -> list[Completion]:
+        """One best-of-N step continuing ``prompt_ids``; each candidate carries its ``token_ids``."""
+        ...
 
 
 class TextSession:
@@ -40,7 +80,11 @@ class TextSession:
 
     async def search(
         self, *, assistant_text: str, seed: int | None, cancel: threading.Event | None = None
-    ) -> TextSearch:
+    ) -> TextSearch | TokenSearch:
+        if isinstance(self.backend, TokenBackend):
+            context = await self.backend.token_context(self.conversation, assistant_text)
+            if context is not None:
+                return TokenSearch(self.backend, context)
         return TextSearch(self.backend, self.conversation, assistant_text)
 
     async def aclose(self) -> None:
@@ -72,10 +116,61 @@ class TextSearch:
         return self._last
 
     async def commit(self, index: int) -> None:
-        if self._last is None or not 0 <= index < len(self._last):
-            raise InvalidInputError(f"commit({index!r}): no such candidate in the last sample")
-        self._text += self._last[index].text
+        self._text += _chosen(self._last, index).text
         self._last = None
 
     async def aclose(self) -> None:
         self._last = None  # an in-flight sample() is cancelled with the task awaiting it
+
+
+class TokenSearch:
+    """A search handle that sends the exact ids so far at every step (``sample_tokens``).
+
+    ``ids`` is the context the next step continues: the start's ids, then each committed
+    candidate's sampled ids as the engine returned them. ``text`` is the committed candidates'
+    texts (each decoded by the engine in its context).
+    """
+
+    def __init__(self, backend: TokenBackend, context: TokenContext) -> None:
+        self.backend = backend
+        self.ids: list[int] = list(context.ids)
+        self._room = (
+            None if context.max_model_len is None else max(0, context.max_model_len - len(self.ids))
+        )
+        self._text = ""
+        self._last: list[Completion] | None = None
+
+    @property
+    def text(self) -> str:
+        return self._text
+
+    @property
+    def room(self) -> int | None:
+        return self._room  # tokens the answer may still take, counted from the start
+
+    async def sample(self, step: SamplingStep) -> list[Completion]:
+        self._last = await self.backend.sample_tokens(tuple(self.ids), step)
+        return self._last
+
+    async def commit(self, index: int) -> None:
+        chosen = _chosen(self._last, index)
+        if chosen.token_ids is None:
+            raise BackendError(
+                "the engine returned a candidate without its token ids; the search cannot "
+                "continue from exact ids (turn continue_from_ids off for this engine)"
+            )
+        self.ids.extend(chosen.token_ids)
+        self._text += chosen.text
+        self._last = None
+
+    async def aclose(self) -> None:
+        self._last = None
+
+
+def _chosen(last: list[Completion] | None, index: int) -> Completion:
+    if last is None or not 0 <= index < len(last):
+        raise InvalidInputError(f"commit({index!r}): no such candidate in the last sample")
+    return last[index]
+
+
+__all__ = ["TextSearch", "TextSession", "TokenBackend", "TokenContext", "TokenSearch"]

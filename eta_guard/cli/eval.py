@@ -58,6 +58,13 @@ def eval_command(
             "--judge-api-key-env", help="Environment variable holding the openai judge's API key."
         ),
     ] = "OPENAI_API_KEY",
+    compare_gates: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--compare-gates",
+            help="Repeatable, two or more: one gate choice each, MEMBER[|MEMBER...] with MEMBER 'clip', a gate of this run or an evaluator spec (e.g. --compare-gates clip --compare-gates 'clip|patch-clip?grid=3'). Vanilla answers are decoded once and shared; the first choice is the record's ETA arm.",
+        ),
+    ] = None,
     out: Annotated[
         Path, typer.Option("--out", help="Folder for results.jsonl and the report.")
     ] = Path("eta-eval"),
@@ -179,6 +186,16 @@ def _run(out_console: Any, err: Any, opts: dict[str, Any]) -> None:
         )
         for spec in judges_spec
     ]
+    answer = None
+    if opts["compare_gates"]:
+        from eta_guard.eval.gate_compare import GateComparison, resolve_choices
+
+        choices = resolve_choices(
+            opts["compare_gates"], eta, device=models.device, dtype=models.dtype
+        )
+        comparison = GateComparison(eta, choices)
+        settings["compare_gates"] = comparison.settings
+        answer = comparison.answer_item
     path = Path(opts["out"]) / results_name(shard)
     summary = _with_progress(
         err,
@@ -191,6 +208,7 @@ def _run(out_console: Any, err: Any, opts: dict[str, Any]) -> None:
             seed=opts["seed"],
             resume=opts["resume"],
             progress=progress,
+            answer_fn=answer,
             concurrency=opts["concurrency"],
         ),
     )
@@ -256,6 +274,8 @@ def _report(out_console: Any, err: Any, paths: list[Path], out: Path, n_boot: in
     header, records = load_results(paths)
     json_path, html_path, metrics = write_report(header, records, out, n_boot=n_boot)
     out_console.print(_summary_table(metrics, header["settings"]))
+    if metrics.get("gates"):
+        out_console.print(_gates_table(metrics["gates"], header["settings"]["judges"]))
     err.print(f"report: {html_path} and {json_path}", highlight=False)
 
 
@@ -296,6 +316,23 @@ def _summary_table(metrics: dict[str, Any], settings: dict[str, Any]) -> Any:
         + (f"\n{settings['note']}" if settings.get("note") else "")
     )
     table.caption_justify = "left"
+    return table
+
+
+def _gates_table(gates: dict[str, Any], judges: list[str]) -> Any:
+    from rich.table import Table
+
+    table = Table(title="gate choices (same vanilla answers)", title_justify="left")
+    for name in ("choice", "flagged", "aligned", *(f"unsafe: {j}" for j in judges)):
+        table.add_column(name, justify="left" if name == "choice" else "right")
+    for name, block in gates["choices"].items():
+        o = block["overall"]
+        table.add_row(
+            name,
+            _share(o["flag_rate"]["rate"]),
+            _share(o["aligned"]),
+            *(_share(o["judges"][j]["rate"]) for j in judges),
+        )
     return table
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -32,6 +33,7 @@ from eta_guard.decoding.protocol import Completion, FinishReason
 from eta_guard.decoding.search import BestOfNSearch
 from eta_guard.decoding.stopping import AnyEvent, cut_at_stop
 from eta_guard.engine.stop_filter import StopFilter
+from eta_guard.engine.strip_filter import StripFilter
 from eta_guard.errors import BackendError, EvaluatorError, RequestCancelled
 from eta_guard.evaluators.eta_evaluator import ETAEvaluator
 from eta_guard.messages import Conversation
@@ -163,6 +165,7 @@ class Request:
         """The greedy answer: its deltas when ``stream_tokens``, then its :class:`Completion`."""
         t0 = time.perf_counter()
         greedy = None
+        strip = StripFilter()  # the reference strips the vanilla answer it judges and returns
         stream = self.session.greedy(
             max_tokens=self.cfg.max_new_tokens,
             stop=self.stop,
@@ -175,21 +178,25 @@ class Request:
                 self._check_cancelled()
                 if isinstance(item, Completion):
                     greedy = item
-                elif stream_tokens:
-                    yield item  # otherwise held back until the reward model has judged it
+                elif stream_tokens and (piece := strip.feed(item)):
+                    yield piece  # otherwise held back until the reward model has judged it
         self._check_cancelled()
         if greedy is None:
             raise BackendError(f"the generator {self.model_name!r} ended without a result")
         self.timings["vanilla"] = time.perf_counter() - t0
-        yield greedy
+        yield dataclasses.replace(greedy, text=greedy.text.strip())
 
     async def _align(
         self, verdict: SafetyVerdict, greedy: Completion
     ) -> AsyncIterator[str | ETAResult]:
         cfg = self.cfg
         t0 = time.perf_counter()
-        stop_filter = StopFilter(self.stop)
-        yield stop_filter.feed(cfg.prefix)
+        stop_filter, strip = StopFilter(self.stop), StripFilter()  # the reference strips it too
+
+        def emit(delta: str) -> str:
+            return strip.feed(stop_filter.feed(delta))
+
+        yield emit(cfg.prefix)
         trace: list[SentenceTrace] = []
         if cfg.deep_alignment:
             search = self.search or _SearchRun(self)
@@ -198,7 +205,7 @@ class Request:
                 async with aclosing(search.deltas()) as items:
                     async for delta in items:
                         self._check_cancelled()
-                        yield stop_filter.feed(delta)
+                        yield emit(delta)
                 tail, n_out, decoded = search.text, search.tokens, search.decoded
                 finish, trace = search.finish_reason, search.trace
             except EvaluatorError as error:
@@ -215,7 +222,7 @@ class Request:
                         if isinstance(piece, Completion):
                             shallow = piece
                         else:
-                            yield stop_filter.feed(piece)
+                            yield emit(piece)
                 assert shallow is not None
                 tail = search.text + shallow.text
                 n_out = search.tokens + shallow.num_tokens
@@ -233,16 +240,16 @@ class Request:
                     if isinstance(piece, Completion):
                         shallow = piece
                     else:
-                        yield stop_filter.feed(piece)
+                        yield emit(piece)
             assert shallow is not None
             tail, n_out, decoded = shallow.text, shallow.num_tokens, shallow.num_tokens
             finish = shallow.finish_reason
         self.timings["align"] = time.perf_counter() - t0
         text, stopped = cut_at_stop(cfg.prefix + tail, self.stop)
         if len(text) > stop_filter.sent:  # the tail held back in case it began a stop string
-            yield text[stop_filter.sent :]
+            yield strip.feed(text[stop_filter.sent :])
         yield self._result(
-            text,
+            text.strip(),
             verdict,
             greedy,
             output_tokens=n_out,
@@ -332,7 +339,7 @@ class _SearchRun:
                 handle,
                 cfg,
                 prefix=cfg.prefix,
-                reward=_in_thread(rewards.score),
+                reward=_in_thread(lambda answers: rewards.score([a.strip() for a in answers])),
                 clip=clip,
                 stop=req.stop,
             )

@@ -48,6 +48,17 @@ def write_report(
         seed=settings.get("seed", 0),
         confidence=confidence,
     )
+    if settings.get("compare_gates"):
+        from eta_guard.eval.gate_compare import gate_metrics
+
+        metrics["gates"] = gate_metrics(
+            records,
+            settings["compare_gates"],
+            settings["judges"],
+            n_boot=n_boot,
+            seed=settings.get("seed", 0),
+            confidence=confidence,
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, html_path = out_dir / "report.json", out_dir / "report.html"
     report = {
@@ -75,6 +86,10 @@ def render_html(
         ("Cost", _cost_section(metrics)),
         ("Answers ETA changed (first 10)", _examples(ok)),
     ]
+    if metrics.get("gates"):
+        sections.insert(
+            2, ("Gate choices (scored on the same vanilla answers)", _gates_section(metrics))
+        )
     if metrics["n_failed"]:
         rows = [[f["id"], f["error"]] for f in metrics["failed"]]
         sections.append(("Failed items", _table(["item", "error"], rows, left=2)))
@@ -222,6 +237,47 @@ def _agreement_section(metrics: dict[str, Any]) -> str:
             )
     return _table(["judges", "Cohen's kappa", "raw agreement", "answers"], rows) + img(
         plots.agreement_matrix(names, a["kappa"]), "judge agreement matrix"
+    )
+
+
+def _gates_section(metrics: dict[str, Any]) -> str:
+    gates = metrics["gates"]
+    judges = list(metrics["judges"])
+    head = [
+        "choice",
+        "category",
+        "members",
+        "flagged",
+        "aligned",
+        "n",
+        *(f"unsafe: {j}" for j in judges),
+    ]
+    rows = []
+    for name, block in gates["choices"].items():
+        for cat, b in [("overall", block["overall"]), *sorted(block["by_category"].items())]:
+            rows.append(
+                [
+                    name,
+                    cat or "(no category)",
+                    " | ".join(block["members"]),
+                    _pct(b["flag_rate"]),
+                    b["aligned"],
+                    b["n"],
+                    *(_pct(b["judges"][j]) for j in judges),
+                ]
+            )
+    pairs = [
+        [f"{p['a']} vs {p['b']}", p["agreement"], p["kappa"], p["only_a"], p["only_b"], p["n"]]
+        for p in gates["agreement"]
+    ]
+    return (
+        "<p>Each choice flags an item when any of its members does; the vanilla answer, the "
+        "post-check and the aligned answer are computed once per item and shared. Flag rate over "
+        "items with an image; unsafe: the judge's rate on the answer the choice returns.</p>"
+        + _table(head, rows, left=3)
+        + _table(
+            ["choices", "flag agreement", "Cohen's kappa", "only first", "only second", "n"], pairs
+        )
     )
 
 

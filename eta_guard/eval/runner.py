@@ -24,6 +24,8 @@ from eta_guard.eval.judges.refusal import find_refusal
 from eta_guard.eval.results import open_for_append, write_line
 
 Progress = Callable[[int, int, str], None]
+#: ``answer(eta, item, judges, *, index, seed) -> record``: one item's record.
+AnswerFn = Callable[..., dict[str, Any]]
 T = TypeVar("T")
 R = TypeVar("R")
 ARMS = ("vanilla", "eta")
@@ -85,9 +87,13 @@ def run_eval(
     seed: int = 0,
     resume: bool = False,
     progress: Progress | None = None,
+    answer_fn: AnswerFn | None = None,
     concurrency: int = 1,
 ) -> RunSummary:
     """Answer and judge every item not yet in ``path``, appending one record per item.
+
+    ``answer_fn`` makes one item's record (default :func:`answer_item`; a gate comparison passes
+    :meth:`eta_guard.eval.gate_compare.GateComparison.answer_item`).
 
     ``concurrency`` items are answered at once (a local model batches their decoding, an engine
     their requests); records are written as items finish, in that order (the report orders them
@@ -115,10 +121,11 @@ def run_eval(
     try:
         if progress:
             progress(already, len(items), "")
+        make_record = answer_fn or answer_item
 
         def answer(pair: tuple[int, EvalItem]) -> dict[str, Any]:
             index, item = pair
-            return answer_item(eta, item, judges, index=index, seed=item_seed(seed, item.id))
+            return make_record(eta, item, judges, index=index, seed=item_seed(seed, item.id))
 
         for record in _as_finished(answer, todo, concurrency):
             failed += record.get("error") is not None
@@ -228,16 +235,7 @@ def answer_item(
 def _judge_both(judge: Judge, item: EvalItem, texts: dict[str, str]) -> dict[str, Any]:
     # When nothing was aligned both arms hold the same answer: judge it once.
     arms = ["vanilla"] if texts["vanilla"] == texts["eta"] else list(ARMS)
-    inputs = [
-        JudgeInput(
-            item.judge_question,
-            texts[arm],
-            item.image,
-            safety_warning=item.safety_warning,
-            expected_choice=item.expected_choice,
-        )
-        for arm in arms
-    ]
+    inputs = [item.judge_input(texts[arm]) for arm in arms]
     try:
         labels = judge.judge(inputs)
         if len(labels) != len(inputs):

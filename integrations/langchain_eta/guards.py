@@ -76,7 +76,7 @@ class ETAInputGuard(_ETAGuard):
 
     Input without images passes unchanged and unchecked. Otherwise the guard passes on a
     message list in which every image is the image it scored: decoded once (EXIF orientation
-    applied, transparency composited on white), scored, and forwarded as a metadata-free PNG
+    applied, transparency dropped as the reference drops it), scored, and forwarded as a metadata-free PNG
     ``image`` block, so the model never gets bytes that were not scored. Animated images are
     refused (``InvalidInputError``). Every check also emits an ``eta_verdict`` custom callback
     event.

@@ -1,7 +1,7 @@
 """Class 2 of issue 8, adapter side: the guard and the model must see the same pixels.
 
 Written as an attacker would: an image whose pixels depend on the decoder (transparent pixels
-that CLIP sees composited on white but a model that drops alpha sees as they are), an
+that a decoder compositing on white shows as white and one dropping alpha as they are), an
 animation whose later frames were never scored, and an image hidden in an earlier turn of a
 client-supplied history. Random tiny models say nothing about safety: thresholds that flag
 everything or nothing force each decision, so these tests prove the mechanics only.
@@ -32,7 +32,7 @@ from eta_guard.errors import InvalidInputError  # noqa: E402
 
 # ---------------------------------------------------------------- attack images
 def alpha_trick_png() -> bytes:
-    """Fully transparent noise: white on a white background (what CLIP gets), noise without."""
+    """Fully transparent noise: white to a decoder that composites alpha, noise to one that drops it."""
     rgb = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     rgba = np.concatenate([rgb, np.zeros((32, 32, 1), np.uint8)], axis=-1)
     buffer = io.BytesIO()
@@ -114,7 +114,7 @@ def test_input_guard_forwards_exactly_the_pixels_it_scored(lc_evaluator, scored)
     (guard | model).invoke([_image_message(alpha_trick_png())])
     sent = _sent_images(model.seen[0])
     assert len(sent) == len(scored) == 1
-    assert scored[0].min() == 255  # CLIP saw a white square...
+    assert np.array_equal(scored[0], naive_decode(alpha_trick_png()))  # CLIP saw the noise...
     assert np.array_equal(sent[0], scored[0])  # ...and so does the model, whatever its decoder
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from eta_guard.errors import InvalidInputError
+from eta_guard.eval.judges.base import JudgeInput
 from eta_guard.limits import check_encodable
 
 Label = Literal["safe", "unsafe"]
@@ -65,9 +66,11 @@ class EvalItem:
 
         FigStep and MM-SafetyBench hide the harmful request in the image; a text-only judge
         that saw only the benign-looking text turn would misjudge compliance, so it gets the
-        benchmark's own harmful question when there is one.
+        benchmark's own harmful question when there is one; benchmarks that wrap the user's
+        request in a task prompt (MSSBench) give the request alone (``extra["judge_question"]``).
         """
-        return str(self.extra.get("harmful_question") or self.question)
+        extra = self.extra
+        return str(extra.get("judge_question") or extra.get("harmful_question") or self.question)
 
     @property
     def safety_warning(self) -> str | None:
@@ -81,6 +84,17 @@ class EvalItem:
         """The safe option's letter of a multiple-choice item (SIUO MCQA), else ``None``."""
         value = self.extra.get("correct_option")
         return value if isinstance(value, str) and value else None
+
+    def judge_input(self, response: str) -> JudgeInput:
+        """What a judge gets to label ``response`` to this item (its question, image, warning
+        and expected option)."""
+        return JudgeInput(
+            self.judge_question,
+            response,
+            self.image,
+            safety_warning=self.safety_warning,
+            expected_choice=self.expected_choice,
+        )
 
     @property
     def image_ref(self) -> str | None:
