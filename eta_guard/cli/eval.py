@@ -83,6 +83,17 @@ def eval_command(
             "--shard", help="I/N: this process answers every N-th item from the I-th (1-based)."
         ),
     ] = None,
+    concurrency: Annotated[
+        int,
+        typer.Option(
+            "--concurrency",
+            min=1,
+            max=1024,
+            help="Items answered at once (a local VLM shares its decoding steps among them, an "
+            "engine batches their requests). The results do not depend on it; --resume may use "
+            "another value.",
+        ),
+    ] = 1,
     merge: Annotated[
         list[Path] | None,
         typer.Option(
@@ -203,6 +214,7 @@ def _run(out_console: Any, err: Any, opts: dict[str, Any]) -> None:
             resume=opts["resume"],
             progress=progress,
             answer_fn=answer,
+            concurrency=opts["concurrency"],
         ),
     )
     err.print(

@@ -33,6 +33,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from eta_guard.evaluators.patch_clip import PatchCLIPGate
+from eta_guard.model_thread import model_thread
 from eta_guard.server.auth import check_api_key
 from eta_guard.server.disconnect import watch_disconnect
 from eta_guard.server.errors import from_exception, request_id_of
@@ -66,7 +67,9 @@ async def moderations(body: ModerationRequest, request: Request) -> Response:
     ]
 
     def run(cancel: Any) -> Iterator[list[SafetyVerdict]]:
-        yield evaluator.evaluate_batch(batch)  # one CLIP and one RM forward for all inputs
+        # One CLIP and one RM forward for all inputs, on the thread that owns torch's pool
+        # (eta_guard.model_thread), not on this job's own thread.
+        yield model_thread().call(evaluator.evaluate_batch, batch)
 
     job = state.scheduler.submit(
         run, timeout_s=state.settings.request_timeout_s, route="moderations"
