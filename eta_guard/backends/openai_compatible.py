@@ -12,11 +12,11 @@ Requests ETA sends (``POST /v1/chat/completions``):
   ``continue_final_message=true`` and ``add_generation_prompt=false``.
 
 The best-of-N search of a text-only request continues from exact token ids instead
-(``continue_from_ids``, wherever the engine offers it): ``POST /tokenize`` gives the engine's ids of the generation
-prompt (the messages rendered as for the chat requests) and of the prefix tokenized alone; each
-step is ``POST /v1/completions`` with ``prompt`` = those ids + the ids sampled for the accepted
-sentences, and ``return_token_ids`` brings each candidate's ids back (vLLM >= 0.10). Nothing the
-search accepted is tokenized again. Requests with images stay on the chat API (it takes no token
+(``continue_from_ids``, wherever the engine offers it): ``POST /tokenize`` gives the engine's ids
+of the generation prompt (the messages rendered as for the chat requests) and of the prefix
+tokenized alone; each step is ``POST /v1/completions`` with ``prompt`` = those ids + the ids
+sampled for the accepted sentences, and ``return_token_ids`` brings each candidate's ids back
+(vLLM >= 0.10). Nothing the search accepted is tokenized again. Requests with images stay on the chat API (it takes no token
 ids alongside images), where the engine re-tokenizes the prefix and the accepted text each step.
 
 Tools and structured outputs pass through to the engine's own support: the vanilla request carries
