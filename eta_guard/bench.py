@@ -15,6 +15,9 @@ with warm-up repetitions first and medians reported:
   answer, RM, prefix + best-of-N) vs plain ``model.generate`` with the same token budget, with
   the default ``schedule="speculative"`` (the search starts alongside the vanilla decode) and with
   ``"sequential"``. Figures: ``unsafe_path_ratio`` and ``unsafe_sequential_ratio`` = ETA / plain.
+- **cleared answer** (what speculation costs): the image flagged but the answer cleared, so the
+  search is started and dropped, ``schedule="speculative"`` vs ``"sequential"``. Figure:
+  ``cleared_speculation_ratio`` = speculative / sequential (1.0: speculating costs nothing).
 - **forward passes** (one extra, unmeasured run of each path): model forwards of the VLM, the RM
   and CLIP, and the *critical path*: forwards that overlap in time count once (a hardware-
   independent proxy for a memory-bound GPU, where concurrent rows share one read of the
@@ -133,6 +136,9 @@ class BenchReport:
     notes: list[str]
     unsafe_sequential_ratio: float | None = None
     unsafe_sequential: Comparison | None = None
+    #: speculative / sequential on a flagged image whose answer the reward model clears.
+    cleared_speculation_ratio: float | None = None
+    cleared: Comparison | None = None
     #: per arm ("plain", "unsafe_speculative", "unsafe_sequential"): forwards per model and
     #: ``critical_path``; plus ``critical_path_ratio`` per unsafe arm and ``rm_tokens_per_call``.
     forwards: dict[str, Any] = field(default_factory=dict)
@@ -140,7 +146,7 @@ class BenchReport:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data (``eta-guard bench --json`` writes this)."""
         data = asdict(self)
-        for name in ("safe", "aligned", "unsafe", "unsafe_sequential"):
+        for name in ("safe", "aligned", "unsafe", "unsafe_sequential", "cleared"):
             if getattr(self, name) is not None:
                 data[name]["raw_ratio"] = getattr(self, name).raw_ratio
                 data[name]["best_ratio"] = getattr(self, name).best_ratio
@@ -157,6 +163,8 @@ class BenchReport:
         }
         if self.unsafe_sequential is not None:
             figures["unsafe_sequential_ratio"] = self.unsafe_sequential.best_ratio
+        if self.cleared is not None:
+            figures["cleared_speculation_ratio"] = self.cleared.best_ratio
         return figures
 
 
@@ -301,6 +309,7 @@ def _run(
     unsafe_sequential = _compare(
         "unsafe_sequential", arms["unsafe_eta_sequential"], arms["unsafe_plain"]
     )
+    cleared = _compare("cleared", arms["cleared_speculative"], arms["cleared_sequential"])
     forwards = runner.count_forwards(seed)
     aligned = _compare("aligned", arms["aligned_batched"], arms["aligned_sequential"])
     per_token = statistics.median(s / max(t, 1) for s, t in arms["aligned_sequential"]) / (
@@ -337,8 +346,11 @@ def _run(
         f"Medians of {reps} repetition(s) after {warmup} warm-up(s), arms interleaved; "
         "the JSON also has every repetition's time and ratios from each arm's fastest one.",
         "Forward passes: one unmeasured run per path; forwards that overlap in time count once "
-        "on the critical path. A local model runs one forward at a time (its lock), so there "
-        "only the reward model's and CLIP's forwards can overlap the VLM's.",
+        "on the critical path. A local model decodes every row through one step batcher (one "
+        "forward per step over the vanilla row and a speculative search's candidate rows); "
+        "the reward model's and CLIP's forwards run in worker threads and may overlap the "
+        "VLM's. With speculation, how far the search gets during the vanilla decode depends "
+        "on timing (the reward model scores each step), so these counts vary a little with load.",
     ]
     return BenchReport(
         safe_path_ratio=safe.ratio,
@@ -353,6 +365,8 @@ def _run(
         notes=notes,
         unsafe_sequential_ratio=unsafe_sequential.ratio,
         unsafe_sequential=unsafe_sequential,
+        cleared_speculation_ratio=cleared.ratio,
+        cleared=cleared,
         forwards=forwards,
     )
 
@@ -365,6 +379,8 @@ _ARMS = {
     "unsafe_eta": "unsafe path, ETA.generate (speculative)",
     "unsafe_eta_sequential": "unsafe path, ETA.generate (sequential)",
     "unsafe_plain": "unsafe path, plain generate",
+    "cleared_speculative": "flagged image, cleared answer (speculative)",
+    "cleared_sequential": "flagged image, cleared answer (sequential)",
 }
 
 _LABELS = {
@@ -372,6 +388,7 @@ _LABELS = {
     "aligned": ("best-of-N batched", "sequential (reference)"),
     "unsafe": ("ETA, every check flags (speculative)", "plain generate"),
     "unsafe_sequential": ("ETA, every check flags (sequential)", "plain generate"),
+    "cleared": ("ETA, image flagged, answer cleared (speculative)", "the same, sequential"),
 }
 
 
@@ -451,6 +468,24 @@ class _Runner:
 
     def _unsafe_eta_sequential(self, seed: int) -> tuple[int, None]:
         return self._unsafe_eta(seed, "sequential")
+
+    def _cleared(self, seed: int, schedule: str) -> tuple[int, None]:
+        result = self.eta.generate(
+            self.messages,
+            pre_threshold=FLAG_CLIP,
+            post_threshold=-FLAG_REWARD,
+            seed=seed,
+            schedule=schedule,
+        )
+        if result.aligned or not result.verdict.input_unsafe:
+            raise RuntimeError("the cleared-answer arm did not flag the image and clear the answer")
+        return result.usage.decoded_tokens, None
+
+    def _cleared_speculative(self, seed: int) -> tuple[int, None]:
+        return self._cleared(seed, "speculative")
+
+    def _cleared_sequential(self, seed: int) -> tuple[int, None]:
+        return self._cleared(seed, "sequential")
 
     def _safe_plain(self, seed: int) -> tuple[int, str]:
         return self._plain()

@@ -47,37 +47,50 @@ def constant_clip(sentences: list[str]) -> list[float]:
     return [0.5] * len(sentences)
 
 
-class GenerateRecorder:
-    """Wraps ``model.generate``: records each sampling call (raw logits, cache sizes, pixel inputs)."""
+class SearchRecorder:
+    """Records every sampling job the search submits to the step batcher (its context, rows and
+    the raw logits each token was chosen from) and every prefill that encodes pixels."""
 
-    def __init__(self, model) -> None:
-        self.model, self.original = model, type(model).generate.__get__(model)
-        self.samples: list[dict] = []
+    def __init__(self, monkeypatch) -> None:
+        from eta_guard.backends.step_batcher import StepBatcher
+
+        self.jobs: list = []
         self.pixel_calls = 0
+        submit, prefill = StepBatcher.submit, StepBatcher.prefill
 
-    def __call__(self, *args, **kwargs):
-        config = kwargs.get("generation_config")
-        self.pixel_calls += "pixel_values" in kwargs
-        if config is None or not config.do_sample:
-            return self.original(*args, **kwargs)
-        config.output_logits = True
-        cache = kwargs["cache"]
-        record = {"start": kwargs["input_ids"].shape[1], "rows": kwargs["input_ids"].shape[0]}
-        record["cache_before"] = cache.get_seq_length()
-        out = self.original(*args, **kwargs)
-        record.update(sequences=out.sequences.clone(), logits=[x.clone() for x in out.logits])
-        self.samples.append(record)
-        return out
+        def record_submit(batcher, context, **kwargs):
+            if kwargs.get("do_sample"):
+                kwargs["keep_logits"] = True
+                job = submit(batcher, context, **kwargs)
+                self.jobs.append(job)
+                return job
+            return submit(batcher, context, **kwargs)
+
+        def record_prefill(batcher, model_inputs):
+            self.pixel_calls += "pixel_values" in model_inputs
+            return prefill(batcher, model_inputs)
+
+        monkeypatch.setattr(StepBatcher, "submit", record_submit)
+        monkeypatch.setattr(StepBatcher, "prefill", record_prefill)
+
+    @property
+    def samples(self) -> list[dict]:
+        """One record per sampling job: start length, rows, cache length, ids and logits per row."""
+        return [
+            {
+                "start": len(job.context.ids),
+                "rows": len(job.rows),
+                "cache_before": job.context.cached,
+                "ids": [list(row.ids) for row in job.rows],
+                "logits": [list(row.logits) for row in job.rows],
+            }
+            for job in self.jobs
+        ]
 
 
 @pytest.fixture
 def recorder(monkeypatch):
-    def attach(adapter: VLMAdapter) -> GenerateRecorder:
-        rec = GenerateRecorder(adapter.model)
-        monkeypatch.setattr(adapter.model, "generate", rec)
-        return rec
-
-    return attach
+    return lambda adapter: SearchRecorder(monkeypatch)
 
 
 def full_forward_logits(adapter: VLMAdapter, prepared, ids: torch.Tensor) -> torch.Tensor:
@@ -140,16 +153,18 @@ def test_batched_candidates_match_uncached_decoding_multi_turn(vlm, test_images,
 def max_logit_gap(adapter, prepared, out, rec, *, rows: int, steps: int = 3) -> float:
     """Largest gap between the batched search's raw logits and uncached full forwards."""
     worst = 0.0
-    for step, sample in list(zip(out.trace, rec.samples, strict=True))[:steps]:
+    for i, (step, sample) in enumerate(list(zip(out.trace, rec.samples, strict=True))[:steps]):
         start = sample["start"]
-        assert sample["cache_before"] == start - 1  # cache invariant: context minus its last token
+        # cache invariant: the context minus its last token (fed at batch N), except a first step
+        # straight from a prefill, whose logits for the next token are at hand
+        assert sample["cache_before"] in ((start - 1, start) if i == 0 else (start - 1,))
         assert sample["rows"] == rows
         for row, candidate in enumerate(step.candidates):
             n = candidate.num_tokens
-            ids = sample["sequences"][row : row + 1, : start + n - 1]
+            ids = torch.tensor([sample["ids"][row][: start + n - 1]])
             reference = full_forward_logits(adapter, prepared, ids)
             for t in range(n):
-                gap = (reference[start - 1 + t] - sample["logits"][t][row]).abs().max().item()
+                gap = (reference[start - 1 + t] - sample["logits"][row][t]).abs().max().item()
                 worst = max(worst, gap)
     return worst
 
@@ -181,11 +196,11 @@ def test_cache_covers_accepted_context_after_each_step(llava, test_images, recor
     for step, sample in zip(out.trace, rec.samples, strict=True):
         # each step starts from prompt + the tokens accepted so far, the cache one token behind
         assert sample["start"] == prepared.num_prompt_tokens + accepted
-        assert sample["cache_before"] == sample["start"] - 1
-        kept = sample["sequences"][
-            step.chosen, sample["start"] : sample["start"] + step.candidates[step.chosen].num_tokens
+        assert sample["cache_before"] == sample["start"] - (0 if accepted == 0 else 1)
+        kept = sample["ids"][step.chosen][
+            sample["start"] : sample["start"] + step.candidates[step.chosen].num_tokens
         ]
-        assert kept.tolist() == out.token_ids[accepted : accepted + len(kept)]
+        assert kept == out.token_ids[accepted : accepted + len(kept)]
         accepted += step.candidates[step.chosen].num_tokens
     assert accepted == len(out.token_ids)
 
@@ -428,3 +443,44 @@ def test_reused_cache_survives_a_call_with_other_images(qwen, test_images, recor
     )
     assert rec.pixel_calls == 0
     assert max_logit_gap(qwen, prepared, out, rec, rows=3) < 1e-4
+
+
+def test_search_top_k_keeps_exactly_k_on_ties(llava, test_images, monkeypatch):
+    """Issue 18 item 4: every logits row has four tokens tied at the top and top_k=2; the
+    reference's torch.topk keeps two of them, so the search never samples the other two
+    (transformers' TopKLogitsWarper keeps all four ties)."""
+    import asyncio
+
+    from eta_guard.decoding.best_of_n import LocalSearch
+    from eta_guard.decoding.protocol import SamplingStep
+
+    vocab = llava.model.get_output_embeddings().weight.shape[0]
+    tied = [t for t in range(20, 40) if t not in llava.eos_token_ids][:4]
+    row = torch.zeros(vocab)
+    row[tied] = 5.0
+    reference = set(torch.topk(row, 2).indices.tolist())  # the reference's construction
+    assert len(reference) == 2 and reference < set(tied)
+    real = llava.model.forward
+
+    def tied_forward(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out.logits = row.expand(*out.logits.shape[:-1], vocab).clone()
+        return out
+
+    monkeypatch.setattr(llava.model, "forward", tied_forward)
+    prepared = llava.prepare(conversation(test_images[:1]), assistant_prefix=PREFIX)
+    step = SamplingStep(n=5, max_tokens=6, top_k=2, temperature=1.5, terminators=("\u2603",))
+
+    async def sample_twice() -> list[int]:
+        search = LocalSearch(llava, prepared, seed=0)
+        try:
+            first = await search.sample(step)
+            await search.commit(0)
+            second = await search.sample(step)
+        finally:
+            await search.aclose()
+        return [t for c in first + second for t in c.token_ids]
+
+    tokens = asyncio.run(asyncio.wait_for(sample_twice(), 120))
+    assert len(tokens) == 60
+    assert set(tokens) == reference  # both kept tokens drawn, never a third tie

@@ -160,6 +160,7 @@ def test_bench_tiny_writes_figures(runner, tiny_args, tmp_path) -> None:
         "batched_speedup",
         "unsafe_path_ratio",
         "unsafe_sequential_ratio",
+        "cleared_speculation_ratio",
     }
     assert math.isfinite(data["unsafe_sequential_ratio"]) and data["unsafe_sequential_ratio"] > 0
     forwards = data["forwards"]

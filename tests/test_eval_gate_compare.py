@@ -21,7 +21,7 @@ from eta_guard.errors import InvalidInputError  # noqa: E402
 from eta_guard.eval.datasets import load_dataset  # noqa: E402
 from eta_guard.eval.gate_compare import GateComparison, gate_metrics, split_choice  # noqa: E402
 from eta_guard.eval.report import write_report  # noqa: E402
-from eta_guard.eval.results import load_results  # noqa: E402
+from eta_guard.eval.results import ResultsFileError, load_results  # noqa: E402
 from eta_guard.eval.runner import item_seed, run_eval, select_items  # noqa: E402
 from eta_guard.evaluators.base import GuardScore  # noqa: E402
 
@@ -109,7 +109,7 @@ def test_vanilla_is_decoded_once_per_item_and_the_search_only_when_a_choice_alig
         "compare_gates": comparison.settings,
     }
     summary = run_eval(
-        eta, select_items(items), [judge], path, settings=settings, answer=comparison.answer_item
+        eta, select_items(items), [judge], path, settings=settings, answer_fn=comparison.answer_item
     )
     assert summary.written == 6 and summary.failed == 0
     _, records = load_results([path])
@@ -152,6 +152,22 @@ def test_vanilla_is_decoded_once_per_item_and_the_search_only_when_a_choice_alig
     assert metrics["judges"]["scripted"]["overall"]["eta"]["n"] == 6
     page = html_path.read_text()
     assert "Gate choices" in page and "clip | words" in page
+    # A hand-edited gate block is a ResultsFileError naming the line, not a KeyError in metrics.
+    lines = path.read_text().splitlines()
+    aligned_at = next(i for i, line in enumerate(lines) if '"aligned": true' in line)
+    for mutate, what in (
+        (lambda r: r["gates"].pop("words"), "gates\\['words'\\]"),
+        (lambda r: r["gates"]["clip"].update(aligned="yes"), "gates\\['clip'\\]"),
+        (lambda r: r["judgments"]["scripted"].pop("aligned"), "judgments\\['scripted'\\].aligned"),
+    ):
+        record = json.loads(lines[aligned_at])
+        mutate(record)
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(
+            "\n".join([*lines[:aligned_at], json.dumps(record), *lines[aligned_at + 1 :]]) + "\n"
+        )
+        with pytest.raises(ResultsFileError, match=rf"item line {aligned_at + 1}: {what}"):
+            load_results([bad])
 
 
 def test_each_choice_answers_as_a_separate_eta_run_with_that_gate(parts):

@@ -1,5 +1,6 @@
 """The step batcher: batched greedy rows equal HF ``generate`` token for token (float32, random
-tiny checkpoints: mechanics, not quality); sampling is per job; the memory budget splits."""
+tiny checkpoints: mechanics, not quality); sampling is per job and draws as ``generate`` does;
+top-k keeps exactly k; the memory budget splits."""
 
 from __future__ import annotations
 
@@ -116,8 +117,8 @@ def test_samples_of_a_job_do_not_depend_on_other_jobs(vlm):
 
     alone = sample(False, None)
     assert sample(True, None) == alone
-    assert sample(True, 1) == alone  # split one row at a time: still the same samples
-    assert len({tuple(t) for t in alone}) > 1  # rows differ: each has its own generator
+    assert sample(True, 4) == alone  # the job waits for room, then joins whole: same samples
+    assert len({tuple(t) for t in alone}) > 1  # rows differ
 
 
 def test_a_batch_past_the_memory_budget_is_split_not_refused(tiny_checkpoints):
@@ -133,9 +134,8 @@ def test_a_batch_past_the_memory_budget_is_split_not_refused(tiny_checkpoints):
     assert [job.tokens[0] for job in jobs] == expected
     assert batcher.max_live_rows == 2
     tight = StepBatcher(vlm.model, memory_budget_bytes=probe.kv_bytes_per_token)
-    tight.submit(tight.prefill(prompts[0].model_inputs), max_new_tokens=NEW)
-    with pytest.raises(InvalidInputError, match="memory_budget_bytes"):
-        tight.step()
+    with pytest.raises(InvalidInputError, match="memory_budget_bytes"):  # one row can never fit
+        tight.submit(tight.prefill(prompts[0].model_inputs), max_new_tokens=NEW)
 
 
 def test_rows_stop_independently_and_forwards_are_counted(tiny_checkpoints):
@@ -172,3 +172,60 @@ def test_cancel_frees_rows_and_bad_arguments_are_refused(tiny_checkpoints):
         batcher.submit(ctx, max_new_tokens=1).commit(0)
     with pytest.raises(InvalidInputError, match="max_rows"):
         StepBatcher(vlm.model, max_rows=0)
+
+
+def _reference_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The reference's top-k, written plainly: keep the k entries torch.topk returns."""
+    kept = torch.full_like(scores, float("-inf"))
+    for r in range(scores.shape[0]):
+        values, index = torch.topk(scores[r], k)
+        kept[r, index] = values
+    return kept
+
+
+def test_top_k_keeps_exactly_k_on_ties():
+    from eta_guard.backends.step_batcher import top_k_scores
+
+    row = torch.tensor([[3.0, 1.0, 2.0, 2.0, 2.0, 0.5], [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    for k in (1, 2, 3, 5):
+        kept = top_k_scores(row, k)
+        assert (kept > float("-inf")).sum(-1).tolist() == [k, k]
+        torch.testing.assert_close(kept, _reference_top_k(row, k))
+    original = row.clone()
+    top_k_scores(row, 2)
+    assert torch.equal(row, original)  # input not mutated
+    assert torch.equal(top_k_scores(row, 0), row) and torch.equal(top_k_scores(row, 6), row)
+    # transformers' warper keeps every tie at the k-th place: that is what changed.
+    from transformers import TopKLogitsWarper
+
+    assert (TopKLogitsWarper(2)(None, row.clone())[0] > float("-inf")).sum() == 4
+
+
+def test_sampling_draws_what_generate_draws_for_a_seed(tiny_checkpoints):
+    """One job of N rows consumes its generator as transformers' ``_sample`` consumes the global
+    RNG for a batch of N rows (one multinomial over [N, V] per step)."""
+    vlm = VLMAdapter.from_pretrained(tiny_checkpoints.vlm, device="cpu", dtype="float32")
+    prepared = _prompts(vlm)[0]
+    n, new, seed = 4, 6, 11
+    inputs = dict(prepared.model_inputs)
+    with torch.inference_mode(), torch.random.fork_rng():
+        torch.manual_seed(seed)
+        out = vlm.model.generate(
+            **inputs,
+            do_sample=True,
+            top_k=20,
+            temperature=1.3,
+            num_return_sequences=n,
+            max_new_tokens=new,
+            eos_token_id=None,
+            pad_token_id=vlm.pad_token_id,
+            num_beams=1,
+            top_p=1.0,
+        )
+    expected = out[:, inputs["input_ids"].shape[1] :].tolist()
+    batcher = StepBatcher(vlm.model, eos_token_ids=[])
+    ctx = batcher.prefill(prepared.model_inputs)
+    job = batcher.submit(ctx, n=n, seed=seed, top_k=20, temperature=1.3, max_new_tokens=new)
+    batcher.run([job])
+    assert job.tokens == expected
+    assert len({tuple(t) for t in expected}) > 1

@@ -1,27 +1,30 @@
 """The generator in this process: a :class:`~eta_guard.decoding.vlm.VLMAdapter` behind the backend interface.
 
-Each request opens a :class:`LocalSession`: the prompt is rendered once (a prompt too long for
-the context is refused before any model runs), the vanilla answer streams from a worker thread,
-and the best-of-N search continues from the prompt's KV cache instead of prefilling it (and its
-images) again: from the vanilla answer's cache once it is done, or, when the search starts
-alongside the vanilla decode (speculative alignment), from a copy taken right after the prompt's
-prefill. Both hold exactly the prompt's KV, computed by the same forward, so the search's result
-does not depend on when it started. Model calls take the adapter's lock (the model keeps
-per-call state).
+Every request's decoding runs through the model's one
+:class:`~eta_guard.backends.decode_scheduler.DecodeScheduler` (a
+:class:`~eta_guard.backends.step_batcher.StepBatcher` stepped on the model thread): concurrent
+requests share each batched forward, and so do a request's vanilla row and its speculative
+search's candidate rows. Each request opens a :class:`LocalSession`: the prompt is rendered once
+(a prompt too long for the context is refused before any model runs) and prefilled once (its
+images encoded once); the vanilla answer, a greedy continuation and the best-of-N search all
+continue from that prefill's KV, so the search's result does not depend on when it started.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from eta_guard.backends.decode_scheduler import scheduler_for
 from eta_guard.decoding.best_of_n import LocalSearch
 from eta_guard.decoding.protocol import Completion, SamplingStep
-from eta_guard.sync_bridge import aclosing, aiter_in_thread
+from eta_guard.decoding.stopping import AnyEvent, cut_at_stop, stop_holdback
+from eta_guard.sync_bridge import aclosing
 
 if TYPE_CHECKING:
+    from eta_guard.backends.step_batcher import Context
     from eta_guard.decoding.vlm import PreparedPrompt, VLMAdapter
     from eta_guard.messages import Conversation
 
@@ -31,17 +34,30 @@ class LocalBackend:
 
     Args:
         adapter: the loaded VLM (``VLMAdapter.from_pretrained(...)``).
+        max_rows: the most rows (every request's vanilla row and search candidates) in one
+            batched forward (``None``: the scheduler's default,
+            :data:`~eta_guard.backends.decode_scheduler.DEFAULT_MAX_ROWS`).
+        kv_budget_bytes: the most KV bytes those rows may hold (``None``:
+            :func:`~eta_guard.backends.decode_scheduler.default_kv_budget`); rows over either
+            bound wait for a later step, never fail.
     """
 
     #: What ``schedule="auto"`` means here: one forward at a time (the lock), so a speculative
     #: search would only compete with the reward model for the cores (docs/engine.md).
     preferred_schedule = "sequential"
 
-    def __init__(self, adapter: VLMAdapter) -> None:
+    def __init__(
+        self,
+        adapter: VLMAdapter,
+        *,
+        max_rows: int | None = None,
+        kv_budget_bytes: int | None = None,
+    ) -> None:
         self.adapter = adapter
         self.name = adapter.name
-        # One lock per loaded model, shared by every backend and ETA built on it.
-        self.lock = getattr(adapter, "lock", None) or threading.RLock()
+        # One scheduler (and lock) per loaded model, shared by every backend and ETA built on it.
+        self.scheduler = scheduler_for(adapter, max_rows=max_rows, kv_budget_bytes=kv_budget_bytes)
+        self.lock = self.scheduler.lock
 
     @property
     def processor(self) -> Any:
@@ -92,11 +108,28 @@ class LocalSession:
         self, backend: LocalBackend, conversation: Conversation, prepared: PreparedPrompt
     ) -> None:
         self.backend, self.adapter = backend, backend.adapter
+        self.scheduler = backend.scheduler
         self.conversation, self.prepared = conversation, prepared
-        # The prompt's KV for the search: a copy taken after the vanilla's prefill, or the
-        # vanilla's own cache once it finished; None until either exists.
-        self._prompt_cache: asyncio.Future[Any] | None = None
+        self._prompt: asyncio.Future[Context] | None = None  # the prompt's prefill, once
         self._searches: list[LocalSearch] = []
+
+    async def prompt_context(self) -> Context:
+        """The prompt's KV (one prefill per request, shared by every decode of the request)."""
+        if self._prompt is None:
+            self._prompt = asyncio.ensure_future(self.scheduler.prefill(self.prepared.model_inputs))
+        return await asyncio.shield(self._prompt)
+
+    async def context_for(self, prepared: PreparedPrompt, *, pending: bool) -> Context:
+        """A context for ``prepared``: the prompt's KV extended with the ids after it (the
+        assistant text), or a prefill of its own when it does not continue the prompt."""
+        ours = self.prepared.input_ids[0].tolist()
+        ids = prepared.input_ids[0].tolist()
+        prompt = await self.prompt_context()
+        if ids[: len(ours)] == ours and len(ids) > len(ours):
+            return await self.scheduler.extend(prompt, ids[len(ours) :], pending=pending)
+        if ids == ours:
+            return prompt
+        return await self.scheduler.prefill(prepared.model_inputs)
 
     def greedy(
         self,
@@ -107,63 +140,67 @@ class LocalSession:
         cancel: threading.Event | None = None,
         keep_prompt: bool = False,
     ) -> AsyncIterator[str | Completion]:
-        # Not a generator itself: the promise of the prompt's KV exists from this call on, so a
-        # search opened right after (speculation) waits for it instead of prefilling its own.
-        loop = asyncio.get_running_loop()
-        vanilla = keep_prompt and not assistant_text and self._prompt_cache is None
-        if vanilla:
-            self._prompt_cache = loop.create_future()
-        future = self._prompt_cache if vanilla else None
-        return self._greedy(loop, future, assistant_text, max_tokens, stop, cancel)
+        """Greedy deltas, then the :class:`Completion` (``keep_prompt``: accepted for the
+        interface; the prompt's KV is always kept for the request's search)."""
+        return self._greedy(assistant_text, max_tokens, stop, cancel)
 
     async def _greedy(
         self,
-        loop: asyncio.AbstractEventLoop,
-        future: asyncio.Future | None,
         assistant_text: str,
         max_tokens: int,
         stop: Sequence[str] | None,
         cancel: threading.Event | None,
     ) -> AsyncIterator[str | Completion]:
-
-        def offer(cache: Any) -> None:  # called in the decoding thread
-            loop.call_soon_threadsafe(_resolve, future, cache)
-
-        def run() -> Iterator[str | Completion]:
-            adapter = self.adapter
-            with self.backend.lock:
-                prepared = (
-                    self.prepared
-                    if not assistant_text
-                    else adapter.prepare(self.conversation, assistant_prefix=assistant_text)
-                )
-                stream = adapter.stream_greedy(
-                    prepared,
-                    max_new_tokens=max_tokens,
-                    stop=stop,
-                    cancel=cancel,
-                    on_prompt_cached=offer if future is not None else None,
-                )
-                yield from stream  # deltas as the tokens are decoded
-                out = stream.output
-                assert out is not None
-                eos = set(adapter.eos_token_ids)
-                yield Completion(
-                    text=out.text,
-                    num_tokens=len(out.token_ids),
-                    finish_reason=out.finish_reason,
-                    ended=bool(out.token_ids) and out.token_ids[-1] in eos,
-                    prompt_tokens=prepared.num_prompt_tokens,
-                    token_ids=tuple(out.token_ids),
-                )
-
+        adapter = self.adapter
+        prepared = self.prepared
+        if assistant_text:
+            prepared = await asyncio.to_thread(
+                adapter.prepare, self.conversation, assistant_prefix=assistant_text
+            )
+        context = await self.context_for(prepared, pending=False)
+        stops = [s for s in (stop or []) if s]
+        max_new = adapter.max_new_tokens_for(prepared, max_tokens)
+        tokens: asyncio.Queue[int | None] = asyncio.Queue()
+        job = await self.scheduler.submit(
+            context,
+            max_new_tokens=max_new,
+            stop=_stop_strings(adapter.tokenizer, stops),
+            logits_processor=(
+                adapter.json_constraint().logits_processor(prepared.response_format)
+                if prepared.response_format
+                else None
+            ),
+            cancel=AnyEvent(cancel),
+            on_token=lambda _row, token: tokens.put_nowait(token),
+        )
+        job.on_done(lambda: tokens.put_nowait(None))
+        prompt_ids = prepared.input_ids[0]
+        ids: list[int] = []
+        emitted = ""
         try:
-            async with aclosing(aiter_in_thread(run)) as items:
-                async for item in items:
-                    yield item
+            while (token := await tokens.get()) is not None:
+                ids.append(token)
+                text, stopped = cut_at_stop(adapter.decode_continuation(prompt_ids, ids), stops)
+                safe = text if stopped else text[: len(text) - stop_holdback(text, stops)]
+                if len(safe) > len(emitted) and safe.startswith(emitted):
+                    delta, emitted = safe[len(emitted) :], safe
+                    yield delta
+            await job.wait()  # raises the job's error, or RequestCancelled
         finally:
-            if future is not None:
-                _resolve(future, None)  # no snapshot (failed or cancelled before the prefill)
+            await job.cancel()  # a no-op once it ended; else frees its row at the next step
+        text, stopped = cut_at_stop(adapter.decode_continuation(prompt_ids, ids), stops)
+        if text.startswith(emitted) and len(text) > len(emitted):
+            yield text[len(emitted) :]
+        eos = set(adapter.eos_token_ids)
+        ended = bool(ids) and ids[-1] in eos
+        yield Completion(
+            text=text,
+            num_tokens=len(ids),
+            finish_reason="stop" if stopped or ended or len(ids) < max_new else "length",
+            ended=ended,
+            prompt_tokens=prepared.num_prompt_tokens,
+            token_ids=tuple(ids),
+        )
 
     async def search(
         self, *, assistant_text: str, seed: int | None, cancel: threading.Event | None = None
@@ -171,19 +208,12 @@ class LocalSession:
         prepared = await asyncio.to_thread(
             self.adapter.prepare, self.conversation, assistant_prefix=assistant_text
         )
-        cache = None
-        if self._prompt_cache is not None:
-            cache = await self._prompt_cache
-            self._prompt_cache = None  # the search consumes (mutates) it
         search = LocalSearch(
             self.adapter,
             prepared,
             seed=seed,
-            cache=cache,
-            # Only the prompt is trusted from the cache: the search then computes the same
-            # KV whether the cache came from the vanilla's prefill or its whole answer.
-            cache_ids=self.prepared.input_ids[0].tolist() if cache is not None else None,
-            lock=self.backend.lock,
+            scheduler=self.scheduler,
+            context=lambda: self.context_for(prepared, pending=True),
             cancel=cancel,
         )
         self._searches.append(search)
@@ -193,11 +223,18 @@ class LocalSession:
         for search in self._searches:
             await search.aclose()
         self._searches.clear()
-        if self._prompt_cache is not None and not self._prompt_cache.done():
-            self._prompt_cache.cancel()
-        self._prompt_cache = None
+        if self._prompt is not None:
+            prompt, self._prompt = self._prompt, None
+            await asyncio.wait([prompt])  # a prefill in flight ends on the model thread first
+            if not prompt.cancelled():
+                prompt.exception()  # retrieved: its error was raised to whoever awaited it
 
 
-def _resolve(future: asyncio.Future | None, value: Any) -> None:
-    if future is not None and not future.done():
-        future.set_result(value)
+def _stop_strings(tokenizer: Any, stops: list[str]) -> Any:
+    """transformers' ``StopStringCriteria`` for ``stops`` (None without any), as ``generate``'s
+    ``stop_strings`` builds it: a row stops once its text ends with a stop string."""
+    if not stops:
+        return None
+    from transformers import StopStringCriteria
+
+    return StopStringCriteria(tokenizer=tokenizer, stop_strings=stops)

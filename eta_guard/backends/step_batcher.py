@@ -24,9 +24,17 @@ API (driven from one thread, normally the model thread, :mod:`eta_guard.model_th
     batcher.run([greedy, cands])                          # or call step() yourself
     ctx = cands.commit(best)                              # row ``best``'s KV: the next step's context
 
-- Sampling: top-k then temperature, each row with its own ``torch.Generator`` seeded from the
-  job's ``seed`` and the row's index, so a job's samples never depend on other jobs or on how
-  rows were grouped into steps.
+- Sampling, as transformers' ``_sample`` does for a batch of the job's ``n`` rows: the logits
+  divided by the temperature, then exactly the ``top_k`` largest kept (``torch.topk``: ties at
+  the k-th place are not all kept, unlike ``TopKLogitsWarper``), a softmax, and ONE
+  ``torch.multinomial(probs[n, V], 1)`` per step with the job's generator (rows that already
+  finished still take their draw, as in ``_sample``). So a job's samples never depend on other
+  jobs, and a seeded job draws what ``generate`` draws for the same seed wherever the logits are
+  equal. ``generator=`` passes a caller's generator (a search's RNG stream, carried from step to
+  step); ``seed=`` seeds a private one. A job's rows join together (a job that alone exceeds the
+  budget is split, and then draws per admitted part).
+- ``logits_processor``: an optional transformers ``LogitsProcessor``-style callable
+  ``(ids[1, T], scores[1, V]) -> scores`` applied per row before choosing (e.g. a JSON grammar).
 - ``stop``: a transformers ``StoppingCriteria``-style callable ``(ids[R, T], scores) -> bool[R]``
   over the job's live rows (all of one length), e.g. ``SentenceEndCriteria``.
 - ``on_token(row, token_id)``: each row's stream (called on the driving thread).
@@ -38,19 +46,19 @@ API (driven from one thread, normally the model thread, :mod:`eta_guard.model_th
   (``rows x padded length x`` :func:`eta_guard.memory.kv_bytes_per_token`); rows over either
   bound wait in the queue (a batch past the budget is split across steps, never refused).
 
-Families that keep position state between calls (Qwen2-VL-style multimodal RoPE: 3-D positions
-computed at prefill and ``rope_deltas`` stored on the model) cannot share a padded batch with
-explicit 1-D ``position_ids``; for them each job decodes in its own group (its rows still share
-one forward; the model computes positions from its saved ``rope_deltas``, restored per group) and
-a step runs one forward per job. Sliding-window caches are isolated the same way (left padding
-would shift their window).
+Families with multimodal RoPE (Qwen2-VL-style: 3-D positions at prefill, ``rope_deltas`` kept on
+the model) share the padded batch too: after the prompt every new token is text, whose three
+position components are equal, so a row's position is its token index plus the prompt's
+``rope_deltas`` (:attr:`Context.offset`), passed explicitly; the model's saved state is never read
+(greedy rows equal ``generate`` on the Qwen2-VL replica, tests/test_step_batcher.py).
+Sliding-window caches decode each job in its own group (left padding would shift their window):
+its rows still share one forward, and a step runs one forward per such job.
 """
 
 from __future__ import annotations
 
 import copy as _copy
 import inspect
-import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,7 +99,6 @@ class Row:
     index: int
     ids: list[int]
     new: list[int] = field(default_factory=list)
-    generator: torch.Generator | None = None
     finish_reason: str | None = None  # "eos", "stop", "length"
     kept: Any = None  # (cache, cached) of a finished row when the job keeps KV
     logits: list[torch.Tensor] = field(default_factory=list)  # [V] per token, if kept
@@ -114,8 +121,11 @@ class Job:
         on_token: Callable[[int, int], Any] | None,
         keep_kv: bool,
         keep_logits: bool = False,
+        generator: torch.Generator | None = None,
+        logits_processor: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.context = context
+        self.logits_processor = logits_processor
         self.keep_logits = keep_logits
         self.max_new_tokens = max_new_tokens
         self.do_sample = do_sample
@@ -125,12 +135,13 @@ class Job:
         self.on_token = on_token
         self.keep_kv = keep_kv
         self.rows = [Row(self, i, list(context.ids)) for i in range(n)]
-        if do_sample:
-            base = 0 if seed is None else int(seed)
-            for row in self.rows:
-                gen = torch.Generator(device=_logits_device(context))
-                gen.manual_seed(base * 1_000_003 + row.index)
-                row.generator = gen
+        self.generator = generator
+        if do_sample and generator is None:
+            self.generator = torch.Generator(device=_logits_device(context))
+            if seed is None:
+                self.generator.seed()
+            else:
+                self.generator.manual_seed(int(seed))
 
     @property
     def done(self) -> bool:
@@ -259,7 +270,7 @@ class StepBatcher:
             ids=ids[0].tolist(),
             cached=int(ids.shape[1]),
             next_logits=out.logits[0, -1].float(),
-            offset=_rope_offset(self.model),
+            offset=rope_offset(self.model),
         )
 
     @torch.inference_mode()
@@ -306,15 +317,20 @@ class StepBatcher:
         on_token: Callable[[int, int], Any] | None = None,
         keep_kv: bool = False,
         keep_logits: bool = False,
+        generator: torch.Generator | None = None,
+        logits_processor: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> Job:
         """Register ``n`` rows decoded from ``context``; they join at the next step.
 
         ``do_sample`` defaults to ``n > 1``; greedy rows take the argmax. ``top_k=0`` keeps the
         whole vocabulary. ``keep_logits``: each row keeps the ``[V]`` float32 logits each of its
         tokens was chosen from (``Row.logits``; for checks and scoring, costs memory).
+        ``generator``: the sampling RNG (consumed, one draw per step; default: a private one from
+        ``seed``).
 
         Raises:
-            InvalidInputError: a bad count, budget, temperature or ``top_k``.
+            InvalidInputError: a bad count, budget, temperature or ``top_k``, or one row that
+                alone needs more KV than ``memory_budget_bytes``.
         """
         if n < 1 or max_new_tokens < 1:
             raise InvalidInputError(
@@ -339,7 +355,15 @@ class StepBatcher:
             on_token=on_token,
             keep_kv=keep_kv,
             keep_logits=keep_logits,
+            generator=generator,
+            logits_processor=logits_processor,
         )
+        row_bytes = self._row_bytes(job.rows[0])
+        if self.memory_budget_bytes is not None and row_bytes > self.memory_budget_bytes:
+            raise InvalidInputError(
+                f"one row of {len(context.ids)} + {max_new_tokens} tokens needs {row_bytes} "
+                f"bytes of KV, over memory_budget_bytes={self.memory_budget_bytes}"
+            )
         self._waiting.extend(job.rows)
         return job
 
@@ -384,29 +408,46 @@ class StepBatcher:
         return [self._shared, *self._groups]
 
     def _admit(self) -> None:
+        """Admit waiting jobs first come, first served, each job's rows together."""
         admitted: list[Row] = []
-        for row in list(self._waiting):
-            if not self._fits(row, admitted):
-                if self.live_rows + len(admitted) == 0:
+        jobs: dict[int, list[Row]] = {}
+        for row in self._waiting:
+            jobs.setdefault(id(row.job), []).append(row)
+        for rows in jobs.values():
+            if not self._fits(rows, admitted):
+                if self.live_rows + len(admitted) > 0:
+                    break  # later jobs wait behind this one
+                # Alone over the bound (more rows than max_rows, or their KV): split the job.
+                rows = rows[: max(1, self._rows_that_fit(rows))]
+                if not self._fits(rows, admitted):
+                    row = rows[0]
                     raise InvalidInputError(
                         f"one row of {len(row.ids)} + {row.job.max_new_tokens} tokens needs "
                         f"{self._row_bytes(row)} bytes of KV, over memory_budget_bytes="
                         f"{self.memory_budget_bytes}"
                     )
-                break  # first come, first served: later rows wait behind this one
-            self._waiting.remove(row)
-            admitted.append(row)
+                admitted.extend(rows)
+                break
+            admitted.extend(rows)
+        taken = {id(row) for row in admitted}
+        self._waiting = [row for row in self._waiting if id(row) not in taken]
         by_job: dict[int, list[Row]] = {}
         for row in admitted:
             by_job.setdefault(id(row.job), []).append(row)
         for rows in by_job.values():
             self._join(rows)
 
+    def _rows_that_fit(self, rows: list[Row]) -> int:
+        count = 0
+        while count < len(rows) and self._fits(rows[: count + 1], []):
+            count += 1
+        return count
+
     def _row_bytes(self, row: Row) -> int:
         return (len(row.ids) + row.job.max_new_tokens) * self.kv_bytes_per_token
 
-    def _fits(self, row: Row, admitted: list[Row]) -> bool:
-        rows = [r for g in self._all_groups() for r in g.rows] + admitted + [row]
+    def _fits(self, joining: list[Row], admitted: list[Row]) -> bool:
+        rows = [r for g in self._all_groups() for r in g.rows] + admitted + joining
         if self.max_rows is not None and len(rows) > self.max_rows:
             return False
         if self.memory_budget_bytes is None:
@@ -466,8 +507,10 @@ class StepBatcher:
         self.max_live_rows = max(self.max_live_rows, rows)
         group.mask, group.positions = mask, group.positions + 1
         logits = out.logits[:, -1].float()
-        for _, members in itertools.groupby(range(rows), key=lambda i: id(group.rows[i].job)):
-            index = list(members)
+        by_job: dict[int, list[int]] = {}
+        for i, row in enumerate(group.rows):  # one choice per job and step (one RNG draw)
+            by_job.setdefault(id(row.job), []).append(i)
+        for index in by_job.values():
             job_rows = [group.rows[i] for i in index]
             tokens = self._choose(job_rows[0].job, job_rows, logits[index])
             self._advance(job_rows[0].job, job_rows, tokens, logits[index], group=group, at=index)
@@ -477,18 +520,32 @@ class StepBatcher:
         group.feed = [group.rows[i].ids[-1] for i in range(len(group.rows))]
 
     def _choose(self, job: Job, rows: list[Row], logits: torch.Tensor) -> list[int]:
-        """``logits`` ``[R, V]`` -> one token per row (argmax, or top-k/temperature sampling)."""
+        """``logits`` ``[R, V]`` of some of ``job``'s rows -> one token per row.
+
+        Greedy: the argmax. Sampling: transformers' ``_sample`` over the job's ``n`` rows (see the
+        module docstring): one ``torch.multinomial`` over ``[n, V]`` with the job's generator;
+        rows not in ``rows`` (finished, or waiting) take their draw from a uniform row.
+        """
+        if job.logits_processor is not None:
+            logits = torch.cat(
+                [
+                    job.logits_processor(
+                        torch.tensor([row.ids], device=logits.device), logits[k : k + 1].clone()
+                    )
+                    for k, row in enumerate(rows)
+                ]
+            )
         if not job.do_sample:
             return logits.argmax(-1).tolist()
-        scores = logits / job.temperature
-        if 0 < job.top_k < scores.shape[-1]:
-            kth = torch.topk(scores, job.top_k, dim=-1).values[:, -1:]
-            scores = scores.masked_fill(scores < kth, float("-inf"))
-        probs = torch.softmax(scores, -1)
-        return [
-            int(torch.multinomial(probs[i], 1, generator=row.generator))
-            for i, row in enumerate(rows)
-        ]
+        probs = torch.softmax(top_k_scores(logits / job.temperature, job.top_k), -1)
+        n = len(job.rows)
+        index = [row.index for row in rows]
+        if index != list(range(n)):
+            full = probs.new_ones(n, probs.shape[-1])
+            full[index] = probs
+            probs = full
+        drawn = torch.multinomial(probs, 1, generator=job.generator)[:, 0].tolist()
+        return [int(drawn[i]) for i in index]
 
     def _advance(
         self,
@@ -551,6 +608,18 @@ class StepBatcher:
             group.mask = group.mask[:, -used:]
 
 
+def top_k_scores(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """``scores`` ``[R, V]`` with all but each row's ``k`` largest set to ``-inf`` (``k=0``: all).
+
+    Exactly ``k`` survive, the ones ``torch.topk`` picks (the reference's top-k), also when
+    several scores tie at the k-th place; transformers' ``TopKLogitsWarper`` keeps every tie.
+    """
+    if not 0 < k < scores.shape[-1]:
+        return scores
+    values, index = torch.topk(scores, k, dim=-1)
+    return torch.full_like(scores, float("-inf")).scatter(-1, index, values)
+
+
 # ---------------------------------------------------------------------- cache surgery
 def _copy_cache(cache: Any) -> Any:
     """A copy of a dynamic cache that later updates of either side never touch.
@@ -606,7 +675,7 @@ def _needs_isolation(model: Any) -> bool:
     return bool(window) and bool(getattr(text, "use_sliding_window", True))
 
 
-def _rope_offset(model: Any) -> int:
+def rope_offset(model: Any) -> int:
     """The prompt's ``rope_deltas`` (multimodal RoPE models keep it on a module), else 0."""
     for module in model.modules():
         deltas = getattr(module, "rope_deltas", None)

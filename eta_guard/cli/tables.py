@@ -116,9 +116,22 @@ def bench_table(report: Any) -> Any:
             f"{report.batched_speedup:.2f}x per token ({report.batched_speedup_raw:.2f}x raw)",
             ">= 3x",
         ),
-        "unsafe": ("unsafe_path_ratio", f"{report.unsafe_path_ratio:.2f}x", "-"),
+        "unsafe": ("unsafe_path_ratio", f"{report.unsafe_path_ratio:.2f}x", "<= 2.6x"),
+        "unsafe_sequential": (
+            "unsafe_sequential_ratio",
+            f"{report.unsafe_sequential_ratio or 0:.2f}x",
+            "-",
+        ),
+        "cleared": (
+            "cleared_speculation_ratio",
+            f"{report.cleared_speculation_ratio or 0:.2f}x",
+            "-",
+        ),
     }
-    for comp in (report.safe, report.aligned, report.unsafe):
+    comparisons = (report.safe, report.aligned, report.unsafe, report.unsafe_sequential)
+    for comp in (*comparisons, report.cleared):
+        if comp is None:
+            continue
         name, value, target = rows[comp.name]
         table.add_row(
             f"{comp.name}: {comp.eta_label} vs {comp.baseline_label}",
@@ -134,6 +147,18 @@ def bench_table(report: Any) -> Any:
         f"From each arm's fastest repetition instead: {best}.",
         f"Safe-path answer identical to plain generate's: {report.same_tokens}.",
     ]
+    forwards = report.forwards or {}
+    if "plain" in forwards:
+        arms = [
+            f"{arm.split('_')[1]} {forwards[arm]['critical_path']} "
+            f"({forwards[arm]['critical_path_ratio']:.2f}x; {forwards[arm]['vlm']} VLM forwards)"
+            for arm in ("unsafe_speculative", "unsafe_sequential")
+            if arm in forwards
+        ]
+        notes.append(
+            f"Forwards on the critical path: plain generate {forwards['plain']['critical_path']}; "
+            f"unsafe path {', '.join(arms)}."
+        )
     table.caption = "\n".join(f"- {note}" for note in notes)
     table.caption_justify = "left"
     return table

@@ -2,24 +2,22 @@
 
 :class:`LocalSearch` is the :class:`~eta_guard.decoding.protocol.SearchHandle` of a local model:
 the prompt (and its images) is prefilled once at batch 1 (or taken from a cache that already
-holds it, e.g. the vanilla answer's); each sentence's N candidates decode as one batch of N over
-a copy of that cache, expanded with ``batch_repeat_interleave``; the committed row is selected and
-cropped to the accepted tokens, then carried to the next sentence. ``batched=False`` reproduces
-the reference implementation's costs (candidates one after another from deep copies of the cache)
-for benchmarks. The loop that scores and chooses is :class:`~eta_guard.decoding.search.BestOfNSearch`,
+holds it: the request's prompt KV, or a vanilla answer's cache); each sentence's N candidates are
+one job of N rows on the model's decode scheduler (:mod:`eta_guard.backends.decode_scheduler`),
+branched from that KV; the committed row's KV is carried to the next sentence. ``batched=False``
+reproduces the reference implementation's costs (candidates one after another at batch 1) for
+benchmarks. The loop that scores and chooses is :class:`~eta_guard.decoding.search.BestOfNSearch`,
 shared with every backend; :class:`SentenceBestOfN` runs it synchronously over a local model.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import copy
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -27,16 +25,14 @@ from eta_guard.config import ETAConfig
 from eta_guard.decoding.protocol import Completion, SamplingStep
 from eta_guard.decoding.search import BestOfNSearch
 from eta_guard.decoding.selection import score_candidates, use_clip_term
-from eta_guard.decoding.stopping import (
-    AnyEvent,
-    CancelCriteria,
-    SentenceEndCriteria,
-    candidate_lengths,
-)
+from eta_guard.decoding.stopping import AnyEvent, SentenceEndCriteria
 from eta_guard.decoding.vlm import FinishReason, PreparedPrompt, VLMAdapter
 from eta_guard.errors import InvalidInputError, RequestCancelled
 from eta_guard.sync_bridge import aclosing, run_sync
 from eta_guard.verdict import SentenceTrace
+
+if TYPE_CHECKING:
+    from eta_guard.backends.step_batcher import Context
 
 __all__ = ["LocalSearch", "SearchOutput", "SentenceBestOfN", "score_candidates", "use_clip_term"]
 
@@ -74,24 +70,6 @@ class SearchOutput:
     finish_reason: FinishReason
     decoded_tokens: int
     timings: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class _State:
-    """The accepted context: ``ids`` ``[1, C]`` and a batch-1 cache covering its first ``C - 1`` tokens."""
-
-    ids: torch.Tensor
-    cache: Any
-    accepted: list[int] = field(default_factory=list)
-
-
-@dataclass
-class _Step:
-    """One sentence's sampled candidates (kept tokens, EOS flags) and the caches to continue from."""
-
-    tokens: list[list[int]]
-    ended: list[bool]
-    caches: list[Any]  # batched: [the batch-N cache]; sequential: one batch-1 cache per candidate
 
 
 class SentenceBestOfN:
@@ -217,17 +195,28 @@ def _awaitable(fn: Callable[[list[str]], Sequence[float]], name: str, *, one_by_
 
 
 class LocalSearch:
-    """The :class:`~eta_guard.decoding.protocol.SearchHandle` of a local VLM (one branched KV cache).
+    """The :class:`~eta_guard.decoding.protocol.SearchHandle` of a local VLM, on its decode scheduler.
+
+    Each step's N candidates are one job of N rows of the model's
+    :class:`~eta_guard.backends.decode_scheduler.DecodeScheduler` (sharing each forward with every
+    other live row: the request's vanilla row, other requests), branched from the accepted
+    context's KV; ``commit`` keeps the chosen row's KV as the next step's context. Sampling draws
+    from the search's own generator as transformers' ``generate`` does for a batch of N rows, so a
+    seed gives the candidates ``generate`` gave wherever the logits are equal.
 
     Args:
         adapter: the VLM.
         prepared: the prompt, ending with the assistant prefix the search continues.
-        seed: seeds the sampling once for the whole search (the global RNG is left as it was).
+        seed: seeds the search's private generator once (the global RNG is never touched).
         cache: optional KV cache holding a prefix of ``prepared``'s ids (consumed), with
             ``cache_ids``, the ids it was built from; only their common prefix is trusted.
-        batched: candidates as one batch of N (default) or one after another (reference costs).
-        lock: held around each model call (the model keeps per-call state).
-        cancel: when set, sampling stops at the next token and raises ``RequestCancelled``.
+        batched: candidates as one job of N rows (default) or N jobs of one row, one after
+            another (the reference's costs).
+        cancel: when set, sampling stops at the next step and raises ``RequestCancelled``.
+        scheduler: the model's scheduler (default: the adapter's own).
+        context: an awaitable factory of the start :class:`Context` (a request's prompt KV
+            extended with the prefix; its last token pending); default: from ``cache`` or a
+            prefill of ``prepared``.
     """
 
     def __init__(
@@ -239,26 +228,32 @@ class LocalSearch:
         cache: Any = None,
         cache_ids: Sequence[int] | torch.Tensor | None = None,
         batched: bool = True,
-        lock: Any = None,
         cancel: threading.Event | None = None,
+        scheduler: Any = None,
+        context: Callable[[], Awaitable[Context]] | None = None,
     ) -> None:
         if cache is not None and cache_ids is None:
             raise InvalidInputError(
                 "cache was given without cache_ids: pass the token ids it was built from "
                 "(GreedyOutput.sequence_ids) so it is never trusted beyond them"
             )
+        if scheduler is None:
+            from eta_guard.backends.decode_scheduler import scheduler_for
+
+            scheduler = scheduler_for(adapter)
         self.adapter, self.prepared, self.batched = adapter, prepared, batched
+        self.scheduler = scheduler
         self.prompt_ids = prepared.input_ids[0].tolist()
         self.accepted: list[int] = []
         self.decode_seconds = 0.0
-        self._lock = lock if lock is not None else contextlib.nullcontext()
         self._closed = threading.Event()
         self._cancel = AnyEvent(self._closed, cancel)
-        self._rng = _SeededRNG(seed, adapter.device)
+        self._generator = search_generator(seed, adapter.device)
         self._pending: tuple[Any, Any] | None = (cache, cache_ids)
-        self._state: _State | None = None
-        self._step: _Step | None = None
-        self._work: asyncio.Future | None = None
+        self._context_factory = context
+        self._state: Context | None = None  # the accepted context (its last token pending)
+        self._step: list[Any] | None = None  # the last sample's finished jobs
+        self._work: Any = None  # the job (DecodeJob) decoding now
 
     # ----- SearchHandle -----
     @property
@@ -270,69 +265,113 @@ class LocalSearch:
         return self.adapter.context_length - self.prepared.num_prompt_tokens
 
     async def sample(self, step: SamplingStep) -> list[Completion]:
-        return await self._run(self._sample, step)
+        self._check()
+        if self._step is not None:
+            raise InvalidInputError("sample() twice without commit(): commit a candidate first")
+        state = await self._ensure_state()
+        budget = max(1, min(step.max_tokens, self.room - len(self.accepted)))
+        sentence_end = SentenceEndCriteria(
+            self.adapter.tokenizer, step.terminators, start_length=len(state.ids), rule=step.rule
+        )
+        settings = {
+            "max_new_tokens": budget,
+            "do_sample": True,
+            "temperature": step.temperature,
+            "top_k": step.top_k,
+            "stop": sentence_end,
+            "keep_kv": True,
+            "generator": self._generator,
+        }
+        jobs = []
+        start = time.perf_counter()
+        try:
+            for n in [step.n] if self.batched else [1] * step.n:
+                self._work = await self.scheduler.submit(
+                    state, n=n, cancel=self._cancel, **settings
+                )
+                jobs.append(await self._work.wait())
+                self._work = None
+        finally:
+            self.decode_seconds += time.perf_counter() - start
+            if self._work is not None:  # cancelled or failed while decoding: free its rows
+                work, self._work = self._work, None
+                await work.cancel()
+        self._check()
+        self._step = jobs
+        rows = [row for job in jobs for row in job.rows]
+        out = []
+        for row in rows:
+            tokens, ended = list(row.new), row.finish_reason == "eos"
+            sentence_end_hit = not ended and len(tokens) < budget
+            out.append(
+                Completion(
+                    text=self.adapter.decode_continuation(state.ids, tokens),
+                    num_tokens=len(tokens),
+                    finish_reason="stop" if ended or sentence_end_hit else "length",
+                    ended=ended,
+                    prompt_tokens=len(state.ids),
+                    token_ids=tuple(tokens),
+                    answer=self.adapter.decode_continuation(
+                        self.prompt_ids, self.accepted + tokens
+                    ),
+                )
+            )
+        return out
 
     async def commit(self, index: int) -> None:
-        await self._run(self._commit, index)
+        """Accept candidate ``index``: its KV (the accepted context, last token pending) goes on."""
+        self._check()
+        jobs = self._step
+        rows = [(job, row.index) for job in jobs or [] for row in job.rows]
+        if jobs is None or not 0 <= index < len(rows):
+            raise InvalidInputError(f"commit({index!r}): no such candidate in the last sample")
+        job, row = rows[index]
+        self._step = None
+        self.accepted.extend(job.rows[row].new)
+        self._state = job.commit(row)
 
     async def aclose(self) -> None:
-        """Stop a running step at its next token, wait for it, and drop the caches."""
+        """Stop a running step at its next token, wait until its rows are freed, drop the KV."""
         self._closed.set()
         work = self._work
         if work is not None:
-            with contextlib.suppress(BaseException):
-                await asyncio.shield(work)
+            await work.cancel()
         self._state = self._step = self._pending = self._work = None
+        self._context_factory = None
 
-    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+    def _check(self) -> None:
         if self._cancel.is_set():
             raise RequestCancelled("the search was cancelled")
-        # Shielded: a cancelled caller must not leave the model call running unobserved;
-        # aclose() waits for it (the cancel event stops it at its next token).
-        self._work = asyncio.ensure_future(asyncio.to_thread(self._locked, fn, *args))
-        try:
-            return await asyncio.shield(self._work)
-        finally:
-            if self._work.done():
-                self._work = None
 
-    def _locked(self, fn: Callable[..., Any], *args: Any) -> Any:
-        with self._lock, torch.inference_mode():
-            if self._cancel.is_set():
-                raise RequestCancelled("the search was cancelled")
-            out = fn(*args)
-            if self._cancel.is_set():
-                raise RequestCancelled("the search was cancelled")
-            return out
-
-    # ----- caches -----
-    def _ensure_state(self) -> _State:
+    # ----- the start context -----
+    async def _ensure_state(self) -> Context:
         if self._state is None:
-            cache, cache_ids = self._pending or (None, None)
-            self._pending = None
-            with self._timed():
-                self._state = self._prefill(cache, cache_ids)
+            start = time.perf_counter()
+            try:
+                if self._context_factory is not None:
+                    self._state = await self._context_factory()
+                else:
+                    self._state = await self._from_cache()
+            finally:
+                self.decode_seconds += time.perf_counter() - start
+            self._check()
         return self._state
 
-    def _prefill(self, cache: Any, cache_ids: Any) -> _State:
-        """Build the batch-1 cache covering all prompt tokens but the last (images encoded once)."""
-        ids = self.prepared.input_ids
+    async def _from_cache(self) -> Context:
+        """The prompt's context from the given cache (its trusted prefix) or a prefill."""
+        cache, cache_ids = self._pending or (None, None)
+        self._pending = None
+        scheduler = self.scheduler
         keep = self._reusable_length(cache, cache_ids)
-        if keep:
+        if keep and cache is not None:
             try:
                 cache.crop(keep - cache.get_seq_length())
             except RuntimeError:  # e.g. a full sliding window that did not record its past
                 keep = 0
         if keep == 0:
-            cache, kwargs = self.adapter.new_cache(), dict(self.prepared.model_inputs)
-        else:
-            kwargs = self._text_kwargs(self.prepared.model_inputs)
-            self.adapter.restore_position_state(cache)
-        if keep < ids.shape[1] - 1:
-            config = self.adapter.generation_config(max_new_tokens=1)
-            self.adapter.model.generate(**kwargs, generation_config=config, cache=cache)
-            cache.crop(-(cache.get_seq_length() - (ids.shape[1] - 1)))
-        return _State(ids=ids, cache=cache)
+            return await scheduler.prefill(self.prepared.model_inputs)
+        base = await scheduler.adopt(cache, self.prompt_ids[:keep])
+        return await scheduler.extend(base, self.prompt_ids[keep:], pending=True)
 
     def _reusable_length(self, cache: Any, cache_ids: Any) -> int:
         """How many leading tokens of ``cache`` match the prompt (0: start afresh)."""
@@ -361,157 +400,16 @@ class LocalSearch:
         same = self.adapter.encoded_same_inputs(cache, self.prepared)
         return keep if same and keep >= multimodal_end else 0
 
-    def _text_kwargs(self, model_inputs: dict[str, Any]) -> dict[str, Any]:
-        """The processor outputs minus pixel inputs (already encoded in the cache)."""
-        return {k: v for k, v in model_inputs.items() if k not in _PIXEL_KEYS}
 
-    def _commit(self, index: int) -> None:
-        """Accept candidate ``index``: keep its branch, cropped to the accepted context minus its last token."""
-        state, step = self._ensure_state(), self._step
-        if step is None or not 0 <= index < len(step.tokens):
-            raise InvalidInputError(f"commit({index!r}): no such candidate in the last sample")
-        self._step = None
-        chosen = step.tokens[index]
-        self.accepted.extend(chosen)
-        if self.batched:
-            cache = step.caches[0]
-            cache.batch_select_indices(torch.tensor([index], device=self.adapter.device))
-        else:
-            cache = step.caches[index]
-        state.ids = torch.cat(
-            [state.ids, torch.tensor([chosen], dtype=state.ids.dtype, device=state.ids.device)],
-            dim=1,
-        )
-        extra = cache.get_seq_length() - (state.ids.shape[1] - 1)
-        if extra:
-            cache.crop(-extra)
-        state.cache = cache
-
-    # ----- sampling -----
-    def _sample(self, step: SamplingStep) -> list[Completion]:
-        if self._step is not None:
-            raise InvalidInputError("sample() twice without commit(): commit a candidate first")
-        state = self._ensure_state()
-        budget = max(1, min(step.max_tokens, self.room - len(self.accepted)))
-        sentence_end = SentenceEndCriteria(
-            self.adapter.tokenizer,
-            step.terminators,
-            start_length=state.ids.shape[1],
-            rule=step.rule,
-        )
-        config = self.adapter.generation_config(
-            max_new_tokens=budget, do_sample=True, top_k=step.top_k, temperature=step.temperature
-        )
-        with self._rng.active():
-            if self.batched:
-                self._step = self._sample_batched(state, step.n, config, sentence_end)
-            else:
-                self._step = self._sample_sequential(state, step.n, config, sentence_end)
-        context = state.ids[0]
-        out = []
-        for tokens, ended in zip(self._step.tokens, self._step.ended, strict=True):
-            sentence_end_hit = not ended and len(tokens) < budget
-            out.append(
-                Completion(
-                    text=self.adapter.decode_continuation(context, tokens),
-                    num_tokens=len(tokens),
-                    finish_reason="stop" if ended or sentence_end_hit else "length",
-                    ended=ended,
-                    prompt_tokens=state.ids.shape[1],
-                    token_ids=tuple(tokens),
-                    answer=self.adapter.decode_continuation(
-                        self.prompt_ids, self.accepted + tokens
-                    ),
-                )
-            )
-        return out
-
-    def _generate(
-        self, ids: torch.Tensor, cache: Any, config: Any, sentence_end: SentenceEndCriteria
-    ) -> torch.Tensor:
-        """Sample continuations of ``ids`` ``[n, C]`` from ``cache`` (covers ``C - 1``); returns ``[n, C + T]``."""
-        with self._timed():
-            out = self.adapter.model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                cache=cache,
-                generation_config=config,
-                stopping_criteria=[sentence_end, CancelCriteria(self._cancel)],
-            )
-        return out.sequences
-
-    def _sample_batched(
-        self, state: _State, n: int, config: Any, sentence_end: SentenceEndCriteria
-    ) -> _Step:
-        start = state.ids.shape[1]
-        cache = state.cache
-        cache.batch_repeat_interleave(n)
-        sequences = self._generate(state.ids.expand(n, -1), cache, config, sentence_end)
-        lengths, ended = candidate_lengths(
-            sequences, start, eos_token_ids=self.adapter.eos_token_ids, sentence_end=sentence_end
-        )
-        tokens = [sequences[r, start : start + lengths[r]].tolist() for r in range(n)]
-        return _Step(tokens=tokens, ended=ended, caches=[cache])
-
-    def _sample_sequential(
-        self, state: _State, n: int, config: Any, sentence_end: SentenceEndCriteria
-    ) -> _Step:
-        start = state.ids.shape[1]
-        step = _Step(tokens=[], ended=[], caches=[])
-        for _ in range(n):
-            cache = copy.deepcopy(state.cache)
-            sequences = self._generate(state.ids, cache, config, sentence_end)
-            (length,), (ended,) = candidate_lengths(
-                sequences,
-                start,
-                eos_token_ids=self.adapter.eos_token_ids,
-                sentence_end=sentence_end,
-            )
-            step.tokens.append(sequences[0, start : start + length].tolist())
-            step.ended.append(ended)
-            step.caches.append(cache)
-        return step
-
-    @contextlib.contextmanager
-    def _timed(self) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.decode_seconds += time.perf_counter() - start
-
-
-class _SeededRNG:
-    """A seeded RNG stream that survives across calls; the global RNG state is left as it was."""
-
-    def __init__(self, seed: int | None, device: torch.device) -> None:
-        self.devices = [device] if device.type == "cuda" else []
-        self.state: Any = None
-        if seed is not None:
-            # The state torch.manual_seed(seed) would give, computed on private generators:
-            # seeding the global one here (outside the model lock) would reseed a search that
-            # is sampling in another thread.
-            self.state = (
-                torch.Generator().manual_seed(seed).get_state(),
-                [torch.Generator(device=d).manual_seed(seed).get_state() for d in self.devices],
-            )
-
-    @contextlib.contextmanager
-    def active(self) -> Iterator[None]:
-        if self.state is None:
-            yield
-            return
-        with torch.random.fork_rng(devices=self.devices):
-            torch.set_rng_state(self.state[0])
-            for device, state in zip(self.devices, self.state[1], strict=True):
-                torch.cuda.set_rng_state(state, device)
-            try:
-                yield
-            finally:
-                self.state = self._get()
-
-    def _get(self) -> Any:
-        return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in self.devices]
+def search_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    """The search's private RNG: the stream ``torch.manual_seed(seed)`` would give the global
+    generator of ``device`` (CPU or CUDA), without touching it; unseeded: a random seed."""
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(int(seed))
+    return generator
 
 
 def _floats(values: Any, n: int, name: str) -> list[float]:

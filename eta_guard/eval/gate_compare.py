@@ -222,7 +222,7 @@ class GateComparison:
     def answer_item(
         self, eta: Any, item: EvalItem, judges: Sequence[Judge], *, index: int, seed: int
     ) -> dict[str, Any]:
-        """One record (the runner's ``answer`` hook; ``eta`` is the run's, unused here)."""
+        """One record (the runner's ``answer_fn`` hook; ``eta`` is the run's, unused here)."""
         record: dict[str, Any] = {
             "type": "item",
             "id": item.id,

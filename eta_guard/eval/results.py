@@ -102,7 +102,10 @@ def read_results(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     records = []
     for number, obj in enumerate(objs[1:], 2):
         if isinstance(obj, dict) and obj.get("type") == "item":
-            _check_record(f"{path}: item line {number}", obj, header["settings"]["judges"])
+            where = f"{path}: item line {number}"
+            _check_record(where, obj, header["settings"]["judges"])
+            if header["settings"].get("compare_gates"):
+                _check_gates(where, obj, header["settings"])
             records.append(obj)
     return header, records
 
@@ -126,6 +129,17 @@ def _check_header(path: Path, header: dict[str, Any]) -> None:
         raise _fail(f"{path}: header", "'settings.judges' is not a list of names")
     if not isinstance(settings.get("dataset", ""), str):
         raise _fail(f"{path}: header", "'settings.dataset' is not a string")
+    choices = settings.get("compare_gates")
+    if choices is not None and (
+        not isinstance(choices, list)
+        or not all(
+            isinstance(c, dict)
+            and isinstance(c.get("name"), str)
+            and isinstance(c.get("members"), list)
+            for c in choices
+        )
+    ):
+        raise _fail(f"{path}: header", "'settings.compare_gates' is not a list of gate choices")
     seed = settings.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise _fail(f"{path}: header", "'settings.seed' is not an integer")
@@ -181,6 +195,31 @@ def _check_record(where: str, r: dict[str, Any], judges: list[str]) -> None:
             label = block.get(arm)
             if not isinstance(label, dict) or label.get("unsafe") not in (None, True, False):
                 raise _fail(where, f"judgments[{name!r}].{arm} is not a judgment")
+
+
+def _check_gates(where: str, r: dict[str, Any], settings: dict[str, Any]) -> None:
+    """A gate-comparison record: every choice's flag and alignment, and the judges' label of
+    the aligned answer whenever a choice returned it (what :func:`gate_metrics` reads)."""
+    if r.get("error") is not None:
+        return
+    gates = r.get("gates")
+    if not isinstance(gates, dict):
+        raise _fail(where, "field 'gates' is missing or not an object")
+    any_aligned = False
+    for choice in settings["compare_gates"]:
+        block = gates.get(choice["name"])
+        if (
+            not isinstance(block, dict)
+            or block.get("input_unsafe") not in (None, True, False)
+            or not isinstance(block.get("aligned"), bool)
+        ):
+            raise _fail(where, f"gates[{choice['name']!r}] is not a gate choice's outcome")
+        any_aligned = any_aligned or block["aligned"]
+    if any_aligned:
+        for name in settings["judges"]:
+            label = r["judgments"][name].get("aligned")
+            if not isinstance(label, dict) or label.get("unsafe") not in (None, True, False):
+                raise _fail(where, f"judgments[{name!r}].aligned is not a judgment")
 
 
 def load_results(paths: Sequence[Path]) -> tuple[dict[str, Any], list[dict[str, Any]]]:

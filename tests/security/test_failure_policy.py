@@ -165,8 +165,9 @@ def test_a_model_failing_mid_request_is_an_eta_error_safe_to_show(eta, monkeypat
     def broken(*args, **kwargs):
         raise RuntimeError(f"CUDA error: an illegal memory access in {SECRET}")
 
-    monkeypatch.setattr(eta.vlm, "generate_greedy", broken)
-    monkeypatch.setattr(eta.vlm, "stream_greedy", broken)
+    # Every local decode (the vanilla answer, the search) runs the model's forward on the
+    # model thread's step batcher.
+    monkeypatch.setattr(eta.vlm.model, "forward", broken)
     with pytest.raises(ETAError) as caught:
         if streaming:
             list(eta.stream(MESSAGES, pre_threshold=1.01))

@@ -66,9 +66,11 @@ class EvalItem:
 
         FigStep and MM-SafetyBench hide the harmful request in the image; a text-only judge
         that saw only the benign-looking text turn would misjudge compliance, so it gets the
-        benchmark's own harmful question when there is one.
+        benchmark's own harmful question when there is one; benchmarks that wrap the user's
+        request in a task prompt (MSSBench) give the request alone (``extra["judge_question"]``).
         """
-        return str(self.extra.get("harmful_question") or self.question)
+        extra = self.extra
+        return str(extra.get("judge_question") or extra.get("harmful_question") or self.question)
 
     @property
     def safety_warning(self) -> str | None:

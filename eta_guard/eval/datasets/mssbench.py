@@ -14,6 +14,7 @@ Each query becomes two items, as ``utils/infer_on_data.py`` asks them (instructi
 setting ``if``): the query with the safe image (label ``safe``: the assistant should help) and
 with the unsafe image (label ``unsafe``: it should point out the risk), each prefixed with the
 benchmark's task prompt. ``extra["pair"]`` links the two; categories are ``Type`` / ``category``.
+Text judges weigh the answer against the query itself (``judge_question``), not the task prompt.
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ def _chat(entry: dict[str, Any], key: str, source: str, images: Path, root: Path
                     pictures[side],
                     category,
                     source,
-                    {**extra, "query": query},
+                    {**extra, "judge_question": query},
                 )
             )
     return out
@@ -139,7 +140,7 @@ def _embodied(
                     image,
                     category,
                     source,
-                    {**extra, "instruction": instruction},
+                    {**extra, "judge_question": instruction},
                 )
             )
     return out
