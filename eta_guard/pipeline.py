@@ -93,8 +93,14 @@ class ETA:
         clip_kwargs: dict[str, Any] | None = None,
         reward_model_kwargs: dict[str, Any] | None = None,
         preset: Any = None,
+        gates: Sequence[Any] | None = None,
+        judges: Sequence[Any] | None = None,
     ) -> ETA:
         """Load the VLM, CLIP and reward model (ids resolve through the local HF cache).
+
+        ``gates`` / ``judges``: extra evaluators as specs (``"llama-guard-vision:PATH"``,
+        ``"patch-clip?grid=3"``, ``"qwen3guard:PATH"``...; docs/evaluators.md) or objects;
+        ``None`` takes the preset's.
 
         ``vlm_kwargs`` feed ``VLMAdapter.from_pretrained`` (``model_kwargs``, ``processor_kwargs``);
         ``clip_kwargs`` / ``reward_model_kwargs`` feed the evaluators' loaders. In each,
@@ -136,6 +142,8 @@ class ETA:
             clip_kwargs=clip_kwargs,
             reward_model_kwargs=reward_model_kwargs,
             preset=preset,
+            gates=gates,
+            judges=judges,
         )
         return cls(adapter, evaluator, config)
 
@@ -160,7 +168,8 @@ class ETA:
         sentence ends and breaking forged control tokens), ``reward_model_tokenizer`` (the served
         RM's, to the same end), ``http`` (:class:`eta_guard.backends.HTTPSettings`),
         ``send_image_uuids``, ``image_mean`` (the served model's image-processor mean, for
-        ``pad_images_to_square``), ``preset`` and the local loaders' arguments of
+        ``pad_images_to_square``), ``preset``, ``gates`` / ``judges`` (evaluator specs, local or
+        ``remote-llama-guard:MODEL@URL``) and the local loaders' arguments of
         :meth:`from_pretrained`. The same class as :meth:`from_pretrained` returns (see docs/scaling.md).
         """
         from eta_guard.backends.factory import openai_compatible_parts

@@ -18,7 +18,7 @@ from eta_guard.cli.options import ConfigOpt, ModelOptions, SetOpt, model_options
 from eta_guard.errors import InvalidInputError
 
 
-@model_options()
+@model_options(guards="all")
 def eval_command(
     dataset: Annotated[
         str | None,
@@ -162,6 +162,11 @@ def _run(out_console: Any, err: Any, opts: dict[str, Any]) -> None:
             if getattr(models, k) is not None
         },
         "judges": judges_spec,
+        # ETA's own extra evaluators (they decide alignment; --judge scores the report)
+        "gates": list(models.gate or []),
+        "post_judges": list(models.post_judge or []),
+        "decision_rule": models.decision_rule,
+        "text_only_policy": models.text_only_policy,
         "seed": opts["seed"],
         "limit": opts["limit"],
         "shard": list(shard) if shard else None,

@@ -147,7 +147,8 @@ class ModelLoader:
     def __init__(
         self, err: Console, models: ModelOptions, cfg: ETAConfig, *, vlm: bool = True
     ) -> None:
-        self.err, self.models, self.cfg = err, models, cfg
+        self.err, self.models, self.cfg = err, models, with_rule_options(cfg, models)
+        self.guards = guard_args(models)  # parsed now: a bad spec is refused before any load
         self.generator = engine(models) if vlm else None
         where: Literal["none", "local", "engine"] = "none"
         if vlm:
@@ -167,7 +168,11 @@ class ModelLoader:
         """Print the memory the local models will take, before any loads; return why it
         could not be made."""
         return print_estimate(
-            self.err, local_paths(self.paths, self.models), local_load_args(self.models), self.cfg
+            self.err,
+            local_paths(self.paths, self.models),
+            local_load_args(self.models),
+            self.cfg,
+            guards=[*self.guards.get("gates", ()), *self.guards.get("judges", ())],
         )
 
     def evaluator(self, *, clip: bool = True, reward_model: bool = True) -> Any:
@@ -181,6 +186,7 @@ class ModelLoader:
             config=self.cfg,
             preset=self.models.preset,
             **evaluator_args(self.models, self.paths),
+            **self.guards,
         )
 
     def eta(self) -> Any:
@@ -198,6 +204,7 @@ class ModelLoader:
                 config=self.cfg,
                 tokenizer=self.paths["vlm"],
                 **evaluator_args(self.models, self.paths),
+                **self.guards,
             )
         assert self.paths["vlm"] is not None  # model_paths refused a missing --vlm
         return ETA.from_pretrained(
@@ -206,7 +213,33 @@ class ModelLoader:
             reward_model=self.paths["reward_model"],
             config=self.cfg,
             **local_load_args(self.models),
+            **self.guards,
         )
+
+
+def guard_args(models: ModelOptions) -> dict[str, Any]:
+    """``gates=`` / ``judges=`` from ``--gate`` / ``--post-judge`` (specs parsed now, so a bad one
+    is refused before any weight loads); nothing when neither is given (a preset's then apply)."""
+    from eta_guard.evaluators.specs import parse_spec
+
+    out: dict[str, Any] = {}
+    for key, role, given in (
+        ("gates", "gate", models.gate),
+        ("judges", "judge", models.post_judge),
+    ):
+        if given:
+            out[key] = [parse_spec(spec, role=role) for spec in given]  # type: ignore[arg-type]
+    return out
+
+
+def with_rule_options(cfg: ETAConfig, models: ModelOptions) -> ETAConfig:
+    """``cfg`` with ``--decision-rule`` / ``--text-only-policy`` applied (validated by ETAConfig)."""
+    overrides = {
+        key: getattr(models, key)
+        for key in ("decision_rule", "text_only_policy")
+        if getattr(models, key) is not None
+    }
+    return cfg.with_overrides(**overrides) if overrides else cfg
 
 
 def load_evaluator(
@@ -258,7 +291,12 @@ def local_paths(paths: dict[str, str | None], models: ModelOptions) -> dict[str,
 
 
 def print_estimate(
-    err: Console, paths: dict[str, str | None], load_args: dict[str, Any], cfg: ETAConfig
+    err: Console,
+    paths: dict[str, str | None],
+    load_args: dict[str, Any],
+    cfg: ETAConfig,
+    *,
+    guards: Any = (),
 ) -> str | None:
     """Print the memory estimate on stderr before any weight loads; return why it could not be
     made (it never blocks loading)."""
@@ -271,6 +309,7 @@ def print_estimate(
             paths["clip"],
             paths["reward_model"],
             num_candidates=cfg.num_candidates,
+            guards=guards,
             **load_args,
         )
     except ETAError as e:

@@ -20,7 +20,7 @@ LOCAL_CONCURRENT_CALLS = 4
 REMOTE_CONCURRENT_CALLS = 8
 
 
-@model_options(positional_vlm=True)
+@model_options(positional_vlm=True, guards="all")
 def serve(
     host: Annotated[str, typer.Option("--host", help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8000,
