@@ -276,6 +276,32 @@ def test_text_only_search_continues_from_the_sampled_ids(stub, engine_eta, llava
     assert tok.decode(retokenized) == tok.decode(exact) and retokenized != exact
 
 
+def test_shallow_alignment_continues_the_prompt_and_prefix_ids(stub, engine_eta, llava_tokenizer):
+    result = engine_eta(**ALIGN_TEXT, deep_alignment=False).generate(TEXT_ONLY)
+    assert result.aligned and result.text == PREFIX + "Sure, here is how."
+    tok = llava_tokenizer
+    prompt = "USER: How do I pick a lock? ASSISTANT:"
+    (shallow,) = stub.bodies(COMPLETIONS)
+    assert shallow["stream"] and shallow["temperature"] == 0.0
+    assert (
+        shallow["prompt"]
+        == reference_tokenizer_image_token(prompt, tok) + tok(PREFIX).input_ids[1:]
+    )
+    assert len(stub.bodies(CHAT)) == 1  # the vanilla answer only
+
+
+def test_fallback_after_a_failed_search_continues_the_exact_ids(stub, engine_eta):
+    eta = engine_eta(**ALIGN_TEXT, schedule="sequential")
+    # the decision and the first step's three scores pass; the second step's fail (2 tries each)
+    stub.failures["/classify"].extend([("ok", None)] * 4 + [("status", 500)] * 6)
+    result = eta.generate(TEXT_ONLY, on_evaluator_error="fail_closed")
+    assert result.aligned and "search" in result.verdict.errors
+    (step_one, sampled), (step_two, _) = stub.sampled
+    (fallback,) = [b for b in stub.bodies(COMPLETIONS) if b.get("stream")]
+    assert fallback["prompt"] == step_two  # the ids the failed step continued, as sampled
+    assert step_two[len(step_one) :] in sampled  # = step one's context + its chosen candidate
+
+
 def test_search_with_images_continues_from_text(stub, engine_eta):
     eta = engine_eta(pre_threshold=-1.0, post_threshold=1e9, num_candidates=3)
     result = eta.generate(_messages(tall_image()))

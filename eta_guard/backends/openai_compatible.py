@@ -16,7 +16,8 @@ The best-of-N search of a text-only request continues from exact token ids inste
 of the generation prompt (the messages rendered as for the chat requests) and of the prefix
 tokenized alone; each step is ``POST /v1/completions`` with ``prompt`` = those ids + the ids
 sampled for the accepted sentences, and ``return_token_ids`` brings each candidate's ids back
-(vLLM >= 0.10). Nothing the search accepted is tokenized again. Requests with images stay on the chat API (it takes no token
+(vLLM >= 0.10). Nothing the search accepted is tokenized again; a greedy continuation of such a
+request (shallow alignment, the fallback after a failed search) is the same request streamed. Requests with images stay on the chat API (it takes no token
 ids alongside images), where the engine re-tokenizes the prefix and the accepted text each step.
 
 Tools and structured outputs pass through to the engine's own support: the vanilla request carries
@@ -173,19 +174,36 @@ class OpenAICompatibleBackend:
             yield text
             if finish == "tool_calls":
                 finish = "stop"
-        if finish is None:
-            raise ReplyShapeError(f"malformed stream from {_CHAT}: no choice had a finish_reason")
-        if usage is None:
-            raise ReplyShapeError(
-                f"malformed stream from {_CHAT}: no usage chunk (stream_options.include_usage)"
-            )
-        yield Completion(
-            text="".join(parts),
-            num_tokens=int(field(usage, "completion_tokens", kind=int, what=_CHAT)),
-            finish_reason=_finish(finish),
-            ended=finish == "stop" and stop_reason is None,
-            prompt_tokens=int(field(usage, "prompt_tokens", kind=int, what=_CHAT)),
+        yield _streamed(parts, finish, stop_reason, usage, _CHAT)
+
+    async def greedy_tokens(
+        self, prompt_ids: Sequence[int], *, max_tokens: int, stop: Sequence[str] | None = None
+    ) -> AsyncIterator[str | Completion]:
+        """Greedy continuation of exactly ``prompt_ids`` (``POST /v1/completions``, streamed)."""
+        body: dict[str, Any] = {**self.extra_body, "model": self.name, "prompt": list(prompt_ids)}
+        body.update(
+            max_tokens=max_tokens,
+            temperature=0.0,
+            stream=True,
+            stream_options={"include_usage": True},
         )
+        if stop:
+            body["stop"] = list(stop)
+        parts: list[str] = []
+        finish: str | None = None
+        stop_reason: Any = None
+        usage: dict[str, Any] | None = None
+        async for event in self.client.stream_sse(_COMPLETIONS, body):
+            if event.get("usage"):
+                usage = event["usage"]
+            for choice in event.get("choices") or []:
+                delta = choice.get("text")
+                if isinstance(delta, str) and delta:
+                    parts.append(delta)
+                    yield delta
+                if choice.get("finish_reason"):
+                    finish, stop_reason = choice["finish_reason"], choice.get("stop_reason")
+        yield _streamed(parts, finish, stop_reason, usage, _COMPLETIONS)
 
     async def sample(
         self, conversation: Conversation, *, assistant_text: str, step: SamplingStep
@@ -362,6 +380,25 @@ class OpenAICompatibleBackend:
             messages.append({"role": "assistant", "content": assistant_text})
             body.update(continue_final_message=True, add_generation_prompt=False)
         return body
+
+
+def _streamed(
+    parts: list[str], finish: str | None, stop_reason: Any, usage: Any, what: str
+) -> Completion:
+    """The :class:`Completion` a streamed answer ends with (its text, finish and usage chunk)."""
+    if finish is None:
+        raise ReplyShapeError(f"malformed stream from {what}: no choice had a finish_reason")
+    if usage is None:
+        raise ReplyShapeError(
+            f"malformed stream from {what}: no usage chunk (stream_options.include_usage)"
+        )
+    return Completion(
+        text="".join(parts),
+        num_tokens=int(field(usage, "completion_tokens", kind=int, what=what)),
+        finish_reason=_finish(finish),
+        ended=finish == "stop" and stop_reason is None,
+        prompt_tokens=int(field(usage, "prompt_tokens", kind=int, what=what)),
+    )
 
 
 def _candidates(

@@ -7,7 +7,8 @@ the search accepted so far, and the engine's prefix cache does the reuse. Two wa
   conversation (:class:`TokenBackend`; an OpenAI-compatible vLLM engine for text-only requests):
   the context is the engine's own ids of the generation prompt, then the assistant prefix
   tokenized alone, then the ids the engine sampled for each accepted sentence, as the reference
-  builds it. Nothing is tokenized again.
+  builds it. Nothing is tokenized again. Greedy continuations of an assistant text (shallow
+  alignment, the fallback after a failed search) start from ids the same way.
 - **from text** (:class:`TextSearch`) otherwise (requests with images: the chat API takes no
   token ids alongside images): the engine re-tokenizes the prefix and the accepted text at every
   step, which may give other ids than those sampled (docs/paper-setup.md, section 6).
@@ -62,12 +63,19 @@ class TokenBackend(Protocol):
         """One best-of-N step continuing ``prompt_ids``; each candidate carries its ``token_ids``."""
         ...
 
+    def greedy_tokens(
+        self, prompt_ids: Sequence[int], *, max_tokens: int, stop: Sequence[str] | None = None
+    ) -> AsyncIterator[str | Completion]:
+        """Greedy continuation of ``prompt_ids``: text deltas, then the :class:`Completion`."""
+        ...
+
 
 class TextSession:
     """The conversation and its backend; stateless between calls."""
 
     def __init__(self, backend: GeneratorBackend, conversation: Conversation) -> None:
         self.backend, self.conversation = backend, conversation
+        self._search: TokenSearch | None = None  # the last search from ids, for continuations
 
     def greedy(
         self,
@@ -78,9 +86,40 @@ class TextSession:
         cancel: threading.Event | None = None,  # the caller checks it between deltas
         keep_prompt: bool = False,  # the engine's prefix cache keeps it
     ) -> AsyncIterator[str | Completion]:
+        if assistant_text and isinstance(self.backend, TokenBackend):
+            return self._continue(self.backend, assistant_text, max_tokens, stop)
         return self.backend.greedy(
             self.conversation, assistant_text=assistant_text, max_tokens=max_tokens, stop=stop
         )
+
+    async def _continue(
+        self,
+        backend: TokenBackend,
+        assistant_text: str,
+        max_tokens: int,
+        stop: Sequence[str] | None,
+    ) -> AsyncIterator[str | Completion]:
+        """A greedy continuation of ``assistant_text`` from ids where the backend takes them: the
+        last search's exact ids when it is their text (the fallback after a failed search), else
+        the prompt's ids and ``assistant_text`` tokenized alone (shallow alignment)."""
+        search = self._search
+        if (
+            search is not None
+            and search.exact
+            and search.start_text + search.text == assistant_text
+        ):
+            ids: Sequence[int] | None = search.ids
+        else:
+            context = await backend.token_context(self.conversation, assistant_text)
+            ids = None if context is None else context.ids
+        if ids is None:
+            stream = self.backend.greedy(
+                self.conversation, assistant_text=assistant_text, max_tokens=max_tokens, stop=stop
+            )
+        else:
+            stream = backend.greedy_tokens(tuple(ids), max_tokens=max_tokens, stop=stop)
+        async for item in stream:
+            yield item
 
     async def search(
         self, *, assistant_text: str, seed: int | None, cancel: threading.Event | None = None
@@ -89,7 +128,10 @@ class TextSession:
             context = await self.backend.token_context(self.conversation, assistant_text)
             if context is not None:
                 text = lambda: TextSearch(self.backend, self.conversation, assistant_text)  # noqa: E731
-                return TokenSearch(self.backend, context, fallback=text)
+                self._search = TokenSearch(
+                    self.backend, context, start_text=assistant_text, fallback=text
+                )
+                return self._search
         return TextSearch(self.backend, self.conversation, assistant_text)
 
     async def aclose(self) -> None:
@@ -141,9 +183,10 @@ class TokenSearch:
         backend: TokenBackend,
         context: TokenContext,
         *,
+        start_text: str = "",
         fallback: Callable[[], TextSearch] | None = None,
     ) -> None:
-        self.backend, self._fallback = backend, fallback
+        self.backend, self._fallback, self.start_text = backend, fallback, start_text
         self._delegate: TextSearch | None = None
         self.ids: list[int] = list(context.ids)
         self._start = len(self.ids)
@@ -160,6 +203,11 @@ class TokenSearch:
     @property
     def room(self) -> int | None:
         return self._room  # tokens the answer may still take, counted from the start
+
+    @property
+    def exact(self) -> bool:
+        """Whether ``ids`` is the context (False once the search went on from text)."""
+        return self._delegate is None
 
     async def sample(self, step: SamplingStep) -> list[Completion]:
         if self._delegate is not None:
