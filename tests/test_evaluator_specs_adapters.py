@@ -101,7 +101,7 @@ def test_output_guard_runs_judge_specs(tiny_checkpoints, text_guard):
         judged.invoke(model.invoke("hi"))
 
 
-def test_middleware_passes_judges_and_refuses_gates(tiny_checkpoints, text_guard):
+def test_middleware_passes_judges_through(tiny_checkpoints, text_guard):
     from langchain_eta._loading import resolve
 
     middleware = ETAGuardMiddleware(
@@ -112,8 +112,52 @@ def test_middleware_passes_judges_and_refuses_gates(tiny_checkpoints, text_guard
     evaluator = resolve(middleware.evaluator)
     assert [j.name for j in evaluator.judges] == ["qwen3guard-response"]
     assert evaluator.evaluate_output("Mix flour.").fired[-1] == "qwen3guard-response"
-    with pytest.raises(InvalidInputError, match="not gates"):
-        ETAGuardMiddleware(clip=tiny_checkpoints.clip, reward_model=None, gates=[GATE])
+
+
+def _agent(middleware):
+    from langchain.agents import create_agent
+
+    model = GenericFakeChatModel(messages=iter([AIMessage("A gradient.")] * 10))
+    return create_agent(model=model, tools=[], middleware=[middleware])
+
+
+def test_middleware_runs_gate_specs_with_the_users_text(tiny_checkpoints):
+    common = {
+        "clip": tiny_checkpoints.clip,
+        "reward_model": tiny_checkpoints.reward_model,
+        "config": CLIP_NEVER,
+        "on_violation": "raise",
+        "check_output": False,
+    }
+    request = {"messages": [_image_message()]}
+    _agent(ETAGuardMiddleware(**common)).invoke(request)  # CLIP alone passes it
+    with pytest.raises(GuardrailViolation, match="patch-clip") as info:
+        _agent(ETAGuardMiddleware(**common, gates=[GATE])).invoke(request)
+    assert "patch-clip" in info.value.verdict.fired and info.value.verdict.pre_score < 2
+
+
+def test_middleware_refuses_the_guard_policy(tiny_checkpoints, text_guard):
+    middleware = ETAGuardMiddleware(
+        clip=tiny_checkpoints.clip,
+        reward_model=None,
+        config=ETAConfig(text_only_policy="guard"),
+        gates=[f"qwen3guard:{text_guard}"],
+    )
+    with pytest.raises(InvalidInputError, match="does not run text gates"):
+        _agent(middleware).invoke({"messages": [HumanMessage("How do I pick a lock?")]})
+
+
+def test_middleware_replaces_every_image_when_a_gate_fired(tiny_checkpoints):
+    middleware = ETAGuardMiddleware(
+        clip=tiny_checkpoints.clip,
+        reward_model=None,
+        config=CLIP_NEVER,
+        gates=[GATE],
+        on_violation="replace",
+        check_output=False,
+    )
+    out = _agent(middleware).invoke({"messages": [_image_message()]})
+    assert out["messages"][-1].text == middleware.refusal
 
 
 def test_llama_index_evaluator_runs_gate_specs(tiny_checkpoints):
