@@ -205,3 +205,29 @@ def test_chat_model_passes_gate_specs_to_its_eta(tiny_checkpoints):
     assert not plain.response_metadata["eta_aligned"]
     assert gated.response_metadata["eta_aligned"]  # pre_only: the gate alone decided
     assert gated.response_metadata["eta_verdict"]["fired"][0] == "patch-clip"
+
+
+def test_llama_index_postprocessor_gives_gates_the_query(tiny_checkpoints):
+    from llama_index.core.schema import ImageNode, NodeWithScore, QueryBundle
+    from llama_index.postprocessor.eta import ETAImageSafetyPostprocessor
+
+    from eta_guard.evaluators.base import GuardScore
+    from eta_guard.evaluators.eta_evaluator import ETAEvaluator
+
+    seen = []
+
+    class Recorder:
+        name, threshold = "recorder", 0.5
+
+        def check(self, requests):
+            seen.extend(r.text for r in requests)
+            return [GuardScore(0.0) for _ in requests]
+
+    base = ETAEvaluator.from_pretrained(clip=tiny_checkpoints.clip, reward_model=None)
+    screen = ETAImageSafetyPostprocessor(
+        evaluator=ETAEvaluator(base.pre, None, base.config, gates=[Recorder()])
+    )
+    b64 = image_to_data_url(make_test_image()).split(",", 1)[1]
+    nodes = [NodeWithScore(node=ImageNode(image=b64), score=1.0)]
+    screen.postprocess_nodes(nodes, QueryBundle("a photo of my balcony"))
+    assert seen == ["a photo of my balcony"]
