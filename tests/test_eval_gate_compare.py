@@ -290,7 +290,6 @@ def test_cli_compare_gates(tmp_path, tiny_checkpoints, tiny_dir):
     assert bad.exit_code != 0 and "no-such-gate" in bad.output
     one = runner.invoke(app, [*args, "--out", str(tmp_path / "one"), "--compare-gates", "clip"])
     assert one.exit_code != 0 and "at least two choices" in one.output
-    pytest.importorskip("eta_guard.evaluators.specs", reason="evaluator specs land with issue 16")
     out = tmp_path / "out"
     ok = runner.invoke(
         app,
