@@ -23,7 +23,7 @@ def openai_compatible_parts(
     preset: Any = None,
     http: HTTPSettings | None = None,
     send_image_uuids: bool = True,
-    continue_from_ids: bool = True,
+    continue_from_ids: bool | None = None,
     **evaluator_kwargs: Any,
 ) -> tuple[Any, Any]:
     """``(generator, evaluator)`` for :meth:`eta_guard.pipeline.ETA.from_openai_compatible`.

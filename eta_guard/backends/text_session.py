@@ -16,7 +16,7 @@ the search accepted so far, and the engine's prefix cache does the reuse. Two wa
 from __future__ import annotations
 
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -26,6 +26,10 @@ from eta_guard.errors import BackendError, InvalidInputError
 if TYPE_CHECKING:
     from eta_guard.backends.base import GeneratorBackend
     from eta_guard.messages import Conversation
+
+
+class TokenIdsUnavailable(BackendError):
+    """The engine turned out unable to continue from token ids; the search may continue from text."""
 
 
 @dataclass(frozen=True)
@@ -84,7 +88,8 @@ class TextSession:
         if isinstance(self.backend, TokenBackend):
             context = await self.backend.token_context(self.conversation, assistant_text)
             if context is not None:
-                return TokenSearch(self.backend, context)
+                text = lambda: TextSearch(self.backend, self.conversation, assistant_text)  # noqa: E731
+                return TokenSearch(self.backend, context, fallback=text)
         return TextSearch(self.backend, self.conversation, assistant_text)
 
     async def aclose(self) -> None:
@@ -131,9 +136,17 @@ class TokenSearch:
     texts (each decoded by the engine in its context).
     """
 
-    def __init__(self, backend: TokenBackend, context: TokenContext) -> None:
-        self.backend = backend
+    def __init__(
+        self,
+        backend: TokenBackend,
+        context: TokenContext,
+        *,
+        fallback: Callable[[], TextSearch] | None = None,
+    ) -> None:
+        self.backend, self._fallback = backend, fallback
+        self._delegate: TextSearch | None = None
         self.ids: list[int] = list(context.ids)
+        self._start = len(self.ids)
         self._room = (
             None if context.max_model_len is None else max(0, context.max_model_len - len(self.ids))
         )
@@ -142,22 +155,33 @@ class TokenSearch:
 
     @property
     def text(self) -> str:
-        return self._text
+        return self._delegate.text if self._delegate is not None else self._text
 
     @property
     def room(self) -> int | None:
         return self._room  # tokens the answer may still take, counted from the start
 
     async def sample(self, step: SamplingStep) -> list[Completion]:
-        self._last = await self.backend.sample_tokens(tuple(self.ids), step)
+        if self._delegate is not None:
+            return await self._delegate.sample(step)
+        try:
+            self._last = await self.backend.sample_tokens(tuple(self.ids), step)
+        except TokenIdsUnavailable:
+            # Found at the first step (nothing accepted yet): the whole search goes by text.
+            if self._fallback is None or len(self.ids) > self._start:
+                raise
+            self._delegate = self._fallback()
+            return await self._delegate.sample(step)
         return self._last
 
     async def commit(self, index: int) -> None:
+        if self._delegate is not None:
+            return await self._delegate.commit(index)
         chosen = _chosen(self._last, index)
         if chosen.token_ids is None:
             raise BackendError(
                 "the engine returned a candidate without its token ids; the search cannot "
-                "continue from exact ids (turn continue_from_ids off for this engine)"
+                "continue from exact ids (pass continue_from_ids=False for this engine)"
             )
         self.ids.extend(chosen.token_ids)
         self._text += chosen.text
@@ -165,6 +189,8 @@ class TokenSearch:
 
     async def aclose(self) -> None:
         self._last = None
+        if self._delegate is not None:
+            await self._delegate.aclose()
 
 
 def _chosen(last: list[Completion] | None, index: int) -> Completion:
@@ -173,4 +199,11 @@ def _chosen(last: list[Completion] | None, index: int) -> Completion:
     return last[index]
 
 
-__all__ = ["TextSearch", "TextSession", "TokenBackend", "TokenContext", "TokenSearch"]
+__all__ = [
+    "TextSearch",
+    "TextSession",
+    "TokenBackend",
+    "TokenContext",
+    "TokenIdsUnavailable",
+    "TokenSearch",
+]
