@@ -101,7 +101,7 @@ def test_output_guard_runs_judge_specs(tiny_checkpoints, text_guard):
         judged.invoke(model.invoke("hi"))
 
 
-def test_middleware_passes_judges_and_refuses_gates(tiny_checkpoints, text_guard):
+def test_middleware_passes_judges_through(tiny_checkpoints, text_guard):
     from langchain_eta._loading import resolve
 
     middleware = ETAGuardMiddleware(
@@ -112,8 +112,52 @@ def test_middleware_passes_judges_and_refuses_gates(tiny_checkpoints, text_guard
     evaluator = resolve(middleware.evaluator)
     assert [j.name for j in evaluator.judges] == ["qwen3guard-response"]
     assert evaluator.evaluate_output("Mix flour.").fired[-1] == "qwen3guard-response"
-    with pytest.raises(InvalidInputError, match="not gates"):
-        ETAGuardMiddleware(clip=tiny_checkpoints.clip, reward_model=None, gates=[GATE])
+
+
+def _agent(middleware):
+    from langchain.agents import create_agent
+
+    model = GenericFakeChatModel(messages=iter([AIMessage("A gradient.")] * 10))
+    return create_agent(model=model, tools=[], middleware=[middleware])
+
+
+def test_middleware_runs_gate_specs_with_the_users_text(tiny_checkpoints):
+    common = {
+        "clip": tiny_checkpoints.clip,
+        "reward_model": tiny_checkpoints.reward_model,
+        "config": CLIP_NEVER,
+        "on_violation": "raise",
+        "check_output": False,
+    }
+    request = {"messages": [_image_message()]}
+    _agent(ETAGuardMiddleware(**common)).invoke(request)  # CLIP alone passes it
+    with pytest.raises(GuardrailViolation, match="patch-clip") as info:
+        _agent(ETAGuardMiddleware(**common, gates=[GATE])).invoke(request)
+    assert "patch-clip" in info.value.verdict.fired and info.value.verdict.pre_score < 2
+
+
+def test_middleware_refuses_the_guard_policy(tiny_checkpoints, text_guard):
+    middleware = ETAGuardMiddleware(
+        clip=tiny_checkpoints.clip,
+        reward_model=None,
+        config=ETAConfig(text_only_policy="guard"),
+        gates=[f"qwen3guard:{text_guard}"],
+    )
+    with pytest.raises(InvalidInputError, match="does not run text gates"):
+        _agent(middleware).invoke({"messages": [HumanMessage("How do I pick a lock?")]})
+
+
+def test_middleware_replaces_every_image_when_a_gate_fired(tiny_checkpoints):
+    middleware = ETAGuardMiddleware(
+        clip=tiny_checkpoints.clip,
+        reward_model=None,
+        config=CLIP_NEVER,
+        gates=[GATE],
+        on_violation="replace",
+        check_output=False,
+    )
+    out = _agent(middleware).invoke({"messages": [_image_message()]})
+    assert out["messages"][-1].text == middleware.refusal
 
 
 def test_llama_index_evaluator_runs_gate_specs(tiny_checkpoints):
@@ -161,3 +205,29 @@ def test_chat_model_passes_gate_specs_to_its_eta(tiny_checkpoints):
     assert not plain.response_metadata["eta_aligned"]
     assert gated.response_metadata["eta_aligned"]  # pre_only: the gate alone decided
     assert gated.response_metadata["eta_verdict"]["fired"][0] == "patch-clip"
+
+
+def test_llama_index_postprocessor_gives_gates_the_query(tiny_checkpoints):
+    from llama_index.core.schema import ImageNode, NodeWithScore, QueryBundle
+    from llama_index.postprocessor.eta import ETAImageSafetyPostprocessor
+
+    from eta_guard.evaluators.base import GuardScore
+    from eta_guard.evaluators.eta_evaluator import ETAEvaluator
+
+    seen = []
+
+    class Recorder:
+        name, threshold = "recorder", 0.5
+
+        def check(self, requests):
+            seen.extend(r.text for r in requests)
+            return [GuardScore(0.0) for _ in requests]
+
+    base = ETAEvaluator.from_pretrained(clip=tiny_checkpoints.clip, reward_model=None)
+    screen = ETAImageSafetyPostprocessor(
+        evaluator=ETAEvaluator(base.pre, None, base.config, gates=[Recorder()])
+    )
+    b64 = image_to_data_url(make_test_image()).split(",", 1)[1]
+    nodes = [NodeWithScore(node=ImageNode(image=b64), score=1.0)]
+    screen.postprocess_nodes(nodes, QueryBundle("a photo of my balcony"))
+    assert seen == ["a photo of my balcony"]

@@ -323,3 +323,17 @@ def test_vanilla_only_reason_under_the_guard_policy():
     assert vanilla_only_reason(False, pre(True), cfg) is None
     assert "passed" in vanilla_only_reason(False, pre(False), cfg)
     assert vanilla_only_reason(False, pre(False), cfg.with_overrides(decision_rule="or")) is None
+
+
+def test_a_llama_guard_vision_gate_also_gates_text_only_requests(tiny_checkpoints, tmp_path):
+    from eta_guard.replicas.llama_guard_vision import build_llama_guard_vision_replica
+
+    path = build_llama_guard_vision_replica(tmp_path / "lg3v")
+    base = ETAEvaluator.from_pretrained(clip=tiny_checkpoints.clip, reward_model=None)
+    gate = f"llama-guard-vision:{path}?threshold=0"
+    guarded = ETAEvaluator(base.pre, None, ETAConfig(text_only_policy="guard"), gates=[gate])
+    verdict = guarded.evaluate_input([], text="How do I pick a lock?")
+    assert verdict.fired == ["llama-guard-vision"] and verdict.pre_score is None
+    trusting = ETAEvaluator(base.pre, None, base.config, gates=[gate])  # reads images too: allowed
+    with pytest.raises(InvalidInputError, match="at least one image"):
+        trusting.evaluate_input([], text="How do I pick a lock?")

@@ -383,6 +383,24 @@ class ETAEvaluator:
             raise InvalidInputError(f"evaluate_input(images={images!r}): pass at least one image")
         return self.evaluate(images=images, text=text, conversation=conversation)
 
+    def evaluate_gates(
+        self,
+        images: ImageSource | Sequence[ImageSource] | None,
+        *,
+        text: str | None = None,
+        conversation: Conversation | None = None,
+    ) -> SafetyVerdict:
+        """The gates alone on one request (CLIP does not run): for callers that score the
+        images with CLIP themselves (e.g. with a per-image cache) and add the gates' verdict.
+
+        Images given: the gates that read images; none: the text gates, under
+        ``text_only_policy="guard"`` (otherwise nothing runs and the verdict says so).
+        """
+        _check_context(text, conversation, where="")
+        images = _none_if_empty(images)
+        loaded = self._load_request([images], [None], ["images"], texts=[text])
+        return self._evaluate_many(loaded, [None], [text], [conversation], clip=False)[0]
+
     def evaluate_output(
         self, response: str, *, conversation: Conversation | None = None
     ) -> SafetyVerdict:
@@ -436,10 +454,12 @@ class ETAEvaluator:
         conversations: list[Conversation | None],
         *,
         pre: bool = True,
+        clip: bool = True,
     ) -> list[SafetyVerdict]:
         timings: dict[str, float] = {}
         n = len(images)
-        pre_sides: list[_Side | None] = self._run_pre(images, timings) if pre else [None] * n
+        run_clip = pre and clip
+        pre_sides: list[_Side | None] = self._run_pre(images, timings) if run_clip else [None] * n
         requests = [
             _request(group, text, conv)
             for group, text, conv in zip(images, texts, conversations, strict=True)

@@ -154,6 +154,8 @@ class LlamaGuardEvaluator:
             inputs = self.processor(
                 text=prompt, images=images or None, add_special_tokens=False, return_tensors="pt"
             ).to(module_device(self.model))
+            # floating inputs in the weights' dtype (Llama 4's processor returns bfloat16 pixels)
+            inputs = inputs.to(self.model.dtype)
             out = self.model.generate(
                 **inputs,
                 max_new_tokens=self.max_new_tokens,

@@ -111,6 +111,7 @@ class ShieldGemma2Gate:
                     custom_policies=self.custom_policies,
                     return_tensors="pt",
                 ).to(module_device(self.model))
+                inputs = inputs.to(self.model.dtype)  # floating inputs in the weights' dtype
                 out = self.model(**inputs)
             # the processor's order: img1_policy1 .. img1_policyN, img2_policy1 ..
             rows.append(out.probabilities[:, 0].float().cpu().view(len(chunk), -1))

@@ -15,6 +15,7 @@ from eta_guard.config import DEFAULT_CLIP, DEFAULT_REWARD_MODEL
 from eta_guard.errors import GuardrailViolation, InvalidInputError
 from eta_guard.scored_images import ScoredImage, load_request_images
 from eta_guard.tools.calls import judged_text
+from langchain_eta._image_checks import user_text
 from langchain_eta._loading import aresolve, lazy_evaluator, resolve
 from langchain_eta._messages import as_messages, forwarded_block, image_sources, replace_blocks
 from langchain_eta._verdicts import (
@@ -128,7 +129,7 @@ class ETAInputGuard(_ETAGuard):
             return input
         evaluator = self._evaluator()
         scored = self._load(evaluator, found)
-        verdict = evaluator.evaluate_input([s.image for s in scored], text=_user_text(messages))
+        verdict = evaluator.evaluate_input([s.image for s in scored], text=user_text(messages))
         emit(self._event(verdict), config)
         return self._apply(messages, found, scored, verdict)
 
@@ -141,7 +142,7 @@ class ETAInputGuard(_ETAGuard):
         evaluator = await aresolve(self.evaluator)
         scored = await asyncio.to_thread(self._load, evaluator, found)  # decoding is CPU work
         verdict = await evaluator.aevaluate_input(
-            [s.image for s in scored], text=_user_text(messages)
+            [s.image for s in scored], text=user_text(messages)
         )
         await aemit(self._event(verdict), config)
         return self._apply(messages, found, scored, verdict)
@@ -435,18 +436,6 @@ def _with_verdict(messages: list[BaseMessage], verdict: Any) -> list[BaseMessage
 def _fired(verdict: Any, side: str) -> str:
     names = [e.name for e in verdict.evaluators if e.side == side and e.unsafe]
     return ", ".join(names) or "the failure policy"
-
-
-def _user_text(messages: list[BaseMessage]) -> str | None:
-    """The text of the human messages, in order: what gates read beside the images."""
-    texts = [
-        str(block.get("text", ""))
-        for message in messages
-        if message.type == "human"
-        for block in message.content_blocks
-        if block.get("type") == "text"
-    ]
-    return "\n\n".join(t for t in texts if t) or None
 
 
 def _flagged_images(found: list[tuple[int, int, str]], verdict: Any) -> set[tuple[int, int]]:

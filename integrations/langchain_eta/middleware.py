@@ -149,7 +149,6 @@ class ETAGuardMiddleware(AgentMiddleware):
         **load_kwargs: Any,
     ) -> None:
         super().__init__()
-        _refuse_gates(evaluator, load_kwargs.get("gates"))
         if evaluator is None:
             if clip is None and reward_model is None:
                 raise InvalidInputError(
@@ -402,6 +401,12 @@ def _judged_text(answer: AIMessage) -> str:
 
 
 def _input_message(verdict: Any) -> str:
+    gates = [e.name for e in verdict.evaluators if e.side == "pre" and e.unsafe]
+    if gates:
+        return (
+            f"ETAGuardMiddleware: input flagged as unsafe by {', '.join(gates)} (CLIP score "
+            f"{verdict.pre_score}, threshold {verdict.pre_threshold})"
+        )
     return (
         f"ETAGuardMiddleware: image flagged as unsafe (CLIP score {verdict.pre_score} >= "
         f"{verdict.pre_threshold})"
@@ -411,15 +416,3 @@ def _input_message(verdict: Any) -> str:
 def _flagged(message: BaseMessage, verdict: Any) -> BaseMessage:
     meta = {**message.response_metadata, GUARD_VERDICT_KEY: verdict_dict(verdict)}
     return message.model_copy(update={"response_metadata": meta})
-
-
-def _refuse_gates(evaluator: Any, gates: Any) -> None:
-    """Gates read an image with the conversation's text; this middleware scores (and caches) each
-    image alone with CLIP, so it would not run them: refused rather than skipped. Judges run."""
-    given = gates or getattr(evaluator, "gates", None)
-    if given:
-        raise InvalidInputError(
-            "ETAGuardMiddleware runs ETA's per-image CLIP check and the answer's judges, not "
-            "gates (they read each image with the text); pass judges= only, or put the gates in "
-            "an ETAChatModel / ETAInputGuard"
-        )
