@@ -160,6 +160,15 @@ def test_engine_commands_reach_remote_evaluators(captured, tmp_path, monkeypatch
     assert made["clip_api_key"] == "clip-key" and made["reward_model_api_key"] == "rm-key"
 
 
+def test_a_preset_without_padding_reaches_the_engine_path(captured):
+    """--preset cross-modal pads nothing, so it is allowed with --generator-url (paper is not)."""
+    args = ["generate", "q", "--vlm", "tok/dir", *ENGINE, "--preset", "cross-modal"]
+    result = CliRunner().invoke(app, [*args, "--gate", "patch-clip"])
+    assert result.exit_code == 0, result.output
+    assert captured["engine"]["preset"] == "cross-modal"
+    assert [s.kind for s in captured["engine"]["gates"]] == ["patch-clip"]
+
+
 def test_serve_moderation_only_reaches_remote_evaluators(captured, monkeypatch):
     _serve(monkeypatch, ["--moderation-only", *REMOTE])
     assert captured["evaluator"]["reward_model_url"] == "http://rm:2"

@@ -91,7 +91,8 @@ def note_random(err: Console, models: ModelOptions) -> None:
 
 def check_options(models: ModelOptions, *, vlm: Literal["none", "local", "engine"]) -> None:
     """Refuse options that cannot apply: placement of a model served elsewhere, a local VLM with
-    remote evaluators (not built yet), ``--preset`` with an engine, a missing tokenizer."""
+    remote evaluators (not built yet), a preset that pads images with an engine, a missing
+    tokenizer."""
     refused = []
     for role, url in (("clip", models.clip_url), ("reward_model", models.reward_model_url)):
         if url is not None:
@@ -112,13 +113,20 @@ def check_options(models: ModelOptions, *, vlm: Literal["none", "local", "engine
             "--clip-url / --reward-model-url with a local VLM are not supported yet: serve the "
             "VLM on an engine too (--generator-url), or load CLIP and the RM locally"
         )
-    if vlm == "engine" and models.preset is not None:
+    if vlm == "engine" and models.preset is not None and _pads_images(models.preset):
         raise InvalidInputError(
             "--preset with --generator-url is not supported yet: the paper preset pads images "
             "to a square with the VLM processor's mean colour, which the engine path cannot do "
             "client-side yet; drop --preset (its other parts: --set system_prompt=... "
             "--set seed=1 --clip-dtype float32 --reward-model-dtype bfloat16)"
         )
+
+
+def _pads_images(preset: str) -> bool:
+    """Whether ``preset`` pads images to a square (what the engine path cannot do client-side)."""
+    from eta_guard.presets import get_preset
+
+    return bool(get_preset(preset).config.get("pad_images_to_square"))
 
 
 def evaluator_args(models: ModelOptions, paths: dict[str, str | None]) -> dict[str, Any]:
@@ -205,6 +213,7 @@ class ModelLoader:
                 tokenizer=self.paths["vlm"],
                 **evaluator_args(self.models, self.paths),
                 **self.guards,
+                **({"preset": self.models.preset} if self.models.preset else {}),
             )
         assert self.paths["vlm"] is not None  # model_paths refused a missing --vlm
         return ETA.from_pretrained(
