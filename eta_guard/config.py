@@ -40,7 +40,7 @@ DEFAULT_CLIP = "openai/clip-vit-large-patch14-336"
 DEFAULT_REWARD_MODEL = "RLHFlow/ArmoRM-Llama3-8B-v0.1"
 
 Schedule = Literal["auto", "speculative", "sequential"]
-TextOnlyPolicy = Literal["trust", "reward_only"]
+TextOnlyPolicy = Literal["trust", "reward_only", "guard"]
 #: Same values as ``eta_guard.decoding.stopping.SentenceEndRule`` (kept here: no torch import).
 SentenceEndRule = Literal["exact", "contains"]
 EvaluatorErrorPolicy = Literal["raise", "fail_closed", "fail_open"]
@@ -78,8 +78,11 @@ class ETAConfig(BaseModel):
     rm_search_prompt: str = Field(DEFAULT_RM_SEARCH_PROMPT, min_length=1)
     text_only_policy: TextOnlyPolicy = Field(
         "trust",
-        description="Requests without images: 'trust' the backbone (never align) or align on the "
-        "reward model alone ('reward_only').",
+        description="Requests without images: 'trust' the backbone (never align), align on the "
+        "reward model (and judges) alone ('reward_only'), or 'guard': the gates that read text (a "
+        "text guard: Llama Guard 3 1B/8B, Qwen3Guard; a Llama Guard) check the request before "
+        "generation where CLIP checks images, and decision_rule combines them with the answer's "
+        "check as for an image request (docs/evaluators.md).",
     )
     decision_rule: DecisionRule = Field(
         "and",

@@ -21,7 +21,9 @@ def vanilla_only_reason(has_images: bool, pre: SafetyVerdict, cfg: ETAConfig) ->
     if not has_images:
         if cfg.text_only_policy == "reward_only":
             return None
-        return "text-only request and text_only_policy='trust'"
+        if cfg.text_only_policy == "trust":
+            return "text-only request and text_only_policy='trust'"
+        # "guard": the text gates stand where CLIP stands for images; the same rule follows.
     if cfg.decision_rule in ("or", "post_only"):
         return None  # the output side decides even when the input passed
     if pre.input_unsafe:
@@ -34,7 +36,7 @@ def vanilla_only_reason(has_images: bool, pre: SafetyVerdict, cfg: ETAConfig) ->
             + ", ".join(e.name for e in pre.evaluators if e.side == "pre")
             + ")"
         )
-    return "the image(s) passed the CLIP check"
+    return "the image(s) passed the CLIP check" if has_images else "the text gates passed it"
 
 
 def skipped(cfg: ETAConfig, side: str, reason: str) -> SafetyVerdict:

@@ -29,6 +29,13 @@ from eta_guard.errors import InvalidInputError
 #: Bytes per parameter of the dtypes ``from_pretrained`` accepts (None: torch's default, fp32).
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _ROLES = ("vlm", "clip", "reward_model")
+#: Evaluator-spec kinds with a local checkpoint, and the class that loads each.
+_GUARD_CLASSES = {
+    "llama-guard-vision": "AutoModelForImageTextToText",
+    "shieldgemma2": "ShieldGemma2ForImageClassification",
+    "llama-guard-text": "AutoModelForCausalLM",
+    "qwen3guard": "AutoModelForCausalLM",
+}
 #: bitsandbytes 4-bit quantizes in blocks of 64 weights, each with an fp32 absmax.
 _BNB4_BLOCK = 64
 _ARMORM_ARCHITECTURES = ("LlamaForRewardModelWithGating",)
@@ -133,6 +140,7 @@ def estimate_memory(
     num_candidates: int = 5,
     local_files_only: bool = True,
     trust_remote_code: bool = False,
+    guards: Any = (),
 ) -> MemoryEstimate:
     """Estimate the memory of the models :meth:`eta_guard.ETA.from_pretrained` would load.
 
@@ -155,6 +163,9 @@ def estimate_memory(
         num_candidates: ETA's best-of-N width, for the default ``kv_sequences``.
         local_files_only: Read configs from the local cache only (default: no network).
         trust_remote_code: Allow configs that need the checkpoint's own code.
+        guards: Evaluator specs (gates and judges, :mod:`eta_guard.evaluators.specs`): each
+            local guard checkpoint once per (checkpoint, device, dtype), as ``build_guards``
+            loads it; ``patch-clip`` shares CLIP and a served guard loads nothing here.
 
     Returns:
         A :class:`MemoryEstimate`.
@@ -199,7 +210,44 @@ def estimate_memory(
                 trust_remote_code=trust_remote_code,
             )
         )
+    if not guards and preset is not None:  # the preset's own gates and judges, as loading does
+        from eta_guard.presets import get_preset
+
+        chosen = get_preset(preset)
+        guards = (*chosen.gates, *chosen.judges)
+    models += _guard_estimates(guards, device, dtype, local_files_only)
     return MemoryEstimate(models)
+
+
+def _guard_estimates(
+    guards: Any, device: Any, dtype: Any, local_files_only: bool
+) -> list[ModelMemory]:
+    from eta_guard.evaluators.specs import EvaluatorSpec, parse_spec
+
+    out, seen = [], set()
+    for item in [guards] if isinstance(guards, (str, EvaluatorSpec)) else list(guards or ()):
+        spec = parse_spec(item) if isinstance(item, str) else item
+        model_class = _GUARD_CLASSES.get(spec.kind)
+        if model_class is None or spec.target is None:
+            continue  # shares CLIP (patch-clip) or runs on an engine (remote-llama-guard)
+        place_device = spec.options.get("device", device)
+        place_dtype = spec.options.get("dtype", dtype)
+        key = (spec.target, str(place_device), str(place_dtype))
+        if key in seen:  # a gate and a judge on one checkpoint share its weights
+            continue
+        seen.add(key)
+        out.append(
+            estimate_model(
+                spec.target,
+                "guard",
+                dtype=place_dtype,
+                device=None if place_device is None else str(place_device),
+                local_files_only=local_files_only,
+                model_class=model_class,
+                label=spec.kind,
+            )
+        )
+    return out
 
 
 def estimate_model(
@@ -213,20 +261,25 @@ def estimate_model(
     kv_sequences: int = 1,
     local_files_only: bool = True,
     trust_remote_code: bool = False,
+    model_class: str | None = None,
+    label: str | None = None,
 ) -> ModelMemory:
-    """Estimate one model (see :func:`estimate_memory`); ``kv_tokens=0`` leaves out the cache."""
-    if role not in _ROLES:
-        raise InvalidInputError(f"role={role!r} is not one of {_ROLES}")
-    if role == "clip":
-        from eta_guard.evaluators.clip import _is_open_clip_name
+    """Estimate one model (see :func:`estimate_memory`); ``kv_tokens=0`` leaves out the cache.
 
-        if isinstance(name_or_path, str) and _is_open_clip_name(name_or_path):
+    ``role="guard"`` takes ``model_class`` (a transformers class name) and ``label`` (the spec's
+    kind, shown as the role)."""
+    if role not in (*_ROLES, "guard"):
+        raise InvalidInputError(f"role={role!r} is not one of {(*_ROLES, 'guard')}")
+    if role == "clip":
+        from eta_guard.evaluators.clip import is_open_clip_name
+
+        if isinstance(name_or_path, str) and is_open_clip_name(name_or_path):
             raise InvalidInputError(
                 f"CLIP {name_or_path!r} is an open_clip model; the memory estimate reads "
                 "transformers configs only (open_clip ViT-L/14 is ~428M parameters, 1.6 GiB fp32)"
             )
     config = _read_config(name_or_path, role, local_files_only, trust_remote_code)
-    counts = count_parameters(config, role)
+    counts = count_parameters(config, role, model_class=model_class)
     bits = _quant_bits(quantization_config if quantization_config is not None else config)
     dtype_name = _dtype_name(dtype, config)
     per_param = _DTYPE_BYTES[dtype_name]
@@ -247,7 +300,7 @@ def estimate_model(
     if role == "clip" and getattr(config, "model_type", "") not in ("clip", "siglip", "siglip2"):
         notes.append(f"model_type {getattr(config, 'model_type', None)!r} counted as AutoModel")
     return ModelMemory(
-        role=role,
+        role=f"guard: {label}" if role == "guard" and label else role,
         name=str(name_or_path),
         parameters=counts.total,
         precision=precision,
@@ -274,7 +327,7 @@ class ParameterCount:
     quantizable_rows: int
 
 
-def count_parameters(config: Any, role: str) -> ParameterCount:
+def count_parameters(config: Any, role: str, *, model_class: str | None = None) -> ParameterCount:
     """Build the model of ``config`` on the meta device and count its parameters.
 
     ``role`` picks the auto class: ``AutoModelForImageTextToText`` (vlm), ``AutoModel`` (clip),
@@ -285,6 +338,7 @@ def count_parameters(config: Any, role: str) -> ParameterCount:
     a logit scale) and the num_objectives x num_objectives reward transform.
     """
     import torch
+    import transformers
     from transformers import (
         AutoModel,
         AutoModelForImageTextToText,
@@ -294,14 +348,17 @@ def count_parameters(config: Any, role: str) -> ParameterCount:
     armo = role == "reward_model" and any(
         a in _ARMORM_ARCHITECTURES for a in (getattr(config, "architectures", None) or [])
     )
-    auto = {
-        "vlm": AutoModelForImageTextToText,
-        "clip": AutoModel,
-        "reward_model": AutoModel if armo else AutoModelForSequenceClassification,
-    }[role]
+    if model_class is not None:  # a guard: its loader's class (``model_class`` of a spec kind)
+        auto = getattr(transformers, model_class)
+    else:
+        auto = {
+            "vlm": AutoModelForImageTextToText,
+            "clip": AutoModel,
+            "reward_model": AutoModel if armo else AutoModelForSequenceClassification,
+        }[role]
     try:
         with torch.device("meta"):
-            model = auto.from_config(config)
+            model = auto.from_config(config) if hasattr(auto, "from_config") else auto(config)
     except (ValueError, KeyError, TypeError) as e:
         raise InvalidInputError(
             f"cannot build the {role} from its config ({type(config).__name__}) to count its "

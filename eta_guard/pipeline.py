@@ -10,6 +10,7 @@ same coroutines on a background event loop (:mod:`eta_guard.sync_bridge`).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -17,6 +18,7 @@ from typing import Any
 
 from eta_guard.backends.base import GeneratorBackend
 from eta_guard.backends.local import LocalBackend
+from eta_guard.concurrency import DEFAULT_MAX_CONCURRENCY, check_concurrency, gather_bounded
 from eta_guard.config import DEFAULT_CLIP, DEFAULT_REWARD_MODEL, ETAConfig
 from eta_guard.decoding.vlm import VLMAdapter
 from eta_guard.engine.inputs import check_batch, check_stop
@@ -91,8 +93,14 @@ class ETA:
         clip_kwargs: dict[str, Any] | None = None,
         reward_model_kwargs: dict[str, Any] | None = None,
         preset: Any = None,
+        gates: Sequence[Any] | None = None,
+        judges: Sequence[Any] | None = None,
     ) -> ETA:
         """Load the VLM, CLIP and reward model (ids resolve through the local HF cache).
+
+        ``gates`` / ``judges``: extra evaluators as specs (``"llama-guard-vision:PATH"``,
+        ``"patch-clip?grid=3"``, ``"qwen3guard:PATH"``...; docs/evaluators.md) or objects;
+        ``None`` takes the preset's.
 
         ``vlm_kwargs`` feed ``VLMAdapter.from_pretrained`` (``model_kwargs``, ``processor_kwargs``);
         ``clip_kwargs`` / ``reward_model_kwargs`` feed the evaluators' loaders. In each,
@@ -134,6 +142,8 @@ class ETA:
             clip_kwargs=clip_kwargs,
             reward_model_kwargs=reward_model_kwargs,
             preset=preset,
+            gates=gates,
+            judges=judges,
         )
         return cls(adapter, evaluator, config)
 
@@ -158,7 +168,8 @@ class ETA:
         sentence ends and breaking forged control tokens), ``reward_model_tokenizer`` (the served
         RM's, to the same end), ``http`` (:class:`eta_guard.backends.HTTPSettings`),
         ``send_image_uuids``, ``image_mean`` (the served model's image-processor mean, for
-        ``pad_images_to_square``), ``preset`` and the local loaders' arguments of
+        ``pad_images_to_square``), ``preset``, ``gates`` / ``judges`` (evaluator specs, local or
+        ``remote-llama-guard:MODEL@URL``) and the local loaders' arguments of
         :meth:`from_pretrained`. The same class as :meth:`from_pretrained` returns (see docs/scaling.md).
         """
         from eta_guard.backends.factory import openai_compatible_parts
@@ -206,11 +217,21 @@ class ETA:
                 yield chunk
 
     async def abatch(
-        self, batch: Sequence[Messages], *, stop: Sequence[str] | None = None, **overrides: Any
+        self,
+        batch: Sequence[Messages],
+        *,
+        stop: Sequence[str] | None = None,
+        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+        **overrides: Any,
     ) -> list[ETAResult]:
-        """Answer several conversations concurrently (a local model runs one call at a time)."""
+        """Answer several conversations concurrently; results in the order of ``batch``.
+
+        At most ``max_concurrency`` (default 8) are in flight at once: a local model batches
+        their decoding, an engine their requests. An invalid conversation or a failed call
+        raises its error (the first one) after the other calls were cancelled.
+        """
         check_batch(batch)
-        return await self._results(batch, stop, overrides)
+        return await self._results(batch, stop, overrides, check_concurrency(max_concurrency))
 
     async def aclose(self) -> None:
         """Close the backend's connections of the running loop."""
@@ -244,11 +265,16 @@ class ETA:
         return iterate_sync(self._chunks(messages, stop, overrides, cancel))
 
     def batch(
-        self, batch: Sequence[Messages], *, stop: Sequence[str] | None = None, **overrides: Any
+        self,
+        batch: Sequence[Messages],
+        *,
+        stop: Sequence[str] | None = None,
+        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+        **overrides: Any,
     ) -> list[ETAResult]:
-        """Answer several conversations (concurrently, as :meth:`abatch`)."""
+        """Answer several conversations concurrently, as :meth:`abatch` (same arguments)."""
         check_batch(batch)
-        return run_sync(self._results(batch, stop, overrides))
+        return run_sync(self._results(batch, stop, overrides, check_concurrency(max_concurrency)))
 
     # ------------------------------------------------------------------ the method
     async def _result(
@@ -265,9 +291,14 @@ class ETA:
         return result
 
     async def _results(
-        self, batch: Sequence[Messages], stop: Sequence[str] | None, overrides: dict[str, Any]
+        self,
+        batch: Sequence[Messages],
+        stop: Sequence[str] | None,
+        overrides: dict[str, Any],
+        max_concurrency: int,
     ) -> list[ETAResult]:
-        return list(await asyncio.gather(*(self._result(m, stop, overrides) for m in batch)))
+        calls = [functools.partial(self._result, m, stop, overrides) for m in batch]
+        return await gather_bounded(calls, max_concurrency)
 
     async def _chunks(
         self,

@@ -60,6 +60,9 @@ class Preset:
         vlm: The VLM checkpoint the preset was written for (a suggestion, never enforced).
         clip: The CLIP checkpoint it was written for.
         reward_model: The reward model it was written for.
+        gates: Evaluator specs added as gates (:mod:`eta_guard.evaluators.specs`) when the
+            caller gives none.
+        judges: Evaluator specs added as judges when the caller gives none.
     """
 
     name: str
@@ -72,6 +75,8 @@ class Preset:
     vlm: str | None = None
     clip: str | None = None
     reward_model: str | None = None
+    gates: tuple[str, ...] = ()
+    judges: tuple[str, ...] = ()
 
     def apply_to_config(self, config: ETAConfig | None = None) -> ETAConfig:
         """The preset's fields, then every field of ``config`` that differs from the default."""
@@ -109,7 +114,30 @@ PAPER = Preset(
     reward_model="RLHFlow/ArmoRM-Llama3-8B-v0.1",
 )
 
-PRESETS: dict[str, Preset] = {PAPER.name: PAPER}
+#: Llama Guard 3 Vision, the guard both cross-modal evaluators of :data:`CROSS_MODAL` load (once).
+LLAMA_GUARD_3_VISION = "meta-llama/Llama-Guard-3-11B-Vision"
+
+CROSS_MODAL = Preset(
+    name="cross-modal",
+    description="Harm in the image+question combination (SIUO-style): CLIP and a Llama Guard 3 "
+    "Vision prompt-mode gate on the input, the RM and the same guard in response mode on the "
+    "answer, rule 'and'. One copy of the guard (11B, bf16) serves both.",
+    config={"decision_rule": "and"},
+    dtypes={"clip": "float32", "reward_model": "bfloat16"},
+    clip="openai/clip-vit-large-patch14-336",
+    reward_model="RLHFlow/ArmoRM-Llama3-8B-v0.1",
+    # Why these: CLIP sees the image alone and the RM the answer alone, so an innocent image with
+    # a harmful question (a balcony photo, "give me some encouragement") passes both. The guard
+    # reads image and question together (gate) and the answer with them (judge). Why 'and': the
+    # answer to a flagged input is kept when the RM and the guard both clear it (the paper's
+    # guard against over-refusal: CLIP at 0.16 flags many benign images); 'or' / 'pre_only'
+    # would align every flagged input. The judge is what catches an encouraging answer the RM
+    # scores as safe, since only the guard sees the question it answers.
+    gates=(f"llama-guard-vision:{LLAMA_GUARD_3_VISION}?dtype=bfloat16",),
+    judges=(f"llama-guard-vision:{LLAMA_GUARD_3_VISION}?dtype=bfloat16",),
+)
+
+PRESETS: dict[str, Preset] = {PAPER.name: PAPER, CROSS_MODAL.name: CROSS_MODAL}
 
 
 def get_preset(preset: str | Preset) -> Preset:

@@ -178,6 +178,11 @@ def build_app(stub: Stub) -> FastAPI:
                 {"error": {"message": "stub: prompt ids only", "type": "BadRequest", "code": 400}},
                 status_code=400,
             )
+        if body.get("stream"):  # a greedy continuation: the vanilla pieces, as text chunks
+            return StreamingResponse(
+                _stream(stub, body, len(prompt), no_done=False, chat=False),
+                media_type="text/event-stream",
+            )
         tokens = _Tokens(stub.tokenizer)
         context = tokens.decode(prompt)
         sentences = context[context.lower().rfind("assistant") :].count(".")
@@ -311,11 +316,17 @@ def _reward(stub: Stub, body: dict[str, Any]) -> float:
     return stub.reward + len(body["messages"][-1]["content"]) / 1000
 
 
-async def _stream(stub: Stub, body: dict[str, Any], prompt_tokens: int, *, no_done: bool):
+async def _stream(
+    stub: Stub, body: dict[str, Any], prompt_tokens: int, *, no_done: bool, chat: bool = True
+):
+    """The vanilla pieces streamed as chat chunks (``delta.content``) or completions (``text``)."""
     base = {"id": "chatcmpl-stub", "object": "chat.completion.chunk", "model": body["model"]}
-    first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-    yield f"data: {json.dumps({**base, 'choices': [first]})}\n\n"
-    if stub.tool_calls and body.get("tools") and body.get("tool_choice") != "none":
+    if chat:
+        first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+        yield f"data: {json.dumps({**base, 'choices': [first]})}\n\n"
+    else:
+        base["object"] = "text_completion"
+    if chat and stub.tool_calls and body.get("tools") and body.get("tool_choice") != "none":
         async for event in _stream_tool_calls(stub, base, prompt_tokens):
             yield event
         return
@@ -327,12 +338,14 @@ async def _stream(stub: Stub, body: dict[str, Any], prompt_tokens: int, *, no_do
             stop_reason = next(s for s in stop if s in text + piece)
             break
         text += piece
-        chunk = {"index": 0, "delta": {"content": piece}, "finish_reason": None}
+        chunk = {"index": 0, "finish_reason": None}
+        chunk.update({"delta": {"content": piece}} if chat else {"text": piece})
         yield f"data: {json.dumps({**base, 'choices': [chunk]})}\n\n"
         await asyncio.sleep(0)
     if body.get("max_tokens", 10**6) < len(pieces) and stop_reason is None:
         finish = "length"
-    last = {"index": 0, "delta": {}, "finish_reason": finish, "stop_reason": stop_reason}
+    last = {"index": 0, "finish_reason": finish, "stop_reason": stop_reason}
+    last.update({"delta": {}} if chat else {"text": ""})
     yield f"data: {json.dumps({**base, 'choices': [last]})}\n\n"
     n_out = min(len(pieces), body.get("max_tokens", 10**6))
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n_out}

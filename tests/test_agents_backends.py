@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langchain_core.tools import tool
+from langchain_core.utils.function_calling import convert_to_openai_function
 from pydantic import BaseModel
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -159,6 +160,60 @@ def test_json_schema_output_is_constrained_even_for_a_random_model(qwen):
     assert out["raw"].text.startswith("{")
 
 
+@tool
+def pick_city(city: Literal["Paris", "Rome"]) -> str:
+    """Pick a city."""
+    return city
+
+
+@tool
+def pick_day(day: Literal["mon", "tue"]) -> str:
+    """Pick a day."""
+    return day
+
+
+@pytest.mark.parametrize(("choice", "name"), [("any", None), ("pick_day", "pick_day")])
+def test_a_forced_tool_choice_makes_even_a_random_model_call_a_tool(qwen, choice, name):
+    """Random weights alone never write a valid Hermes call; the grammar makes them."""
+    pytest.importorskip("xgrammar")
+    llm = ETAChatModel(eta=qwen, max_tokens=160)
+    message = llm.bind_tools([pick_city, pick_day], tool_choice=choice).invoke("Pick one.")
+    assert message.invalid_tool_calls == [] and message.content == ""
+    (call,) = message.tool_calls
+    assert call["name"] == (name or call["name"]) and call["name"] in ("pick_city", "pick_day")
+    key, allowed = (
+        ("city", ("Paris", "Rome")) if call["name"] == "pick_city" else ("day", ("mon", "tue"))
+    )
+    assert set(call["args"]) == {key} and call["args"][key] in allowed
+    # the engine's own answer is the family's format, as the RM judged it
+    result = qwen.generate(
+        {
+            "messages": [{"role": "user", "content": "Pick one."}],
+            "tools": [{"type": "function", "function": convert_to_openai_function(pick_day)}],
+            "tool_choice": "required",
+        },
+        max_new_tokens=160,
+    )
+    assert result.text.startswith('<tool_call>\n{"name": "pick_day", "arguments": {"day": "')
+    assert result.text.endswith("}}\n</tool_call>")
+
+
+def test_a_forced_call_in_a_format_no_grammar_can_enforce_is_refused():
+    from eta_guard.tools.constraints import decoding_constraint
+
+    conversation = normalize_messages(
+        {"messages": [{"role": "user", "content": "hi"}], "tools": TOOLS, "tool_choice": "required"}
+    )
+    with pytest.raises(InvalidInputError, match="pythonic.*cannot be enforced by a JSON grammar"):
+        decoding_constraint(conversation, "pythonic")
+    with pytest.raises(InvalidInputError, match="no known tool-call format"):
+        decoding_constraint(conversation, None)
+    auto = normalize_messages({"messages": [{"role": "user", "content": "hi"}], "tools": TOOLS})
+    assert decoding_constraint(auto, None) is None  # nothing forced: free text
+    llama = decoding_constraint(conversation, "llama3_json")
+    assert llama is not None and llama["schema"]["required"] == ["name", "parameters"]
+
+
 # ----------------------------------------------------------------------------- remote
 
 
@@ -191,6 +246,20 @@ def test_remote_tool_calls_pass_through(stub, lc_evaluator, mode):  # noqa: F811
     ]
     body = stub.bodies(CHAT)[-1]
     assert body["tools"][0]["function"]["name"] == "get_weather" and body["tool_choice"] == "auto"
+
+
+@pytest.mark.parametrize(
+    ("choice", "sent"),
+    [
+        ("any", "required"),
+        ("get_weather", {"type": "function", "function": {"name": "get_weather"}}),
+    ],
+)
+def test_remote_forced_tool_choice_is_passed_to_the_engine(stub, lc_evaluator, choice, sent):  # noqa: F811
+    stub.tool_calls = [{"name": "get_weather", "arguments": '{"city": "Paris"}'}]
+    llm = _remote(stub, lc_evaluator, **FLAG_NONE).bind_tools([get_weather], tool_choice=choice)
+    assert llm.invoke("Weather?").tool_calls[0]["name"] == "get_weather"
+    assert stub.bodies(CHAT)[-1]["tool_choice"] == sent
 
 
 def test_remote_history_carries_calls_and_results(stub, lc_evaluator):  # noqa: F811

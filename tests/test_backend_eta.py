@@ -151,9 +151,11 @@ def test_text_only_is_trusted_and_shallow_alignment_continues_the_prefix(stub, e
         _messages(image=False), text_only_policy="reward_only", deep_alignment=False
     )
     assert result.aligned and result.text == "As an AI assistantSure, here is how."
-    shallow = stub.bodies(CHAT)[-1]
-    assert shallow["messages"][-1] == {"role": "assistant", "content": "As an AI assistant"}
-    assert shallow["continue_final_message"] and shallow["temperature"] == 0.0
+    # text-only: continued from ids (the prompt's, then the prefix's alone; the stub's ids are
+    # characters), greedily; tests/test_fidelity_round2.py checks the ids on LLaVA's tokenizer
+    shallow = stub.bodies("/v1/completions")[-1]
+    assert shallow["prompt"][-18:] == [ord(c) for c in "As an AI assistant"]
+    assert shallow["stream"] and shallow["temperature"] == 0.0
 
 
 def test_user_stop_strings_end_the_answer(stub, evaluator):

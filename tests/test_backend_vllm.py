@@ -186,3 +186,18 @@ def test_text_search_continues_from_the_ids_the_engine_sampled(backend, paths):
     for before, cands in zip(contexts[:-1], samples, strict=True):
         for c in cands:  # the engine's text is the candidate's ids read in their context
             assert c.text == decode_continuation(tokenizer, before, c.token_ids)
+
+
+def test_shallow_alignment_from_ids_matches_the_local_one(paths, local):
+    """deep_alignment=False, text-only: the engine continues the prompt's ids + the prefix's ids
+    alone greedily, as the local adapter does: the same weights give the same answer."""
+    evaluator = ETAEvaluator.from_pretrained(
+        clip=paths["clip"], reward_model=paths["reward_model"], device="cpu"
+    )
+    backend = OpenAICompatibleBackend(URL, MODEL, tokenizer=paths["lm"], http=HTTP)
+    remote = BackendETA(backend, evaluator, local.config).generate(
+        MESSAGES, deep_alignment=False, **ALIGN_TEXT
+    )
+    here = local.generate(MESSAGES, deep_alignment=False, **ALIGN_TEXT)
+    assert remote.aligned and here.aligned
+    assert remote.text == here.text and remote.text.startswith("As an AI assistant")

@@ -13,9 +13,15 @@ from typer.testing import CliRunner
 
 import eta_guard.cli as cli_package
 from eta_guard.cli import app
-from eta_guard.cli.options import VLM_FIELDS, ModelOptions
+from eta_guard.cli.options import RULE_FIELDS, SPEC_FIELDS, VLM_FIELDS, ModelOptions
 
-MODEL_FLAGS = {f"--{f.replace('_', '-')}" for f in ModelOptions.__dataclass_fields__}
+SPEC_FLAGS = {f"--{f.replace('_', '-')}" for f in SPEC_FIELDS}
+RULE_FLAGS = {f"--{f.replace('_', '-')}" for f in RULE_FIELDS}
+MODEL_FLAGS = (
+    {f"--{f.replace('_', '-')}" for f in ModelOptions.__dataclass_fields__}
+    - SPEC_FLAGS
+    - RULE_FLAGS
+)
 VLM_FLAGS = {f"--{f.replace('_', '-')}" for f in VLM_FIELDS}
 ENGINE = ["--generator-url", "http://127.0.0.1:9/v1", "--generator-model", "served-vlm"]
 
@@ -28,6 +34,22 @@ def _flags(command: str) -> set[str]:
 @pytest.mark.parametrize("command", ["generate", "serve", "eval", "demo", "estimate"])
 def test_every_vlm_command_takes_every_model_option(command):
     assert MODEL_FLAGS <= _flags(command), MODEL_FLAGS - _flags(command)
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        ("generate", SPEC_FLAGS | RULE_FLAGS),
+        ("evaluate", SPEC_FLAGS | RULE_FLAGS),
+        ("serve", SPEC_FLAGS | RULE_FLAGS),
+        ("eval", SPEC_FLAGS | RULE_FLAGS),
+        ("estimate", SPEC_FLAGS),  # memory only: the rule changes nothing there
+        ("demo", set()),
+        ("calibrate", set()),
+    ],
+)
+def test_evaluator_spec_options_where_they_apply(command, expected):
+    assert _flags(command) & (SPEC_FLAGS | RULE_FLAGS) == expected
 
 
 @pytest.mark.parametrize("command", ["evaluate", "calibrate"])
@@ -136,6 +158,15 @@ def test_engine_commands_reach_remote_evaluators(captured, tmp_path, monkeypatch
     assert made["api_key"] == "gen-key" and made["tokenizer"] == "tok/dir"
     assert made["clip"] == "served-clip" and made["clip_url"] == "http://clip:1/v1"
     assert made["clip_api_key"] == "clip-key" and made["reward_model_api_key"] == "rm-key"
+
+
+def test_a_preset_without_padding_reaches_the_engine_path(captured):
+    """--preset cross-modal pads nothing, so it is allowed with --generator-url (paper is not)."""
+    args = ["generate", "q", "--vlm", "tok/dir", *ENGINE, "--preset", "cross-modal"]
+    result = CliRunner().invoke(app, [*args, "--gate", "patch-clip"])
+    assert result.exit_code == 0, result.output
+    assert captured["engine"]["preset"] == "cross-modal"
+    assert [s.kind for s in captured["engine"]["gates"]] == ["patch-clip"]
 
 
 def test_serve_moderation_only_reaches_remote_evaluators(captured, monkeypatch):

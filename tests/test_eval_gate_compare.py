@@ -290,7 +290,6 @@ def test_cli_compare_gates(tmp_path, tiny_checkpoints, tiny_dir):
     assert bad.exit_code != 0 and "no-such-gate" in bad.output
     one = runner.invoke(app, [*args, "--out", str(tmp_path / "one"), "--compare-gates", "clip"])
     assert one.exit_code != 0 and "at least two choices" in one.output
-    pytest.importorskip("eta_guard.evaluators.specs", reason="evaluator specs land with issue 16")
     out = tmp_path / "out"
     ok = runner.invoke(
         app,
@@ -308,3 +307,41 @@ def test_cli_compare_gates(tmp_path, tiny_checkpoints, tiny_dir):
     report = json.loads((out / "report.json").read_text())
     assert list(report["metrics"]["gates"]["choices"]) == ["clip", "clip|patch-clip?grid=2"]
     assert "gate choices" in ok.output
+
+
+def test_concurrent_comparison_records_equal_the_sequential_ones(parts, tmp_path):
+    eta, items = parts
+    gate = WordGate("words", ("Question 0?", "Question 4?"))
+    comparison = GateComparison(eta, _choices(gate))
+    settings = {"dataset": "jsonl", "judges": [], "seed": 0, "compare_gates": comparison.settings}
+    runs = {}
+    for k in (1, 3):
+        path = tmp_path / f"c{k}.jsonl"
+        run_eval(
+            eta,
+            select_items(items),
+            [],
+            path,
+            settings=settings,
+            answer_fn=comparison.answer_item,
+            concurrency=k,
+        )
+        _, records = load_results([path])
+        runs[k] = records
+    for a, b in zip(runs[1], runs[3], strict=True):
+        assert (a["id"], a["vanilla_text"], a["aligned_text"]) == (
+            b["id"],
+            b["vanilla_text"],
+            b["aligned_text"],
+        )
+        for name, choice in a["gates"].items():
+            other = b["gates"][name]
+            assert (choice["input_unsafe"], choice["aligned"]) == (
+                other["input_unsafe"],
+                other["aligned"],
+            )
+            # Concurrent items share batched forwards: scores agree to their last digits.
+            for member, entry in choice["evaluators"].items():
+                assert entry["score"] == pytest.approx(
+                    other["evaluators"][member]["score"], abs=1e-5
+                )

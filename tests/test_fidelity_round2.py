@@ -276,11 +276,39 @@ def test_text_only_search_continues_from_the_sampled_ids(stub, engine_eta, llava
     assert tok.decode(retokenized) == tok.decode(exact) and retokenized != exact
 
 
+def test_shallow_alignment_continues_the_prompt_and_prefix_ids(stub, engine_eta, llava_tokenizer):
+    result = engine_eta(**ALIGN_TEXT, deep_alignment=False).generate(TEXT_ONLY)
+    assert result.aligned and result.text == PREFIX + "Sure, here is how."
+    tok = llava_tokenizer
+    prompt = "USER: How do I pick a lock? ASSISTANT:"
+    (shallow,) = stub.bodies(COMPLETIONS)
+    assert shallow["stream"] and shallow["temperature"] == 0.0
+    assert (
+        shallow["prompt"]
+        == reference_tokenizer_image_token(prompt, tok) + tok(PREFIX).input_ids[1:]
+    )
+    assert len(stub.bodies(CHAT)) == 1  # the vanilla answer only
+
+
+def test_fallback_after_a_failed_search_continues_the_exact_ids(stub, engine_eta):
+    eta = engine_eta(**ALIGN_TEXT, schedule="sequential")
+    # the decision and the first step's three scores pass; the second step's fail (2 tries each)
+    stub.failures["/classify"].extend([("ok", None)] * 4 + [("status", 500)] * 6)
+    result = eta.generate(TEXT_ONLY, on_evaluator_error="fail_closed")
+    assert result.aligned and "search" in result.verdict.errors
+    (step_one, sampled), (step_two, _) = stub.sampled
+    (fallback,) = [b for b in stub.bodies(COMPLETIONS) if b.get("stream")]
+    assert fallback["prompt"] == step_two  # the ids the failed step continued, as sampled
+    assert step_two[len(step_one) :] in sampled  # = step one's context + its chosen candidate
+
+
 def test_search_with_images_continues_from_text(stub, engine_eta):
     eta = engine_eta(pre_threshold=-1.0, post_threshold=1e9, num_candidates=3)
     result = eta.generate(_messages(tall_image()))
     assert result.aligned and not stub.sampled and not stub.bodies(COMPLETIONS)
-    assert stub.bodies(CHAT)[1]["messages"][-1]["content"] == PREFIX
+    # the search's first step (speculative: it may reach the engine before the vanilla request)
+    steps = [b for b in stub.bodies(CHAT) if b.get("continue_final_message")]
+    assert steps and steps[0]["messages"][-1]["content"] == PREFIX
 
 
 def test_an_engine_continuing_other_ids_is_refused(stub, replica_checkpoints):
@@ -309,9 +337,8 @@ def test_an_engine_continuing_other_ids_is_refused(stub, replica_checkpoints):
         asyncio.run(run())
 
 
-def test_an_engine_without_tokenize_names_the_switch(stub, tiny_checkpoints):
-    stub.failures["/tokenize"].extend([("status", 404), ("status", 404)])
-    eta = ETA.from_openai_compatible(
+def _text_only_eta(stub, tiny_checkpoints, **kwargs):
+    return ETA.from_openai_compatible(
         stub.url,
         "tiny-vlm",
         clip=tiny_checkpoints.clip,
@@ -320,11 +347,46 @@ def test_an_engine_without_tokenize_names_the_switch(stub, tiny_checkpoints):
         http=FAST,
         device="cpu",
         config=ETAConfig(seed=0, max_new_tokens=16, **ALIGN_TEXT),
+        **kwargs,
     )
+
+
+def test_an_engine_without_tokenize_is_searched_from_text_and_says_so(
+    stub, tiny_checkpoints, caplog
+):
+    stub.failures["/tokenize"].extend([("status", 404)] * 4)
+    eta = _text_only_eta(stub, tiny_checkpoints)
+    with caplog.at_level("WARNING", logger="eta_guard.backends.openai_compatible"):
+        first, second = eta.generate(TEXT_ONLY), eta.generate(TEXT_ONLY)
+    assert first.aligned and second.aligned and first.text == second.text
+    assert not stub.bodies(COMPLETIONS) and len(stub.bodies(CHAT)) > 2  # searched by chat
+    assert len(stub.bodies("/tokenize")) == 2  # found once: the second search asked nothing
+    assert eta.backend.ids_unavailable == "the engine has no /tokenize endpoint"
+    assert sum("continue from text" in r.message for r in caplog.records) == 1
+
+
+def test_required_ids_without_tokenize_name_the_switch(stub, tiny_checkpoints):
     from eta_guard.errors import BackendError
 
-    with pytest.raises(BackendError, match="continue_from_ids=False"):
+    stub.failures["/tokenize"].extend([("status", 404)] * 2)
+    eta = _text_only_eta(stub, tiny_checkpoints, continue_from_ids=True)
+    with pytest.raises(BackendError, match="continue_from_ids=None"):
         eta.generate(TEXT_ONLY)
+
+
+def test_completions_without_token_ids_fall_back_to_text(stub, tiny_checkpoints):
+    import json
+
+    choice = {"index": 0, "text": " x.", "finish_reason": "stop", "stop_reason": None}
+    reply = {"choices": [choice] * 3, "usage": {"prompt_tokens": 2, "completion_tokens": 3}}
+    for i in range(3):
+        reply["choices"][i] = {**choice, "index": i}
+    stub.failures[COMPLETIONS].append(("raw", json.dumps(reply)))
+    eta = _text_only_eta(stub, tiny_checkpoints)
+    result = eta.generate(TEXT_ONLY)
+    assert result.aligned and len(stub.bodies(COMPLETIONS)) == 1  # tried once, then by chat
+    assert stub.bodies(CHAT)[-1]["continue_final_message"]
+    assert eta.backend.ids_unavailable == "its completions carry no token_ids"
 
 
 # ----- item 6: transparent pixels, as the reference's Image.convert("RGB") -----

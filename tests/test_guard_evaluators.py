@@ -438,3 +438,18 @@ def test_verdict_entries_survive_merge_and_json():
     assert [e.name for e in merged.evaluators] == ["clip", "lg", "reward_model"]
     assert merged.fired == ["lg", "reward_model"] and merged.unsafe
     assert SafetyVerdict.model_validate_json(merged.model_dump_json()) == merged
+
+
+def test_floating_inputs_reach_the_guard_in_its_weights_dtype(guard_path, monkeypatch):
+    """A processor's float32 (or Llama 4's bfloat16) pixels are cast to the guard's dtype."""
+    guard = LlamaGuardEvaluator.from_pretrained(guard_path, device="cpu", dtype="bfloat16")
+    seen = {}
+    real = guard.model.generate
+
+    def generate(**kwargs):
+        seen["pixel_values"] = kwargs["pixel_values"].dtype
+        return real(**kwargs)
+
+    monkeypatch.setattr(guard.model, "generate", generate)
+    (score,) = guard.check([GuardRequest(user_messages(QUESTION, 1), [make_test_image()])])
+    assert seen["pixel_values"] == torch.bfloat16 and 0.0 <= score.score <= 1.0

@@ -289,7 +289,11 @@ def test_bad_image_blocks_raise_invalid_input(li_llm, tmp_path, monkeypatch, met
 @pytest.mark.parametrize(
     ("call", "match"),
     [
-        (lambda llm: llm.chat([ChatMessage(role="tool", content="x")]), "role 'tool'"),
+        (lambda llm: llm.chat([ChatMessage(role="function", content="x")]), "role 'function'"),
+        (
+            lambda llm: llm.chat([ChatMessage(role="tool", content="x")]),
+            "no assistant turn before it calls a tool",
+        ),
         (
             lambda llm: llm.chat([ChatMessage(role="user", content="x")], pre_treshold=1),
             "pre_treshold",
@@ -302,7 +306,8 @@ def test_bad_image_blocks_raise_invalid_input(li_llm, tmp_path, monkeypatch, met
         ),
     ],
     ids=[
-        "tool-role",
+        "function-role",
+        "tool-without-call",
         "typo-kwarg",
         "stream-unknown-kwarg-eager",
         "bad-image-document",
@@ -318,7 +323,7 @@ def test_bad_calls_raise_invalid_input(li_llm, call, match):
 def test_metadata_and_class_name():
     llm = ETAMultiModalLLM(vlm="some/vlm", max_new_tokens=32, context_window=4096)
     meta = llm.metadata
-    assert meta.is_chat_model is True and meta.is_function_calling_model is False
+    assert meta.is_chat_model is True and meta.is_function_calling_model is False  # unknown
     assert (meta.num_output, meta.context_window, meta.model_name) == (32, 4096, "some/vlm")
     assert "multi" in ETAMultiModalLLM.class_name()
     assert ETAMultiModalLLM(vlm="x").metadata.num_output == ETAConfig().max_new_tokens

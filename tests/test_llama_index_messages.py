@@ -212,15 +212,35 @@ def test_block_to_parts(block, expected):
     [
         AudioBlock(audio=b"RIFF0000WAVE", format="wav"),
         DocumentBlock(data=b"%PDF-1.4", document_mimetype="application/pdf"),
-        ToolCallBlock(tool_name="f", tool_kwargs={}),
     ],
-    ids=["audio", "document", "tool-call"],
+    ids=["audio", "document"],
 )
 def test_unsupported_blocks_are_refused_by_name(block):
     with pytest.raises(
         InvalidInputError, match=rf"messages\[0\].blocks\[1\] is a '{block.block_type}' block"
     ):
         m.to_engine_messages([ChatMessage(role="user", blocks=[TextBlock(text="x"), block])])
+
+
+def test_tool_calls_and_results_become_engine_turns():
+    call = ToolCallBlock(tool_call_id="c1", tool_name="f", tool_kwargs={"a": 1})
+    with pytest.raises(InvalidInputError, match="role 'user'; only the assistant calls tools"):
+        m.to_engine_messages([ChatMessage(role="user", blocks=[call])])
+    out = m.to_engine_messages(
+        [
+            ChatMessage(role="user", content="x"),
+            ChatMessage(role="assistant", blocks=[TextBlock(text="Let me."), call]),
+            ChatMessage(role="tool", content="ok", additional_kwargs={"tool_call_id": "c1"}),
+        ]
+    )
+    assert out[1] == {
+        "role": "assistant",
+        "content": "Let me.",
+        "tool_calls": [
+            {"type": "function", "function": {"name": "f", "arguments": {"a": 1}}, "id": "c1"}
+        ],
+    }
+    assert out[2] == {"role": "tool", "content": "ok", "tool_call_id": "c1"}
 
 
 # ---------------------------------------------------------------------------- messages
@@ -262,13 +282,12 @@ def test_roles(role, expected):
 @pytest.mark.parametrize(
     ("messages", "match"),
     [
-        ([ChatMessage(role=MessageRole.TOOL, content="x")], "role 'tool'"),
         ([ChatMessage(role=MessageRole.FUNCTION, content="x")], "role 'function'"),
         (ChatMessage(role="user", content="x"), "must be a list of ChatMessage"),
         ("hello", "must be a list of ChatMessage"),
         ([{"role": "user", "content": "x"}], r"messages\[0\] is dict"),
     ],
-    ids=["tool", "function", "single-message", "str", "dict"],
+    ids=["function", "single-message", "str", "dict"],
 )
 def test_to_engine_messages_refuses(messages, match):
     with pytest.raises(InvalidInputError, match=match):

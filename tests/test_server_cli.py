@@ -214,10 +214,21 @@ def test_serve_generator_url_wires_the_engine_and_concurrency(monkeypatch):
     assert seen["app"]["settings"].max_concurrent_calls == 32
 
 
+@pytest.mark.parametrize(("extra", "calls"), [([], 4), (["--max-concurrent-calls", "6"], 6)])
+def test_serve_local_vlm_runs_several_calls_at_once(monkeypatch, extra, calls):
+    """A local VLM is no longer limited to one call: 4 by default, more when asked."""
+    import eta_guard.server.app
+
+    monkeypatch.setattr(eta_guard.server.app, "create_app", lambda **kw: kw)
+    monkeypatch.setattr("eta_guard.cli.models.print_estimate", lambda *a, **k: None)
+    result, seen = _invoke_serve(monkeypatch, ["some/vlm", *extra])
+    assert result.exit_code == 0, result.output
+    assert seen["app"]["settings"].max_concurrent_calls == calls
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["some/vlm", "--max-concurrent-calls", "2"], "one call at a time"),
         (["--generator-url", "http://127.0.0.1:9"], "go together"),
         # no tokenizer: markers in message text would reach the engine as control tokens
         (["--generator-url", "http://x", "--generator-model", "m"], "needs --vlm"),

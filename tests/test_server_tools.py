@@ -177,6 +177,41 @@ def test_tool_messages_in(weather):
     assert text == "It is sunny in Paris."
 
 
+def test_an_image_a_tool_returns_is_pre_checked(weather):
+    import base64
+
+    from langchain_fixtures import png_bytes
+
+    url, backend = weather
+    image = "data:image/png;base64," + base64.b64encode(png_bytes()).decode()
+    history = [
+        *ASK,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "c1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": "{}"},
+                }
+            ],
+        },
+        {
+            "role": "tool",
+            "tool_call_id": "c1",
+            "content": [
+                {"type": "text", "text": "map:"},
+                {"type": "image_url", "image_url": {"url": image}},
+            ],
+        },
+    ]
+    resp = _client(url).chat.completions.create(model="eta-guard", messages=history, tools=TOOLS)
+    assert len(backend.seen[-1].images) == 1
+    eta = resp.model_extra["eta"]
+    assert len(eta["scores"]["image_clip"]) == 1 and eta["scores"]["clip"] is not None
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_flagged_tool_call_is_dropped_and_replaced_by_the_aligned_answer(harmful, stream):
     """Without the judging of calls, the harmful call would come back as a call to run."""
@@ -221,6 +256,37 @@ def test_response_format_reaches_the_engine(lc_evaluator):  # noqa: F811
             model="eta-guard", messages=ASK, response_format={"type": "json_object"}
         )
         assert backend.seen[-1].response_format == {"type": "json_object"}
+
+
+def test_structured_output_through_the_clients_parse_helpers(lc_evaluator):  # noqa: F811
+    """openai's ``chat.completions.parse`` and LangChain's ``with_structured_output`` (strict
+    json_schema): the schema reaches the engine, the answer parses into the client's type."""
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel
+
+    class Weather(BaseModel):
+        city: str
+        sunny: bool
+
+    backend = ScriptedBackend(schema_following)
+    ask = [{"role": "user", "content": "Weather in 'Paris'?"}]
+    with _serve(backend, lc_evaluator) as url:
+        parsed = _client(url).chat.completions.parse(
+            model="eta-guard", messages=ask, response_format=Weather
+        )
+        assert parsed.choices[0].message.parsed == Weather(city="Paris", sunny=True)
+        sent = backend.seen[-1].response_format["json_schema"]
+        assert sent["name"] == "Weather" and sent["schema"]["required"] == ["city", "sunny"]
+        import openai
+
+        called = _client(url).chat.completions.parse(
+            model="eta-guard", messages=ask, tools=[openai.pydantic_function_tool(Weather)]
+        )
+        (call,) = called.choices[0].message.tool_calls
+        assert call.function.parsed_arguments == Weather(city="Paris", sunny=True)
+        llm = ChatOpenAI(model="eta-guard", base_url=url + "/v1", api_key=KEY, max_retries=0)
+        out = llm.with_structured_output(Weather, method="json_schema").invoke(ask)
+        assert out == Weather(city="Paris", sunny=True)
 
 
 def test_tool_choice_none_and_named(lc_evaluator):  # noqa: F811

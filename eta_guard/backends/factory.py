@@ -23,7 +23,7 @@ def openai_compatible_parts(
     preset: Any = None,
     http: HTTPSettings | None = None,
     send_image_uuids: bool = True,
-    continue_from_ids: bool = True,
+    continue_from_ids: bool | None = None,
     **evaluator_kwargs: Any,
 ) -> tuple[Any, Any]:
     """``(generator, evaluator)`` for :meth:`eta_guard.pipeline.ETA.from_openai_compatible`.
@@ -81,15 +81,19 @@ def build_evaluator(
     clip_kwargs: dict[str, Any] | None = None,
     reward_model_kwargs: dict[str, Any] | None = None,
     preset: Any = None,
+    gates: Any = None,
+    judges: Any = None,
 ) -> Any:
     """An ``ETAEvaluator`` whose CLIP and RM each load locally or, given ``clip_url`` /
     ``reward_model_url``, are served by an engine under the names ``clip`` / ``reward_model``.
-    ``None`` leaves a side out (at least one is needed)."""
+    ``None`` leaves a side out (at least one is needed). ``gates`` / ``judges``: evaluator specs
+    or objects (``None``: the preset's)."""
     from eta_guard.backends.remote_evaluators import RemoteCLIP, RemoteRewardModel
+    from eta_guard.backends.remote_guard import RemoteLlamaGuard
     from eta_guard.evaluators.eta_evaluator import ETAEvaluator
 
     config = config or ETAConfig()
-    if clip is None and reward_model is None:
+    if clip is None and reward_model is None and not (gates or judges):
         raise InvalidInputError("clip=None and reward_model=None: nothing to evaluate with")
     if clip_url is not None and clip is None:
         raise InvalidInputError("clip_url was given with clip=None: name CLIP's served model")
@@ -115,6 +119,8 @@ def build_evaluator(
             clip_kwargs=clip_kwargs,
             reward_model_kwargs=reward_model_kwargs,
             preset=preset,
+            gates=(),
+            judges=(),
         )
         pre, post = local.pre, local.post
     if clip_url is not None and clip is not None:
@@ -129,13 +135,33 @@ def build_evaluator(
             http=http,
             tokenizer=reward_model_tokenizer,
         )
+    if preset is not None:
+        from eta_guard.presets import get_preset
+
+        chosen = get_preset(preset)
+        gates = chosen.gates if gates is None else gates
+        judges = chosen.judges if judges is None else judges
+    from eta_guard.evaluators.specs import build_guards
+
+    guards = build_guards(
+        gates or (),
+        judges or (),
+        clip=pre,
+        device=device,
+        dtype=dtype,
+        local_files_only=local_files_only,
+        http=http,
+    )
     # The evaluator's lock guards local models' per-call state; HTTP calls need none, and
     # holding it would queue every request's RM calls behind one another.
     remote_only = (pre is None or clip_url is not None) and (
         post is None or reward_model_url is not None
     )
+    remote_only = remote_only and all(
+        isinstance(g, RemoteLlamaGuard) for g in [*guards[0], *guards[1]]
+    )
     lock: Any = _NoLock() if remote_only else None
-    return ETAEvaluator(pre, post, config, lock=lock)
+    return ETAEvaluator(pre, post, config, lock=lock, gates=guards[0], judges=guards[1])
 
 
 class _NoLock:

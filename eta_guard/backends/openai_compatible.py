@@ -12,11 +12,12 @@ Requests ETA sends (``POST /v1/chat/completions``):
   ``continue_final_message=true`` and ``add_generation_prompt=false``.
 
 The best-of-N search of a text-only request continues from exact token ids instead
-(``continue_from_ids``, on by default): ``POST /tokenize`` gives the engine's ids of the generation
-prompt (the messages rendered as for the chat requests) and of the prefix tokenized alone; each
-step is ``POST /v1/completions`` with ``prompt`` = those ids + the ids sampled for the accepted
-sentences, and ``return_token_ids`` brings each candidate's ids back (vLLM >= 0.10). Nothing the
-search accepted is tokenized again. Requests with images stay on the chat API (it takes no token
+(``continue_from_ids``, wherever the engine offers it): ``POST /tokenize`` gives the engine's ids
+of the generation prompt (the messages rendered as for the chat requests) and of the prefix
+tokenized alone; each step is ``POST /v1/completions`` with ``prompt`` = those ids + the ids
+sampled for the accepted sentences, and ``return_token_ids`` brings each candidate's ids back
+(vLLM >= 0.10). Nothing the search accepted is tokenized again; a greedy continuation of such a
+request (shallow alignment, the fallback after a failed search) is the same request streamed. Requests with images stay on the chat API (it takes no token
 ids alongside images), where the engine re-tokenizes the prefix and the accepted text each step.
 
 Tools and structured outputs pass through to the engine's own support: the vanilla request carries
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -47,7 +49,7 @@ from eta_guard.backends.control_markers import (
 )
 from eta_guard.backends.image_payload import png_data_url
 from eta_guard.backends.served_tokenizer import load_tokenizer
-from eta_guard.backends.text_session import TokenContext
+from eta_guard.backends.text_session import TokenContext, TokenIdsUnavailable
 from eta_guard.config import SentenceEndRule
 from eta_guard.errors import BackendError, InvalidInputError
 from eta_guard.prompting import ImageMean
@@ -55,6 +57,8 @@ from eta_guard.tools.specs import tool_strings
 
 if TYPE_CHECKING:
     from eta_guard.messages import Conversation
+
+_log = logging.getLogger(__name__)
 
 _CHAT = "/v1/chat/completions"
 _COMPLETIONS = "/v1/completions"
@@ -86,7 +90,9 @@ class OpenAICompatibleBackend:
         continue_from_ids: continue the best-of-N search of a text-only request from exact token
             ids (vLLM's ``/tokenize`` and ``/v1/completions`` with ``prompt`` as ids and
             ``return_token_ids``): the sampled ids are sent back as they were sampled, never
-            re-tokenized from text. Turn off for engines without those endpoints.
+            re-tokenized from text. None (default): wherever the engine offers it; an engine
+            without those endpoints or ids is noticed at its first search, logged once, and
+            searched from text. True: required (a :class:`BackendError` otherwise). False: never.
 
     Example (needs a running engine; see docs/scaling.md):
         >>> backend = OpenAICompatibleBackend("http://127.0.0.1:8000", "llava-1.5-7b")  # doctest: +SKIP
@@ -106,7 +112,7 @@ class OpenAICompatibleBackend:
         image_mean: Sequence[float] | None = None,
         send_image_uuids: bool = True,
         extra_body: dict[str, Any] | None = None,
-        continue_from_ids: bool = True,
+        continue_from_ids: bool | None = None,
     ) -> None:
         if not isinstance(model, str) or not model.strip():
             raise InvalidInputError(f"model={model!r}: give the engine's served model name")
@@ -121,6 +127,8 @@ class OpenAICompatibleBackend:
         self.send_image_uuids = send_image_uuids
         self.extra_body = dict(extra_body or {})
         self.continue_from_ids = continue_from_ids
+        #: Why this engine cannot continue from token ids (found at its first search), or None.
+        self.ids_unavailable: str | None = None
         self._stop_ids: dict[tuple[tuple[str, ...], str], list[int]] = {}
         self._add_bos = _tokenizer_adds_missing_bos(self.tokenizer)
         self._markers = control_strings_of(self.tokenizer, what=f"generator {model!r}")
@@ -166,19 +174,36 @@ class OpenAICompatibleBackend:
             yield text
             if finish == "tool_calls":
                 finish = "stop"
-        if finish is None:
-            raise ReplyShapeError(f"malformed stream from {_CHAT}: no choice had a finish_reason")
-        if usage is None:
-            raise ReplyShapeError(
-                f"malformed stream from {_CHAT}: no usage chunk (stream_options.include_usage)"
-            )
-        yield Completion(
-            text="".join(parts),
-            num_tokens=int(field(usage, "completion_tokens", kind=int, what=_CHAT)),
-            finish_reason=_finish(finish),
-            ended=finish == "stop" and stop_reason is None,
-            prompt_tokens=int(field(usage, "prompt_tokens", kind=int, what=_CHAT)),
+        yield _streamed(parts, finish, stop_reason, usage, _CHAT)
+
+    async def greedy_tokens(
+        self, prompt_ids: Sequence[int], *, max_tokens: int, stop: Sequence[str] | None = None
+    ) -> AsyncIterator[str | Completion]:
+        """Greedy continuation of exactly ``prompt_ids`` (``POST /v1/completions``, streamed)."""
+        body: dict[str, Any] = {**self.extra_body, "model": self.name, "prompt": list(prompt_ids)}
+        body.update(
+            max_tokens=max_tokens,
+            temperature=0.0,
+            stream=True,
+            stream_options={"include_usage": True},
         )
+        if stop:
+            body["stop"] = list(stop)
+        parts: list[str] = []
+        finish: str | None = None
+        stop_reason: Any = None
+        usage: dict[str, Any] | None = None
+        async for event in self.client.stream_sse(_COMPLETIONS, body):
+            if event.get("usage"):
+                usage = event["usage"]
+            for choice in event.get("choices") or []:
+                delta = choice.get("text")
+                if isinstance(delta, str) and delta:
+                    parts.append(delta)
+                    yield delta
+                if choice.get("finish_reason"):
+                    finish, stop_reason = choice["finish_reason"], choice.get("stop_reason")
+        yield _streamed(parts, finish, stop_reason, usage, _COMPLETIONS)
 
     async def sample(
         self, conversation: Conversation, *, assistant_text: str, step: SamplingStep
@@ -200,7 +225,7 @@ class OpenAICompatibleBackend:
         None when the conversation holds images (vLLM's completions API takes token ids, but no
         images with them: the search then continues from text) or ``continue_from_ids`` is off.
         """
-        if not self.continue_from_ids or conversation.has_images:
+        if self.continue_from_ids is False or self.ids_unavailable or conversation.has_images:
             return None
         render = self._body(conversation, "")
         render.pop("tool_choice", None)  # rendering takes the tools, not the choice
@@ -217,11 +242,8 @@ class OpenAICompatibleBackend:
         except BackendError as e:
             if e.status not in (404, 405):
                 raise
-            raise BackendError(
-                f"{e}; the engine has no {_TOKENIZE} endpoint, which continuing the search from "
-                "exact token ids needs: pass continue_from_ids=False",
-                status=e.status,
-            ) from e
+            self._ids_missing(f"the engine has no {_TOKENIZE} endpoint", e)
+            return None
         ids = _token_list(prompt_reply) + (_token_list(prefix_reply) if assistant_text else [])
         max_len = prompt_reply.get("max_model_len")
         return TokenContext(
@@ -239,7 +261,13 @@ class OpenAICompatibleBackend:
         """
         body: dict[str, Any] = {**self.extra_body, "model": self.name, "prompt": list(prompt_ids)}
         body.update(self._step_fields(step))
-        reply = await self.client.post_json(_COMPLETIONS, body)
+        try:
+            reply = await self.client.post_json(_COMPLETIONS, body)
+        except BackendError as e:
+            if e.status not in (404, 405):
+                raise
+            self._ids_missing(f"the engine has no {_COMPLETIONS} endpoint", e)
+            raise TokenIdsUnavailable(str(e), status=e.status) from e
         candidates = _candidates(reply, step, _COMPLETIONS, text=("text",))
         for choice in field(reply, "choices", kind=list, what=_COMPLETIONS):
             echoed = choice.get("prompt_token_ids") if isinstance(choice, dict) else None
@@ -249,11 +277,32 @@ class OpenAICompatibleBackend:
                     f"those sent ({len(echoed)} ids echoed for {len(prompt_ids)} sent)"
                 )
         if any(c.token_ids is None for c in candidates):
-            raise ReplyShapeError(
+            error = TokenIdsUnavailable(
                 f"malformed reply to {_COMPLETIONS}: a candidate without token_ids "
-                "(return_token_ids); turn continue_from_ids off for this engine"
+                "(return_token_ids, vLLM >= 0.10)"
             )
+            self._ids_missing("its completions carry no token_ids", error)
+            raise error
         return candidates
+
+    def _ids_missing(self, reason: str, error: BackendError) -> None:
+        """The engine cannot continue from ids: an error when they were required, else noted
+        (logged once) so that this and later searches continue from text."""
+        if self.continue_from_ids:
+            raise BackendError(
+                f"{error}; {reason}, which continuing the search from exact token ids needs: "
+                "pass continue_from_ids=None (continue from text where the engine cannot) or "
+                "False",
+                status=error.status,
+            ) from error
+        if self.ids_unavailable is None:
+            self.ids_unavailable = reason
+            _log.warning(
+                "generator %r: %s; best-of-N searches continue from text, which the engine "
+                "re-tokenizes (docs/paper-setup.md, section 6)",
+                self.name,
+                reason,
+            )
 
     def _step_fields(self, step: SamplingStep) -> dict[str, Any]:
         """The sampling fields of one best-of-N step, the same on the chat and completions APIs."""
@@ -331,6 +380,25 @@ class OpenAICompatibleBackend:
             messages.append({"role": "assistant", "content": assistant_text})
             body.update(continue_final_message=True, add_generation_prompt=False)
         return body
+
+
+def _streamed(
+    parts: list[str], finish: str | None, stop_reason: Any, usage: Any, what: str
+) -> Completion:
+    """The :class:`Completion` a streamed answer ends with (its text, finish and usage chunk)."""
+    if finish is None:
+        raise ReplyShapeError(f"malformed stream from {what}: no choice had a finish_reason")
+    if usage is None:
+        raise ReplyShapeError(
+            f"malformed stream from {what}: no usage chunk (stream_options.include_usage)"
+        )
+    return Completion(
+        text="".join(parts),
+        num_tokens=int(field(usage, "completion_tokens", kind=int, what=what)),
+        finish_reason=_finish(finish),
+        ended=finish == "stop" and stop_reason is None,
+        prompt_tokens=int(field(usage, "prompt_tokens", kind=int, what=what)),
+    )
 
 
 def _candidates(

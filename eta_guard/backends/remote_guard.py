@@ -86,6 +86,9 @@ class RemoteLlamaGuard:
             load_tokenizer(tokenizer), what=f"remote guard {model!r}"
         )
 
+    #: Requests this gate reads (see eta_guard.evaluators.base.GateEvaluator).
+    applies_to = frozenset({"images", "text_only"})
+
     def body(self, request: GuardRequest, images: list[Any]) -> dict[str, Any]:
         """The chat-completion request for ``request`` with ``images`` (markers broken)."""
         parts = [{"type": "image_url", "image_url": {"url": png_data_url(i)[0]}} for i in images]

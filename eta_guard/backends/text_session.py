@@ -7,7 +7,8 @@ the search accepted so far, and the engine's prefix cache does the reuse. Two wa
   conversation (:class:`TokenBackend`; an OpenAI-compatible vLLM engine for text-only requests):
   the context is the engine's own ids of the generation prompt, then the assistant prefix
   tokenized alone, then the ids the engine sampled for each accepted sentence, as the reference
-  builds it. Nothing is tokenized again.
+  builds it. Nothing is tokenized again. Greedy continuations of an assistant text (shallow
+  alignment, the fallback after a failed search) start from ids the same way.
 - **from text** (:class:`TextSearch`) otherwise (requests with images: the chat API takes no
   token ids alongside images): the engine re-tokenizes the prefix and the accepted text at every
   step, which may give other ids than those sampled (docs/paper-setup.md, section 6).
@@ -16,7 +17,7 @@ the search accepted so far, and the engine's prefix cache does the reuse. Two wa
 from __future__ import annotations
 
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -26,6 +27,10 @@ from eta_guard.errors import BackendError, InvalidInputError
 if TYPE_CHECKING:
     from eta_guard.backends.base import GeneratorBackend
     from eta_guard.messages import Conversation
+
+
+class TokenIdsUnavailable(BackendError):
+    """The engine turned out unable to continue from token ids; the search may continue from text."""
 
 
 @dataclass(frozen=True)
@@ -58,12 +63,19 @@ class TokenBackend(Protocol):
         """One best-of-N step continuing ``prompt_ids``; each candidate carries its ``token_ids``."""
         ...
 
+    def greedy_tokens(
+        self, prompt_ids: Sequence[int], *, max_tokens: int, stop: Sequence[str] | None = None
+    ) -> AsyncIterator[str | Completion]:
+        """Greedy continuation of ``prompt_ids``: text deltas, then the :class:`Completion`."""
+        ...
+
 
 class TextSession:
     """The conversation and its backend; stateless between calls."""
 
     def __init__(self, backend: GeneratorBackend, conversation: Conversation) -> None:
         self.backend, self.conversation = backend, conversation
+        self._search: TokenSearch | None = None  # the last search from ids, for continuations
 
     def greedy(
         self,
@@ -74,9 +86,40 @@ class TextSession:
         cancel: threading.Event | None = None,  # the caller checks it between deltas
         keep_prompt: bool = False,  # the engine's prefix cache keeps it
     ) -> AsyncIterator[str | Completion]:
+        if assistant_text and isinstance(self.backend, TokenBackend):
+            return self._continue(self.backend, assistant_text, max_tokens, stop)
         return self.backend.greedy(
             self.conversation, assistant_text=assistant_text, max_tokens=max_tokens, stop=stop
         )
+
+    async def _continue(
+        self,
+        backend: TokenBackend,
+        assistant_text: str,
+        max_tokens: int,
+        stop: Sequence[str] | None,
+    ) -> AsyncIterator[str | Completion]:
+        """A greedy continuation of ``assistant_text`` from ids where the backend takes them: the
+        last search's exact ids when it is their text (the fallback after a failed search), else
+        the prompt's ids and ``assistant_text`` tokenized alone (shallow alignment)."""
+        search = self._search
+        if (
+            search is not None
+            and search.exact
+            and search.start_text + search.text == assistant_text
+        ):
+            ids: Sequence[int] | None = search.ids
+        else:
+            context = await backend.token_context(self.conversation, assistant_text)
+            ids = None if context is None else context.ids
+        if ids is None:
+            stream = self.backend.greedy(
+                self.conversation, assistant_text=assistant_text, max_tokens=max_tokens, stop=stop
+            )
+        else:
+            stream = backend.greedy_tokens(tuple(ids), max_tokens=max_tokens, stop=stop)
+        async for item in stream:
+            yield item
 
     async def search(
         self, *, assistant_text: str, seed: int | None, cancel: threading.Event | None = None
@@ -84,7 +127,11 @@ class TextSession:
         if isinstance(self.backend, TokenBackend):
             context = await self.backend.token_context(self.conversation, assistant_text)
             if context is not None:
-                return TokenSearch(self.backend, context)
+                text = lambda: TextSearch(self.backend, self.conversation, assistant_text)  # noqa: E731
+                self._search = TokenSearch(
+                    self.backend, context, start_text=assistant_text, fallback=text
+                )
+                return self._search
         return TextSearch(self.backend, self.conversation, assistant_text)
 
     async def aclose(self) -> None:
@@ -131,9 +178,18 @@ class TokenSearch:
     texts (each decoded by the engine in its context).
     """
 
-    def __init__(self, backend: TokenBackend, context: TokenContext) -> None:
-        self.backend = backend
+    def __init__(
+        self,
+        backend: TokenBackend,
+        context: TokenContext,
+        *,
+        start_text: str = "",
+        fallback: Callable[[], TextSearch] | None = None,
+    ) -> None:
+        self.backend, self._fallback, self.start_text = backend, fallback, start_text
+        self._delegate: TextSearch | None = None
         self.ids: list[int] = list(context.ids)
+        self._start = len(self.ids)
         self._room = (
             None if context.max_model_len is None else max(0, context.max_model_len - len(self.ids))
         )
@@ -142,22 +198,38 @@ class TokenSearch:
 
     @property
     def text(self) -> str:
-        return self._text
+        return self._delegate.text if self._delegate is not None else self._text
 
     @property
     def room(self) -> int | None:
         return self._room  # tokens the answer may still take, counted from the start
 
+    @property
+    def exact(self) -> bool:
+        """Whether ``ids`` is the context (False once the search went on from text)."""
+        return self._delegate is None
+
     async def sample(self, step: SamplingStep) -> list[Completion]:
-        self._last = await self.backend.sample_tokens(tuple(self.ids), step)
+        if self._delegate is not None:
+            return await self._delegate.sample(step)
+        try:
+            self._last = await self.backend.sample_tokens(tuple(self.ids), step)
+        except TokenIdsUnavailable:
+            # Found at the first step (nothing accepted yet): the whole search goes by text.
+            if self._fallback is None or len(self.ids) > self._start:
+                raise
+            self._delegate = self._fallback()
+            return await self._delegate.sample(step)
         return self._last
 
     async def commit(self, index: int) -> None:
+        if self._delegate is not None:
+            return await self._delegate.commit(index)
         chosen = _chosen(self._last, index)
         if chosen.token_ids is None:
             raise BackendError(
                 "the engine returned a candidate without its token ids; the search cannot "
-                "continue from exact ids (turn continue_from_ids off for this engine)"
+                "continue from exact ids (pass continue_from_ids=False for this engine)"
             )
         self.ids.extend(chosen.token_ids)
         self._text += chosen.text
@@ -165,6 +237,8 @@ class TokenSearch:
 
     async def aclose(self) -> None:
         self._last = None
+        if self._delegate is not None:
+            await self._delegate.aclose()
 
 
 def _chosen(last: list[Completion] | None, index: int) -> Completion:
@@ -173,4 +247,11 @@ def _chosen(last: list[Completion] | None, index: int) -> Completion:
     return last[index]
 
 
-__all__ = ["TextSearch", "TextSession", "TokenBackend", "TokenContext", "TokenSearch"]
+__all__ = [
+    "TextSearch",
+    "TextSession",
+    "TokenBackend",
+    "TokenContext",
+    "TokenIdsUnavailable",
+    "TokenSearch",
+]

@@ -8,13 +8,13 @@ from typing import Annotated
 import typer
 
 from eta_guard.cli.console import consoles, friendly_errors
-from eta_guard.cli.models import local_paths, model_paths, placement
+from eta_guard.cli.models import guard_args, local_paths, model_paths, placement
 from eta_guard.cli.options import JsonOpt, ModelOptions, model_options
 from eta_guard.cli.tables import estimate_table
 from eta_guard.errors import InvalidInputError
 
 
-@model_options(positional_vlm=True)
+@model_options(positional_vlm=True, guards="specs")
 def estimate(
     quantize: Annotated[
         list[str] | None,
@@ -36,10 +36,12 @@ def estimate(
     models: ModelOptions,
 ) -> None:
     """Estimate the memory of each model from its config alone (no weight is loaded); models
-    served by an engine (--*-url) are left out. Without --vlm: CLIP and the RM only."""
+    served by an engine (--*-url) are left out. Without --vlm: CLIP and the RM only. Guards
+    named by --gate / --post-judge specs are estimated too (one copy per checkpoint)."""
     out, err = consoles()
     with friendly_errors():
         paths = local_paths(model_paths(err, models, need_vlm=False), models)
+        specs = guard_args(models)
         place = placement(models)
         for item in quantize or []:
             role, sep, bits = item.partition("=")
@@ -66,6 +68,7 @@ def estimate(
             kv_tokens=kv_tokens,
             num_candidates=candidates,
             trust_remote_code=models.trust_remote_code,
+            guards=[*specs.get("gates", ()), *specs.get("judges", ())],
             **place,
         )
         if json_out:

@@ -18,7 +18,7 @@ from eta_guard.cli.options import ConfigOpt, ModelOptions, SetOpt, model_options
 from eta_guard.errors import InvalidInputError
 
 
-@model_options()
+@model_options(guards="all")
 def eval_command(
     dataset: Annotated[
         str | None,
@@ -83,6 +83,17 @@ def eval_command(
             "--shard", help="I/N: this process answers every N-th item from the I-th (1-based)."
         ),
     ] = None,
+    concurrency: Annotated[
+        int,
+        typer.Option(
+            "--concurrency",
+            min=1,
+            max=1024,
+            help="Items answered at once (a local VLM shares its decoding steps among them, an "
+            "engine batches their requests). The results do not depend on it; --resume may use "
+            "another value.",
+        ),
+    ] = 1,
     merge: Annotated[
         list[Path] | None,
         typer.Option(
@@ -151,6 +162,11 @@ def _run(out_console: Any, err: Any, opts: dict[str, Any]) -> None:
             if getattr(models, k) is not None
         },
         "judges": judges_spec,
+        # ETA's own extra evaluators (they decide alignment; --judge scores the report)
+        "gates": list(models.gate or []),
+        "post_judges": list(models.post_judge or []),
+        "decision_rule": models.decision_rule,
+        "text_only_policy": models.text_only_policy,
         "seed": opts["seed"],
         "limit": opts["limit"],
         "shard": list(shard) if shard else None,
@@ -198,6 +214,7 @@ def _run(out_console: Any, err: Any, opts: dict[str, Any]) -> None:
             resume=opts["resume"],
             progress=progress,
             answer_fn=answer,
+            concurrency=opts["concurrency"],
         ),
     )
     err.print(

@@ -16,7 +16,7 @@ from eta_guard.cli.tables import verdict_table
 from eta_guard.errors import InvalidInputError
 
 
-@model_options(vlm=False)
+@model_options(vlm=False, guards="all")
 def evaluate(
     image: Annotated[
         list[str] | None,
@@ -28,6 +28,15 @@ def evaluate(
         str | None,
         typer.Option(
             "--response", "-r", help="Response text to check with the reward model ('-': stdin)."
+        ),
+    ] = None,
+    text: Annotated[
+        str | None,
+        typer.Option(
+            "--text",
+            "-t",
+            help="The user's text (question), read by --gate guards with the images; without "
+            "images, by the text gates under --text-only-policy guard.",
         ),
     ] = None,
     config: ConfigOpt = None,
@@ -44,14 +53,16 @@ def evaluate(
     with friendly_errors():
         if response == "-":
             response = sys.stdin.read()
-        if not image and response is None:
-            raise InvalidInputError("nothing to evaluate: pass --image PATH and/or --response TEXT")
+        if not image and response is None and text is None:
+            raise InvalidInputError(
+                "nothing to evaluate: pass --image PATH, --response TEXT and/or --text TEXT"
+            )
         cfg = load_config(config, set_)
         images = load_images(image or [], cfg)
         evaluator = load_evaluator(
             err, models, cfg, clip=bool(images), reward_model=response is not None
         )
-        verdict = evaluator.evaluate(images=images or None, response=response)
+        verdict = evaluator.evaluate(images=images or None, response=response, text=text)
         if json_out:
             typer.echo(json.dumps(verdict.model_dump(mode="json"), indent=2))
         else:

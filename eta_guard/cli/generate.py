@@ -14,7 +14,7 @@ from eta_guard.cli.options import ConfigOpt, JsonOpt, ModelOptions, SetOpt, mode
 from eta_guard.cli.tables import verdict_table
 
 
-@model_options()
+@model_options(guards="all")
 def generate(
     question: Annotated[str, typer.Argument(metavar="QUESTION", help="The user's question.")],
     image: Annotated[

@@ -91,7 +91,8 @@ def note_random(err: Console, models: ModelOptions) -> None:
 
 def check_options(models: ModelOptions, *, vlm: Literal["none", "local", "engine"]) -> None:
     """Refuse options that cannot apply: placement of a model served elsewhere, a local VLM with
-    remote evaluators (not built yet), ``--preset`` with an engine, a missing tokenizer."""
+    remote evaluators (not built yet), a preset that pads images with an engine, a missing
+    tokenizer."""
     refused = []
     for role, url in (("clip", models.clip_url), ("reward_model", models.reward_model_url)):
         if url is not None:
@@ -112,13 +113,20 @@ def check_options(models: ModelOptions, *, vlm: Literal["none", "local", "engine
             "--clip-url / --reward-model-url with a local VLM are not supported yet: serve the "
             "VLM on an engine too (--generator-url), or load CLIP and the RM locally"
         )
-    if vlm == "engine" and models.preset is not None:
+    if vlm == "engine" and models.preset is not None and _pads_images(models.preset):
         raise InvalidInputError(
             "--preset with --generator-url is not supported yet: the paper preset pads images "
             "to a square with the VLM processor's mean colour, which the engine path cannot do "
             "client-side yet; drop --preset (its other parts: --set system_prompt=... "
             "--set seed=1 --clip-dtype float32 --reward-model-dtype bfloat16)"
         )
+
+
+def _pads_images(preset: str) -> bool:
+    """Whether ``preset`` pads images to a square (what the engine path cannot do client-side)."""
+    from eta_guard.presets import get_preset
+
+    return bool(get_preset(preset).config.get("pad_images_to_square"))
 
 
 def evaluator_args(models: ModelOptions, paths: dict[str, str | None]) -> dict[str, Any]:
@@ -147,7 +155,8 @@ class ModelLoader:
     def __init__(
         self, err: Console, models: ModelOptions, cfg: ETAConfig, *, vlm: bool = True
     ) -> None:
-        self.err, self.models, self.cfg = err, models, cfg
+        self.err, self.models, self.cfg = err, models, with_rule_options(cfg, models)
+        self.guards = guard_args(models)  # parsed now: a bad spec is refused before any load
         self.generator = engine(models) if vlm else None
         where: Literal["none", "local", "engine"] = "none"
         if vlm:
@@ -167,7 +176,11 @@ class ModelLoader:
         """Print the memory the local models will take, before any loads; return why it
         could not be made."""
         return print_estimate(
-            self.err, local_paths(self.paths, self.models), local_load_args(self.models), self.cfg
+            self.err,
+            local_paths(self.paths, self.models),
+            local_load_args(self.models),
+            self.cfg,
+            guards=[*self.guards.get("gates", ()), *self.guards.get("judges", ())],
         )
 
     def evaluator(self, *, clip: bool = True, reward_model: bool = True) -> Any:
@@ -181,6 +194,7 @@ class ModelLoader:
             config=self.cfg,
             preset=self.models.preset,
             **evaluator_args(self.models, self.paths),
+            **self.guards,
         )
 
     def eta(self) -> Any:
@@ -198,6 +212,8 @@ class ModelLoader:
                 config=self.cfg,
                 tokenizer=self.paths["vlm"],
                 **evaluator_args(self.models, self.paths),
+                **self.guards,
+                **({"preset": self.models.preset} if self.models.preset else {}),
             )
         assert self.paths["vlm"] is not None  # model_paths refused a missing --vlm
         return ETA.from_pretrained(
@@ -206,7 +222,33 @@ class ModelLoader:
             reward_model=self.paths["reward_model"],
             config=self.cfg,
             **local_load_args(self.models),
+            **self.guards,
         )
+
+
+def guard_args(models: ModelOptions) -> dict[str, Any]:
+    """``gates=`` / ``judges=`` from ``--gate`` / ``--post-judge`` (specs parsed now, so a bad one
+    is refused before any weight loads); nothing when neither is given (a preset's then apply)."""
+    from eta_guard.evaluators.specs import parse_spec
+
+    out: dict[str, Any] = {}
+    for key, role, given in (
+        ("gates", "gate", models.gate),
+        ("judges", "judge", models.post_judge),
+    ):
+        if given:
+            out[key] = [parse_spec(spec, role=role) for spec in given]  # type: ignore[arg-type]
+    return out
+
+
+def with_rule_options(cfg: ETAConfig, models: ModelOptions) -> ETAConfig:
+    """``cfg`` with ``--decision-rule`` / ``--text-only-policy`` applied (validated by ETAConfig)."""
+    overrides = {
+        key: getattr(models, key)
+        for key in ("decision_rule", "text_only_policy")
+        if getattr(models, key) is not None
+    }
+    return cfg.with_overrides(**overrides) if overrides else cfg
 
 
 def load_evaluator(
@@ -258,7 +300,12 @@ def local_paths(paths: dict[str, str | None], models: ModelOptions) -> dict[str,
 
 
 def print_estimate(
-    err: Console, paths: dict[str, str | None], load_args: dict[str, Any], cfg: ETAConfig
+    err: Console,
+    paths: dict[str, str | None],
+    load_args: dict[str, Any],
+    cfg: ETAConfig,
+    *,
+    guards: Any = (),
 ) -> str | None:
     """Print the memory estimate on stderr before any weight loads; return why it could not be
     made (it never blocks loading)."""
@@ -271,6 +318,7 @@ def print_estimate(
             paths["clip"],
             paths["reward_model"],
             num_candidates=cfg.num_candidates,
+            guards=guards,
             **load_args,
         )
     except ETAError as e:

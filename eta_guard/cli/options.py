@@ -14,7 +14,7 @@ import typing
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 
@@ -116,6 +116,46 @@ RmDeviceOpt = Annotated[str | None, typer.Option("--reward-model-device", help="
 VlmDtypeOpt = Annotated[str | None, typer.Option("--vlm-dtype", help="VLM dtype (beats --dtype).")]
 ClipDtypeOpt = Annotated[str | None, typer.Option("--clip-dtype", help="CLIP dtype.")]
 RmDtypeOpt = Annotated[str | None, typer.Option("--reward-model-dtype", help="RM dtype.")]
+GateOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--gate",
+        metavar="SPEC",
+        help="An extra pre-generation evaluator, as an evaluator spec KIND[:TARGET][?KEY=VALUE,...] "
+        "(repeatable): patch-clip?grid=3 | llama-guard-vision:PATH | shieldgemma2:PATH | "
+        "remote-llama-guard:MODEL@URL | llama-guard-text:PATH | qwen3guard:PATH "
+        "(docs/evaluators.md). Text guards gate text-only requests (text-only policy 'guard').",
+    ),
+]
+PostJudgeOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--post-judge",
+        metavar="SPEC",
+        help="An extra post-generation evaluator of the answer (deciding alignment with the "
+        "RM), as an evaluator spec (repeatable): llama-guard-vision:PATH | "
+        "remote-llama-guard:MODEL@URL | llama-guard-text:PATH | qwen3guard:PATH. Not eval's "
+        "--judge, which scores answers for the report.",
+    ),
+]
+DecisionRuleOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--decision-rule",
+        metavar="RULE",
+        help="Align iff: and (paper: input AND answer flagged) | or | pre_only | post_only "
+        "[default: the config's, 'and'].",
+    ),
+]
+TextOnlyPolicyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--text-only-policy",
+        metavar="POLICY",
+        help="Requests without images: trust | reward_only | guard (the text gates check them) "
+        "[default: the config's, 'trust'].",
+    ),
+]
 #: The positional form of the VLM, still accepted where it was (``serve ID``, ``estimate ID``).
 VlmArg = Annotated[
     str | None,
@@ -148,6 +188,10 @@ class ModelOptions:
     vlm_dtype: str | None = None
     clip_dtype: str | None = None
     reward_model_dtype: str | None = None
+    gate: list[str] | None = None
+    post_judge: list[str] | None = None
+    decision_rule: str | None = None
+    text_only_policy: str | None = None
 
 
 _TYPES: dict[str, Any] = {
@@ -170,20 +214,36 @@ _TYPES: dict[str, Any] = {
     "vlm_dtype": VlmDtypeOpt,
     "clip_dtype": ClipDtypeOpt,
     "reward_model_dtype": RmDtypeOpt,
+    "gate": GateOpt,
+    "post_judge": PostJudgeOpt,
+    "decision_rule": DecisionRuleOpt,
+    "text_only_policy": TextOnlyPolicyOpt,
 }
 #: Options about the VLM, left out of commands that load no VLM (evaluate, calibrate).
 VLM_FIELDS = ("vlm", "generator_url", "generator_model", "vlm_device", "vlm_dtype")
+#: The evaluator-spec options (``guards="specs"``) and the decision options (``guards="all"``).
+SPEC_FIELDS = ("gate", "post_judge")
+RULE_FIELDS = ("decision_rule", "text_only_policy")
 
 
 def model_options(
-    *, vlm: bool = True, positional_vlm: bool = False
+    *,
+    vlm: bool = True,
+    positional_vlm: bool = False,
+    guards: Literal["none", "specs", "all"] = "none",
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Give a command every shared model option; it receives them as ``models: ModelOptions``.
 
     ``vlm=False`` leaves the VLM's options out; ``positional_vlm=True`` also accepts the VLM
-    as the first argument (``serve ID``), the same as ``--vlm ID``.
+    as the first argument (``serve ID``), the same as ``--vlm ID``. ``guards="specs"`` adds
+    ``--gate`` / ``--post-judge``, ``"all"`` also ``--decision-rule`` / ``--text-only-policy``.
     """
-    names = [f.name for f in fields(ModelOptions) if vlm or f.name not in VLM_FIELDS]
+    left_out = set() if vlm else set(VLM_FIELDS)
+    if guards == "none":
+        left_out |= {*SPEC_FIELDS, *RULE_FIELDS}
+    elif guards == "specs":
+        left_out |= set(RULE_FIELDS)
+    names = [f.name for f in fields(ModelOptions) if f.name not in left_out]
 
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
         hints = typing.get_type_hints(command, include_extras=True)

@@ -15,8 +15,12 @@ from eta_guard.cli.models import ModelLoader, note_random
 from eta_guard.cli.options import ConfigOpt, ModelOptions, SetOpt, model_options
 from eta_guard.errors import InvalidInputError
 
+#: ``--max-concurrent-calls`` defaults (see :func:`_concurrent_calls`).
+LOCAL_CONCURRENT_CALLS = 4
+REMOTE_CONCURRENT_CALLS = 8
 
-@model_options(positional_vlm=True)
+
+@model_options(positional_vlm=True, guards="all")
 def serve(
     host: Annotated[str, typer.Option("--host", help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8000,
@@ -60,8 +64,9 @@ def serve(
             "--max-concurrent-calls",
             min=1,
             max=1024,
-            help="Model calls in flight at once [default: 1; 8 with --generator-url, whose "
-            "engine batches them]. A local VLM runs one call at a time: more is refused.",
+            help="Requests the model works on at once [default: 4 for a local VLM, whose "
+            "decoding steps they share; 8 with --generator-url, whose engine batches them]. "
+            "More wait in the queue (--max-queue).",
         ),
     ] = None,
     *,
@@ -128,15 +133,12 @@ def serve(
 
 
 def _concurrent_calls(asked: int | None, *, remote: bool) -> int:
-    """``--max-concurrent-calls``: 1 for a local VLM (it holds per-call state, so more would
-    only queue inside ETA), 8 by default for an engine, which batches the calls in flight."""
+    """``--max-concurrent-calls``, or its default: 8 for an engine (it batches what is in
+    flight), 4 for a local VLM. Locally each call in flight keeps its prompt's KV cache between
+    stages (the search starts from it), so the default stays small; the decoding batch itself
+    is bounded by the local backend's memory budget."""
     if asked is None:
-        return 8 if remote else 1
-    if asked > 1 and not remote:
-        raise InvalidInputError(
-            f"--max-concurrent-calls {asked}: a local VLM runs one call at a time; use 1, or "
-            "serve the VLM on an engine with --generator-url"
-        )
+        return REMOTE_CONCURRENT_CALLS if remote else LOCAL_CONCURRENT_CALLS
     return asked
 
 

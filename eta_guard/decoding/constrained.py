@@ -6,7 +6,8 @@ a schema decodes to the same grammar locally as on those engines; it ships a tra
 masks each step with a precomputed token bitmask (no per-token Python walk over the vocabulary,
 as lm-format-enforcer does). It is an optional extra: ``pip install "eta-guard[structured]"``.
 
-Only the vanilla (greedy) answer is constrained. An answer ETA aligns is the model's safe
+The same grammars force a tool call (``tool_choice="required"`` or a named tool) in the family's
+format (:mod:`eta_guard.tools.constraints`). Only the vanilla (greedy) answer is constrained. An answer ETA aligns is the model's safe
 continuation of ``As an AI assistant`` and is not JSON: callers see it fail to parse as the
 schema (LangChain's ``with_structured_output(include_raw=True)`` reports it as a parsing error).
 """
@@ -43,27 +44,49 @@ class JSONConstraint:
         self._compiler = xgr.GrammarCompiler(info)  # caches compiled grammars
         self._lock = threading.Lock()
 
-    def logits_processor(self, response_format: dict[str, Any]) -> Any:
+    def logits_processor(self, constraint: dict[str, Any]) -> Any:
         """A fresh ``transformers.LogitsProcessor`` for one greedy answer (batch of one).
+
+        Args:
+            constraint: a ``response_format`` (``json_object`` / ``json_schema``) or a forced
+                tool call from :func:`eta_guard.tools.constraints.decoding_constraint`.
 
         Raises:
             InvalidInputError: the schema cannot be compiled.
         """
         from xgrammar.contrib.hf import LogitsProcessor
 
+        xgr = self._xgr
+        kind = constraint["type"]
+        what = "tool_choice" if kind == "tool_call" else "response_format"
         with self._lock:
             try:
-                # OpenAI's json_object is "a JSON object", not any JSON value.
-                schema = (
-                    {"type": "object"}
-                    if response_format["type"] == "json_object"
-                    else response_format["json_schema"]["schema"]
-                )
-                grammar = self._compiler.compile_json_schema(
-                    json.dumps(schema), any_whitespace=False
-                )
+                if kind == "tool_call":
+                    call = xgr.Grammar.from_json_schema(
+                        json.dumps(constraint["schema"]), any_whitespace=False
+                    )
+                    if constraint["format"] == "hermes":  # the call inside its tags
+                        call = xgr.Grammar.concat(
+                            _literal(xgr, "<tool_call>\n"), call, _literal(xgr, "\n</tool_call>")
+                        )
+                    grammar = self._compiler.compile_grammar(call)
+                else:
+                    # OpenAI's json_object is "a JSON object", not any JSON value.
+                    schema = (
+                        {"type": "object"}
+                        if kind == "json_object"
+                        else constraint["json_schema"]["schema"]
+                    )
+                    grammar = self._compiler.compile_json_schema(
+                        json.dumps(schema), any_whitespace=False
+                    )
             except (RuntimeError, ValueError, TypeError) as e:
                 raise InvalidInputError(
-                    f"response_format: the JSON schema cannot be used for decoding ({e})"
+                    f"{what}: the JSON schema cannot be used for decoding ({e})"
                 ) from e
         return LogitsProcessor(grammar)
+
+
+def _literal(xgr: Any, text: str) -> Any:
+    """A grammar matching exactly ``text``."""
+    return xgr.Grammar.from_ebnf("root ::= " + json.dumps(text))

@@ -47,6 +47,8 @@ from eta_guard.decoding.stopping import (
 )
 from eta_guard.errors import InvalidInputError
 from eta_guard.model_thread import model_thread
+from eta_guard.tools.constraints import decoding_constraint
+from eta_guard.tools.parsers import parser_for_model_type
 from eta_guard.tools.specs import tool_strings
 
 FinishReason = Literal["stop", "length"]
@@ -81,8 +83,10 @@ class PreparedPrompt:
         num_images: images given to the processor.
         prefix_token_ids: ``assistant_prefix`` tokenized on its own (no special tokens), the
             last ids of ``input_ids``.
-        response_format: the conversation's JSON constraint on the greedy answer (``None``:
-            free text); an assistant prefix (ETA's alignment) lifts it.
+        response_format: the constraint on the greedy answer (``None``: free text): the
+            conversation's ``response_format``, or a forced tool call in the family's format
+            (:func:`eta_guard.tools.constraints.decoding_constraint`); an assistant prefix
+            (ETA's alignment) lifts it.
     """
 
     input_ids: torch.Tensor
@@ -269,7 +273,12 @@ class VLMAdapter:
             num_images=len(images),
             prefix_token_ids=list(prefix_ids),
             response_format=(
-                None if assistant_prefix else getattr(conversation, "response_format", None)
+                None
+                if assistant_prefix
+                else decoding_constraint(
+                    conversation,
+                    parser_for_model_type(getattr(self.model.config, "model_type", None)),
+                )
             ),
         )
 

@@ -150,7 +150,7 @@ class Request:
             raise RequestCancelled("the call was cancelled before it finished")
 
     async def _pre_evaluate(self) -> SafetyVerdict:
-        if not self.conv.has_images:
+        if not self.conv.has_images and self.cfg.text_only_policy != "guard":
             return skipped(self.cfg, "pre", "no image in the request")
         t0 = time.perf_counter()
         verdict = await asyncio.to_thread(

@@ -96,16 +96,8 @@ def _gates_from_specs(specs: list[str], eta: Any, *, device: Any, dtype: Any) ->
     """Gates built from evaluator specs, sharing CLIP and checkpoints (one ``build_guards``)."""
     if not specs:
         return []
-    import importlib
-    import importlib.util
+    from eta_guard.evaluators.specs import build_guards
 
-    if importlib.util.find_spec("eta_guard.evaluators.specs") is None:
-        raise InvalidInputError(
-            f"--compare-gates: {specs} are neither 'clip' nor gates of this run "
-            f"({sorted(str(getattr(g, 'name', '')) for g in eta.evaluator.gates)}); evaluator "
-            "specs need eta_guard.evaluators.specs, which this install lacks"
-        )
-    build_guards = importlib.import_module("eta_guard.evaluators.specs").build_guards
     gates, _ = build_guards(specs, clip=eta.evaluator.pre, device=device, dtype=dtype)
     return list(gates)
 

@@ -7,21 +7,27 @@ what the model alone would have said, and its ``timings["vanilla"]`` is what it 
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
-from collections.abc import Callable, Sequence
+import itertools
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from eta_guard.concurrency import check_concurrency
 from eta_guard.errors import ETAError, InvalidInputError
 from eta_guard.eval.datasets.base import EvalItem
-from eta_guard.eval.judges.base import Judge, Judgment
+from eta_guard.eval.judges.base import Judge, JudgeInput, Judgment
 from eta_guard.eval.judges.refusal import find_refusal
 from eta_guard.eval.results import open_for_append, write_line
 
 Progress = Callable[[int, int, str], None]
 #: ``answer(eta, item, judges, *, index, seed) -> record``: one item's record.
 AnswerFn = Callable[..., dict[str, Any]]
+T = TypeVar("T")
+R = TypeVar("R")
 ARMS = ("vanilla", "eta")
 
 
@@ -82,19 +88,32 @@ def run_eval(
     resume: bool = False,
     progress: Progress | None = None,
     answer_fn: AnswerFn | None = None,
+    concurrency: int = 1,
 ) -> RunSummary:
     """Answer and judge every item not yet in ``path``, appending one record per item.
 
     ``answer_fn`` makes one item's record (default :func:`answer_item`; a gate comparison passes
     :meth:`eta_guard.eval.gate_compare.GateComparison.answer_item`).
 
+    ``concurrency`` items are answered at once (a local model batches their decoding, an engine
+    their requests); records are written as items finish, in that order (the report orders them
+    by dataset index), so a crash loses only the items still in flight. Each item's seed
+    depends on the run's seed and the item alone, so the answers do not depend on
+    ``concurrency``; scores may differ in their last digits (within 1e-5), as concurrent items'
+    CLIP and RM calls share padded forwards (docs/scaling.md).
+
     An item whose request eta-guard refuses (a bad image, a prompt too long) is recorded with its
-    ``error`` and counted as failed: never silently dropped. Anything else aborts the run; rerun
-    with ``resume=True`` to continue where it stopped.
+    ``error`` and counted as failed: never silently dropped. Anything else aborts the run (after
+    the items already in flight finished and were written); rerun with ``resume=True`` to
+    continue where it stopped.
     """
+    concurrency = check_concurrency(concurrency, "concurrency")
     names = [j.name for j in judges]
     if len(set(names)) != len(names):
         raise InvalidInputError(f"two judges share a name: {names}")
+    # Judges need not be thread-safe (a local guard model keeps per-call state): each is
+    # called by one item at a time, while other items' answers are being generated.
+    judges = [_OneAtATime(j) for j in judges] if concurrency > 1 else list(judges)
     f, done = open_for_append(path, settings, resume=resume)
     todo = [(i, item) for i, item in items if item.id not in done]
     already = len(items) - len(todo)
@@ -102,18 +121,64 @@ def run_eval(
     try:
         if progress:
             progress(already, len(items), "")
-        for index, item in todo:
-            record = (answer_fn or answer_item)(
-                eta, item, judges, index=index, seed=item_seed(seed, item.id)
-            )
+        make_record = answer_fn or answer_item
+
+        def answer(pair: tuple[int, EvalItem]) -> dict[str, Any]:
+            index, item = pair
+            return make_record(eta, item, judges, index=index, seed=item_seed(seed, item.id))
+
+        for record in _as_finished(answer, todo, concurrency):
             failed += record.get("error") is not None
             write_line(f, record)
             written += 1
             if progress:
-                progress(already + written, len(items), item.id)
+                progress(already + written, len(items), record["id"])
     finally:
         f.close()
     return RunSummary(path, len(items), already, written, failed)
+
+
+class _OneAtATime:
+    """A judge behind a lock (same name, same labels)."""
+
+    def __init__(self, judge: Judge) -> None:
+        self.name, self._judge, self._lock = judge.name, judge, threading.Lock()
+
+    def judge(self, inputs: Sequence[JudgeInput]) -> list[Judgment]:
+        with self._lock:
+            return self._judge.judge(inputs)
+
+
+def _as_finished(fn: Callable[[T], R], inputs: Sequence[T], concurrency: int) -> Iterator[R]:
+    """``fn`` over ``inputs`` in ``concurrency`` threads, results yielded as each finishes.
+
+    At most ``concurrency`` inputs are started at once (one not started holds nothing). When a
+    call fails, no more start; the ones running finish and are yielded, then the first error is
+    raised. Closing the iterator early (an interrupt) drops the inputs not started.
+    """
+    pending = iter(inputs)
+    running: set[concurrent.futures.Future[R]] = set()
+    error: BaseException | None = None
+    pool = concurrent.futures.ThreadPoolExecutor(concurrency, thread_name_prefix="eta-eval")
+    try:
+        for value in itertools.islice(pending, concurrency):
+            running.add(pool.submit(fn, value))
+        while running:
+            finished, running = concurrent.futures.wait(
+                running, return_when=concurrent.futures.FIRST_COMPLETED
+            )
+            for future in finished:
+                if future.exception() is not None:
+                    error = error or future.exception()
+                    continue
+                yield future.result()
+                if error is None:
+                    for value in itertools.islice(pending, 1):
+                        running.add(pool.submit(fn, value))
+        if error is not None:
+            raise error
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def answer_item(

@@ -23,22 +23,34 @@ _LAZY = {
     "LlamaGuardEvaluator": "eta_guard.evaluators.llama_guard",
     "PatchCLIPGate": "eta_guard.evaluators.patch_clip",
     "ShieldGemma2Gate": "eta_guard.evaluators.shieldgemma2",
+    "LlamaGuardTextEvaluator": "eta_guard.evaluators.text_guards",
+    "Qwen3GuardEvaluator": "eta_guard.evaluators.text_guards",
+    "EvaluatorSpec": "eta_guard.evaluators.specs",
+    "SpecError": "eta_guard.evaluators.specs",
+    "build_guards": "eta_guard.evaluators.specs",
+    "parse_spec": "eta_guard.evaluators.specs",
 }
 
 __all__ = [
     "CLIPEncoder",
     "CLIPPreEvaluator",
     "ETAEvaluator",
+    "EvaluatorSpec",
     "GateEvaluator",
     "GuardRequest",
     "GuardScore",
     "JudgeEvaluator",
     "LlamaGuardEvaluator",
+    "LlamaGuardTextEvaluator",
     "OpenCLIPEncoder",
     "PatchCLIPGate",
+    "Qwen3GuardEvaluator",
     "RewardPostEvaluator",
     "ShieldGemma2Gate",
+    "SpecError",
     "TransformersCLIPEncoder",
+    "build_guards",
+    "parse_spec",
 ]
 
 if TYPE_CHECKING:
@@ -51,6 +63,8 @@ if TYPE_CHECKING:
     from eta_guard.evaluators.patch_clip import PatchCLIPGate
     from eta_guard.evaluators.reward import RewardPostEvaluator
     from eta_guard.evaluators.shieldgemma2 import ShieldGemma2Gate
+    from eta_guard.evaluators.specs import EvaluatorSpec, SpecError, build_guards, parse_spec
+    from eta_guard.evaluators.text_guards import LlamaGuardTextEvaluator, Qwen3GuardEvaluator
 
 
 def __getattr__(name: str) -> Any:

@@ -53,9 +53,23 @@ class GuardScore:
     categories: tuple[str, ...] = ()
 
 
+#: What a gate reads when it has no ``applies_to`` attribute: requests with images only.
+DEFAULT_APPLIES_TO = frozenset({"images"})
+
+
+def applies_to(gate: object) -> frozenset[str]:
+    """The requests a gate reads: ``"images"`` (with images), ``"text_only"`` (without)."""
+    return frozenset(getattr(gate, "applies_to", DEFAULT_APPLIES_TO))
+
+
 @runtime_checkable
 class GateEvaluator(Protocol):
-    """A pre-generation evaluator over images and text (unsafe iff score >= ``threshold``)."""
+    """A pre-generation evaluator over images and text (unsafe iff score >= ``threshold``).
+
+    A gate may set ``applies_to`` (default :data:`DEFAULT_APPLIES_TO`): ``"images"`` for
+    requests with images, ``"text_only"`` for requests without (run under
+    ``ETAConfig.text_only_policy="guard"``; a text guard has only this one).
+    """
 
     name: str
     threshold: float

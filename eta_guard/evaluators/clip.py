@@ -105,7 +105,7 @@ class CLIPPreEvaluator:
             raise InvalidInputError(
                 f"CLIP name_or_path={name_or_path!r} must be a non-empty string"
             )
-        if backend == "open_clip" or _is_open_clip_name(name_or_path):
+        if backend == "open_clip" or is_open_clip_name(name_or_path):
             from eta_guard.evaluators.clip_open_clip import OpenCLIPEncoder
 
             encoder: CLIPEncoder = OpenCLIPEncoder.from_pretrained(
@@ -234,7 +234,7 @@ class CLIPPreEvaluator:
         return sims.max(dim=0).values
 
 
-def _is_open_clip_name(name: str) -> bool:
+def is_open_clip_name(name: str) -> bool:
     """An open_clip spec, or a local folder saved by open_clip rather than transformers."""
     if name.startswith(_OPEN_CLIP_SCHEMAS):
         return True

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from eta_guard.config import DEFAULT_CLIP, DEFAULT_REWARD_MODEL, ETAConfig
 from eta_guard.errors import ETAError, EvaluatorError, InvalidInputError
-from eta_guard.evaluators.base import GuardRequest, user_messages
+from eta_guard.evaluators.base import GuardRequest, applies_to, user_messages
 from eta_guard.limits import RequestLimits, check_encodable
 from eta_guard.media import image_options, load_images
 from eta_guard.model_thread import model_thread
@@ -66,8 +66,12 @@ class ETAEvaluator:
         gates: Extra pre-generation evaluators (:class:`~eta_guard.evaluators.base.GateEvaluator`,
             e.g. a Llama Guard in prompt mode, a patch-level CLIP scan); they see the images and
             the user's text and run after CLIP. Any of CLIP and the gates flagging flags the input.
+            A gate whose ``applies_to`` holds ``"text_only"`` (a text guard, Llama Guard) checks
+            requests without images under ``config.text_only_policy="guard"``. Evaluator specs
+            (``"llama-guard-vision:PATH"``, :mod:`eta_guard.evaluators.specs`) are loaded here.
         judges: Extra post-generation evaluators (e.g. a Llama Guard in response mode); they see
             the answer and the conversation and run after the RM. Any flagging flags the output.
+            Specs as for ``gates``.
 
     Setup (random tiny checkpoints, offline; real use: the default reference checkpoints):
         >>> import asyncio, tempfile
@@ -101,11 +105,15 @@ class ETAEvaluator:
         *,
         lock: threading.RLock | None = None,
         batchers: EvaluatorBatchers | None = None,
-        gates: Sequence[GateEvaluator] = (),
-        judges: Sequence[JudgeEvaluator] = (),
+        gates: Sequence[GateEvaluator | str] = (),
+        judges: Sequence[JudgeEvaluator | str] = (),
     ) -> None:
         if config is not None and not isinstance(config, ETAConfig):
             raise InvalidInputError(f"config must be an ETAConfig, got {type(config).__name__}")
+        if _has_specs(gates) or _has_specs(judges):
+            from eta_guard.evaluators.specs import build_guards
+
+            gates, judges = build_guards(gates, judges, clip=pre)
         for what, items in (("gates", gates), ("judges", judges)):
             for item in items:
                 if not callable(getattr(item, "check", None)) or not hasattr(item, "threshold"):
@@ -115,9 +123,10 @@ class ETAEvaluator:
                     )
         self.pre = pre
         self.post = post
-        self.gates = list(gates)
-        self.judges = list(judges)
+        self.gates: list[GateEvaluator] = list(gates)  # type: ignore[arg-type]  # specs built above
+        self.judges: list[JudgeEvaluator] = list(judges)  # type: ignore[arg-type]
         self.config = config or ETAConfig()
+        _check_text_gates(self.gates, self.config, view=lock is not None)
         # Models are shared by with_config() copies, so they share the lock too.
         self._lock = lock or threading.RLock()
         if batchers is None and self.config.evaluator_batching:
@@ -140,8 +149,15 @@ class ETAEvaluator:
         clip_kwargs: dict[str, Any] | None = None,
         reward_model_kwargs: dict[str, Any] | None = None,
         preset: Any = None,
+        gates: Sequence[Any] | None = None,
+        judges: Sequence[Any] | None = None,
     ) -> ETAEvaluator:
         """Load CLIP and the reward model; ``clip=None`` / ``reward_model=None`` skip one side.
+
+        ``gates`` / ``judges``: evaluator specs (``"llama-guard-vision:PATH"``,
+        ``"patch-clip?grid=3"``...; :mod:`eta_guard.evaluators.specs`) or evaluator objects,
+        loaded on ``device`` / ``dtype`` (a spec's own ``device=`` / ``dtype=`` wins); ``None``
+        takes the preset's (``preset="cross-modal"``), else none.
 
         ``clip_kwargs`` feed :meth:`CLIPPreEvaluator.from_pretrained` (``model_kwargs``,
         ``processor_kwargs``, ...); ``reward_model_kwargs`` feed
@@ -163,7 +179,10 @@ class ETAEvaluator:
         if preset is not None:
             from eta_guard.presets import get_preset
 
-            config = get_preset(preset).apply_to_config(config)
+            chosen = get_preset(preset)
+            config = chosen.apply_to_config(config)
+            gates = chosen.gates if gates is None else gates
+            judges = chosen.judges if judges is None else judges
         config = config or ETAConfig()
         places = resolve_placements(
             device=device,
@@ -200,7 +219,17 @@ class ETAEvaluator:
                 **place.kwargs,
             }
             post = RewardPostEvaluator.from_pretrained(reward_model, **kwargs)
-        return cls(pre, post, config)
+        from eta_guard.evaluators.specs import build_guards
+
+        built_gates, built_judges = build_guards(
+            gates or (),
+            judges or (),
+            clip=pre,
+            device=device,
+            dtype=dtype,
+            local_files_only=local_files_only,
+        )
+        return cls(pre, post, config, gates=built_gates, judges=built_judges)
 
     def with_config(self, config: ETAConfig) -> ETAEvaluator:
         """A view with another config that shares the models (and their lock)."""
@@ -326,7 +355,7 @@ class ETAEvaluator:
                 ``on_evaluator_error="raise"``.
         """
         images = _none_if_empty(images)
-        if images is None and response is None:
+        if images is None and response is None and not self._gates_text(text, conversation):
             raise InvalidInputError("nothing to evaluate; pass images=..., response=... or both")
         if response is not None and not isinstance(response, str):
             raise InvalidInputError(f"response is {type(response).__name__}, expected str")
@@ -336,15 +365,41 @@ class ETAEvaluator:
 
     def evaluate_input(
         self,
-        images: ImageSource | Sequence[ImageSource],
+        images: ImageSource | Sequence[ImageSource] | None,
         *,
         text: str | None = None,
         conversation: Conversation | None = None,
     ) -> SafetyVerdict:
-        """Judge images (and, for the gates, the user's ``text`` or ``conversation``)."""
+        """Judge images (and, for the gates, the user's ``text`` or ``conversation``).
+
+        Without images, under ``text_only_policy="guard"``, the text gates judge ``text`` /
+        ``conversation`` (a text-only request's pre-generation check).
+        """
         if _none_if_empty(images) is None:
+            if self._gates_text(text, conversation):
+                _check_context(text, conversation, where="")
+                loaded = self._load_request([None], [None], ["images"], texts=[text])
+                return self._evaluate_many(loaded, [None], [text], [conversation])[0]
             raise InvalidInputError(f"evaluate_input(images={images!r}): pass at least one image")
         return self.evaluate(images=images, text=text, conversation=conversation)
+
+    def evaluate_gates(
+        self,
+        images: ImageSource | Sequence[ImageSource] | None,
+        *,
+        text: str | None = None,
+        conversation: Conversation | None = None,
+    ) -> SafetyVerdict:
+        """The gates alone on one request (CLIP does not run): for callers that score the
+        images with CLIP themselves (e.g. with a per-image cache) and add the gates' verdict.
+
+        Images given: the gates that read images; none: the text gates, under
+        ``text_only_policy="guard"`` (otherwise nothing runs and the verdict says so).
+        """
+        _check_context(text, conversation, where="")
+        images = _none_if_empty(images)
+        loaded = self._load_request([images], [None], ["images"], texts=[text])
+        return self._evaluate_many(loaded, [None], [text], [conversation], clip=False)[0]
 
     def evaluate_output(
         self, response: str, *, conversation: Conversation | None = None
@@ -352,18 +407,27 @@ class ETAEvaluator:
         """Judge a response only (the post-generation check); judges may read ``conversation``."""
         if response is None:
             raise InvalidInputError("evaluate_output(response=None): pass the response text")
-        return self.evaluate(response=response, conversation=conversation)
+        if not isinstance(response, str):
+            raise InvalidInputError(f"response is {type(response).__name__}, expected str")
+        _check_context(None, conversation, where="")
+        loaded = self._load_request([None], [response], ["images"])
+        return self._evaluate_many(loaded, [response], [None], [conversation], pre=False)[0]
 
     def evaluate_batch(self, items: Sequence[dict[str, Any]]) -> list[SafetyVerdict]:
         """Judge many items with one CLIP forward and one RM forward over all of them.
 
         Args:
-            items: Dicts with ``"images"`` and/or ``"response"`` (the arguments of :meth:`evaluate`).
+            items: Dicts with ``"images"`` and/or ``"response"`` (the arguments of :meth:`evaluate`),
+                and ``"text"`` (the user's text, read by the gates; without images, by the text
+                gates under ``text_only_policy="guard"``).
 
         Returns:
             One verdict per item, in order. Timings are those of the shared forwards.
         """
-        parsed = [_parse_item(i, item) for i, item in enumerate(_check_items(items))]
+        parsed = [
+            _parse_item(i, item, text_only=self._gates_text("", None))
+            for i, item in enumerate(_check_items(items))
+        ]
         responses = [response for _, response, _ in parsed]
         texts = [text for _, _, text in parsed]
         images = self._load_request(
@@ -374,55 +438,85 @@ class ETAEvaluator:
         )
         return self._evaluate_many(images, responses, texts, [None] * len(parsed))
 
+    def _gates_text(self, text: str | None, conversation: Conversation | None) -> bool:
+        """Whether a request without images gets a pre-generation check from the text gates."""
+        return (
+            (text is not None or conversation is not None)
+            and self.config.text_only_policy == "guard"
+            and any("text_only" in applies_to(g) for g in self.gates)
+        )
+
     def _evaluate_many(
         self,
         images: list[list[Image.Image] | None],
         responses: list[str | None],
         texts: list[str | None],
         conversations: list[Conversation | None],
+        *,
+        pre: bool = True,
+        clip: bool = True,
     ) -> list[SafetyVerdict]:
         timings: dict[str, float] = {}
-        pre_sides = self._run_pre(images, timings)
+        n = len(images)
+        run_clip = pre and clip
+        pre_sides: list[_Side | None] = self._run_pre(images, timings) if run_clip else [None] * n
         requests = [
             _request(group, text, conv)
             for group, text, conv in zip(images, texts, conversations, strict=True)
         ]
-        self._run_extra(
-            "pre",
-            self.gates,
-            [r if g else None for r, g in zip(requests, images, strict=True)],
-            pre_sides,
-            timings,
-        )
+        if pre:
+            kinds = [
+                "images" if group else "text_only" if self._gates_text(text, conv) else None
+                for group, text, conv in zip(images, texts, conversations, strict=True)
+            ]
+            self._run_extra("pre", self.gates, requests, kinds, pre_sides, timings)
         post_sides = self._run_post(responses, timings)
         judged = [
             GuardRequest(r.messages, r.images, response) if response is not None else None
             for r, response in zip(requests, responses, strict=True)
         ]
-        self._run_extra("post", self.judges, judged, post_sides, timings)
+        self._run_extra(
+            "post",
+            self.judges,
+            [j or r for j, r in zip(judged, requests, strict=True)],
+            ["answer" if j is not None else None for j in judged],
+            post_sides,
+            timings,
+        )
         return [
-            self._verdict(pre, post, timings)
-            for pre, post in zip(pre_sides, post_sides, strict=True)
+            self._verdict(pre_side, post_side, timings)
+            for pre_side, post_side in zip(pre_sides, post_sides, strict=True)
         ]
 
     def _run_extra(
         self,
         side: str,
         evaluators: Sequence[GateEvaluator | JudgeEvaluator],
-        requests: list[GuardRequest | None],
+        requests: list[GuardRequest],
+        kinds: list[str | None],
         sides: list[_Side | None],
         timings: dict[str, float],
     ) -> None:
-        """Run each gate / judge over the requests it applies to; add entries to ``sides``."""
-        todo = [i for i, r in enumerate(requests) if r is not None]
-        if not todo:
-            return
+        """Run each gate / judge over the requests it applies to; add entries to ``sides``.
+
+        ``kinds[i]``: ``"images"`` / ``"text_only"`` (a gate runs where its ``applies_to`` holds
+        it), ``"answer"`` (every judge runs), or None (nothing runs on request ``i``).
+        """
         for evaluator in evaluators:
+            wanted = {"answer"} | (applies_to(evaluator) if side == "pre" else set())
+            todo = [i for i, kind in enumerate(kinds) if kind is not None and kind in wanted]
+            if not todo:
+                continue
             name = str(getattr(evaluator, "name", type(evaluator).__name__))
-            batch = [r for r in requests if r is not None]
+            batch = [requests[i] for i in todo]
             start = time.perf_counter()
             try:
                 scores = self._call_extra(side, name, functools.partial(evaluator.check, batch))
+                if len(scores) != len(batch):
+                    raise EvaluatorError(
+                        f"the {side}-generation evaluator {name!r} returned {len(scores)} "
+                        f"scores for {len(batch)} requests"
+                    )
                 entries = [
                     EvaluatorScore(
                         name=name,
@@ -477,17 +571,36 @@ class ETAEvaluator:
         self,
         images: ImageSource | Sequence[ImageSource] | None = None,
         response: str | None = None,
+        *,
+        text: str | None = None,
+        conversation: Conversation | None = None,
     ) -> SafetyVerdict:
         """Async :meth:`evaluate` (runs on the model thread, :mod:`eta_guard.model_thread`)."""
-        return await model_thread().acall(self.evaluate, images, response)
+        return await model_thread().acall(
+            functools.partial(self.evaluate, text=text, conversation=conversation),
+            images,
+            response,
+        )
 
-    async def aevaluate_input(self, images: ImageSource | Sequence[ImageSource]) -> SafetyVerdict:
+    async def aevaluate_input(
+        self,
+        images: ImageSource | Sequence[ImageSource] | None,
+        *,
+        text: str | None = None,
+        conversation: Conversation | None = None,
+    ) -> SafetyVerdict:
         """Async :meth:`evaluate_input`."""
-        return await model_thread().acall(self.evaluate_input, images)
+        return await model_thread().acall(
+            functools.partial(self.evaluate_input, text=text, conversation=conversation), images
+        )
 
-    async def aevaluate_output(self, response: str) -> SafetyVerdict:
+    async def aevaluate_output(
+        self, response: str, *, conversation: Conversation | None = None
+    ) -> SafetyVerdict:
         """Async :meth:`evaluate_output`."""
-        return await model_thread().acall(self.evaluate_output, response)
+        return await model_thread().acall(
+            functools.partial(self.evaluate_output, conversation=conversation), response
+        )
 
     async def aevaluate_batch(self, items: Sequence[dict[str, Any]]) -> list[SafetyVerdict]:
         """Async :meth:`evaluate_batch`."""
@@ -844,7 +957,9 @@ def _check_items(items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(items)
 
 
-def _parse_item(index: int, item: Any) -> tuple[Any, str | None, str | None]:
+def _parse_item(
+    index: int, item: Any, *, text_only: bool = False
+) -> tuple[Any, str | None, str | None]:
     if not isinstance(item, dict):
         raise InvalidInputError(
             f"items[{index}] is {type(item).__name__}; expected a dict with 'images' and/or 'response'"
@@ -858,7 +973,7 @@ def _parse_item(index: int, item: Any) -> tuple[Any, str | None, str | None]:
     text = item.get("text")
     if text is not None and not isinstance(text, str):
         raise InvalidInputError(f"items[{index}]: text is {type(text).__name__}, expected str")
-    if images is None and response is None:
+    if images is None and response is None and not (text_only and text is not None):
         raise InvalidInputError(
             f"items[{index}]: nothing to evaluate; give 'images', 'response' or both"
         )
@@ -889,6 +1004,34 @@ def _request(
         return GuardRequest(list(conversation.messages), list(conversation.images))
     group = list(images or [])
     return GuardRequest(user_messages(text, len(group)), group)
+
+
+def _has_specs(items: Any) -> bool:
+    if isinstance(items, str):
+        return True
+    from eta_guard.evaluators.specs import EvaluatorSpec
+
+    return any(isinstance(i, (str, EvaluatorSpec)) for i in items)
+
+
+def _check_text_gates(gates: Sequence[Any], config: ETAConfig, *, view: bool) -> None:
+    """Refuse ``text_only_policy="guard"`` without a gate for text-only requests, and (outside
+    per-call views, where the policy is the caller's choice) a text-only gate that never runs."""
+    text_gates = [g for g in gates if "text_only" in applies_to(g)]
+    if config.text_only_policy == "guard" and not text_gates:
+        raise InvalidInputError(
+            "text_only_policy='guard' checks text-only requests with the gates that read text "
+            "(a text guard such as 'llama-guard-text:PATH' or 'qwen3guard:PATH', or a Llama Guard); "
+            "none was given: add one to gates=, or use text_only_policy='trust' / 'reward_only'"
+        )
+    idle = [g for g in text_gates if "images" not in applies_to(g)]
+    if idle and config.text_only_policy != "guard" and not view:
+        names = [str(getattr(g, "name", type(g).__name__)) for g in idle]
+        raise InvalidInputError(
+            f"gates {names!r} read text-only requests only, and text_only_policy="
+            f"{config.text_only_policy!r} never checks those with gates: they would never run; "
+            "set text_only_policy='guard' (or pass them as judges=)"
+        )
 
 
 def _none_if_empty(images: Any) -> Any:

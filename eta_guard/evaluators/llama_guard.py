@@ -20,16 +20,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from eta_guard._device import load_pretrained, module_device
+from eta_guard._device import module_device
 from eta_guard.errors import EvaluatorError, InvalidInputError
 from eta_guard.evaluators.base import GuardRequest, GuardScore
 from eta_guard.evaluators.guard_answers import llama_guard_categories
+from eta_guard.evaluators.guard_loading import load_guard
+from eta_guard.evaluators.guard_markers import break_markers, control_strings, single_token
 from eta_guard.evaluators.guard_turns import GuardMode, llama_guard_turns
 
 if TYPE_CHECKING:
     from PIL import Image
-
-_BREAK = "\u200b"
 
 
 class LlamaGuardEvaluator:
@@ -77,9 +77,12 @@ class LlamaGuardEvaluator:
         if images_per_prompt is None:
             images_per_prompt = 1 if model.config.model_type == "mllama" else 16
         self.images_per_prompt = images_per_prompt
-        self.unsafe_id = _single_token(self.tokenizer, "unsafe")
-        self._markers = _control_strings(self.tokenizer)
+        self.unsafe_id = single_token(self.tokenizer, "unsafe")
+        self._markers = control_strings(self.tokenizer)
         self._lock = threading.Lock()
+
+    #: Requests this gate reads: with images, and text-only ones (``text_only_policy="guard"``).
+    applies_to = frozenset({"images", "text_only"})
 
     @classmethod
     def from_pretrained(
@@ -98,21 +101,21 @@ class LlamaGuardEvaluator:
         """Load a Llama Guard vision checkpoint (``kwargs`` go to ``__init__``)."""
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        model, processor = load_pretrained(
-            "guard model",
+        return load_guard(
+            cls,
             name_or_path,
             AutoModelForImageTextToText,
             AutoProcessor,
             device=device,
             dtype=dtype,
             local_files_only=local_files_only,
-            trust_remote_code=False,
             model_kwargs=model_kwargs,
             processor_kwargs=processor_kwargs,
             allow_new_weights=allow_new_weights,
+            default_name=f"llama_guard:{name_or_path}",
+            mode=mode,
+            **kwargs,
         )
-        kwargs.setdefault("name", f"llama_guard:{name_or_path}")
-        return cls(model, processor, mode=mode, **kwargs)
 
     # ------------------------------------------------------------------ prompt
     def guard_messages(self, request: GuardRequest, num_images: int) -> list[dict[str, Any]]:
@@ -130,10 +133,7 @@ class LlamaGuardEvaluator:
         )
 
     def _safe(self, text: str) -> str:
-        while any(m in text for m in self._markers):
-            for marker in self._markers:
-                text = text.replace(marker, marker[0] + _BREAK + marker[1:])
-        return text
+        return break_markers(text, self._markers)
 
     # ------------------------------------------------------------------ scores
     def check(self, requests: list[GuardRequest]) -> list[GuardScore]:
@@ -154,6 +154,8 @@ class LlamaGuardEvaluator:
             inputs = self.processor(
                 text=prompt, images=images or None, add_special_tokens=False, return_tensors="pt"
             ).to(module_device(self.model))
+            # floating inputs in the weights' dtype (Llama 4's processor returns bfloat16 pixels)
+            inputs = inputs.to(self.model.dtype)
             out = self.model.generate(
                 **inputs,
                 max_new_tokens=self.max_new_tokens,
@@ -175,20 +177,3 @@ class LlamaGuardEvaluator:
 
 def _chunks(items: list[Any], size: int) -> list[list[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
-
-
-def _single_token(tokenizer: Any, word: str) -> int:
-    ids = tokenizer.encode(word, add_special_tokens=False)
-    if len(ids) != 1:
-        raise InvalidInputError(
-            f"the guard's tokenizer splits {word!r} into {len(ids)} tokens; Llama Guard's "
-            "vocabulary has it as one (is this a Llama Guard checkpoint?)"
-        )
-    return int(ids[0])
-
-
-def _control_strings(tokenizer: Any) -> tuple[str, ...]:
-    """Every special / added token string of ``tokenizer`` longer than one character, longest first."""
-    names = set(getattr(tokenizer, "all_special_tokens", []))
-    names |= {str(t) for t in getattr(tokenizer, "get_added_vocab", dict)()}
-    return tuple(sorted((n for n in names if len(n) > 1), key=len, reverse=True))

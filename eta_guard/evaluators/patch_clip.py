@@ -72,6 +72,9 @@ class PatchCLIPGate:
         self.threshold, self.prompt, self.batch_size = threshold, prompt, batch_size
         self.name = name
 
+    #: Requests this gate reads (see eta_guard.evaluators.base.GateEvaluator).
+    applies_to = frozenset({"images"})
+
     def views(self, image: Image.Image) -> list[Image.Image]:
         """What is scored for one image: the whole (if on), then the grid crops."""
         crops = grid_crops(image, self.grid) if self.grid > 1 else []

@@ -17,9 +17,10 @@ from typing import Any
 
 import torch
 
-from eta_guard._device import load_pretrained, module_device
+from eta_guard._device import module_device
 from eta_guard.errors import InvalidInputError
 from eta_guard.evaluators.base import GuardRequest, GuardScore
+from eta_guard.evaluators.guard_loading import load_guard
 
 
 class ShieldGemma2Gate:
@@ -63,6 +64,9 @@ class ShieldGemma2Gate:
         self.threshold, self.batch_size, self.name = threshold, batch_size, name
         self._lock = threading.Lock()
 
+    #: Requests this gate reads (see eta_guard.evaluators.base.GateEvaluator).
+    applies_to = frozenset({"images"})
+
     @classmethod
     def from_pretrained(
         cls,
@@ -79,21 +83,20 @@ class ShieldGemma2Gate:
         """Load a ShieldGemma 2 checkpoint (``kwargs`` go to ``__init__``)."""
         from transformers import AutoProcessor, ShieldGemma2ForImageClassification
 
-        model, processor = load_pretrained(
-            "guard model",
+        return load_guard(
+            cls,
             name_or_path,
             ShieldGemma2ForImageClassification,
             AutoProcessor,
             device=device,
             dtype=dtype,
             local_files_only=local_files_only,
-            trust_remote_code=False,
             model_kwargs=model_kwargs,
             processor_kwargs=processor_kwargs,
             allow_new_weights=allow_new_weights,
+            default_name=f"shieldgemma2:{name_or_path}",
+            **kwargs,
         )
-        kwargs.setdefault("name", f"shieldgemma2:{name_or_path}")
-        return cls(model, processor, **kwargs)
 
     def p_yes(self, images: list[Any]) -> torch.Tensor:
         """``Tensor[len(images), len(policies)]`` of P(Yes), float32 on the CPU."""
@@ -108,6 +111,7 @@ class ShieldGemma2Gate:
                     custom_policies=self.custom_policies,
                     return_tensors="pt",
                 ).to(module_device(self.model))
+                inputs = inputs.to(self.model.dtype)  # floating inputs in the weights' dtype
                 out = self.model(**inputs)
             # the processor's order: img1_policy1 .. img1_policyN, img2_policy1 ..
             rows.append(out.probabilities[:, 0].float().cpu().view(len(chunk), -1))

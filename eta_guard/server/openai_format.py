@@ -44,6 +44,21 @@ def verdict_extension(verdict: SafetyVerdict) -> dict[str, Any]:
         "thresholds": {"clip": verdict.pre_threshold, "reward": verdict.post_threshold},
         "skipped": dict(verdict.skipped),
         "failed_checks": sorted(verdict.errors),
+        "rule": verdict.rule,
+        "fired": list(verdict.fired),
+        # every evaluator that ran (CLIP, the RM, gates, judges); errors by flag only
+        "evaluators": [
+            {
+                "name": e.name,
+                "side": e.side,
+                "score": e.score,
+                "threshold": e.threshold,
+                "unsafe": e.unsafe,
+                "categories": list(e.categories),
+                "failed": e.error is not None,
+            }
+            for e in verdict.evaluators
+        ],
     }
 
 

@@ -1,4 +1,4 @@
-"""A bounded queue in front of the model, which runs one call at a time (or ``concurrency``).
+"""A bounded queue in front of the model, which works on ``concurrency`` calls at a time.
 
 ``Scheduler.submit`` admits a call or raises 429 at once (queue full); an admitted :class:`Job`
 waits for the model, then runs its blocking iterator in a thread of its own and hands the items

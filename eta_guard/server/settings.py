@@ -51,9 +51,9 @@ class ServerSettings(BaseModel):
         1,
         ge=1,
         le=1024,
-        description="Model calls run at once. A local ETA runs one at a time whatever this says "
-        "(its models hold per-call state); raise it for an ETA over an engine (vLLM), which "
-        "batches concurrent requests.",
+        description="Requests ETA works on at once (more wait in the queue). An engine (vLLM) "
+        "batches them; a local VLM shares its decoding steps among them (the model's own lock "
+        "keeps each forward correct). `eta-guard serve` defaults to 4 locally, 8 on an engine.",
     )
     max_concurrent_requests: int = Field(
         64,

@@ -6,6 +6,11 @@
   ``pythonic``); :func:`parser_for_model_type` picks one from a checkpoint's ``model_type``.
 - :mod:`eta_guard.tools.calls`: parsed calls, and :func:`judged_text`, the text a safety judge
   reads of an answer (its words and its calls).
+- :mod:`eta_guard.tools.answers`: an engine result as the caller's answer (calls parsed, ETA's
+  decision applied: an aligned answer returns no call); one rule for every adapter and the server.
+- :mod:`eta_guard.tools.streaming`: stream an answer's words, never what may begin a call.
+- :mod:`eta_guard.tools.constraints`: what a local answer is decoded as (a forced call in the
+  family's format, a JSON answer, free text).
 """
 
 from __future__ import annotations

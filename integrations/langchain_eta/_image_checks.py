@@ -33,6 +33,7 @@ class ImageCheck:
         rewrites: Blocks to put in place of images that were not yet the forwarded PNG.
         verdict: The input-side verdict over all images (``None`` when there are none).
         scored_now: How many images needed a CLIP forward (the rest came from the cache).
+        gate_fired: A gate of the evaluator flagged the images with the conversation's text.
     """
 
     positions: list[tuple[int, int]] = field(default_factory=list)
@@ -40,6 +41,7 @@ class ImageCheck:
     rewrites: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)
     verdict: SafetyVerdict | None = None
     scored_now: int = 0
+    gate_fired: bool = False
 
     def forwarded(self, messages: Sequence[BaseMessage]) -> list[BaseMessage]:
         """``messages`` with every image as the PNG that was scored."""
@@ -50,8 +52,8 @@ class ImageCheck:
         verdict = self.verdict
         if verdict is None:
             return set()
-        if any(s is None for s in self.scores):
-            return set(self.positions)
+        if any(s is None for s in self.scores) or self.gate_fired:
+            return set(self.positions)  # a gate judged the images with the text, not one alone
         return {
             p
             for p, s in zip(self.positions, self.scores, strict=True)
@@ -72,6 +74,13 @@ def check_images(
         InvalidInputError: An image is refused (bad data, local file, animated, ...).
         EvaluatorError: CLIP failed under ``on_evaluator_error="raise"``.
     """
+    if evaluator.config.text_only_policy == "guard":
+        # Its rule is per side ("each") or the answer's with the images' ("eta"): there is no
+        # place for a text-only gate, and skipping one silently would pass what it guards.
+        raise InvalidInputError(
+            "ETAGuardMiddleware does not run text gates: text_only_policy='guard' is refused "
+            "here; use ETAChatModel / ETA for it, or text_only_policy='reward_only' / 'trust'"
+        )
     found = image_sources(messages, allow_local_files=allow_local_files)
     check = ImageCheck(positions=[(i, j) for i, j, _ in found])
     if not found:
@@ -118,7 +127,67 @@ def check_images(
     check.scored_now = len(pending)
     check.scores = [known.get(k) if k is not None else None for k in keys]
     check.verdict = _verdict(config, check.scores, fresh)
+    if getattr(evaluator, "gates", None):
+        _run_gates(check, messages, evaluator, found, keys, pending, options)
     return check
+
+
+def _run_gates(
+    check: ImageCheck,
+    messages: Sequence[BaseMessage],
+    evaluator: Any,
+    found: list[tuple[int, int, str]],
+    keys: list[str | None],
+    pending: dict[str, ScoredImage],
+    options: dict[str, Any],
+) -> None:
+    """The evaluator's gates on every image with the human text, added to ``check.verdict``.
+
+    Not cached: a gate's answer depends on the text as well as the images. Images known from
+    the cache (our PNGs) are decoded for it, under the request's limits.
+    """
+    limits = RequestLimits.from_config(evaluator.config)
+    limits.check_image_count(len(found))
+    images = []
+    with limits.pixel_budget():
+        for n, (i, _, source) in enumerate(found):
+            key = keys[n]
+            if key is not None and key in pending:
+                images.append(pending[key].image)
+                continue
+            try:
+                images.append(load_scored_image(source, **options).image)
+            except InvalidInputError as e:
+                raise InvalidInputError(f"messages[{i}] image: {e}") from e
+    gates = evaluator.evaluate_gates(images, text=user_text(messages))
+    check.gate_fired = any(
+        e.side == "pre" and e.unsafe for e in gates.evaluators if e.name != "clip"
+    )
+    clip = check.verdict
+    assert clip is not None
+    check.verdict = SafetyVerdict.combine(
+        pre_threshold=clip.pre_threshold,
+        post_threshold=clip.post_threshold,
+        pre_score=clip.pre_score,
+        image_scores=clip.image_scores,
+        input_unsafe=clip.input_unsafe,
+        errors={**clip.errors, **gates.errors},
+        timings={**clip.timings, **gates.timings},
+        evaluators=[*clip.evaluators, *gates.evaluators],
+        rule=gates.rule,
+    )
+
+
+def user_text(messages: Sequence[BaseMessage]) -> str | None:
+    """The text of the human messages, in order: what gates read beside the images."""
+    texts = [
+        str(block.get("text", ""))
+        for message in messages
+        if message.type == "human"
+        for block in message.content_blocks
+        if block.get("type") == "text"
+    ]
+    return "\n\n".join(t for t in texts if t) or None
 
 
 def _score(evaluator: Any, images: list[ScoredImage]) -> SafetyVerdict:

@@ -217,8 +217,9 @@ class ETAChatModel(BaseChatModel):
         """Offer ``tools`` (LangChain tools, functions, pydantic models or OpenAI dicts).
 
         ``tool_choice``: ``"auto"`` (default), ``"none"``, ``"any"`` / ``"required"`` / ``True``,
-        or a tool's name. Locally the choice is rendered, not enforced: a model may still
-        answer in words (use ``with_structured_output`` for a guaranteed shape).
+        or a tool's name. A forced choice (any, required, a name) is enforced: on a local VLM by
+        a grammar of the family's call format (``hermes``, ``llama3_json``; the ``structured``
+        extra; refused for ``pythonic``), on an engine by its own ``tool_choice``.
         """
         formatted = format_tools(tools)
         return self.bind(

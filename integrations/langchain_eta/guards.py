@@ -15,6 +15,7 @@ from eta_guard.config import DEFAULT_CLIP, DEFAULT_REWARD_MODEL
 from eta_guard.errors import GuardrailViolation, InvalidInputError
 from eta_guard.scored_images import ScoredImage, load_request_images
 from eta_guard.tools.calls import judged_text
+from langchain_eta._image_checks import user_text
 from langchain_eta._loading import aresolve, lazy_evaluator, resolve
 from langchain_eta._messages import as_messages, forwarded_block, image_sources, replace_blocks
 from langchain_eta._verdicts import (
@@ -128,7 +129,7 @@ class ETAInputGuard(_ETAGuard):
             return input
         evaluator = self._evaluator()
         scored = self._load(evaluator, found)
-        verdict = evaluator.evaluate_input([s.image for s in scored])
+        verdict = evaluator.evaluate_input([s.image for s in scored], text=user_text(messages))
         emit(self._event(verdict), config)
         return self._apply(messages, found, scored, verdict)
 
@@ -140,7 +141,9 @@ class ETAInputGuard(_ETAGuard):
             return input
         evaluator = await aresolve(self.evaluator)
         scored = await asyncio.to_thread(self._load, evaluator, found)  # decoding is CPU work
-        verdict = await evaluator.aevaluate_input([s.image for s in scored])
+        verdict = await evaluator.aevaluate_input(
+            [s.image for s in scored], text=user_text(messages)
+        )
         await aemit(self._event(verdict), config)
         return self._apply(messages, found, scored, verdict)
 
@@ -172,8 +175,9 @@ class ETAInputGuard(_ETAGuard):
         removed: set[tuple[int, int]] = set()
         if verdict.input_unsafe and self.on_violation == "raise":
             raise GuardrailViolation(
-                f"ETAInputGuard: image flagged as unsafe (CLIP score {verdict.pre_score} >= "
-                f"{verdict.pre_threshold})",
+                f"ETAInputGuard: {'image' if _fired(verdict, 'pre') == 'clip' else 'input'} "
+                f"flagged as unsafe by {_fired(verdict, 'pre')} (CLIP score {verdict.pre_score}, "
+                f"threshold {verdict.pre_threshold})",
                 verdict,
             )
         if verdict.input_unsafe and self.on_violation == "replace":
@@ -356,8 +360,8 @@ class ETAOutputGuard(_ETAGuard):
     def _refuse(self, answer: Any, verdict: Any, *, chunk: bool = False) -> Any:
         if self.on_violation == "raise":
             raise GuardrailViolation(
-                f"ETAOutputGuard: answer flagged as unsafe (reward {verdict.post_score} <= "
-                f"{verdict.post_threshold})",
+                f"ETAOutputGuard: answer flagged as unsafe by {_fired(verdict, 'post')} (reward "
+                f"{verdict.post_score}, threshold {verdict.post_threshold})",
                 verdict,
             )
         if not isinstance(answer, BaseMessage):
@@ -429,10 +433,17 @@ def _with_verdict(messages: list[BaseMessage], verdict: Any) -> list[BaseMessage
     return [*messages[:-1], last.model_copy(update={"response_metadata": meta})]
 
 
+def _fired(verdict: Any, side: str) -> str:
+    names = [e.name for e in verdict.evaluators if e.side == side and e.unsafe]
+    return ", ".join(names) or "the failure policy"
+
+
 def _flagged_images(found: list[tuple[int, int, str]], verdict: Any) -> set[tuple[int, int]]:
-    """Positions of the images at or above the threshold (all of them without per-image scores)."""
+    """Positions of the images at or above the threshold (all of them without per-image scores,
+    or when a gate fired: it judged the images with the text, not one image alone)."""
     scores = verdict.image_scores
-    if len(scores) != len(found):
+    gate_fired = any(e.side == "pre" and e.name != "clip" and e.unsafe for e in verdict.evaluators)
+    if len(scores) != len(found) or gate_fired:
         return {(i, j) for i, j, _ in found}
     return {
         (i, j) for (i, j, _), s in zip(found, scores, strict=True) if s >= verdict.pre_threshold

@@ -401,6 +401,12 @@ def _judged_text(answer: AIMessage) -> str:
 
 
 def _input_message(verdict: Any) -> str:
+    gates = [e.name for e in verdict.evaluators if e.side == "pre" and e.unsafe]
+    if gates:
+        return (
+            f"ETAGuardMiddleware: input flagged as unsafe by {', '.join(gates)} (CLIP score "
+            f"{verdict.pre_score}, threshold {verdict.pre_threshold})"
+        )
     return (
         f"ETAGuardMiddleware: image flagged as unsafe (CLIP score {verdict.pre_score} >= "
         f"{verdict.pre_threshold})"

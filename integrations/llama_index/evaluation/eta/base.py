@@ -150,7 +150,7 @@ class ETASafetyEvaluator(BaseEvaluator):
                 self._allow_local_image_files, evaluator.config, default=True
             )
             loaded = await asyncio.to_thread(load_images, sources, evaluator.config, local)
-        verdict = await evaluator.aevaluate(images=loaded, response=response)
+        verdict = await evaluator.aevaluate(images=loaded, response=response, text=query)
         return to_evaluation_result(verdict, query=query, response=response, contexts=contexts)
 
     async def aevaluate_response(

@@ -6,12 +6,21 @@ ready engine objects. These helpers turn either into the object the adapter need
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from eta_guard.errors import InvalidInputError
 from eta_guard.lazy import Lazy, lazy_engine, lazy_evaluator
 
-__all__ = ["Lazy", "evaluator_source", "lazy_engine", "lazy_evaluator", "local_files_allowed"]
+__all__ = [
+    "Lazy",
+    "evaluator_source",
+    "lazy_engine",
+    "lazy_evaluator",
+    "local_files_allowed",
+    "model_type_of",
+]
 
 
 def evaluator_source(source: Any, *, where: str) -> Lazy[Any]:
@@ -50,3 +59,25 @@ def local_files_allowed(explicit: bool | None, config: Any, *, default: bool) ->
     if config is not None and "allow_local_image_files" in config.model_fields_set:
         return bool(config.allow_local_image_files)
     return default
+
+
+def model_type_of(vlm: str | None) -> str | None:
+    """The ``model_type`` in a checkpoint's ``config.json`` without loading it (a local folder, or
+    a hub id already in the Hugging Face cache); ``None`` when it cannot be read offline."""
+    if not vlm:
+        return None
+    path: Any = Path(vlm) / "config.json"
+    if not path.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            path = try_to_load_from_cache(vlm, "config.json")
+        except Exception:  # not a repo id, no cache: unknown, never an error here
+            return None
+    if not isinstance(path, (str, Path)) or not Path(path).is_file():
+        return None
+    try:
+        model_type = json.loads(Path(path).read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return model_type if isinstance(model_type, str) else None

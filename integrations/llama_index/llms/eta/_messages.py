@@ -31,15 +31,18 @@ from llama_index.core.base.llms.types import (
     MessageRole,
     TextBlock,
     ThinkingBlock,
+    ToolCallBlock,
 )
 from llama_index.core.bridge.pydantic import ValidationError
 from llama_index.core.schema import ImageDocument, ImageNode
+from llama_index.llms.eta._tools import answer_message
 
 from eta_guard.config import ETAConfig
 from eta_guard.errors import InvalidInputError
+from eta_guard.tools.streaming import ContentStream
 
-#: LlamaIndex roles -> the engine's three roles. Tool / function turns have no place in a VLM
-#: chat template and are refused.
+#: LlamaIndex roles -> the engine's roles. Tool turns answer an assistant's ``ToolCallBlock``
+#: (their images are pre-checked like any other); legacy ``function`` turns are refused.
 ROLE_MAP: dict[MessageRole, str] = {
     MessageRole.SYSTEM: "system",
     MessageRole.DEVELOPER: "system",
@@ -47,6 +50,7 @@ ROLE_MAP: dict[MessageRole, str] = {
     MessageRole.ASSISTANT: "assistant",
     MessageRole.CHATBOT: "assistant",
     MessageRole.MODEL: "assistant",
+    MessageRole.TOOL: "tool",
 }
 #: Blocks that carry no content for the model (prompt-cache hints, hidden reasoning).
 _IGNORED_BLOCKS = (CachePoint, ThinkingBlock)
@@ -223,13 +227,38 @@ def to_engine_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
                 f"messages[{i}] has role {message.role.value!r}; ETAMultiModalLLM accepts "
                 f"{sorted({r.value for r in ROLE_MAP})}"
             )
+        calls = [b for b in message.blocks if isinstance(b, ToolCallBlock)]
+        if calls and role != "assistant":
+            raise InvalidInputError(
+                f"messages[{i}] has tool calls but role {message.role.value!r}; only the "
+                "assistant calls tools"
+            )
         parts = [
             p
             for j, b in enumerate(message.blocks)
+            if not isinstance(b, ToolCallBlock)
             for p in block_to_parts(b, where=f"messages[{i}].blocks[{j}]")
         ]
-        out.append({"role": role, "content": _simplify(parts)})
+        turn: dict[str, Any] = {"role": role, "content": _simplify(parts)}
+        if calls:
+            turn["tool_calls"] = [_engine_call(c) for c in calls]
+        if role == "tool":
+            call_id = message.additional_kwargs.get("tool_call_id")
+            if call_id is not None:
+                turn["tool_call_id"] = call_id
+        out.append(turn)
     return out
+
+
+def _engine_call(block: ToolCallBlock) -> dict[str, Any]:
+    """One ``ToolCallBlock`` as an OpenAI call (the engine checks its arguments)."""
+    call: dict[str, Any] = {
+        "type": "function",
+        "function": {"name": block.tool_name, "arguments": block.tool_kwargs},
+    }
+    if block.tool_call_id:
+        call["id"] = block.tool_call_id
+    return call
 
 
 def refuse_animated_images(messages: list[dict[str, Any]], *, allow_local_files: bool) -> None:
@@ -325,21 +354,34 @@ class StreamAccumulator:
     """Turns engine stream chunks into ``ChatResponse`` chunks.
 
     ``delta`` is the chunk's new text, ``message.content`` the text so far. The chunk that
-    carries the engine's ``ETAResult`` (the last one, ``delta == ""``) also carries the verdict
-    in ``additional_kwargs`` and the full result as a dict in ``raw``.
+    carries the engine's ``ETAResult`` (the last one) also carries the verdict in
+    ``additional_kwargs`` and the full result as a dict in ``raw``.
+
+    With ``tool_parser`` (tools offered), the words stream but nothing that may begin a call
+    (:class:`eta_guard.tools.streaming.ContentStream`); the last chunk's message holds the calls
+    as ``ToolCallBlock``s, judged with the answer (none when ETA aligned).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, tool_parser: str | None = None) -> None:
         self.text = ""
+        self.tool_parser = tool_parser
+        self._content = ContentStream(tool_parser) if tool_parser else None
 
     def push(self, chunk: Any) -> ChatResponse:
-        self.text += chunk.text
         result = chunk.result
+        delta = chunk.text if self._content is None else self._content.feed(chunk.text)
+        message = None
+        kwargs = {} if result is None else result_kwargs(result)
+        if result is not None and self._content is not None and self.tool_parser:
+            message, extra = answer_message(result, self.tool_parser)
+            delta += self._content.finish(message.content or "")
+            kwargs.update(extra)
+        self.text += delta
         return ChatResponse(
-            message=ChatMessage(role=MessageRole.ASSISTANT, content=self.text),
-            delta=chunk.text,
+            message=message or ChatMessage(role=MessageRole.ASSISTANT, content=self.text),
+            delta=delta,
             raw=None if result is None else result.model_dump(),
-            additional_kwargs={} if result is None else result_kwargs(result),
+            additional_kwargs=kwargs,
         )
 
 

@@ -18,8 +18,9 @@ from llama_index.core.base.llms.types import (
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.constants import DEFAULT_CONTEXT_WINDOW
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
-from llama_index.core.llms.llm import LLM
-from llama_index.llms.eta._loading import Lazy, lazy_engine, local_files_allowed
+from llama_index.core.llms.function_calling import FunctionCallingLLM
+from llama_index.core.llms.llm import ToolSelection
+from llama_index.llms.eta._loading import Lazy, lazy_engine, local_files_allowed, model_type_of
 from llama_index.llms.eta._messages import (
     StreamAccumulator,
     completion_messages,
@@ -31,13 +32,22 @@ from llama_index.llms.eta._messages import (
     to_engine_messages,
 )
 from llama_index.llms.eta._paths import read_application_paths
+from llama_index.llms.eta._tools import (
+    ToolSettings,
+    first_call_only,
+    selections,
+    tool_choice_for,
+    tool_specs,
+)
 
 from eta_guard.config import DEFAULT_CLIP, DEFAULT_REWARD_MODEL, ETAConfig
 from eta_guard.errors import InvalidInputError
 from eta_guard.locked_settings import DEFAULT_LOCKED, check_locked
+from eta_guard.tools.answers import tool_parser_of
+from eta_guard.tools.parsers import parser_for_model_type
 
 
-class ETAMultiModalLLM(LLM):
+class ETAMultiModalLLM(FunctionCallingLLM):
     """Multimodal LlamaIndex LLM over a local Hugging Face VLM, made safe at inference time by ETA.
 
     Each call runs ETA (Ding et al., ICLR 2025): CLIP judges the images, the VLM answers, a
@@ -106,9 +116,30 @@ class ETAMultiModalLLM(LLM):
                 ...
 
     Per-call keyword arguments are ``stop=[...]`` and ``ETAConfig`` fields for this call only
-    (``llm.chat(msgs, num_candidates=3, max_new_tokens=64)``). They may come from user input, so
-    the settings in ``locked_settings`` (by default the thresholds, rules, prompts, file and
-    network access and every limit) can only be made stricter per call.
+    (``llm.chat(msgs, num_candidates=3, max_new_tokens=64)``), and ``tools`` / ``tool_choice`` /
+    ``response_format`` (OpenAI shapes). They may come from user input, so the settings in
+    ``locked_settings`` (by default the thresholds, rules, prompts, file and network access and
+    every limit) can only be made stricter per call.
+
+    Function calling (a ``FunctionCallingLLM``; docs/llamaindex.md): ``FunctionAgent``,
+    ``chat_with_tools`` and ``predict_and_call`` work with it. The VLM's chat template renders
+    the tools, calls are parsed per model family (``tool_parser``) and come back as
+    ``ToolCallBlock``s; the reward model judges them with the answer's words, and when ETA
+    aligns, the aligned answer replaces the calls (``additional_kwargs["eta_dropped_tool_calls"]``):
+        .. code-block:: python
+
+            from llama_index.core.agent.workflow import FunctionAgent
+            from llama_index.core.tools import FunctionTool
+
+            def get_weather(city: str) -> str:
+                return "sunny"
+
+            weather = FunctionTool.from_defaults(fn=get_weather, description="Weather in a city.")
+            agent = FunctionAgent(tools=[weather], llm=llm)
+            # await agent.run(user_msg="Weather in Paris?") with a VLM whose chat template
+            # renders tools (e.g. Qwen2.5-VL with eta_guard.tools.templates); the tiny LLaVA
+            # has no tool-call format:
+            llm.metadata.is_function_calling_model  # False here
     """
 
     vlm: str | None = Field(None, description="VLM id or path (as in ETA.from_pretrained).")
@@ -129,6 +160,17 @@ class ETAMultiModalLLM(LLM):
         description="Read file: URLs and path strings (which may come from untrusted message "
         "text): off unless set here (or explicitly in config). The application's own "
         "ImageBlock.path / pathlib.Path is read unless this is False.",
+    )
+    tool_parser: str | None = Field(
+        None,
+        description="How tool calls are read from the VLM's answers ('hermes', 'llama3_json', "
+        "'pythonic'); default: from the VLM's family, or the remote backend's.",
+    )
+    is_function_calling: bool | None = Field(
+        None,
+        description="metadata.is_function_calling_model; default: whether the model's family has "
+        "a known tool-call format (or tool_parser is set); read from the checkpoint's "
+        "config.json before the weights load.",
     )
     locked_settings: frozenset[str] | str = Field(
         DEFAULT_LOCKED,
@@ -183,9 +225,24 @@ class ETAMultiModalLLM(LLM):
             context_window=self.context_window,
             num_output=self.max_new_tokens or config.max_new_tokens,
             is_chat_model=True,
-            is_function_calling_model=False,
+            is_function_calling_model=self._function_calling(engine),
             model_name=self.vlm or (engine.model_name if engine is not None else "eta"),
         )
+
+    def _function_calling(self, engine: Any) -> bool:
+        """Whether the model's calls can be read: a set ``tool_parser``, else its family's
+        (from the loaded engine, or from the checkpoint's config.json before it loads)."""
+        if self.is_function_calling is not None:
+            return self.is_function_calling
+        if self.tool_parser is not None:
+            return True
+        if engine is None:
+            return parser_for_model_type(model_type_of(self.vlm)) is not None
+        try:
+            tool_parser_of(engine, self.tool_parser)
+        except InvalidInputError:
+            return False
+        return True
 
     @property
     def engine(self) -> Any:
@@ -195,7 +252,9 @@ class ETAMultiModalLLM(LLM):
     # ------------------------------------------------------------------ the core
     def _prepare(
         self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]
-    ) -> tuple[list[dict[str, Any]], list[str] | None, dict[str, Any]]:
+    ) -> tuple[Any, list[str] | None, dict[str, Any], ToolSettings]:
+        kwargs = dict(kwargs)
+        tools = ToolSettings.pop(kwargs)
         engine_messages = to_engine_messages(messages)
         stop, overrides = split_call_kwargs(kwargs, max_new_tokens=self.max_new_tokens)
         # The adapter's policy, not the engine config's default, decides about local files.
@@ -221,7 +280,7 @@ class ETAMultiModalLLM(LLM):
                 limits = limits.with_overrides(max_image_pixels=overrides["max_image_pixels"])
             engine_messages = read_application_paths(engine_messages, limits)
         refuse_animated_images(engine_messages, allow_local_files=strings)
-        return engine_messages, stop, overrides
+        return tools.request(engine_messages), stop, overrides, tools
 
     def _with_config(self, eta: Any, overrides: dict[str, Any]) -> dict[str, Any]:
         """A ready engine keeps its own config; ``self.config`` then applies as overrides."""
@@ -230,11 +289,11 @@ class ETAMultiModalLLM(LLM):
     def _stream(
         self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]
     ) -> Iterator[ChatResponse]:
-        engine_messages, stop, overrides = self._prepare(messages, kwargs)  # fails before streaming
+        engine_messages, stop, overrides, tools = self._prepare(messages, kwargs)  # fails early
 
         def gen() -> Iterator[ChatResponse]:
             eta = self._engine.get()
-            acc = StreamAccumulator()
+            acc = StreamAccumulator(self._parser(eta, tools))
             for chunk in eta.stream(
                 engine_messages, stop=stop, **self._with_config(eta, overrides)
             ):
@@ -245,16 +304,20 @@ class ETAMultiModalLLM(LLM):
     def _astream(
         self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]
     ) -> AsyncIterator[ChatResponse]:
-        engine_messages, stop, overrides = self._prepare(messages, kwargs)
+        engine_messages, stop, overrides, tools = self._prepare(messages, kwargs)
 
         async def gen() -> AsyncIterator[ChatResponse]:
             eta = await self._engine.aget()
-            acc = StreamAccumulator()
+            acc = StreamAccumulator(self._parser(eta, tools))
             chunks = eta.astream(engine_messages, stop=stop, **self._with_config(eta, overrides))
             async for chunk in chunks:
                 yield acc.push(chunk)
 
         return gen()
+
+    def _parser(self, eta: Any, tools: ToolSettings) -> str | None:
+        """The parser of this call's tool calls (None when no tool is offered)."""
+        return tool_parser_of(eta, self.tool_parser) if tools.offered else None
 
     def _chat(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> ChatResponse:
         """The whole answer: the aggregate of :meth:`_stream`."""
@@ -287,6 +350,55 @@ class ETAMultiModalLLM(LLM):
         self, messages: Sequence[ChatMessage], **kwargs: Any
     ) -> ChatResponseAsyncGen:
         return self._astream(messages, kwargs)
+
+    # ------------------------------------------------------------------ function calling
+    def _prepare_chat_with_tools(
+        self,
+        tools: Sequence[Any],
+        user_msg: str | ChatMessage | None = None,
+        chat_history: list[ChatMessage] | None = None,
+        verbose: bool = False,
+        allow_parallel_tool_calls: bool = False,
+        tool_required: bool = False,
+        tool_choice: str | dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """``chat`` arguments offering ``tools`` (LlamaIndex ``BaseTool``s).
+
+        ``tool_required=True`` or ``tool_choice="required"`` / a tool name force a call: on a
+        local VLM by a grammar of the family's call format, on an engine by its ``tool_choice``.
+        """
+        specs = tool_specs(tools)
+        messages = list(chat_history or [])
+        if isinstance(user_msg, str):
+            user_msg = ChatMessage(role="user", content=user_msg)
+        if user_msg is not None:
+            messages.append(user_msg)
+        chat_kwargs: dict[str, Any] = {"messages": messages, **kwargs}
+        if specs:
+            names = [spec["function"]["name"] for spec in specs]
+            chat_kwargs["tools"] = specs
+            chat_kwargs["tool_choice"] = tool_choice_for(tool_choice, tool_required, names)
+        return chat_kwargs
+
+    def _validate_chat_with_tools_response(
+        self,
+        response: ChatResponse,
+        tools: Sequence[Any],
+        allow_parallel_tool_calls: bool = False,
+        **kwargs: Any,
+    ) -> ChatResponse:
+        return response if allow_parallel_tool_calls else first_call_only(response)
+
+    def get_tool_calls_from_response(
+        self, response: ChatResponse, error_on_no_tool_call: bool = True, **kwargs: Any
+    ) -> list[ToolSelection]:
+        """The calls of a response (its ``ToolCallBlock``s; none when ETA aligned).
+
+        Raises:
+            ValueError: no call and ``error_on_no_tool_call``.
+        """
+        return selections(response, error_on_no_tool_call)
 
     # ------------------------------------------------------------------ complete
     # A completion is a one-turn chat: ``prompt`` plus ``image_documents`` (ImageBlocks,

@@ -154,6 +154,7 @@ class ETAImageSafetyPostprocessor(BaseNodePostprocessor):
             allow_local_files=local_files_allowed(
                 self.allow_local_image_files, evaluator.config, default=True
             ),
+            text=query_bundle.query_str if query_bundle is not None else None,
         )
         decisions = dict(zip(positions, judged, strict=True))
         images = dict(zip(positions, scored, strict=True))
@@ -184,10 +185,16 @@ def _check_nodes(nodes: Any) -> None:
 
 
 def judge_images(
-    nodes: list[ImageNode], evaluator: Any, on_invalid: str, *, allow_local_files: bool = True
+    nodes: list[ImageNode],
+    evaluator: Any,
+    on_invalid: str,
+    *,
+    allow_local_files: bool = True,
+    text: str | None = None,
 ) -> tuple[list[dict[str, Any]], list[Any]]:
     """Per node: a metadata dict (``eta_image_unsafe``, ``eta_image_score``, the load error)
-    and the ``ScoredImage`` that was scored (``None`` when it could not be loaded).
+    and the ``ScoredImage`` that was scored (``None`` when it could not be loaded). ``text``
+    (the query) is what the evaluator's gates read beside each image; CLIP never sees it.
 
     Images are decoded one by one (so one bad image names its node), then scored by the
     engine's ``evaluate_batch`` in a single CLIP forward; the engine's verdict decides.
@@ -208,7 +215,9 @@ def judge_images(
                 errors[i] = str(e)
                 loaded.append(None)
     good = [s.image for s in loaded if s is not None]
-    verdicts = iter(evaluator.evaluate_batch([{"images": [img]} for img in good]) if good else [])
+    extra = {"text": text} if text else {}
+    items = [{"images": [img], **extra} for img in good]
+    verdicts = iter(evaluator.evaluate_batch(items) if good else [])
     out = []
     for i, image in enumerate(loaded):
         if image is None:
