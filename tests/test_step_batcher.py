@@ -201,16 +201,35 @@ def test_top_k_keeps_exactly_k_on_ties():
     assert (TopKLogitsWarper(2)(None, row.clone())[0] > float("-inf")).sum() == 4
 
 
-def test_sampling_draws_what_generate_draws_for_a_seed(tiny_checkpoints):
+class _EndsOn:
+    """Stops a row whose last token is one of ``ids`` (one bool per row, as HF's criteria)."""
+
+    def __init__(self, ids, start: int) -> None:
+        self.ids, self.start = torch.tensor(sorted(ids)), start
+
+    def __call__(self, input_ids, scores=None, **kwargs):
+        if input_ids.shape[1] <= self.start:
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+        return torch.isin(input_ids[:, -1], self.ids)
+
+
+@pytest.mark.parametrize("rows_end_early", [False, True])
+def test_sampling_draws_what_generate_draws_for_a_seed(tiny_checkpoints, rows_end_early):
     """One job of N rows consumes its generator as transformers' ``_sample`` consumes the global
-    RNG for a batch of N rows (one multinomial over [N, V] per step)."""
+    RNG for a batch of N rows (one multinomial over [N, V] per step), also once some rows have
+    ended (they keep drawing in ``_sample``)."""
+    from transformers import StoppingCriteriaList
+
     vlm = VLMAdapter.from_pretrained(tiny_checkpoints.vlm, device="cpu", dtype="float32")
     prepared = _prompts(vlm)[0]
-    n, new, seed = 4, 6, 11
+    n, new, seed = 4, 12 if rows_end_early else 6, 11
     inputs = dict(prepared.model_inputs)
+    start = inputs["input_ids"].shape[1]
+    stop = _EndsOn(range(0, 600, 7), start) if rows_end_early else None
     with torch.inference_mode(), torch.random.fork_rng():
         torch.manual_seed(seed)
         out = vlm.model.generate(
+            stopping_criteria=StoppingCriteriaList([stop] if stop else []),
             **inputs,
             do_sample=True,
             top_k=20,
@@ -222,10 +241,20 @@ def test_sampling_draws_what_generate_draws_for_a_seed(tiny_checkpoints):
             num_beams=1,
             top_p=1.0,
         )
-    expected = out[:, inputs["input_ids"].shape[1] :].tolist()
     batcher = StepBatcher(vlm.model, eos_token_ids=[])
     ctx = batcher.prefill(prepared.model_inputs)
-    job = batcher.submit(ctx, n=n, seed=seed, top_k=20, temperature=1.3, max_new_tokens=new)
+    job = batcher.submit(
+        ctx, n=n, seed=seed, top_k=20, temperature=1.3, max_new_tokens=new, stop=stop
+    )
     batcher.run([job])
+    expected = [
+        row[start : start + len(mine)] for row, mine in zip(out.tolist(), job.tokens, strict=True)
+    ]
     assert job.tokens == expected
     assert len({tuple(t) for t in expected}) > 1
+    lengths = [len(t) for t in job.tokens]
+    if rows_end_early:  # some rows ended before others: the later draws still matched
+        assert min(lengths) < max(lengths)
+        assert all(row.finish_reason in ("stop", "length") for row in job.rows)
+    else:
+        assert lengths == [new] * n
