@@ -60,10 +60,11 @@ class LocalBackend:
         """What ``schedule="auto"`` means here (docs/engine.md, from ``eta-guard bench``).
 
         On an accelerator, speculative: the search's candidate rows ride in the vanilla row's
-        forwards (critical path 1.12x plain generate's forwards against 2.09x sequentially), and
+        forwards (critical path 1.10x plain generate's forwards against 2.09x sequentially), and
         a memory-bound step reads the weights once for all rows. On a CPU, sequential: decoding
-        is compute-bound, so those rows cost compute; speculating cost 1.50x (median) on a
-        flagged image whose answer was then cleared and saved no wall clock on the unsafe path.
+        is compute-bound, so those rows cost compute; speculating saved 26% of the unsafe path
+        (2.50x vs 3.37x plain generate) but cost 1.58x on a flagged image whose answer was
+        then cleared, which is the common case in benign traffic.
         """
         device = getattr(self.adapter, "device", None)
         return "speculative" if getattr(device, "type", "cpu") != "cpu" else "sequential"
