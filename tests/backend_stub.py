@@ -53,6 +53,9 @@ class Stub:
     max_model_len: int = 4096
     #: the completions API's candidates as (prompt ids, [sampled ids of each choice]), in order
     sampled: list[tuple[list[int], list[list[int]]]] = field(default_factory=list)
+    #: requests inside their ``delay`` now, and the most seen at once (overlap, without timing)
+    in_flight: int = 0
+    max_in_flight: int = 0
     url: str = ""
 
     def reset(self) -> Stub:
@@ -64,6 +67,7 @@ class Stub:
         self.tokenizer, self.max_model_len = None, 4096
         self.vanilla = list(VANILLA)
         self.sampled.clear()
+        self.in_flight = self.max_in_flight = 0
         return self
 
     def bodies(self, path: str) -> list[dict[str, Any]]:
@@ -76,7 +80,12 @@ def build_app(stub: Stub) -> FastAPI:
     async def scripted(path: str, body: dict[str, Any]) -> Any:
         stub.requests.append((path, body))
         if stub.delay:
-            await asyncio.sleep(stub.delay)
+            stub.in_flight += 1
+            stub.max_in_flight = max(stub.max_in_flight, stub.in_flight)
+            try:
+                await asyncio.sleep(stub.delay)
+            finally:
+                stub.in_flight -= 1
         queue = stub.failures[path]
         if not queue:
             return None

@@ -484,3 +484,39 @@ def test_search_top_k_keeps_exactly_k_on_ties(llava, test_images, monkeypatch):
     tokens = asyncio.run(asyncio.wait_for(sample_twice(), 120))
     assert len(tokens) == 60
     assert set(tokens) == reference  # both kept tokens drawn, never a third tie
+
+
+def test_a_search_closed_while_its_context_is_built_keeps_no_kv(llava, test_images):
+    """aclose() while sample() awaits the start context (a speculative search waiting for the
+    vanilla's prefill): the context that arrives afterwards is dropped, not kept past the close
+    (the held-back-stream test in test_engine_schedule.py saw ``_state`` set after close)."""
+    import asyncio
+
+    from eta_guard.decoding.best_of_n import LocalSearch
+    from eta_guard.decoding.protocol import SamplingStep
+    from eta_guard.errors import RequestCancelled
+
+    prepared = llava.prepare(conversation(test_images[:1]), assistant_prefix=PREFIX)
+    step = SamplingStep(n=2, max_tokens=4, top_k=5, temperature=1.0, terminators=(".",))
+
+    async def scenario() -> LocalSearch:
+        release = asyncio.Event()
+        made: list[object] = []
+
+        async def context():
+            await release.wait()
+            made.append(object())
+            return made[-1]
+
+        search = LocalSearch(llava, prepared, seed=0, context=context)
+        sampling = asyncio.ensure_future(search.sample(step))
+        await asyncio.sleep(0.05)  # sample() now waits for the context
+        await search.aclose()
+        release.set()
+        with pytest.raises(RequestCancelled):
+            await sampling
+        assert made  # the context did arrive after the close
+        return search
+
+    search = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert search._state is None

@@ -349,12 +349,15 @@ class LocalSearch:
             start = time.perf_counter()
             try:
                 if self._context_factory is not None:
-                    self._state = await self._context_factory()
+                    state = await self._context_factory()
                 else:
-                    self._state = await self._from_cache()
+                    state = await self._from_cache()
             finally:
                 self.decode_seconds += time.perf_counter() - start
+            # Closed or cancelled while the context was built: raise before keeping it, or its
+            # KV would outlive aclose() (which already ran).
             self._check()
+            self._state = state
         return self._state
 
     async def _from_cache(self) -> Context:
