@@ -217,20 +217,20 @@ def _load_str(source: str, options: _StrOptions) -> Image.Image:
         )
     lowered = text[:16].lower()
     if lowered.startswith("data:"):
-        return _decode_bytes(_parse_data_url(text), options.max_pixels, what="the data URL")
+        return _decode_bytes(parse_data_url(text), options.max_pixels, what="the data URL")
     if lowered.startswith(("http://", "https://")):
         return _load_remote(text, options)
     if lowered.startswith("file:"):
-        return _load_path(_file_url_to_path(text), options.max_pixels, options.allow_local)
+        return _load_path(file_url_to_path(text), options.max_pixels, options.allow_local)
     scheme = re.match(r"^([a-zA-Z][a-zA-Z0-9+.\-]{1,15})://", text)
     if scheme:
         raise InvalidInputError(
             f"unsupported URL scheme {scheme.group(1)!r} in image source {_short(text)}; "
             "use http(s)://, file://, or a data:image/...;base64 URL"
         )
-    if options.allow_local and len(text) < 4096 and _is_existing_path(text):
+    if options.allow_local and len(text) < 4096 and is_existing_path(text):
         return _load_path(pathlib.Path(text), options.max_pixels, allow_local=True)
-    data = _try_b64decode(text)
+    data = try_b64decode(text)
     # A short base64-looking string is far more likely a mistyped path than image data, so
     # only treat it as base64 when it decodes to an image signature or is clearly data-sized.
     looks_like_data = len(text) >= 1024 or not options.allow_local
@@ -250,14 +250,16 @@ def _load_str(source: str, options: _StrOptions) -> Image.Image:
     raise InvalidInputError(PATH_REFUSED)
 
 
-def _is_existing_path(text: str) -> bool:
+def is_existing_path(text: str) -> bool:
+    """Whether ``text`` names an existing file or folder (False for names no OS accepts)."""
     try:
         return pathlib.Path(text).expanduser().exists()
     except (OSError, RuntimeError, ValueError):  # name too long, embedded NUL, no home dir
         return False
 
 
-def _file_url_to_path(url: str) -> pathlib.Path:
+def file_url_to_path(url: str) -> pathlib.Path:
+    """The local path of a ``file:`` URL (a remote host is refused)."""
     parsed = urllib.parse.urlparse(url)
     if parsed.netloc not in ("", "localhost"):
         raise InvalidInputError(
@@ -289,7 +291,8 @@ def _load_path(path: pathlib.Path, max_pixels: int, allow_local: bool) -> Image.
         raise InvalidInputError(PATH_REFUSED) from e
 
 
-def _parse_data_url(url: str) -> bytes:
+def parse_data_url(url: str) -> bytes:
+    """The bytes of a base64 ``data:image/...`` URL; anything else (SVG, not base64) is refused."""
     header, sep, payload = url.partition(",")
     if not sep:
         raise InvalidInputError(
@@ -313,13 +316,13 @@ def _parse_data_url(url: str) -> bytes:
             f"data URL {_short(url)} is not base64-encoded; expected "
             "data:image/<type>;base64,<data>"
         )
-    data = _try_b64decode(urllib.parse.unquote(payload) if "%" in payload else payload)
+    data = try_b64decode(urllib.parse.unquote(payload) if "%" in payload else payload)
     if data is None:
         raise InvalidInputError(f"data URL payload {_short(payload)} is not valid base64")
     return data
 
 
-def _try_b64decode(text: str) -> bytes | None:
+def try_b64decode(text: str) -> bytes | None:
     """Decode standard or URL-safe base64 (whitespace and missing padding tolerated)."""
     try:
         return base64.b64decode(text, validate=True)  # fast path: clean standard base64
@@ -375,7 +378,7 @@ def _decode_stream(
         with warnings.catch_warnings():
             # We enforce max_pixels ourselves; Pillow's warning must not leak to the caller.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(stream, formats=_openable_formats())
+            image = Image.open(stream, formats=openable_formats())
     except Image.DecompressionBombError as e:
         raise InvalidInputError(
             f"{what} is too large to decode safely (Pillow: {e}); the limit is "
@@ -383,14 +386,14 @@ def _decode_stream(
         ) from e
     except Exception as e:  # Pillow raises UnidentifiedImageError, SyntaxError, struct.error...
         raise InvalidInputError(
-            f"{what} is not an image in a supported format ({', '.join(_openable_formats())}): "
+            f"{what} is not an image in a supported format ({', '.join(openable_formats())}): "
             f"{_describe(head, kind, quote=quote)}"
         ) from e
     return _finish(image, max_pixels, what=what)
 
 
 @functools.cache
-def _openable_formats() -> tuple[str, ...]:
+def openable_formats() -> tuple[str, ...]:
     """The allowed formats this Pillow build can open (MPO opens through the JPEG plugin)."""
     from PIL import Image
 

@@ -30,13 +30,13 @@ from eta_guard.errors import InvalidInputError
 from eta_guard.limits import RequestLimits
 from eta_guard.media import (
     ImageSource,
-    _file_url_to_path,
-    _is_existing_path,
-    _openable_formats,
-    _parse_data_url,
-    _try_b64decode,
+    file_url_to_path,
     image_options,
+    is_existing_path,
     load_image,
+    openable_formats,
+    parse_data_url,
+    try_b64decode,
 )
 
 if TYPE_CHECKING:
@@ -181,7 +181,7 @@ def _png(image: Image.Image) -> bytes:
 
 
 def _looks_like_path(text: str) -> bool:
-    return len(text) < 4096 and "\n" not in text and _is_existing_path(text)
+    return len(text) < 4096 and "\n" not in text and is_existing_path(text)
 
 
 def _animated_frames(source: Any, allow_local_files: bool) -> str | None:
@@ -205,14 +205,14 @@ def _animated_frames(source: Any, allow_local_files: bool) -> str | None:
         return None  # fetched once by load_image: only its decoded first frame goes on
     try:
         if lowered.startswith("data:"):
-            return _open_and_describe(io.BytesIO(_parse_data_url(text)))
+            return _open_and_describe(io.BytesIO(parse_data_url(text)))
         if lowered.startswith("file:"):
-            return _open_path_and_describe(_file_url_to_path(text)) if allow_local_files else None
+            return _open_path_and_describe(file_url_to_path(text)) if allow_local_files else None
     except InvalidInputError:
         return None  # malformed: load_image says why
-    if allow_local_files and len(text) < 4096 and _is_existing_path(text):
+    if allow_local_files and len(text) < 4096 and is_existing_path(text):
         return _open_path_and_describe(pathlib.Path(text))
-    data = _try_b64decode(text)
+    data = try_b64decode(text)
     return None if data is None else _open_and_describe(io.BytesIO(data))
 
 
@@ -233,7 +233,7 @@ def _open_and_describe(stream: Any) -> str | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(stream, formats=_openable_formats()) as image:
+            with Image.open(stream, formats=openable_formats()) as image:
                 return _describe_animation(image)
     except Exception:  # not an image Pillow opens: load_image reports why
         return None
