@@ -16,7 +16,7 @@ from eta_guard.server.disconnect import watch_disconnect
 from eta_guard.server.errors import bad_request, from_exception, request_id_of
 from eta_guard.server.openai_format import KEEPALIVE, Formatter, Kind, sse
 from eta_guard.server.scheduler import Event, Job
-from eta_guard.server.schemas import _GenerationRequest
+from eta_guard.server.schemas import GenerationRequest
 from eta_guard.server.state import ServerState
 from eta_guard.verdict import ETAResult
 
@@ -27,7 +27,7 @@ _DISCONNECT_POLL_S = 0.5
 async def generate(
     request: Request,
     state: ServerState,
-    body: _GenerationRequest,
+    body: GenerationRequest,
     messages: Any,
     *,
     kind: Kind,

@@ -39,7 +39,9 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _GenerationRequest(BaseModel):
+class GenerationRequest(BaseModel):
+    """What both generation routes share (chat and text completions)."""
+
     model_config = ConfigDict(extra="allow")
     #: Fields of ``_UNSUPPORTED`` (and ``response_format``) this route does honour.
     ACCEPTED: ClassVar[frozenset[str]] = frozenset()
@@ -109,7 +111,7 @@ class ChatMessage(BaseModel):
     tool_call_id: str | None = Field(None, max_length=256)
 
 
-class ChatCompletionRequest(_GenerationRequest):
+class ChatCompletionRequest(GenerationRequest):
     """``POST /v1/chat/completions`` (tools, ``tool_choice`` and ``response_format`` included)."""
 
     ACCEPTED: ClassVar[frozenset[str]] = frozenset({"tools", "tool_choice", "response_format"})
@@ -122,7 +124,7 @@ class ChatCompletionRequest(_GenerationRequest):
         return {k: extra[k] for k in sorted(self.ACCEPTED) if extra.get(k) is not None}
 
 
-class CompletionRequest(_GenerationRequest):
+class CompletionRequest(GenerationRequest):
     """``POST /v1/completions`` (a prompt answered as one user turn of the chat template)."""
 
     prompt: str | list[str]
