@@ -51,7 +51,7 @@ def default_kv_budget(device: Any) -> int:
     """KV bytes the live rows may hold on ``device``: a share of what is free there now.
 
     CUDA: ``KV_BUDGET_SHARE`` of ``torch.cuda.mem_get_info`` (after the weights are loaded); CPU
-    and other devices: the same share of the available RAM (``os.sysconf``), else 4 GiB.
+    and other devices: the same share of the available RAM (``os.sysconf``), else of 8 GiB.
     """
     import torch
 
