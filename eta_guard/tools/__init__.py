@@ -9,6 +9,8 @@
 - :mod:`eta_guard.tools.answers`: an engine result as the caller's answer (calls parsed, ETA's
   decision applied: an aligned answer returns no call); one rule for every adapter and the server.
 - :mod:`eta_guard.tools.streaming`: stream an answer's words, never what may begin a call.
+- :mod:`eta_guard.tools.request`: one call's tool fields and the engine request they make (what
+  the adapters hand ``ETA``).
 - :mod:`eta_guard.tools.constraints`: what a local answer is decoded as (a forced call in the
   family's format, a JSON answer, free text).
 """

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from operator import itemgetter
-from typing import Any, ClassVar
+from typing import Any
 
 from langchain_core.messages import AIMessageChunk
 from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
@@ -23,38 +22,6 @@ from eta_guard.tools import InvalidToolCall, ToolCall
 from eta_guard.tools.answers import guarded_answer, tool_parser_of
 
 METHODS = ("json_schema", "json_mode", "function_calling")
-
-
-@dataclass(frozen=True)
-class ToolRequest:
-    """The tool / structured-output settings of one call (from ``bind`` keyword arguments)."""
-
-    KEYS: ClassVar[tuple[str, ...]] = ("tools", "tool_choice", "response_format")
-
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
-
-    @classmethod
-    def of(cls, kwargs: dict[str, Any]) -> ToolRequest:
-        return cls(**{k: kwargs.get(k) for k in cls.KEYS})
-
-    @property
-    def held(self) -> bool:
-        """Whether the answer may hold tool calls (it is then held back until parsed)."""
-        return bool(self.tools) and self.tool_choice != "none"
-
-    def request(self, messages: list[dict[str, Any]]) -> Any:
-        """The engine request: the messages alone, or with the tool fields."""
-        if not self.tools and not self.response_format:
-            return messages
-        request: dict[str, Any] = {"messages": messages}
-        if self.tools:
-            request["tools"] = self.tools
-            request["tool_choice"] = self.tool_choice or "auto"
-        if self.response_format:
-            request["response_format"] = self.response_format
-        return request
 
 
 def format_tools(tools: Sequence[Any]) -> list[dict[str, Any]]:

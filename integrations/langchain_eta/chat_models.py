@@ -17,10 +17,10 @@ from pydantic import Field, PrivateAttr, model_validator
 from eta_guard.config import DEFAULT_CLIP, DEFAULT_REWARD_MODEL, ETAConfig
 from eta_guard.errors import InvalidInputError
 from eta_guard.locked_settings import DEFAULT_LOCKED, check_locked
+from eta_guard.tools.request import ToolRequest
 from langchain_eta._loading import Lazy
 from langchain_eta._messages import to_engine_messages
 from langchain_eta._tools import (
-    ToolRequest,
     answer_parts,
     engine_tool_parser,
     format_tools,
@@ -279,7 +279,7 @@ class ETAChatModel(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        if not ToolRequest.of(kwargs).held:
+        if not ToolRequest.of(kwargs).offered:
             return generate_from_stream(self._stream(messages, stop, run_manager, **kwargs))
         # Tool calls are returned exactly as parsed: LangChain's chunk merging would re-read an
         # invalid call's arguments leniently (a truncated call would become a valid one).
@@ -293,7 +293,7 @@ class ETAChatModel(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        if not ToolRequest.of(kwargs).held:
+        if not ToolRequest.of(kwargs).offered:
             return await agenerate_from_stream(self._astream(messages, stop, run_manager, **kwargs))
         chunks = [c async for c in self._astream(messages, stop, run_manager, **kwargs)]
         return _exact_result(chunks[-1])
@@ -308,7 +308,7 @@ class ETAChatModel(BaseChatModel):
         request, call_stop, overrides, tools = self._prepare(messages, stop, kwargs)
         engine = self.load()
         for piece in engine.stream(request, stop=call_stop, **overrides):
-            if tools.held and piece.result is None:
+            if tools.offered and piece.result is None:
                 continue  # held back until the answer's calls are parsed
             chunk = self._to_chunk(piece, tools, engine)
             if run_manager and chunk.text:
@@ -325,7 +325,7 @@ class ETAChatModel(BaseChatModel):
         request, call_stop, overrides, tools = self._prepare(messages, stop, kwargs)
         engine = await self.aload()
         async for piece in engine.astream(request, stop=call_stop, **overrides):
-            if tools.held and piece.result is None:
+            if tools.offered and piece.result is None:
                 continue
             chunk = self._to_chunk(piece, tools, engine)
             if run_manager and chunk.text:
@@ -400,7 +400,7 @@ class ETAChatModel(BaseChatModel):
         metadata = result_metadata(result)
         metadata["model_name"] = metadata["model_name"] or self.model_name
         fields: dict[str, Any] = {"content": piece.text}
-        if tools.held:
+        if tools.offered:
             parser = engine_tool_parser(engine, self.tool_parser)
             fields, dropped = answer_parts(result, parser)
             if dropped:

@@ -7,8 +7,7 @@ LangChain's ``ETAChatModel`` and the server, and the same rule (an aligned answe
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 from llama_index.core.base.llms.types import (
     ChatMessage,
@@ -22,39 +21,6 @@ from llama_index.core.llms.llm import ToolSelection
 from eta_guard.errors import InvalidInputError
 from eta_guard.tools import InvalidToolCall, ToolCall
 from eta_guard.tools.answers import GuardedAnswer, guarded_answer
-
-
-@dataclass(frozen=True)
-class ToolSettings:
-    """The tool fields of one call (``chat(messages, tools=..., tool_choice=...)``)."""
-
-    KEYS: ClassVar[tuple[str, ...]] = ("tools", "tool_choice", "response_format")
-
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
-
-    @classmethod
-    def pop(cls, kwargs: dict[str, Any]) -> ToolSettings:
-        """Take the tool fields out of a call's keyword arguments."""
-        return cls(**{k: kwargs.pop(k, None) for k in cls.KEYS})
-
-    @property
-    def offered(self) -> bool:
-        """Whether the model may call a tool (its answer's calls are then parsed)."""
-        return bool(self.tools) and self.tool_choice != "none"
-
-    def request(self, messages: list[dict[str, Any]]) -> Any:
-        """The engine's input: the messages alone, or the request form with the tool fields."""
-        if not self.tools and not self.response_format:
-            return messages
-        request: dict[str, Any] = {"messages": messages}
-        if self.tools:
-            request["tools"] = self.tools
-            request["tool_choice"] = self.tool_choice or "auto"
-        if self.response_format:
-            request["response_format"] = self.response_format
-        return request
 
 
 def tool_specs(tools: Sequence[Any]) -> list[dict[str, Any]]:

@@ -33,7 +33,6 @@ from llama_index.llms.eta._messages import (
 )
 from llama_index.llms.eta._paths import read_application_paths
 from llama_index.llms.eta._tools import (
-    ToolSettings,
     first_call_only,
     selections,
     tool_choice_for,
@@ -45,6 +44,7 @@ from eta_guard.errors import InvalidInputError
 from eta_guard.locked_settings import DEFAULT_LOCKED, check_locked
 from eta_guard.tools.answers import tool_parser_of
 from eta_guard.tools.parsers import parser_for_model_type
+from eta_guard.tools.request import ToolRequest
 
 
 class ETAMultiModalLLM(FunctionCallingLLM):
@@ -252,9 +252,9 @@ class ETAMultiModalLLM(FunctionCallingLLM):
     # ------------------------------------------------------------------ the core
     def _prepare(
         self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]
-    ) -> tuple[Any, list[str] | None, dict[str, Any], ToolSettings]:
-        kwargs = dict(kwargs)
-        tools = ToolSettings.pop(kwargs)
+    ) -> tuple[Any, list[str] | None, dict[str, Any], ToolRequest]:
+        tools = ToolRequest.of(kwargs)
+        kwargs = {k: v for k, v in kwargs.items() if k not in ToolRequest.KEYS}  # ETAConfig's
         engine_messages = to_engine_messages(messages)
         stop, overrides = split_call_kwargs(kwargs, max_new_tokens=self.max_new_tokens)
         # The adapter's policy, not the engine config's default, decides about local files.
@@ -315,7 +315,7 @@ class ETAMultiModalLLM(FunctionCallingLLM):
 
         return gen()
 
-    def _parser(self, eta: Any, tools: ToolSettings) -> str | None:
+    def _parser(self, eta: Any, tools: ToolRequest) -> str | None:
         """The parser of this call's tool calls (None when no tool is offered)."""
         return tool_parser_of(eta, self.tool_parser) if tools.offered else None
 
