@@ -38,6 +38,7 @@ from eta_guard.eval.datasets.base import EvalItem
 from eta_guard.eval.judges.base import Judge, Judgment
 from eta_guard.eval.judges.refusal import find_refusal
 from eta_guard.eval.metrics import cohen_kappa, rate_stats
+from eta_guard.eval.results import item_record
 from eta_guard.verdict import decide
 
 CLIP = "clip"
@@ -215,19 +216,7 @@ class GateComparison:
         self, eta: Any, item: EvalItem, judges: Sequence[Judge], *, index: int, seed: int
     ) -> dict[str, Any]:
         """One record (the runner's ``answer_fn`` hook; ``eta`` is the run's, unused here)."""
-        record: dict[str, Any] = {
-            "type": "item",
-            "id": item.id,
-            "index": index,
-            "category": item.category,
-            "label": item.label,
-            "source": item.source,
-            "image": item.image_ref,
-            "question": item.question,
-            "extra": item.extra,
-            "seed": seed,
-            "error": None,
-        }
+        record = item_record(item, index=index, seed=seed)
         try:
             flags, entries = self.flags(item)
             some = any(flags.values()) and self.config.decision_rule != "post_only"

@@ -12,9 +12,12 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from eta_guard.errors import InvalidInputError
+
+if TYPE_CHECKING:
+    from eta_guard.eval.datasets.base import EvalItem
 
 FORMAT = "eta-guard-eval/1"
 #: Settings that may differ between the shards of one run.
@@ -28,6 +31,23 @@ class ResultsFileError(InvalidInputError):
 def results_name(shard: tuple[int, int] | None) -> str:
     """``results.jsonl``, or ``results.shard-<i>-of-<n>.jsonl`` for a shard (1-based)."""
     return "results.jsonl" if shard is None else f"results.shard-{shard[0]}-of-{shard[1]}.jsonl"
+
+
+def item_record(item: EvalItem, *, index: int, seed: int) -> dict[str, Any]:
+    """An item line's fields that describe the item itself (the answers are filled in after)."""
+    return {
+        "type": "item",
+        "id": item.id,
+        "index": index,
+        "category": item.category,
+        "label": item.label,
+        "source": item.source,
+        "image": item.image_ref,
+        "question": item.question,
+        "extra": item.extra,
+        "seed": seed,
+        "error": None,
+    }
 
 
 def open_for_append(

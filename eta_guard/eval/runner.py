@@ -21,7 +21,7 @@ from eta_guard.errors import ETAError, InvalidInputError
 from eta_guard.eval.datasets.base import EvalItem
 from eta_guard.eval.judges.base import Judge, JudgeInput, Judgment
 from eta_guard.eval.judges.refusal import find_refusal
-from eta_guard.eval.results import open_for_append, write_line
+from eta_guard.eval.results import item_record, open_for_append, write_line
 
 Progress = Callable[[int, int, str], None]
 #: ``answer(eta, item, judges, *, index, seed) -> record``: one item's record.
@@ -185,19 +185,7 @@ def answer_item(
     eta: Any, item: EvalItem, judges: Sequence[Judge], *, index: int, seed: int
 ) -> dict[str, Any]:
     """One record: both answers, ETA's verdict, timings, and every judge's label of both."""
-    record: dict[str, Any] = {
-        "type": "item",
-        "id": item.id,
-        "index": index,
-        "category": item.category,
-        "label": item.label,
-        "source": item.source,
-        "image": item.image_ref,
-        "question": item.question,
-        "extra": item.extra,
-        "seed": seed,
-        "error": None,
-    }
+    record = item_record(item, index=index, seed=seed)
     try:
         result = eta.generate(item.messages(), seed=seed)
     except ETAError as e:
