@@ -9,6 +9,7 @@ pre-tokeniser, decoder and post-processor are the class's own; only the vocabula
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from eta_guard.testing import TOKENIZER_CORPUS
@@ -97,4 +98,38 @@ def llama_sentencepiece_tokenizer(*, vocab_size: int = 1000) -> Any:
             vocab[token] = len(vocab)
     return LlamaTokenizer(
         vocab=vocab, merges=merges, legacy=False, add_prefix_space=True, add_bos_token=True
+    )
+
+
+def byte_level_bpe_tokenizer(
+    special_tokens: Sequence[str],
+    corpus: Sequence[str],
+    *,
+    bos_token: str,
+    eos_token: str,
+    pad_token: str,
+    vocab_size: int = 700,
+    **kwargs: Any,
+) -> Any:
+    """A ``PreTrainedTokenizerFast`` over a byte-level BPE (the Llama 3 / Llama 4 kind) trained
+    on ``corpus``, with ``special_tokens`` first in the vocabulary; ``kwargs`` go to the class."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(list(corpus), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=bos_token,
+        eos_token=eos_token,
+        pad_token=pad_token,
+        **kwargs,
     )

@@ -21,6 +21,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from eta_guard.replicas._tokenizers import byte_level_bpe_tokenizer
+
 #: Llama Guard 4's chat template, reconstructed: it reproduces exactly the renderings of the
 #: checkpoint's template printed in github.com/huggingface/huggingface-llama-recipes
 #: ``llama_guard_4.ipynb`` (the checkpoint's ``chat_template.json`` itself was not available):
@@ -185,21 +187,9 @@ def build_llama_guard_4_replica(path: str | Path, *, seed: int = 0) -> Path:
 
 
 def _tokenizer() -> Any:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=700,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(list(_CORPUS), trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
+    return byte_level_bpe_tokenizer(
+        SPECIAL_TOKENS,
+        _CORPUS,
         bos_token="<|begin_of_text|>",
         eos_token="<|eot|>",
         pad_token="<|finetune_right_pad|>",

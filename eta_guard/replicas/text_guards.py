@@ -19,6 +19,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from eta_guard.replicas._tokenizers import byte_level_bpe_tokenizer
+
 #: The ``chat_template`` of meta-llama/Llama-Guard-3-8B (tokenizer_config.json), verbatim.
 LLAMA_GUARD_3_8B_CHAT_TEMPLATE = (
     "{% if messages|length % 2 == 0 %}{% set role = 'Agent' %}{% else %}{% set role = 'User' %}"
@@ -230,21 +232,9 @@ def build_qwen3guard_replica(path: str | Path, *, seed: int = 0) -> Path:
 
 
 def _llama3_tokenizer() -> Any:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=700,
-        special_tokens=list(_LLAMA3_SPECIALS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(list(_LG_CORPUS), trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
+    return byte_level_bpe_tokenizer(
+        _LLAMA3_SPECIALS,
+        _LG_CORPUS,
         bos_token="<|begin_of_text|>",
         eos_token="<|eot_id|>",
         pad_token="<|finetune_right_pad_id|>",
