@@ -179,3 +179,33 @@ def test_a_call_on_the_model_thread_takes_the_open_group_instead_of_waiting():
     thread.join(20)
     assert leader == [[1]]
     assert runs == [(worker.ident, [1, 2])] and batcher.stats.runs == 1
+
+
+def test_an_engine_backends_local_clip_and_rm_score_on_the_model_thread(tiny_checkpoints):
+    """Behind an engine (the test suite's stub), the local evaluators still run on the model
+    thread: the pre-check, the decision and the search's scoring of an aligned request."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from backend_stub import StubServer
+
+    c = tiny_checkpoints
+    with StubServer() as stub:
+        eta = ETA.from_openai_compatible(
+            stub.url + "/v1",
+            "tiny-vlm",
+            clip=c.clip,
+            reward_model=c.reward_model,
+            config=ETAConfig(pre_threshold=-1.0, post_threshold=1e9, num_candidates=2),
+            device="cpu",
+        )
+        clip = _Threads(eta.evaluator.pre.encoder.model)
+        reward = _Threads(eta.evaluator.post.model)
+        try:
+            result = eta.generate(_messages(), max_new_tokens=16)
+        finally:
+            clip.close()
+            reward.close()
+    assert result.aligned and result.trace and clip.seen and reward.seen
+    assert set(clip.seen) | set(reward.seen) == {model_thread("cpu").ident}
