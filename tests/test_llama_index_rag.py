@@ -137,6 +137,26 @@ def test_embedding_batches_bytesio_and_async(li_eta, image_dir):
     assert torch.allclose(torch.tensor(a_query), torch.tensor(query), atol=1e-6)
 
 
+def test_embedding_forwards_run_on_clips_model_thread(li_eta, image_dir):
+    import threading
+
+    from eta_guard.model_thread import model_thread
+
+    embed = ETAClipEmbedding(evaluator=li_eta)
+    seen: list[int] = []
+    handles = [
+        m.register_forward_pre_hook(lambda *_: seen.append(threading.get_ident()))
+        for m in li_eta.evaluator.pre.encoder.model.modules()
+    ]
+    try:
+        embed.get_text_embedding("a red square")
+        asyncio.run(embed.aget_image_embedding(str(image_dir / "red.png")))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert seen and set(seen) == {model_thread("cpu").ident}
+
+
 def test_embedding_shares_an_llms_engine_lazily(li_ckpt):
     llm = ETAMultiModalLLM(vlm=li_ckpt.vlm, clip=li_ckpt.clip, reward_model=li_ckpt.reward_model)
     embed = ETAClipEmbedding(evaluator=llm)

@@ -248,14 +248,19 @@ class _Gated:
         self.gate = threading.Event()
         self.stopped = threading.Event()
 
-    def stream(self, messages, *, stop=None, cancel=None, **overrides):
-        while not self.gate.wait(0.01):
+    async def astream(self, messages, *, stop=None, cancel=None, **overrides):
+        while not self.gate.is_set():
             if cancel is not None and cancel.is_set():
                 self.stopped.set()
                 return
+            await asyncio.sleep(0.01)
         if self.fail:
             raise RuntimeError("secret internals at /home/user/model.py line 3")
-        yield from self.eta.stream(messages, stop=stop, cancel=cancel, **overrides)
+        async for chunk in self.eta.astream(messages, stop=stop, cancel=cancel, **overrides):
+            yield chunk
+
+    async def aclose(self):
+        await self.eta.aclose()
 
 
 def test_unexpected_error_is_500_without_internals(parts):

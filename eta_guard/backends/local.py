@@ -21,6 +21,7 @@ from eta_guard.backends.decode_scheduler import scheduler_for
 from eta_guard.decoding.best_of_n import LocalSearch
 from eta_guard.decoding.protocol import Completion, SamplingStep
 from eta_guard.decoding.stopping import AnyEvent, cut_at_stop, stop_holdback
+from eta_guard.model_thread import model_thread
 from eta_guard.sync_bridge import aclosing
 
 if TYPE_CHECKING:
@@ -75,7 +76,7 @@ class LocalBackend:
 
     async def session(self, conversation: Conversation) -> LocalSession:
         """Open one request's decoding; renders (and length-checks) the prompt."""
-        prepared = await asyncio.to_thread(self.adapter.prepare, conversation)
+        prepared = await model_thread(self.adapter.device).acall(self.adapter.prepare, conversation)
         return LocalSession(self, conversation, prepared)
 
     async def greedy(
@@ -169,7 +170,7 @@ class LocalSession:
         adapter = self.adapter
         prepared = self.prepared
         if assistant_text:
-            prepared = await asyncio.to_thread(
+            prepared = await model_thread(self.adapter.device).acall(
                 adapter.prepare, self.conversation, assistant_prefix=assistant_text
             )
         context = await self.context_for(prepared, pending=False)
@@ -220,7 +221,7 @@ class LocalSession:
     async def search(
         self, *, assistant_text: str, seed: int | None, cancel: threading.Event | None = None
     ) -> LocalSearch:
-        prepared = await asyncio.to_thread(
+        prepared = await model_thread(self.adapter.device).acall(
             self.adapter.prepare, self.conversation, assistant_prefix=assistant_text
         )
         search = LocalSearch(

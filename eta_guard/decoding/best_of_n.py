@@ -12,7 +12,6 @@ shared with every backend; :class:`SentenceBestOfN` runs it synchronously over a
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -28,6 +27,7 @@ from eta_guard.decoding.selection import score_candidates, use_clip_term
 from eta_guard.decoding.stopping import AnyEvent, SentenceEndCriteria
 from eta_guard.decoding.vlm import FinishReason, PreparedPrompt, VLMAdapter
 from eta_guard.errors import InvalidInputError, RequestCancelled
+from eta_guard.model_thread import model_thread
 from eta_guard.sync_bridge import aclosing, run_sync
 from eta_guard.verdict import SentenceTrace
 
@@ -155,8 +155,10 @@ class SentenceBestOfN:
             self.config,
             prefix=prepared.assistant_prefix,
             # The reference's costs: one reward call per candidate.
-            reward=_awaitable(reward_fn, "reward_fn", one_by_one=not self.batched),
-            clip=None if clip_fn is None else _awaitable(clip_fn, "clip_fn"),
+            reward=_awaitable(
+                reward_fn, "reward_fn", self.adapter.device, one_by_one=not self.batched
+            ),
+            clip=None if clip_fn is None else _awaitable(clip_fn, "clip_fn", self.adapter.device),
             stop=stop,
         )
 
@@ -180,8 +182,15 @@ class SentenceBestOfN:
         )
 
 
-def _awaitable(fn: Callable[[list[str]], Sequence[float]], name: str, *, one_by_one: bool = False):
-    """``fn`` as an awaitable scorer, run in a worker thread, checked for one score per input."""
+def _awaitable(
+    fn: Callable[[list[str]], Sequence[float]], name: str, device: Any, *, one_by_one: bool = False
+):
+    """``fn`` as an awaitable scorer, checked for one score per input.
+
+    It runs on ``device``'s model thread (:mod:`eta_guard.model_thread`): a scorer beside a local
+    VLM is model work (a reward model, CLIP), which pays the second-thread penalty anywhere else.
+    """
+    worker = model_thread(device)
 
     def call(texts: list[str]) -> list[float]:
         if one_by_one:
@@ -189,7 +198,7 @@ def _awaitable(fn: Callable[[list[str]], Sequence[float]], name: str, *, one_by_
         return _floats(fn(texts), len(texts), name)
 
     async def score(texts: list[str]) -> list[float]:
-        return await asyncio.to_thread(call, texts)
+        return await worker.acall(call, texts)
 
     return score
 

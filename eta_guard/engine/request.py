@@ -128,9 +128,7 @@ class Request:
         assert greedy is not None
         self._check_cancelled()  # a cut-short answer must never be judged or returned
         t0 = time.perf_counter()
-        post = await asyncio.to_thread(
-            self.evaluator.evaluate_output, greedy.text, conversation=self.conv
-        )
+        post = await self.evaluator.aevaluate_output(greedy.text, conversation=self.conv)
         self.timings["post"] = time.perf_counter() - t0
         verdict = pre.merge(post)
         if not verdict.unsafe:
@@ -153,9 +151,7 @@ class Request:
         if not self.conv.has_images and self.cfg.text_only_policy != "guard":
             return skipped(self.cfg, "pre", "no image in the request")
         t0 = time.perf_counter()
-        verdict = await asyncio.to_thread(
-            self.evaluator.evaluate_input, self.conv.images, conversation=self.conv
-        )
+        verdict = await self.evaluator.aevaluate_input(self.conv.images, conversation=self.conv)
         self.timings["pre"] = time.perf_counter() - t0
         return verdict
 
@@ -334,6 +330,7 @@ class _SearchRun:
             )
             clip = None
             if req.conv.has_images:
+                # Checks the images (no model runs until the first score).
                 clip_fn = await asyncio.to_thread(req.evaluator.sentence_scorer, req.conv.images)
                 clip = _in_thread(clip_fn)
             search = BestOfNSearch(
@@ -389,7 +386,9 @@ class _SearchRun:
 
 
 def _in_thread(fn: Any, **kwargs: Any) -> Any:
-    """A blocking scorer as an awaitable one (a worker thread: the event loop stays free)."""
+    """A blocking scorer as an awaitable one, called from a worker thread so the event loop stays
+    free; the evaluator runs a local model's forward on its model thread, a remote one's HTTP
+    call in that worker (:meth:`ETAEvaluator.aevaluate`)."""
 
     async def score(texts: list[str]) -> Any:
         return await asyncio.to_thread(fn, texts, **kwargs)

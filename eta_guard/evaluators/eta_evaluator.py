@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import functools
 import logging
 import math
@@ -12,14 +12,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from eta_guard.config import DEFAULT_CLIP, DEFAULT_REWARD_MODEL, ETAConfig
 from eta_guard.errors import ETAError, EvaluatorError, InvalidInputError
 from eta_guard.evaluators.base import GuardRequest, applies_to, user_messages
 from eta_guard.limits import RequestLimits, check_encodable
 from eta_guard.media import image_options, load_images
-from eta_guard.model_thread import model_thread
+from eta_guard.model_thread import thread_for
 from eta_guard.verdict import EvaluatorScore, SafetyVerdict
 
 if TYPE_CHECKING:
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from eta_guard.messages import Conversation
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _STAGES = {
     "pre": "pre-generation (CLIP image) evaluator",
@@ -511,7 +512,9 @@ class ETAEvaluator:
             batch = [requests[i] for i in todo]
             start = time.perf_counter()
             try:
-                scores = self._call_extra(side, name, functools.partial(evaluator.check, batch))
+                scores = self._call_extra(
+                    side, name, evaluator, functools.partial(evaluator.check, batch)
+                )
                 if len(scores) != len(batch):
                     raise EvaluatorError(
                         f"the {side}-generation evaluator {name!r} returned {len(scores)} "
@@ -547,19 +550,20 @@ class ETAEvaluator:
                 current.extra = [*(current.extra or []), entry]
                 sides[i] = current
 
-    def _call_extra(self, side: str, name: str, fn: Callable[[], list[Any]]) -> list[Any]:
-        """A gate / judge call under the lock; failures and non-finite scores name the evaluator."""
-        with self._lock:
-            try:
-                scores = list(fn())
-            except ETAError:
-                raise
-            except Exception as e:
-                logger.error("the %s evaluator %s failed", side, name, exc_info=e)
-                raise EvaluatorError(
-                    f"the {side}-generation evaluator {name!r} failed ({type(e).__name__}; "
-                    "details in the log)"
-                ) from e
+    def _call_extra(
+        self, side: str, name: str, evaluator: Any, fn: Callable[[], list[Any]]
+    ) -> list[Any]:
+        """A gate / judge call on its model thread; failures and non-finite scores name it."""
+        try:
+            scores = list(self._on_model(evaluator, fn))
+        except ETAError:
+            raise
+        except Exception as e:
+            logger.error("the %s evaluator %s failed", side, name, exc_info=e)
+            raise EvaluatorError(
+                f"the {side}-generation evaluator {name!r} failed ({type(e).__name__}; "
+                "details in the log)"
+            ) from e
         if any(not math.isfinite(s.score) for s in scores):
             raise EvaluatorError(
                 f"the {side}-generation evaluator {name!r} gave a non-finite score"
@@ -575,8 +579,13 @@ class ETAEvaluator:
         text: str | None = None,
         conversation: Conversation | None = None,
     ) -> SafetyVerdict:
-        """Async :meth:`evaluate` (runs on the model thread, :mod:`eta_guard.model_thread`)."""
-        return await model_thread().acall(
+        """Async :meth:`evaluate`.
+
+        It runs in a worker thread (image decoding, a remote evaluator's HTTP calls), and every
+        local model's forwards run on that model's thread (:mod:`eta_guard.model_thread`), so
+        concurrent calls' scorings can share a forward (:mod:`eta_guard.evaluators.batching`).
+        """
+        return await asyncio.to_thread(
             functools.partial(self.evaluate, text=text, conversation=conversation),
             images,
             response,
@@ -589,22 +598,22 @@ class ETAEvaluator:
         text: str | None = None,
         conversation: Conversation | None = None,
     ) -> SafetyVerdict:
-        """Async :meth:`evaluate_input`."""
-        return await model_thread().acall(
+        """Async :meth:`evaluate_input` (threads as :meth:`aevaluate`)."""
+        return await asyncio.to_thread(
             functools.partial(self.evaluate_input, text=text, conversation=conversation), images
         )
 
     async def aevaluate_output(
         self, response: str, *, conversation: Conversation | None = None
     ) -> SafetyVerdict:
-        """Async :meth:`evaluate_output`."""
-        return await model_thread().acall(
+        """Async :meth:`evaluate_output` (threads as :meth:`aevaluate`)."""
+        return await asyncio.to_thread(
             functools.partial(self.evaluate_output, conversation=conversation), response
         )
 
     async def aevaluate_batch(self, items: Sequence[dict[str, Any]]) -> list[SafetyVerdict]:
-        """Async :meth:`evaluate_batch`."""
-        return await model_thread().acall(self.evaluate_batch, items)
+        """Async :meth:`evaluate_batch` (threads as :meth:`aevaluate`)."""
+        return await asyncio.to_thread(self.evaluate_batch, items)
 
     # ------------------------------------------------------------------ core
     def _run_pre(
@@ -664,7 +673,7 @@ class ETAEvaluator:
                 "pre", lambda: pre.score_images(images, prompt=key[0], batch_size=key[1])
             )
         batcher = self._batchers.images
-        return self._call("pre", lambda: batcher(key, images), locked=False)
+        return self._call("pre", lambda: batcher(key, images), batched=True)
 
     def _reward_scores(self, texts: list[str], instruction: str) -> list[float]:
         """Rewards under ``instruction``, grouped with concurrent calls when batching."""
@@ -672,29 +681,30 @@ class ETAEvaluator:
         if self._batchers is None:
             return self._call("post", lambda: _score_with(post, texts, key))
         batcher = self._batchers.rewards
-        return self._call("post", lambda: batcher(key, texts), locked=False)
+        return self._call("post", lambda: batcher(key, texts), batched=True)
 
     def _call(
-        self, stage: str, fn: Callable[[], list[float]], *, locked: bool = True
+        self, stage: str, fn: Callable[[], list[float]], *, batched: bool = False
     ) -> list[float]:
-        """Run a model call (under the lock unless ``fn`` takes it); wrap failures in an
-        ``EvaluatorError`` naming the stage.
+        """Run a model call on the stage's model thread (``batched``: ``fn`` is a batcher call,
+        which queues its own runs there); wrap failures in an ``EvaluatorError`` naming the stage.
 
         A non-finite score is a failure too: NaN compares False with any threshold, so taken as a
         score it would silently pass the check.
         """
-        with self._lock if locked else contextlib.nullcontext():
-            try:
-                scores = fn()
-            except ETAError:
-                raise
-            except Exception as e:
-                # The inner text can hold paths and internals; this message may reach a client,
-                # so it names the stage only. The cause stays chained (and logged) for operators.
-                logger.error("the %s failed", _STAGES[stage], exc_info=e)
-                raise EvaluatorError(
-                    f"the {_STAGES[stage]} failed ({type(e).__name__}; details in the log)"
-                ) from e
+        try:
+            scores = (
+                fn() if batched else self._on_model(self.pre if stage == "pre" else self.post, fn)
+            )
+        except ETAError:
+            raise
+        except Exception as e:
+            # The inner text can hold paths and internals; this message may reach a client,
+            # so it names the stage only. The cause stays chained (and logged) for operators.
+            logger.error("the %s failed", _STAGES[stage], exc_info=e)
+            raise EvaluatorError(
+                f"the {_STAGES[stage]} failed ({type(e).__name__}; details in the log)"
+            ) from e
         bad = [(i, s) for i, s in enumerate(scores) if not math.isfinite(s)]
         if bad:
             raise EvaluatorError(
@@ -703,6 +713,20 @@ class ETAEvaluator:
                 "load it in float32 or bfloat16)"
             )
         return scores
+
+    def _on_model(self, evaluator: Any, fn: Callable[[], T]) -> T:
+        """``fn()`` on ``evaluator``'s model thread (:mod:`eta_guard.model_thread`), under the
+        models' lock; a remote evaluator (no model in this process) runs it right here, unlocked:
+        its HTTP calls are I/O, which must never hold the model thread or the lock."""
+        worker = thread_for(evaluator)
+        if worker is None:
+            return fn()
+
+        def locked() -> T:
+            with self._lock:
+                return fn()
+
+        return worker.call(locked)
 
     def _apply_policy(self, stage: str, error: EvaluatorError) -> _Side:
         policy = self.config.on_evaluator_error
@@ -913,19 +937,24 @@ class EvaluatorBatchers:
     ``images``: CLIP image scores, keyed by (prompt, chunk size); ``rewards``: reward-model
     scores keyed by (instruction, numerics): the decision, and searches whose session is not
     incremental (a remote RM). A local search's incremental session runs on its own cache, and
-    the search's CLIP sentence term (a few short texts) is not grouped. Each run holds the
-    evaluator's model lock.
+    the search's CLIP sentence term (a few short texts) is not grouped. A local model's runs
+    happen on its model thread (:mod:`eta_guard.model_thread`) under the evaluator's model lock;
+    a remote one's in the leader's thread, serialised by the batcher's own lock only (so a slow
+    HTTP call never holds the model thread).
     """
 
     def __init__(self, evaluator: ETAEvaluator, config: ETAConfig) -> None:
         from eta_guard.evaluators.batching import MicroBatcher
 
         options: dict[str, Any] = {
-            "run_lock": evaluator._lock,
             "max_wait_s": config.evaluator_batch_wait_ms / 1000.0,
             "max_batch": config.evaluator_max_batch,
         }
         pre, post = evaluator.pre, evaluator.post
+
+        def placed(model: Any) -> dict[str, Any]:
+            worker = thread_for(model)
+            return {"worker": worker, "run_lock": evaluator._lock if worker else None}
 
         def images(key: tuple[str, int], items: list[Any]) -> list[float]:
             assert pre is not None
@@ -935,8 +964,8 @@ class EvaluatorBatchers:
             assert post is not None
             return _score_with(post, items, key)
 
-        self.images: MicroBatcher[Any, float] = MicroBatcher(images, **options)
-        self.rewards: MicroBatcher[str, float] = MicroBatcher(rewards, **options)
+        self.images: MicroBatcher[Any, float] = MicroBatcher(images, **options, **placed(pre))
+        self.rewards: MicroBatcher[str, float] = MicroBatcher(rewards, **options, **placed(post))
 
 
 def _score_with(post: Any, texts: list[str], key: tuple[str, str]) -> list[float]:

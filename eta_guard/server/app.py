@@ -75,6 +75,8 @@ def create_app(
         if loader is not None:
             state.load_in_background(loader)
         yield
+        if state.eta is not None:  # the engine clients of this loop (requests ran on it)
+            await state.eta.aclose()
 
     app = FastAPI(
         title="eta-guard",

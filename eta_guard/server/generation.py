@@ -55,11 +55,13 @@ async def generate(
         overrides["seed"] = body.seed
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
     # Check the messages and decode the images now, so that bad input gets a 400 before it is
-    # queued or any stream starts (the engine checks them again, with the same settings).
+    # queued or any stream starts (the engine checks them again, with the same settings). A
+    # worker thread, not the model thread: decoding images runs no model, and fetching a remote
+    # one is I/O that must never hold the model thread.
     await asyncio.to_thread(_check_like_the_engine, messages, cfg)
     request.state.log_extra = {}
     job = state.scheduler.submit(
-        lambda cancel: eta.stream(messages, stop=stop, cancel=cancel, **overrides),
+        lambda cancel: eta.astream(messages, stop=stop, cancel=cancel, **overrides),
         timeout_s=state.settings.request_timeout_s,
         route=route,
     )

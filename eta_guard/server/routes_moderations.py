@@ -26,14 +26,13 @@ evaluator that failed is reported by its flag under the failure policy (score 1 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from eta_guard.evaluators.patch_clip import PatchCLIPGate
-from eta_guard.model_thread import model_thread
 from eta_guard.server.auth import check_api_key
 from eta_guard.server.disconnect import watch_disconnect
 from eta_guard.server.errors import from_exception, request_id_of
@@ -66,10 +65,10 @@ async def moderations(body: ModerationRequest, request: Request) -> Response:
         for item in items
     ]
 
-    def run(cancel: Any) -> Iterator[list[SafetyVerdict]]:
-        # One CLIP and one RM forward for all inputs, on the thread that owns torch's pool
-        # (eta_guard.model_thread), not on this job's own thread.
-        yield model_thread().call(evaluator.evaluate_batch, batch)
+    async def run(cancel: Any) -> AsyncIterator[list[SafetyVerdict]]:
+        # One CLIP and one RM forward for all inputs, on the models' thread (which owns torch's
+        # pool, eta_guard.model_thread); they share it with concurrent requests' scorings.
+        yield await evaluator.aevaluate_batch(batch)
 
     job = state.scheduler.submit(
         run, timeout_s=state.settings.request_timeout_s, route="moderations"

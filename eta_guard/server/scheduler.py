@@ -1,11 +1,13 @@
 """A bounded queue in front of the model, which works on ``concurrency`` calls at a time.
 
 ``Scheduler.submit`` admits a call or raises 429 at once (queue full); an admitted :class:`Job`
-waits for the model, then runs its blocking iterator in a thread of its own and hands the items
-to the event loop. A job ends early when its client goes away or its deadline passes: it sets
-the engine's cancel event and closes the engine's iterator, so the generation stops at its next
-token. The model counts as free only when that thread has really finished, so the next call
-never overlaps an orphaned one.
+waits for a slot, then drives the engine's async iterator (``ETA.astream``) on the server's own
+event loop and queues its items for the route. No thread per request: the engine's model work
+runs on the model thread (:mod:`eta_guard.model_thread`), which owns torch's OpenMP pool, and
+every other await leaves the loop free. A job ends early when its client goes away or its
+deadline passes: it sets the engine's cancel event, so the generation stops at its next token,
+and closes the iterator. The slot is freed only when the iterator has really finished (closed
+included), so the next call never overlaps an orphaned one.
 """
 
 from __future__ import annotations
@@ -14,18 +16,19 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
 from eta_guard.server.errors import deadline_exceeded, queue_full
 from eta_guard.server.metrics import Metrics
+from eta_guard.sync_bridge import aclosing
 
 log = logging.getLogger("eta_guard.server")
 
 #: ``(kind, value)``: ``("item", x)``, ``("done", None)`` or ``("error", exception)``.
 Event = tuple[Literal["item", "done", "error"], Any]
-#: Builds the engine iterator; receives the cancel event to hand to the engine.
-MakeIter = Callable[[threading.Event], Iterator[Any]]
+#: Builds the engine's async iterator; receives the cancel event to hand to the engine.
+MakeIter = Callable[[threading.Event], AsyncIterator[Any]]
 
 
 class Scheduler:
@@ -69,17 +72,18 @@ class Job:
         self.scheduler, self.make_iter, self.route = scheduler, make_iter, route
         self.timeout_s = timeout_s
         self.cancel_event = threading.Event()
-        self.finished = threading.Event()  # the worker thread (if any) has returned
+        self.finished = asyncio.Event()  # the engine's iterator has ended (closed included)
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._running = False  # holds a slot: only the cancel event stops it now
         self._closed = False
         self._ended = False  # the consumer has read the terminal event
 
     def start(self) -> None:
         self.scheduler._enter_queue()
-        self._task = asyncio.ensure_future(self._wait_for_model())
+        self._task = asyncio.ensure_future(self._run())
         self._timer = self._loop.call_later(self.timeout_s, self._expire)
 
     async def next(self, timeout: float | None = None) -> Event | None:
@@ -99,7 +103,7 @@ class Job:
         self._closed = True
         if self._timer is not None:
             self._timer.cancel()
-        if self._task is not None and not self._task.done():
+        if self._task is not None and not self._running:
             self._task.cancel()  # still queued: never starts
         if not self._ended:  # a job whose answer was read in full is not "cancelled"
             self.scheduler.metrics.cancelled.labels(reason).inc()
@@ -116,7 +120,7 @@ class Job:
         self._events.put_nowait(("error", deadline_exceeded(self.timeout_s)))
         self.cancel("deadline")
 
-    async def _wait_for_model(self) -> None:
+    async def _run(self) -> None:
         slot = self.scheduler._slot
         assert slot is not None
         try:
@@ -126,43 +130,30 @@ class Job:
         if self.cancel_event.is_set():
             slot.release()
             return
+        # From here on the task is never cancelled by cancel() (it is not asyncio-cancellable
+        # halfway through a model call anyway): the cancel event stops the engine instead.
+        self._running = True
         self.scheduler.metrics.running.inc()
-        thread = threading.Thread(target=self._work, daemon=True, name="eta-guard-model")
-        thread.start()
-
-    def _work(self) -> None:
         started = time.perf_counter()
         try:
-            iterator = self.make_iter(self.cancel_event)
-            try:
-                for item in iterator:
-                    self._post(("item", item))
-                    if self.cancel_event.is_set():
-                        break
-            finally:
-                close = getattr(iterator, "close", None)
-                if close is not None:
-                    close()  # stops the engine's decoding thread and releases its lock
-            self._post(("done", None))
-        except BaseException as e:  # handed to the consumer, mapped to an HTTP error there
-            self._post(("error", e))
+            await self._work()
         finally:
             self.scheduler.metrics.model_seconds.labels(self.route).observe(
                 time.perf_counter() - started
             )
             self.finished.set()
-            self._call(self._release)
+            self.scheduler.metrics.running.dec()
+            slot.release()
 
-    def _release(self) -> None:
-        self.scheduler.metrics.running.dec()
-        assert self.scheduler._slot is not None
-        self.scheduler._slot.release()
-
-    def _post(self, event: Event) -> None:
-        self._call(self._events.put_nowait, event)
-
-    def _call(self, fn: Callable[..., Any], *args: Any) -> None:
+    async def _work(self) -> None:
         try:
-            self._loop.call_soon_threadsafe(fn, *args)
-        except RuntimeError:  # the loop is closed (server shutdown): nobody is listening
-            pass
+            # aclosing: a job that stops early closes the engine's iterator (its decode rows,
+            # its search) before the slot is freed.
+            async with aclosing(self.make_iter(self.cancel_event)) as items:
+                async for item in items:
+                    self._events.put_nowait(("item", item))
+                    if self.cancel_event.is_set():
+                        break
+            self._events.put_nowait(("done", None))
+        except Exception as e:  # handed to the consumer, mapped to an HTTP error there
+            self._events.put_nowait(("error", e))

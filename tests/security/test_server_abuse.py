@@ -121,14 +121,17 @@ class _Recorder:
         self.ended = threading.Event()
         self.ended_at = 0.0
 
-    def stream(self, messages, *, stop=None, cancel=None, **overrides):
+    async def astream(self, messages, *, stop=None, cancel=None, **overrides):
         try:
-            for item in self.eta.stream(messages, stop=stop, cancel=cancel, **overrides):
+            async for item in self.eta.astream(messages, stop=stop, cancel=cancel, **overrides):
                 self.items += 1
                 yield item
         finally:
             self.ended_at = time.monotonic()
             self.ended.set()
+
+    async def aclose(self):
+        await self.eta.aclose()
 
 
 def test_non_streaming_request_stops_when_its_client_leaves(eta):

@@ -20,6 +20,7 @@ from llama_index.llms.eta._loading import (
 
 from eta_guard.config import DEFAULT_CLIP, ETAConfig
 from eta_guard.errors import InvalidInputError
+from eta_guard.model_thread import run_on, thread_for
 
 
 class ETAClipEmbedding(MultiModalEmbedding):
@@ -115,7 +116,8 @@ class ETAClipEmbedding(MultiModalEmbedding):
 
     # ------------------------------------------------------------------ text
     def _get_text_embeddings(self, texts: list[str]) -> list[Embedding]:
-        return self.pre.embed_texts(list(texts)).tolist()
+        pre = self.pre  # its forward on CLIP's model thread (a remote CLIP's call stays here)
+        return run_on(thread_for(pre), lambda: pre.embed_texts(list(texts)).tolist())
 
     def _get_text_embedding(self, text: str) -> Embedding:
         return self._get_text_embeddings([text])[0]
@@ -124,6 +126,7 @@ class ETAClipEmbedding(MultiModalEmbedding):
         return self._get_text_embedding(query)
 
     async def _aget_text_embeddings(self, texts: list[str]) -> list[Embedding]:
+        # A worker keeps the loop free (a first load, image decoding); forwards hop to CLIP's thread.
         return await asyncio.to_thread(self._get_text_embeddings, texts)
 
     async def _aget_text_embedding(self, text: str) -> Embedding:
@@ -137,7 +140,8 @@ class ETAClipEmbedding(MultiModalEmbedding):
         config = self.config or self._evaluator.get().config or ETAConfig()
         local = local_files_allowed(self.allow_local_image_files, config, default=True)
         images = load_for_clip(img_file_paths, config, allow_local_files=local)
-        return self.pre.embed_images(images).tolist()
+        pre = self.pre
+        return run_on(thread_for(pre), lambda: pre.embed_images(images).tolist())
 
     def _get_image_embedding(self, img_file_path: ImageType) -> Embedding:
         return self._get_image_embeddings([img_file_path])[0]
