@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from eta_guard.backends.decode_scheduler import scheduler_for
-from eta_guard.decoding.best_of_n import LocalSearch
+from eta_guard.backends.local_search import LocalSearch
 from eta_guard.decoding.protocol import Completion, SamplingStep
 from eta_guard.decoding.stopping import AnyEvent, cut_at_stop, stop_holdback
 from eta_guard.model_thread import model_thread
