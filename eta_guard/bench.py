@@ -514,7 +514,7 @@ class _Runner:
         return int(new.shape[0]), text
 
     def _search(self, seed: int, *, batched: bool) -> int:
-        from eta_guard.decoding.best_of_n import SentenceBestOfN
+        from eta_guard.backends.local_search import SentenceBestOfN
 
         evaluator = self.eta.evaluator
         image_embeds = evaluator.pre.embed_images(self.conv.images)

@@ -18,7 +18,10 @@ d. ``run_eval`` (what ``eta-guard eval`` runs) items/minute on a FigStep-layout 
    the items flagged and aligned), ``--concurrency 1`` vs 8, on the local VLM and, with
    ``--engine stub``, on the test suite's stub engine (tests/backend_stub.py: instant replies
    after ``--stub-delay`` seconds; CLIP and the RM local) or, with ``--engine URL:MODEL``, a real
-   OpenAI-compatible engine serving the bench VLM (the VLM folder gives the tokenizer).
+   OpenAI-compatible engine serving the bench VLM (the VLM folder gives the tokenizer; for
+   vLLM, serve the copy ``python -m eta_guard.backends.vllm_fixtures --engine-copy VLM DIR``
+   writes: the same weights in the layout vLLM loads, docs/scaling.md). Each eval arm's details
+   add the median seconds per item of every stage (``ETAResult.timings``).
 
 The load average (``uptime``) is printed before and after: figures from a loaded machine only
 compare arms within one run. Random weights: cost only, never safety. Bounded: every server arm
@@ -348,6 +351,8 @@ class Bench:
                         if summary.failed:
                             raise SystemExit(f"{pair[c].name}: {summary.failed} item(s) failed")
                         pair[c].values.append(60 * len(items) / seconds)
+                        for stage, value in _stage_medians(path).items():
+                            pair[c].extra.setdefault(stage, []).append(value)
                 arms += pair.values()
         return arms
 
@@ -389,6 +394,17 @@ def _timed(call: Any) -> tuple[float, int]:
     start = time.perf_counter()
     result = call()
     return time.perf_counter() - start, result.usage.output_tokens
+
+
+def _stage_medians(path: Path) -> dict[str, float]:
+    """Per stage (``ETAResult.timings``: pre, vanilla, post, align, the search's reward and
+    CLIP scoring, total), the median seconds over the run's items: where an item's time goes."""
+    stages: dict[str, list[float]] = {}
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        for stage, seconds in (record.get("timings") or {}).items():
+            stages.setdefault(f"{stage}_s", []).append(seconds)
+    return {k: statistics.median(v) for k, v in sorted(stages.items())}
 
 
 def _make_figstep(root: Path, n: int) -> None:

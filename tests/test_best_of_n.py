@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from eta_guard.backends.local_search import SentenceBestOfN
 from eta_guard.config import ETAConfig
-from eta_guard.decoding.best_of_n import SentenceBestOfN, score_candidates, use_clip_term
+from eta_guard.decoding.best_of_n import score_candidates, use_clip_term
 from eta_guard.decoding.vlm import VLMAdapter
 from eta_guard.errors import InvalidInputError
 from eta_guard.messages import Conversation
@@ -451,7 +452,7 @@ def test_search_top_k_keeps_exactly_k_on_ties(llava, test_images, monkeypatch):
     (transformers' TopKLogitsWarper keeps all four ties)."""
     import asyncio
 
-    from eta_guard.decoding.best_of_n import LocalSearch
+    from eta_guard.backends.local_search import LocalSearch
     from eta_guard.decoding.protocol import SamplingStep
 
     vocab = llava.model.get_output_embeddings().weight.shape[0]
@@ -492,7 +493,7 @@ def test_a_search_closed_while_its_context_is_built_keeps_no_kv(llava, test_imag
     (the held-back-stream test in test_engine_schedule.py saw ``_state`` set after close)."""
     import asyncio
 
-    from eta_guard.decoding.best_of_n import LocalSearch
+    from eta_guard.backends.local_search import LocalSearch
     from eta_guard.decoding.protocol import SamplingStep
     from eta_guard.errors import RequestCancelled
 

@@ -199,3 +199,31 @@ def test_options_that_cannot_apply_are_refused(captured, args, message):
 def test_the_vlm_is_named_either_way(captured, monkeypatch, form):
     _serve(monkeypatch, form[1:])
     assert captured["local"]["vlm"] == "some/vlm"
+
+
+def test_threads_option_sets_torch_threads_on_the_model_thread(tmp_path):
+    import torch
+
+    from eta_guard.model_thread import model_thread
+
+    worker = model_thread("cpu")
+    before_here, before_there = torch.get_num_threads(), worker.call(torch.get_num_threads)
+    # A count neither thread has now, so the assertions cannot pass by default.
+    wanted = max(before_here, before_there) + 1
+    try:
+        result = CliRunner().invoke(
+            app,
+            ["generate", "--tiny", "--cache-dir", str(tmp_path), "--threads", str(wanted),
+             "--max-new-tokens", "2", "Hello"],
+        )
+        assert result.exit_code == 0, result.output
+        assert worker.call(torch.get_num_threads) == wanted
+        assert torch.get_num_threads() == wanted
+    finally:
+        torch.set_num_threads(before_here)
+        worker.call(torch.set_num_threads, before_there)
+
+
+def test_threads_option_refuses_zero():
+    result = CliRunner().invoke(app, ["generate", "--tiny", "--threads", "0", "Hello"])
+    assert result.exit_code != 0 and "--threads" in result.output

@@ -165,6 +165,131 @@ def test_a_cancel_event_stops_the_row(tiny_checkpoints):
     assert backend.scheduler.batcher.idle
 
 
+def test_a_held_back_answer_crosses_to_the_loop_once_and_equals_the_streamed_one(
+    tiny_checkpoints, monkeypatch
+):
+    """``deltas=False`` (a caller that holds the answer back): no token hop per step, the text
+    in one piece, the same Completion; streamed rows of one loop get one hop per step."""
+    from eta_guard.backends import decode_scheduler
+
+    hops: list[int] = []
+    deliver = decode_scheduler._deliver
+    monkeypatch.setattr(
+        decode_scheduler, "_deliver", lambda tokens: (hops.append(len(tokens)), deliver(tokens))
+    )
+    adapter = VLMAdapter.from_pretrained(tiny_checkpoints.vlm, device="cpu", dtype="float32")
+    backend = LocalBackend(adapter)
+    conversation = _conversations()[1]
+
+    async def answer(deltas: bool):
+        session = await backend.session(conversation)
+        items = []
+        try:
+            async for item in session.greedy(max_tokens=NEW, deltas=deltas):
+                items.append(item)
+        finally:
+            await session.aclose()
+        return items
+
+    batcher = backend.scheduler.batcher
+    before = batcher.forwards
+    streamed = _run(answer(True))
+    # One hop per step (the prefill's forward picks the first token, the first step the second).
+    assert sum(hops) == NEW and len(hops) == batcher.forwards - before - 1
+    hops.clear()
+    held = _run(answer(False))
+    assert hops == []
+    assert held[-1] == streamed[-1] and held[-1].num_tokens == NEW
+    assert held[:-1] == ["".join(streamed[:-1])]
+
+    async def three():  # three streamed rows on one loop: one hop per step for all of them
+        return await asyncio.gather(*(_answer(backend, conversation) for _ in range(3)))
+
+    before = batcher.forwards
+    answers = _run(three())
+    assert all(a == answers[0] for a in answers)
+    assert sum(hops) == 3 * NEW and len(hops) <= batcher.forwards - before  # not 3 per step
+
+
+def test_a_cancelled_call_leaves_no_model_work_behind(tiny_checkpoints):
+    """Cancelled while it runs on the model thread, a call returns only once the work ended (the
+    lock is free); cancelled while queued, the work never runs."""
+    import time
+
+    adapter = VLMAdapter.from_pretrained(tiny_checkpoints.vlm, device="cpu", dtype="float32")
+    scheduler = LocalBackend(adapter).scheduler
+    started, finished, ran = threading.Event(), threading.Event(), []
+
+    def slow() -> None:
+        started.set()
+        time.sleep(0.3)
+        finished.set()
+
+    def lock_is_free() -> bool:
+        if scheduler.lock.acquire(blocking=False):
+            scheduler.lock.release()
+            return True
+        return False
+
+    async def main():
+        task = asyncio.ensure_future(scheduler.call(slow))
+        await asyncio.to_thread(started.wait, TIMEOUT)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert finished.is_set() and await asyncio.to_thread(lock_is_free)
+        # Queued behind a lock held elsewhere, then cancelled: never runs.
+        held, release = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            with scheduler.lock:
+                held.set()
+                release.wait(TIMEOUT)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        await asyncio.to_thread(held.wait, TIMEOUT)
+        queued = asyncio.ensure_future(scheduler.call(ran.append, 1))
+        await asyncio.sleep(0.05)
+        queued.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await queued
+        release.set()
+        await asyncio.to_thread(holder.join, TIMEOUT)
+        for _ in range(3):  # the queued call has had its turns
+            await scheduler.call(lambda: None)
+
+    _run(main())
+    assert ran == []
+
+
+def test_a_submit_cancelled_before_it_registered_leaves_no_rows(tiny_checkpoints):
+    """A caller that leaves while its job waits to be registered leaves no job decoding."""
+    import time
+
+    adapter = VLMAdapter.from_pretrained(tiny_checkpoints.vlm, device="cpu", dtype="float32")
+    backend = LocalBackend(adapter)
+    scheduler = backend.scheduler
+
+    async def main():
+        session = await backend.session(_conversations()[0])
+        context = await session.prompt_context()
+        forwards = scheduler.batcher.forwards
+        scheduler.worker.submit(time.sleep, 0.3)  # the model thread is busy meanwhile
+        task = asyncio.ensure_future(scheduler.submit(context, max_new_tokens=50))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(3):  # the model thread has had its turns
+            await scheduler.call(lambda: None)
+        await session.aclose()
+        return scheduler.batcher.idle, scheduler.batcher.forwards - forwards
+
+    idle, ran = _run(main())
+    assert idle and ran == 0
+
+
 def test_a_batch_past_the_memory_budget_is_split_not_refused(tiny_checkpoints):
     adapter = VLMAdapter.from_pretrained(tiny_checkpoints.vlm, device="cpu", dtype="float32")
     conversations = _conversations()

@@ -19,8 +19,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from backend_stub import StubServer  # noqa: E402
 
 from eta_guard import ETA, ETAConfig, ETAEvaluator  # noqa: E402
-from eta_guard.backends import HTTPSettings, OpenAICompatibleBackend  # noqa: E402
-from eta_guard.decoding import best_of_n  # noqa: E402
+from eta_guard.backends import (  # noqa: E402
+    HTTPSettings,
+    OpenAICompatibleBackend,
+    local_search,  # noqa: E402
+)
 from eta_guard.errors import RequestCancelled  # noqa: E402
 from eta_guard.testing import make_test_image  # noqa: E402
 
@@ -77,13 +80,13 @@ def test_local_text_only_reward_policy_speculates_too(local):
 def closed_searches(monkeypatch):
     """Every LocalSearch the engine opens, to check what each holds once the call returned."""
     opened = []
-    real = best_of_n.LocalSearch.__init__
+    real = local_search.LocalSearch.__init__
 
     def record(self, *args, **kwargs):
         real(self, *args, **kwargs)
         opened.append(self)
 
-    monkeypatch.setattr(best_of_n.LocalSearch, "__init__", record)
+    monkeypatch.setattr(local_search.LocalSearch, "__init__", record)
     return opened
 
 

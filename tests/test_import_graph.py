@@ -94,6 +94,14 @@ def test_eta_guard_has_no_import_cycle() -> None:
     assert _cycles(_graph()) == []
 
 
+def test_the_decoding_layer_imports_no_backend() -> None:
+    """``eta_guard.decoding`` sits below ``eta_guard.backends`` (lazy imports included)."""
+    for name, deps in _graph().items():
+        if name.startswith("eta_guard.decoding"):
+            upward = {d for d in deps if d.startswith("eta_guard.backends")}
+            assert not upward, f"{name} imports {upward}"
+
+
 def test_the_engine_sits_above_the_backends() -> None:
     graph = _graph()
     for name, deps in graph.items():

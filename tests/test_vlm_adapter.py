@@ -346,12 +346,12 @@ def test_class_docstring_examples_run_offline(obj, tiny_checkpoints):
     import doctest
     from pathlib import Path
 
+    import eta_guard.backends as backends
     import eta_guard.decoding as decoding
 
-    doc = getattr(decoding, obj).__doc__.replace(
-        '"/tmp/eta-tiny"', repr(str(Path(tiny_checkpoints.vlm).parent))
-    )
-    test = doctest.DocTestParser().get_doctest(doc, {obj: getattr(decoding, obj)}, obj, None, 0)
+    cls = getattr(decoding if obj == "VLMAdapter" else backends, obj)
+    doc = cls.__doc__.replace('"/tmp/eta-tiny"', repr(str(Path(tiny_checkpoints.vlm).parent)))
+    test = doctest.DocTestParser().get_doctest(doc, {obj: cls}, obj, None, 0)
     assert len(test.examples) >= 5
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
     runner.run(test)

@@ -18,6 +18,8 @@ _LAZY = {
     "HTTPSettings": "eta_guard.backends._http",
     "OpenAICompatibleBackend": "eta_guard.backends.openai_compatible",
     "LocalBackend": "eta_guard.backends.local",
+    "LocalSearch": "eta_guard.backends.local_search",
+    "SentenceBestOfN": "eta_guard.backends.local_search",
     "RemoteRewardModel": "eta_guard.backends.remote_evaluators",
     "RemoteCLIP": "eta_guard.backends.remote_evaluators",
 }
@@ -28,11 +30,13 @@ __all__ = [
     "GeneratorBackend",
     "HTTPSettings",
     "LocalBackend",
+    "LocalSearch",
     "OpenAICompatibleBackend",
     "RemoteCLIP",
     "RemoteRewardModel",
     "SamplingStep",
     "SearchHandle",
+    "SentenceBestOfN",
     "TextSession",
 ]
 
@@ -46,6 +50,7 @@ if TYPE_CHECKING:
         SearchHandle,
     )
     from eta_guard.backends.local import LocalBackend
+    from eta_guard.backends.local_search import LocalSearch, SentenceBestOfN
     from eta_guard.backends.openai_compatible import OpenAICompatibleBackend
     from eta_guard.backends.remote_evaluators import RemoteCLIP, RemoteRewardModel
     from eta_guard.backends.text_session import TextSession

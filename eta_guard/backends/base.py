@@ -85,11 +85,14 @@ class DecodingSession(Protocol):
         stop: Sequence[str] | None = None,
         cancel: threading.Event | None = None,
         keep_prompt: bool = False,
+        deltas: bool = True,
     ) -> AsyncIterator[str | Completion]:
         """As :meth:`GeneratorBackend.greedy`, for this session's conversation.
 
         ``cancel``: stop at the next token once set. ``keep_prompt``: a search of this session
-        may follow; keep what it can reuse of the prompt (e.g. its KV cache).
+        may follow; keep what it can reuse of the prompt (e.g. its KV cache). ``deltas=False``:
+        the caller holds the answer back, so the deltas may come in fewer, larger pieces (the
+        same text; a session may yield it whole at the end).
         """
         ...
 

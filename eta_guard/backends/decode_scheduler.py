@@ -115,6 +115,12 @@ class DecodeJob:
             pass
 
 
+def _deliver(tokens: list[tuple[Callable[[int, int], Any], int, int]]) -> None:
+    """One tick's tokens for one loop, in the order they were chosen."""
+    for on_token, row, token in tokens:
+        on_token(row, token)
+
+
 def _settle_future(future: asyncio.Future, error: BaseException | None) -> None:
     if future.done():
         return
@@ -153,6 +159,8 @@ class DecodeScheduler:
         )
         self._jobs: dict[int, DecodeJob] = {}  # model thread only
         self._tick_queued = False  # model thread only
+        # A tick's tokens, per event loop: handed over in one hop per loop and tick.
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[Callable, int, int]]] = {}
 
     # ------------------------------------------------------------------ contexts
     async def prefill(self, model_inputs: dict[str, Any]) -> Context:
@@ -195,18 +203,16 @@ class DecodeScheduler:
     ) -> DecodeJob:
         """Submit a job (``StepBatcher.submit`` arguments); it joins at the next step.
 
-        ``on_token(row, token)`` is called on the caller's event loop, in order. ``cancel``: an
+        ``on_token(row, token)`` is called on the caller's event loop, in order (each step's
+        tokens of every job on that loop arrive in one hop, before any job's end). ``cancel``: an
         event (``is_set()``) that, once set, removes the job at the next step.
         """
         loop = asyncio.get_running_loop()
         relay = None
         if on_token is not None:
 
-            def relay(row: int, token: int) -> None:  # on the model thread
-                try:
-                    loop.call_soon_threadsafe(on_token, row, token)
-                except RuntimeError:  # the loop is closed
-                    pass
+            def relay(row: int, token: int) -> None:  # on the model thread, during a tick
+                self._outbox.setdefault(loop, []).append((on_token, row, token))
 
         handle = DecodeJob(self, cancel)
 
@@ -215,7 +221,12 @@ class DecodeScheduler:
             self._jobs[id(handle.job)] = handle
             self._queue_tick()
 
-        await self.call(register, locked=False)
+        try:
+            await self.call(register, locked=False)
+        except asyncio.CancelledError:
+            if handle.job is not None:  # registered all the same: nobody else would free it
+                await handle.cancel()
+            raise
         return handle
 
     def wake(self) -> None:
@@ -252,19 +263,35 @@ class DecodeScheduler:
             ended += [(h, None) for h in self._jobs.values() if h.job.done]
         finally:
             self.lock.release()
-        # Settled once the lock is free: whoever awaited a job finds the model free.
+        # Tokens first, then the ends (a loop runs its callbacks in order), once the lock is free:
+        # whoever awaited a job finds the model free.
+        outbox, self._outbox = self._outbox, {}
+        for loop, tokens in outbox.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, tokens)
+            except RuntimeError:  # the loop is closed: nobody reads these any more
+                pass
         for handle, error in ended:
             if self._jobs.pop(id(handle.job), None) is not None:
                 handle._settle(error)
         self._queue_tick()
 
     async def call(self, fn: Callable[..., T], *args: Any, locked: bool = True) -> T:
-        """``fn(*args)`` on the model thread (under the lock, never waiting for it there)."""
+        """``fn(*args)`` on the model thread (under the lock, never waiting for it there).
+
+        Cancelled while queued, ``fn`` never runs; cancelled while it runs, this waits until it
+        returned (and let go of the lock) before the cancellation goes on: a cancelled caller
+        leaves no model work behind.
+        """
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
 
         def run() -> None:
             if locked and not self.lock.acquire(timeout=_LOCK_WAIT_S):
                 self.worker.submit(run)  # behind whatever else waits (the lock's holder)
+                return
+            if not future.set_running_or_notify_cancel():  # the caller left while queued
+                if locked:
+                    self.lock.release()
                 return
             try:
                 result = fn(*args)
@@ -285,9 +312,16 @@ class DecodeScheduler:
                 "the local decode scheduler was awaited on the model thread itself; call ETA "
                 "from another thread (the model thread runs the decoding)"
             )
-        future.set_running_or_notify_cancel()
         self.worker.submit(run)
-        return await asyncio.wrap_future(future)
+        done = asyncio.wrap_future(future)
+        try:
+            return await asyncio.shield(done)
+        except asyncio.CancelledError:
+            if not future.cancel():  # running (or just ended): wait until it has
+                await asyncio.wait([done])
+                if not done.cancelled():
+                    done.exception()  # retrieved: the cancellation is what the caller sees
+            raise
 
 
 _SCHEDULERS: weakref.WeakKeyDictionary[Any, DecodeScheduler] = weakref.WeakKeyDictionary()

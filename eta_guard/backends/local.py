@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from eta_guard.backends.decode_scheduler import scheduler_for
-from eta_guard.decoding.best_of_n import LocalSearch
+from eta_guard.backends.local_search import LocalSearch
 from eta_guard.decoding.protocol import Completion, SamplingStep
 from eta_guard.decoding.stopping import AnyEvent, cut_at_stop, stop_holdback
 from eta_guard.model_thread import model_thread
@@ -150,10 +150,14 @@ class LocalSession:
         stop: Sequence[str] | None = None,
         cancel: threading.Event | None = None,
         keep_prompt: bool = False,
+        deltas: bool = True,
     ) -> AsyncIterator[str | Completion]:
         """Greedy deltas, then the :class:`Completion` (``keep_prompt``: accepted for the
-        interface; the prompt's KV is always kept for the request's search)."""
-        return self._greedy(assistant_text, max_tokens, stop, cancel)
+        interface; the prompt's KV is always kept for the request's search). ``deltas=False``:
+        the text comes in one piece at the end, and no token crosses to the event loop while
+        the model decodes (that hop, and decoding the text so far, cost a held-back answer
+        about 0.5 ms per token on a 2-core CPU, docs/benchmark.md)."""
+        return self._greedy(assistant_text, max_tokens, stop, cancel, deltas)
 
     async def _greedy(
         self,
@@ -161,6 +165,7 @@ class LocalSession:
         max_tokens: int,
         stop: Sequence[str] | None,
         cancel: threading.Event | None,
+        deltas: bool,
     ) -> AsyncIterator[str | Completion]:
         adapter = self.adapter
         prepared = self.prepared
@@ -182,7 +187,7 @@ class LocalSession:
                 else None
             ),
             cancel=AnyEvent(cancel),
-            on_token=lambda _row, token: tokens.put_nowait(token),
+            on_token=(lambda _row, token: tokens.put_nowait(token)) if deltas else None,
         )
         job.on_done(lambda: tokens.put_nowait(None))
         prompt_ids = prepared.input_ids[0]
@@ -196,7 +201,7 @@ class LocalSession:
                 if len(safe) > len(emitted) and safe.startswith(emitted):
                     delta, emitted = safe[len(emitted) :], safe
                     yield delta
-            await job.wait()  # raises the job's error, or RequestCancelled
+            ids = list((await job.wait()).rows[0].new)  # raises the job's error, or cancelled
         finally:
             await job.cancel()  # a no-op once it ended; else frees its row at the next step
         text, stopped = cut_at_stop(adapter.decode_continuation(prompt_ids, ids), stops)

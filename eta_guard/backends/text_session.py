@@ -85,6 +85,7 @@ class TextSession:
         stop: Sequence[str] | None = None,
         cancel: threading.Event | None = None,  # the caller checks it between deltas
         keep_prompt: bool = False,  # the engine's prefix cache keeps it
+        deltas: bool = True,  # an engine's stream costs nothing per token here
     ) -> AsyncIterator[str | Completion]:
         if assistant_text and isinstance(self.backend, TokenBackend):
             return self._continue(self.backend, assistant_text, max_tokens, stop)

@@ -156,6 +156,8 @@ class ModelLoader:
         self, err: Console, models: ModelOptions, cfg: ETAConfig, *, vlm: bool = True
     ) -> None:
         self.err, self.models, self.cfg = err, models, with_rule_options(cfg, models)
+        if models.threads is not None:
+            set_torch_threads(models.threads)
         self.guards = guard_args(models)  # parsed now: a bad spec is refused before any load
         self.generator = engine(models) if vlm else None
         where: Literal["none", "local", "engine"] = "none"
@@ -224,6 +226,21 @@ class ModelLoader:
             **local_load_args(self.models),
             **self.guards,
         )
+
+
+def set_torch_threads(n: int) -> None:
+    """``--threads``: torch's CPU threads, here and on the CPU model thread.
+
+    torch applies its thread count to a thread once, at that thread's first parallel region:
+    the model thread, which runs every CPU forward (:mod:`eta_guard.model_thread`), must be
+    told itself in case it already ran one.
+    """
+    import torch
+
+    from eta_guard.model_thread import model_thread
+
+    torch.set_num_threads(n)
+    model_thread("cpu").call(torch.set_num_threads, n)
 
 
 def guard_args(models: ModelOptions) -> dict[str, Any]:

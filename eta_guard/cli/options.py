@@ -90,6 +90,16 @@ SetOpt = Annotated[
 ]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="e.g. cpu, cuda, cuda:1.")]
 DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="e.g. float32, bfloat16.")]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        min=1,
+        help="torch's CPU threads for this process's models [default: torch's, one per core]; "
+        "1 when an engine or other processes share the cores (spinning OpenMP threads cost "
+        "more than they give then).",
+    ),
+]
 RemoteCodeOpt = Annotated[
     bool,
     typer.Option(
@@ -180,6 +190,7 @@ class ModelOptions:
     cache_dir: Path | None = None
     device: str | None = None
     dtype: str | None = None
+    threads: int | None = None
     trust_remote_code: bool = False
     preset: str | None = None
     vlm_device: str | None = None
@@ -206,6 +217,7 @@ _TYPES: dict[str, Any] = {
     "cache_dir": CacheOpt,
     "device": DeviceOpt,
     "dtype": DtypeOpt,
+    "threads": ThreadsOpt,
     "trust_remote_code": RemoteCodeOpt,
     "preset": PresetOpt,
     "vlm_device": VlmDeviceOpt,

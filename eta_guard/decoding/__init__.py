@@ -5,12 +5,7 @@ Importing this package loads torch and transformers; ``import eta_guard`` does n
 
 from __future__ import annotations
 
-from eta_guard.decoding.best_of_n import (
-    SearchOutput,
-    SentenceBestOfN,
-    score_candidates,
-    use_clip_term,
-)
+from eta_guard.decoding.best_of_n import SearchOutput, score_candidates, use_clip_term
 from eta_guard.decoding.stopping import (
     SentenceEndCriteria,
     candidate_lengths,
@@ -30,7 +25,6 @@ __all__ = [
     "GreedyStream",
     "PreparedPrompt",
     "SearchOutput",
-    "SentenceBestOfN",
     "SentenceEndCriteria",
     "VLMAdapter",
     "candidate_lengths",

@@ -167,6 +167,7 @@ class Request:
             stop=self.stop,
             cancel=self.cancel,
             keep_prompt=keep_prompt,
+            deltas=stream_tokens,
         )
         self._vanilla_started.set()
         async with aclosing(stream) as items:
