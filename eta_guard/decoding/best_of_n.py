@@ -46,7 +46,7 @@ class SearchOutput:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def _awaitable(
+def awaitable_scorer(
     fn: Callable[[list[str]], Sequence[float]], name: str, device: Any, *, one_by_one: bool = False
 ):
     """``fn`` as an awaitable scorer, checked for one score per input.
@@ -65,10 +65,6 @@ def _awaitable(
         return await worker.acall(call, texts)
 
     return score
-
-
-#: ``_awaitable``'s public name (the local backend's :class:`SentenceBestOfN` uses it).
-awaitable_scorer = _awaitable
 
 
 def _floats(values: Any, n: int, name: str) -> list[float]:
